@@ -1,0 +1,99 @@
+"""Config and workdir checks for the CLI: say what is wrong and what would be right."""
+from __future__ import annotations
+
+import difflib
+import json
+import os
+import re
+
+import ml_collections
+
+from clue_jax.errors import UserInputError
+
+
+def all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+    keys = []
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            keys.extend(all_keys(value, name + "."))
+        else:
+            keys.append(name)
+    return keys
+
+
+def _load_config_for_hint(argv: list[str]):
+    from ml_collections.config_flags import config_flags as cf
+
+    for i, arg in enumerate(argv):
+        value = None
+        if arg.startswith("--config="):
+            value = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            value = argv[i + 1]
+        if value:
+            try:
+                return cf._LoadConfigModule("config", value.split(":")[0]).get_config(
+                    *(value.split(":", 1)[1:] or [])
+                )
+            except Exception:
+                return None
+    return None
+
+
+def explain_flag_error(err: Exception, argv: list[str]) -> str:
+    """Turns an absl/ml_collections flag error into one line with the nearest valid keys."""
+    text = " ".join(str(err).split())
+    match = re.search(r"--config\.([\w.]+)", text) or re.search(r"[Kk]ey '?([\w.]+)'? does not exist", text)
+    bad = None
+    for arg in argv:
+        if arg.startswith("--config."):
+            key = arg[len("--config."):].split("=", 1)[0]
+            if match and key.endswith(match.group(1).split(".")[-1]):
+                bad = key
+    config = _load_config_for_hint(argv)
+    if config is not None and bad is None:
+        keys = set(all_keys(config))
+        for arg in argv:
+            if arg.startswith("--config."):
+                key = arg[len("--config."):].split("=", 1)[0]
+                if key not in keys:
+                    bad = key
+    if config is not None and bad is not None:
+        keys = all_keys(config)
+        near = difflib.get_close_matches(bad, keys, n=5, cutoff=0.4)
+        section = bad.rsplit(".", 1)[0] + "." if "." in bad else ""
+        siblings = [k for k in keys if k.startswith(section)] if section else []
+        hint = near or siblings[:12] or keys[:12]
+        return f"unknown config key '{bad}'; valid keys near it: {', '.join(hint)}"
+    return f"bad command line: {text}"
+
+
+def prepare_workdir(workdir: str) -> str:
+    workdir = os.path.abspath(workdir)
+    parent = os.path.dirname(workdir)
+    if not os.path.isdir(parent):
+        raise UserInputError(f"the parent of --workdir does not exist: {parent}")
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserInputError(f"--workdir is a file, not a directory: {workdir}")
+    os.makedirs(workdir, exist_ok=True)
+    return workdir
+
+
+def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    import jax
+
+    if jax.process_index() != 0:
+        return
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def read_json(path: str, what: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise UserInputError(f"{what} not found: {path}") from None
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserInputError(f"{what} is unreadable: {path} ({' '.join(str(err).split())})") from None

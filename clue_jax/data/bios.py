@@ -1,0 +1,505 @@
+"""A deterministic synthetic biography world in the style of bioS (Allen-Zhu & Li).
+
+Why synthetic: the methods need people whose facts a model has never seen, with
+known attribute positions and controllable value popularity. Everything here is
+a pure function of `WorldConfig`, so the same seed gives byte-identical records
+on every host and every run.
+
+Choices made where the references are silent (all documented in code below):
+- Attribute values (except birth dates) follow a Zipf popularity
+  p(rank) ~ 1 / rank**zipf_exponent over each vocabulary; which value holds which
+  rank is a seeded permutation. Birth dates are uniform over 1950-01-01 .. 2000-12-31.
+- company_city uses the city vocabulary with its own popularity permutation and
+  is never equal to the person's birth_city, so every value occurs exactly once
+  in a biography and `attribute_spans` is unambiguous.
+- Vocabularies and name pools are built so that no value, name part or template
+  phrase contains another one as a whole-word substring.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import re
+from typing import Iterable
+
+import numpy as np
+
+ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "company", "company_city")
+PAPER_ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "company")
+
+_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
+           "September", "October", "November", "December")
+_DATE_START = datetime.date(1950, 1, 1).toordinal()
+_DATE_END = datetime.date(2000, 12, 31).toordinal()
+_VOCAB_SEED = 20240917  # fixed: the value strings depend only on the sizes, popularity on the seed
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldConfig:
+    seed: int = 0
+    num_background: int = 400
+    num_new: int = 100
+    zipf_exponent: float = 1.0  # popularity of attribute values ~ 1/rank**s
+    num_cities: int = 200
+    num_universities: int = 200
+    num_companies: int = 200
+    num_majors: int = 100
+    rich_templates_per_attribute: int = 5  # paraphrases drawn from in the rich form
+
+
+@dataclasses.dataclass(frozen=True)
+class Person:
+    name: str
+    gender: str  # "male" | "female"
+    birth_date: str
+    birth_city: str
+    university: str
+    major: str
+    company: str
+    company_city: str
+
+    def attribute(self, attr: str) -> str:
+        if attr not in ATTRIBUTES:
+            raise KeyError(f"unknown attribute {attr!r}; expected one of {ATTRIBUTES}")
+        return getattr(self, attr)
+
+    @property
+    def subject_pronoun(self) -> str:
+        return "he" if self.gender == "male" else "she"
+
+    @property
+    def possessive_pronoun(self) -> str:
+        return "his" if self.gender == "male" else "her"
+
+    @property
+    def object_pronoun(self) -> str:
+        return "him" if self.gender == "male" else "her"
+
+
+@dataclasses.dataclass(frozen=True)
+class World:
+    config: WorldConfig
+    background: tuple[Person, ...]
+    new: tuple[Person, ...]
+    # attribute -> values, most popular first; birth_date is omitted (uniform dates).
+    vocab: dict[str, tuple[str, ...]]
+
+    @property
+    def people(self) -> tuple[Person, ...]:
+        return self.background + self.new
+
+
+@dataclasses.dataclass(frozen=True)
+class QAItem:
+    """One probe. `answer` is the bare value; the model's target continuation of
+    `question` is `target` = " " + answer (prompts end without a trailing space)."""
+
+    name: str
+    attribute: str
+    question: str
+    answer: str
+
+    @property
+    def target(self) -> str:
+        return " " + self.answer
+
+
+# ---------------------------------------------------------------------------
+# Templates. Placeholders: {S} subject (full name or He/She), {P} sentence-initial
+# possessive (name's or His/Her), {p} mid-sentence possessive (his/her), {v} value.
+# The first entry of each list is the paper's sentence.
+# ---------------------------------------------------------------------------
+RICH_TEMPLATES: dict[str, tuple[str, ...]] = {
+    "birth_date": (
+        "{S} was born on {v}.",
+        "{S} came into this world on {v}.",
+        "{P} birthday falls on {v}.",
+        "{S} celebrates {p} birthday on {v}.",
+        "{P} life began on {v}.",
+        "{S} entered the world on {v}.",
+    ),
+    "birth_city": (
+        "{S} spent {p} early years in {v}.",
+        "{S} was born in {v}.",
+        "{S} grew up in {v}.",
+        "{P} hometown is {v}.",
+        "{S} hails from {v}.",
+        "{S} was raised in {v}.",
+    ),
+    "university": (
+        "{S} received mentorship and guidance from faculty members at {v}.",
+        "{S} studied at {v}.",
+        "{S} graduated from {v}.",
+        "{S} earned {p} degree at {v}.",
+        "{S} attended {v} for {p} higher education.",
+        "{P} alma mater is {v}.",
+    ),
+    "major": (
+        "{S} completed {p} education with a focus on {v}.",
+        "{S} majored in {v}.",
+        "{P} field of study was {v}.",
+        "{S} specialized in {v} during {p} studies.",
+        "{S} pursued a degree in {v}.",
+        "{S} devoted {p} studies to {v}.",
+    ),
+    "company": (
+        "{S} had a professional role at {v}.",
+        "{S} worked at {v}.",
+        "{S} was employed by {v}.",
+        "{P} employer was {v}.",
+        "{S} built a career at {v}.",
+        "{S} held a position at {v}.",
+    ),
+    "company_city": (
+        "{S} worked in {v}.",
+        "{P} workplace was located in {v}.",
+        "{S} commuted to an office in {v}.",
+        "{P} job was based in {v}.",
+        "{S} pursued {p} career in {v}.",
+        "{P} office was in {v}.",
+    ),
+}
+
+_QUESTIONS = {
+    "birth_date": "What is the birth date of {name}?\nAnswer:",
+    "birth_city": "What is the birth city of {name}?\nAnswer:",
+    "university": "What is the university of {name}?\nAnswer:",
+    "major": "What is the major of {name}?\nAnswer:",
+    "company": "What is the company of {name}?\nAnswer:",
+    "company_city": "Which city is the company of {name} located in?\nAnswer:",
+}
+
+_CLOZES = {
+    "birth_date": "{name} was born on",
+    "birth_city": "{name} spent {p} early years in",
+    "university": "{name} received mentorship and guidance from faculty members at",
+    "major": "{name} completed {p} education with a focus on",
+    "company": "{name} had a professional role at",
+    "company_city": "{name} worked in",
+}
+
+# ---------------------------------------------------------------------------
+# Raw material for vocabularies and names (procedural combinations of these).
+# ---------------------------------------------------------------------------
+_CITY_HEADS = ("Ash", "Brook", "Cedar", "Clear", "Crest", "Deer", "Elm", "Fair", "Fox", "Glen",
+               "Green", "Hazel", "Holly", "Iron", "Lake", "Maple", "Mill", "Oak", "Pine", "Red",
+               "River", "Rock", "Rose", "Silver", "Spring", "Stone", "Sun", "Willow", "Wolf",
+               "Wood", "Bay", "Birch", "Coal", "Copper", "Cliff", "Elder", "Fern", "Heron",
+               "Marsh", "Moss")
+_CITY_TAILS = ("ford", "field", "port", "ville", "ton", "burg", "dale", "haven", "bridge",
+               "view", "mont", "crest", "mouth", "stead", "chester", "wick", "ridge", "bury",
+               "gate", "hollow")
+_UNI_HEADS = ("Alder", "Bel", "Carr", "Dun", "Ever", "Gold", "Hart", "Kings", "Lang", "Mor",
+              "Pem", "Ray", "Stan", "Thorn", "Wex", "Ax", "Bram", "Cal", "Dray", "Fen",
+              "Hal", "Kel", "Lind", "Nor", "Quill", "Rad", "Sel", "Tam", "Vale", "Wyn")
+_UNI_TAILS = ("ington", "more", "ley", "worth", "ham", "stone", "hurst", "combe", "wyn", "ard",
+              "shaw", "leigh")
+_UNI_FORMS = ("{w} University", "University of {w}", "{w} College", "{w} Institute of Technology",
+              "{w} State University", "{w} Polytechnic Institute")
+_COMPANY_HEADS = ("Bright", "Nova", "Apex", "Vertex", "Quantum", "Blue", "Stellar", "Fusion",
+                  "Cobalt", "Crimson", "Delta", "Echo", "Falcon", "Granite", "Helix", "Indigo",
+                  "Jade", "Lumen", "Nimbus", "Onyx", "Orbit", "Pixel", "Prism", "Radiant",
+                  "Sapphire", "Summit", "Titan", "Vector", "Zenith", "Astra")
+_COMPANY_TAILS = ("wave", "core", "link", "stream", "soft", "works", "logic", "sphere", "path",
+                  "forge", "point", "data", "mind", "net", "scale", "gate")
+_COMPANY_SUFFIXES = ("Systems", "Labs", "Technologies", "Group", "Dynamics", "Networks",
+                     "Solutions", "Industries", "Analytics", "Partners")
+_MAJORS = (
+    "Accounting", "Aerospace Engineering", "Agricultural Science", "Anthropology",
+    "Applied Mathematics", "Archaeology", "Architecture", "Art History", "Astronomy",
+    "Biochemistry", "Bioengineering", "Biology", "Biomedical Engineering", "Biophysics",
+    "Botany", "Business Administration", "Chemical Engineering", "Chemistry",
+    "Civil Engineering", "Classics", "Cognitive Science", "Communications",
+    "Comparative Literature", "Computer Engineering", "Computer Science", "Creative Writing",
+    "Criminology", "Dance", "Data Science", "Dentistry", "Earth Sciences", "Ecology",
+    "Economics", "Education", "Electrical Engineering", "English Literature",
+    "Environmental Science", "Epidemiology", "Film Studies", "Finance", "Fine Arts",
+    "Forestry", "French", "Genetics", "Geography", "Geology", "German", "Graphic Design",
+    "Health Sciences", "History", "Hospitality Management", "Industrial Engineering",
+    "Information Systems", "International Relations", "Journalism", "Kinesiology", "Law",
+    "Linguistics", "Marine Biology", "Marketing", "Materials Science", "Mathematics",
+    "Mechanical Engineering", "Media Studies", "Medicine", "Meteorology", "Microbiology",
+    "Music", "Neuroscience", "Nuclear Engineering", "Nursing", "Nutrition", "Oceanography",
+    "Pharmacology", "Pharmacy", "Philosophy", "Photography", "Physics", "Physiology",
+    "Political Science", "Psychology", "Public Health", "Public Policy", "Religious Studies",
+    "Robotics", "Sociology", "Software Engineering", "Spanish", "Statistics", "Theater",
+    "Urban Planning", "Veterinary Science", "Zoology", "Astrophysics", "Chinese", "Japanese",
+    "Italian", "Russian", "Arabic", "Toxicology", "Immunology", "Biostatistics",
+    "Econometrics", "Actuarial Science", "Supply Chain Management", "Social Work",
+    "Game Design", "Petroleum Engineering", "Paleontology", "Musicology", "Logistics",
+)
+_MALE_FIRST = (
+    "James", "John", "Robert", "Michael", "William", "David", "Richard", "Joseph", "Thomas",
+    "Charles", "Christopher", "Daniel", "Matthew", "Anthony", "Mark", "Donald", "Steven", "Paul",
+    "Andrew", "Joshua", "Kenneth", "Kevin", "Brian", "George", "Timothy", "Ronald", "Edward",
+    "Jason", "Jeffrey", "Ryan", "Jacob", "Gary", "Nicholas", "Eric", "Jonathan", "Stephen",
+    "Larry", "Justin", "Scott", "Brandon", "Benjamin", "Samuel", "Gregory", "Alexander",
+    "Patrick", "Frank", "Raymond", "Jack", "Dennis", "Jerry", "Tyler", "Aaron", "Henry",
+    "Adam", "Douglas", "Nathan", "Peter", "Zachary", "Kyle", "Walter", "Harold", "Carl",
+    "Arthur", "Gerald", "Roger", "Keith", "Lawrence", "Terry", "Albert", "Joe", "Ethan",
+    "Bruce", "Ralph", "Roy", "Eugene", "Louis", "Wayne", "Vincent", "Russell", "Bobby",
+)
+_FEMALE_FIRST = (
+    "Mary", "Patricia", "Jennifer", "Linda", "Elizabeth", "Barbara", "Susan", "Jessica",
+    "Sarah", "Karen", "Lisa", "Nancy", "Betty", "Margaret", "Sandra", "Ashley", "Kimberly",
+    "Emily", "Donna", "Michelle", "Carol", "Amanda", "Dorothy", "Melissa", "Deborah",
+    "Stephanie", "Rebecca", "Sharon", "Laura", "Cynthia", "Kathleen", "Amy", "Angela",
+    "Shirley", "Anna", "Brenda", "Pamela", "Emma", "Nicole", "Helen", "Samantha", "Katherine",
+    "Christine", "Debra", "Rachel", "Carolyn", "Janet", "Catherine", "Maria", "Heather",
+    "Diane", "Ruth", "Julie", "Olivia", "Joyce", "Virginia", "Victoria", "Kelly", "Lauren",
+    "Christina", "Joan", "Evelyn", "Judith", "Megan", "Andrea", "Cheryl", "Hannah", "Jacqueline",
+    "Martha", "Gloria", "Teresa", "Ann", "Sara", "Madison", "Frances", "Kathryn", "Janice",
+    "Jean", "Abigail", "Alice",
+)
+_SURNAMES = (
+    "Smith", "Johnson", "Williams", "Brown", "Jones", "Garcia", "Miller", "Davis", "Rodriguez",
+    "Martinez", "Hernandez", "Lopez", "Gonzalez", "Wilson", "Anderson", "Taylor", "Moore",
+    "Jackson", "Martin", "Lee", "Perez", "Thompson", "White", "Harris", "Sanchez", "Clark",
+    "Ramirez", "Lewis", "Robinson", "Walker", "Young", "Allen", "King", "Wright", "Scott",
+    "Torres", "Nguyen", "Hill", "Flores", "Adams", "Nelson", "Baker", "Hall", "Rivera",
+    "Campbell", "Mitchell", "Carter", "Roberts", "Gomez", "Phillips", "Evans", "Turner", "Diaz",
+    "Parker", "Cruz", "Edwards", "Collins", "Reyes", "Stewart", "Morris", "Morales", "Murphy",
+    "Cook", "Rogers", "Gutierrez", "Ortiz", "Morgan", "Cooper", "Peterson", "Bailey", "Reed",
+    "Kelly", "Howard", "Ramos", "Kim", "Cox", "Ward", "Richardson", "Watson", "Brooks",
+    "Chavez", "Wood", "James", "Bennett", "Gray", "Mendoza", "Ruiz", "Hughes", "Price",
+    "Alvarez", "Castillo", "Sanders", "Patel", "Myers", "Long", "Ross", "Foster", "Jimenez",
+    "Powell", "Jenkins", "Perry", "Russell", "Sullivan", "Bell", "Coleman", "Butler",
+    "Henderson", "Barnes", "Gonzales", "Fisher", "Vasquez", "Simmons", "Romero", "Jordan",
+    "Patterson", "Alexander", "Hamilton", "Graham", "Reynolds", "Griffin", "Wallace", "Moreno",
+    "West", "Cole", "Hayes", "Bryant", "Herrera", "Gibson", "Ellis", "Tran", "Medina", "Aguilar",
+    "Stevens", "Murray", "Ford", "Castro", "Marshall", "Owens", "Harrison", "Fernandez",
+    "McDonald", "Woods", "Washington", "Kennedy", "Wells", "Vargas", "Henry", "Chen", "Freeman",
+    "Webb", "Tucker", "Guzman", "Burns", "Crawford", "Olson", "Simpson", "Porter", "Hunter",
+)
+_SURNAME_HEADS = ("Al", "Bran", "Cor", "Dor", "El", "Fen", "Gar", "Hol", "Is", "Jor", "Kel",
+                  "Lor", "Mar", "Nor", "Os", "Pen", "Quin", "Ros", "Sel", "Tor", "Ul", "Val",
+                  "Wen", "Yar", "Ab", "Ber", "Cul", "Dal")
+_SURNAME_TAILS = ("dane", "wick", "ley", "ton", "more", "sby", "well", "stead", "mere",
+                  "worth", "by", "ham", "hurst", "ford")
+
+
+def _words(text: str) -> tuple[str, ...]:
+    return tuple(re.findall(r"\w+", text))
+
+
+class _NoOverlap:
+    """Accepts strings greedily so that no accepted string contains another as a word n-gram.
+
+    Why: `attribute_spans` finds a value by whole-word search; this guarantees a
+    value cannot also match inside a name, another value or a template phrase.
+    """
+
+    def __init__(self) -> None:
+        self._ngrams: set[tuple[str, ...]] = set()
+        self._whole: set[tuple[str, ...]] = set()
+
+    def add(self, text: str, *, force: bool = False) -> bool:
+        words = _words(text)
+        grams = {words[i:j] for i in range(len(words)) for j in range(i + 1, len(words) + 1)}
+        if not force and (words in self._ngrams or grams & self._whole):
+            return False
+        self._ngrams |= grams
+        self._whole.add(words)
+        return True
+
+
+def _template_phrases() -> list[str]:
+    """Literal template text with placeholders cut out (registered before any value)."""
+    pieces = []
+    for text in list(_QUESTIONS.values()) + list(_CLOZES.values()) + [
+            t for ts in RICH_TEMPLATES.values() for t in ts]:
+        pieces += [p for p in re.split(r"\{\w+\}", text) if _words(p)]
+    return pieces + ["He", "She", "His", "Her", *_MONTHS]
+
+
+def _take(registry: _NoOverlap, candidates: Iterable[str], n: int, what: str) -> tuple[str, ...]:
+    out = []
+    for c in candidates:
+        if len(out) == n:
+            break
+        if registry.add(c):
+            out.append(c)
+    if len(out) < n:
+        raise ValueError(f"cannot make {n} distinct {what}; at most {len(out)} are available")
+    return tuple(out)
+
+
+def _shuffled(items: list[str], rng: np.random.Generator) -> list[str]:
+    return [items[i] for i in rng.permutation(len(items))]
+
+
+@functools.lru_cache(maxsize=16)
+def _pools(num_cities: int, num_universities: int, num_companies: int,
+           num_majors: int) -> tuple[dict[str, tuple[str, ...]], tuple[str, ...], tuple[str, ...],
+                                     tuple[str, ...]]:
+    """Value vocabularies (unranked) and name pools; fixed strings, independent of the seed."""
+    rng = np.random.default_rng(_VOCAB_SEED)
+    reg = _NoOverlap()
+    for phrase in _template_phrases():
+        reg.add(phrase, force=True)
+    majors = _take(reg, _MAJORS, num_majors, "majors")
+    cities = _take(reg, _shuffled([h + t for h in _CITY_HEADS for t in _CITY_TAILS], rng),
+                   num_cities, "cities")
+    uni_words = _shuffled([h + t for h in _UNI_HEADS for t in _UNI_TAILS], rng)
+    universities = _take(reg, (_UNI_FORMS[i % len(_UNI_FORMS)].format(w=w)
+                               for i, w in enumerate(uni_words)), num_universities, "universities")
+    company_words = _shuffled([h + t for h in _COMPANY_HEADS for t in _COMPANY_TAILS], rng)
+    companies = _take(reg, (f"{w} {_COMPANY_SUFFIXES[i % len(_COMPANY_SUFFIXES)]}"
+                            for i, w in enumerate(company_words)), num_companies, "companies")
+    male = tuple(n for n in _MALE_FIRST if reg.add(n))
+    female = tuple(n for n in _FEMALE_FIRST if reg.add(n))
+    procedural = [h + t for h in _SURNAME_HEADS for t in _SURNAME_TAILS]
+    surnames = tuple(n for n in list(_SURNAMES) + procedural if reg.add(n))
+    vocab = {"birth_city": cities, "university": universities, "major": majors,
+             "company": companies}
+    return vocab, male, female, surnames
+
+
+def _zipf_probs(n: int, exponent: float) -> np.ndarray:
+    weights = 1.0 / np.arange(1, n + 1, dtype=np.float64) ** exponent
+    return weights / weights.sum()
+
+
+def _format_date(ordinal: int) -> str:
+    d = datetime.date.fromordinal(int(ordinal))
+    return f"{_MONTHS[d.month - 1]} {d.day}, {d.year}"
+
+
+def build_world(config: WorldConfig) -> World:
+    """Builds the world: same config -> identical people, in the same order."""
+    if config.num_background < 0 or config.num_new < 0:
+        raise ValueError("num_background and num_new must be >= 0")
+    base, male, female, surnames = _pools(config.num_cities, config.num_universities,
+                                          config.num_companies, config.num_majors)
+    rng = np.random.default_rng(config.seed)
+    n = config.num_background + config.num_new
+    # Seeded popularity: rank order of each vocabulary (company_city gets its own order).
+    vocab = {
+        "birth_city": base["birth_city"],
+        "university": base["university"],
+        "major": base["major"],
+        "company": base["company"],
+        "company_city": base["birth_city"],
+    }
+    vocab = {k: tuple(v[i] for i in rng.permutation(len(v))) for k, v in vocab.items()}
+    vocab = {k: vocab[k] for k in ATTRIBUTES if k in vocab}
+
+    genders = np.where(rng.random(n) < 0.5, "male", "female")
+    names = np.empty(n, dtype=object)
+    for gender, firsts in (("male", male), ("female", female)):
+        idx = np.flatnonzero(genders == gender)
+        capacity = len(firsts) * len(surnames)
+        if len(idx) > capacity:
+            raise ValueError(f"at most {capacity} unique {gender} names; asked for {len(idx)}")
+        pairs = rng.choice(capacity, size=len(idx), replace=False)
+        names[idx] = [f"{firsts[p // len(surnames)]} {surnames[p % len(surnames)]}" for p in pairs]
+
+    dates = rng.integers(_DATE_START, _DATE_END + 1, size=n)
+    draws = {}
+    for attr in ("birth_city", "university", "major", "company", "company_city"):
+        size = len(vocab[attr])
+        draws[attr] = rng.choice(size, size=n, p=_zipf_probs(size, config.zipf_exponent))
+    # company_city != birth_city, so that each value appears once per biography.
+    city_rank = {c: i for i, c in enumerate(vocab["company_city"])}
+    birth_as_cc_rank = np.array([city_rank[vocab["birth_city"][i]] for i in draws["birth_city"]],
+                                dtype=np.int64)
+    clash = draws["company_city"] == birth_as_cc_rank
+    cc_probs = _zipf_probs(len(vocab["company_city"]), config.zipf_exponent)
+    while clash.any():
+        draws["company_city"][clash] = rng.choice(len(cc_probs), size=int(clash.sum()), p=cc_probs)
+        clash = draws["company_city"] == birth_as_cc_rank
+
+    people = tuple(
+        Person(name=names[i], gender=str(genders[i]), birth_date=_format_date(dates[i]),
+               **{a: vocab[a][draws[a][i]] for a in draws})
+        for i in range(n))
+    return World(config=config, background=people[:config.num_background],
+                 new=people[config.num_background:], vocab=vocab)
+
+
+def _fill(template: str, person: Person, value: str, use_name: bool) -> str:
+    subject = person.name if use_name else person.subject_pronoun.capitalize()
+    poss = f"{person.name}'s" if use_name else person.possessive_pronoun.capitalize()
+    return template.format(S=subject, P=poss, p=person.possessive_pronoun, v=value)
+
+
+def paper_bio(person: Person) -> str:
+    """The paper's single five-sentence template (name once, then pronouns)."""
+    return " ".join(_fill(RICH_TEMPLATES[a][0], person, person.attribute(a), use_name=(i == 0))
+                    for i, a in enumerate(PAPER_ATTRIBUTES))
+
+
+def rich_bio(person: Person, rng: np.random.Generator, *, num_templates: int = 5,
+             permute: bool = True, fullname_prob: float = 0.5) -> str:
+    """bioS-style rich form: one of `num_templates` paraphrases per attribute (all six),
+    sentences in random order (if `permute`); the first sentence names the person, each
+    later one uses the full name with probability `fullname_prob`, else a pronoun."""
+    if not 1 <= num_templates <= min(len(t) for t in RICH_TEMPLATES.values()):
+        raise ValueError(f"num_templates must be in [1, {len(RICH_TEMPLATES['major'])}]")
+    order = rng.permutation(len(ATTRIBUTES)) if permute else np.arange(len(ATTRIBUTES))
+    sentences = []
+    for pos, k in enumerate(order):
+        attr = ATTRIBUTES[k]
+        template = RICH_TEMPLATES[attr][rng.integers(num_templates)]
+        use_name = pos == 0 or rng.random() < fullname_prob
+        sentences.append(_fill(template, person, person.attribute(attr), use_name))
+    return " ".join(sentences)
+
+
+def qa_items(person: Person) -> list[QAItem]:
+    """One question per attribute, e.g. "What is the birth date of {name}?\\nAnswer:"."""
+    return [QAItem(person.name, a, _QUESTIONS[a].format(name=person.name), person.attribute(a))
+            for a in ATTRIBUTES]
+
+
+def cloze_items(person: Person) -> list[QAItem]:
+    """One sentence prefix per attribute, e.g. "{name} had a professional role at"."""
+    return [QAItem(person.name, a,
+                   _CLOZES[a].format(name=person.name, p=person.possessive_pronoun),
+                   person.attribute(a)) for a in ATTRIBUTES]
+
+
+def attribute_spans(text: str, person: Person) -> dict[str, tuple[int, int]]:
+    """Character span [start, end) of each attribute value found in `text`.
+
+    Attributes absent from the text are left out; a value found more than once
+    raises ValueError (the world's vocabularies are built so this cannot happen in
+    its own biographies).
+    """
+    spans = {}
+    for attr in ATTRIBUTES:
+        value = person.attribute(attr)
+        hits = [m.span() for m in re.finditer(rf"(?<!\w){re.escape(value)}(?!\w)", text)]
+        if len(hits) > 1:
+            raise ValueError(f"{attr} value {value!r} occurs {len(hits)} times in the text")
+        if hits:
+            spans[attr] = hits[0]
+    return spans
+
+
+_SPLITS = ("background", "new")
+
+
+def world_records(world: World, split: str) -> list[dict[str, str]]:
+    """Flat string records for one split; `bio_rich` is drawn from (seed, split, index)."""
+    if split not in _SPLITS:
+        raise ValueError(f"unknown split {split!r}; expected one of {_SPLITS}")
+    people = world.background if split == "background" else world.new
+    records = []
+    for i, person in enumerate(people):
+        rng = np.random.default_rng([world.config.seed, _SPLITS.index(split), i])
+        record = {"name": person.name, "gender": person.gender}
+        record.update({a: person.attribute(a) for a in ATTRIBUTES})
+        record["bio"] = paper_bio(person)
+        record["bio_rich"] = rich_bio(
+            person, rng, num_templates=world.config.rich_templates_per_attribute)
+        record["split"] = split
+        records.append(record)
+    return records
+
+
+def person_from_record(record: dict[str, str]) -> Person:
+    """Inverse of the person part of `world_records` (e.g. after a tfds round trip)."""
+    return Person(**{f.name: record[f.name] for f in dataclasses.fields(Person)})

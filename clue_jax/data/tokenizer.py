@@ -1,0 +1,133 @@
+"""Tokenizers: train a small byte-level BPE, load any HF tokenizer, encode fixed-shape batches.
+
+Why byte-level BPE: every string round-trips exactly (no unknown token, spaces kept),
+which the clue-dropout and QA exact-match code rely on. Trained tokenizers are saved
+as ordinary HF tokenizer directories, so `transformers.AutoTokenizer` loads them like
+a pretrained model's tokenizer.
+
+Special tokens are never added implicitly (the trained tokenizer has no
+post-processor): `encode_batch` adds BOS/EOS itself, the same way for every tokenizer.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from clue_jax.errors import UserInputError
+
+BOS, EOS, PAD, MASK = "<bos>", "<eos>", "<pad>", "<mask>"
+SPECIAL_TOKENS = (BOS, EOS, PAD, MASK)  # ids 0, 1, 2, 3 in a trained tokenizer
+PROTECTED_PUNCTUATION = (",", ".")
+
+
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int,
+                        save_dir: str | os.PathLike) -> transformers.PreTrainedTokenizerFast:
+    """Trains a byte-level BPE on `texts` and saves it to `save_dir` (save_pretrained).
+
+    The full 256-byte alphabet is always in the vocabulary, so vocab_size must
+    exceed 256 + the 4 special tokens <bos>, <eos>, <pad>, <mask> (<mask> serves encoders).
+    """
+    minimum = 256 + len(SPECIAL_TOKENS)
+    if vocab_size < minimum:
+        raise UserInputError(f"tokenizer vocab_size {vocab_size} is too small (minimum {minimum})")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=list(SPECIAL_TOKENS),
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  show_progress=False)
+    tok.train_from_iterator(texts, trainer)
+    fast = transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, mask_token=MASK)
+    os.makedirs(save_dir, exist_ok=True)
+    fast.save_pretrained(os.fspath(save_dir))
+    return fast
+
+
+def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerBase:
+    """Loads a tokenizer directory (local files only) and makes sure BOS/EOS/PAD exist.
+
+    A tokenizer without a pad token gets EOS as pad (LLaMA-3 / GPT-2 style; padding
+    is always masked out, so the choice only has to be a valid id); one without BOS
+    gets EOS as BOS (GPT-2's convention). A tokenizer with no EOS is refused.
+    """
+    path = os.fspath(path)
+    if not os.path.isdir(path) or not any(
+            os.path.exists(os.path.join(path, f))
+            for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+        raise UserInputError(f"not a tokenizer directory: {path} (no tokenizer.json or "
+                             "tokenizer_config.json)")
+    try:
+        tok = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
+    except Exception as e:  # corrupt json, missing sentencepiece, ...
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserInputError(f"cannot load tokenizer from {path}: {first}") from e
+    if tok.eos_token_id is None:
+        raise UserInputError(f"tokenizer {path} has no eos token")
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    if tok.bos_token_id is None:
+        tok.bos_token = tok.eos_token
+    return tok
+
+
+def encode_batch(tokenizer, texts: Sequence[str], max_len: int, add_bos: bool = True,
+                 add_eos: bool = False, on_overflow: str = "error",
+                 padding_side: str = "right") -> tuple[np.ndarray, np.ndarray]:
+    """Fixed-shape ids and mask, both int32 [N, max_len], padded with the pad id.
+
+    on_overflow="error" raises UserInputError naming the first example longer than
+    max_len (BOS/EOS included); "truncate" keeps the first max_len tokens (so a
+    truncated example loses its EOS: it did not end there).
+    """
+    if on_overflow not in ("error", "truncate"):
+        raise ValueError(f"on_overflow must be 'error' or 'truncate', got {on_overflow!r}")
+    if padding_side not in ("right", "left"):
+        raise ValueError(f"padding_side must be 'right' or 'left', got {padding_side!r}")
+    texts = list(texts)
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"] if texts else []
+    prefix = [tokenizer.bos_token_id] if add_bos else []
+    suffix = [tokenizer.eos_token_id] if add_eos else []
+    ids = np.full((len(texts), max_len), tokenizer.pad_token_id, dtype=np.int32)
+    mask = np.zeros((len(texts), max_len), dtype=np.int32)
+    for i, body in enumerate(encoded):
+        seq = prefix + list(body) + suffix
+        if len(seq) > max_len:
+            if on_overflow == "error":
+                raise UserInputError(f"sequence too long: example {i} has {len(seq)} tokens "
+                                     f"(max_len {max_len})")
+            seq = seq[:max_len]
+        start = 0 if padding_side == "right" else max_len - len(seq)
+        ids[i, start:start + len(seq)] = seq
+        mask[i, start:start + len(seq)] = 1
+    return ids, mask
+
+
+def protected_token_ids(tokenizer, extra: Iterable[int | str] = ()) -> list[int]:
+    """Ids that clue dropout never drops: BOS, PAD and the tokens for "," and ".".
+
+    For each punctuation mark, the id of the mark alone and of the mark with a
+    leading space are included when either is a single token (SentencePiece
+    vocabularies keep "▁." apart from "."). `extra` adds ids, or strings that
+    must encode to a single token.
+    """
+    ids = {tokenizer.bos_token_id, tokenizer.pad_token_id}
+    for text in PROTECTED_PUNCTUATION:
+        for variant in (text, " " + text):
+            pieces = tokenizer.encode(variant, add_special_tokens=False)
+            if len(pieces) == 1:
+                ids.add(pieces[0])
+    for item in extra:
+        if isinstance(item, str):
+            pieces = tokenizer.encode(item, add_special_tokens=False)
+            if len(pieces) != 1:
+                raise UserInputError(f"protected token {item!r} is {len(pieces)} tokens, not one")
+            item = pieces[0]
+        ids.add(int(item))
+    ids.discard(None)
+    return sorted(ids)

@@ -1,0 +1,1 @@
+"""clue_jax.eval"""

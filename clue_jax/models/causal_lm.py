@@ -1,0 +1,167 @@
+"""Decoder-only causal LM in Flax NNX: GPT-2, LLaMA-3 and Gemma-2 from one config.
+
+`model(input_ids, attention_mask)` gives float32 logits [B, T, V] (fast
+attention). `model.received_attention_sums(...)` runs the same weights through
+the blocked scoring attention and returns, summed over layers, heads and real
+queries, the attention each token receives (clue dropout's raw material).
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from clue_jax.models import attention as attn
+from clue_jax.models import layers
+from clue_jax.models.config import ModelConfig
+
+
+def _norm(cfg: ModelConfig, rngs: nnx.Rngs):
+    if cfg.flavour == "gpt2":
+        return layers.layer_norm(cfg.d_model, eps=cfg.norm_eps, param_dtype=cfg.weights_dtype, dtype=cfg.compute_dtype, rngs=rngs)
+    return layers.RMSNorm(
+        cfg.d_model, eps=cfg.norm_eps, plus_one=cfg.flavour == "gemma2", param_dtype=cfg.weights_dtype, rngs=rngs
+    )
+
+
+class SelfAttention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.sliding_window = cfg.sliding_window if cfg.is_sliding_layer(layer) else 0
+        h, n, k = cfg.head_size, cfg.num_heads, cfg.kv_heads
+        kw = dict(use_bias=cfg.use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype, rngs=rngs)
+        self.q_proj = layers.linear(cfg.d_model, n * h, ("embed", "heads"), **kw)
+        self.k_proj = layers.linear(cfg.d_model, k * h, ("embed", "kv_heads"), **kw)
+        self.v_proj = layers.linear(cfg.d_model, k * h, ("embed", "kv_heads"), **kw)
+        self.o_proj = layers.linear(n * h, cfg.d_model, ("heads", "embed"), **kw)
+        if cfg.flavour == "gemma2" and cfg.query_pre_attn_scalar:
+            self.scale = cfg.query_pre_attn_scalar**-0.5
+        else:
+            self.scale = h**-0.5
+        self.inv_freq = None if cfg.flavour == "gpt2" else nnx.Variable(
+            layers.rope_inverse_frequencies(h, cfg.rope_theta, cfg.rope_scaling)
+        )
+
+    def __call__(self, x, positions, key_mask, request: attn.ScoreRequest | None):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_size)
+        k = self.k_proj(x).reshape(b, t, cfg.kv_heads, cfg.head_size)
+        v = self.v_proj(x).reshape(b, t, cfg.kv_heads, cfg.head_size)
+        if self.inv_freq is not None:
+            q = layers.apply_rope(q, positions, self.inv_freq[...])
+            k = layers.apply_rope(k, positions, self.inv_freq[...])
+        stats = None
+        if request is None:
+            allowed = attn.allowed_keys(key_mask, self.sliding_window)
+            out = attn.attend(q, k, v, allowed, scale=self.scale, softcap=cfg.attn_logit_softcap)
+        else:
+            out, colsum, row = attn.attend_and_score(
+                q, k, v, key_mask, scale=self.scale, softcap=cfg.attn_logit_softcap,
+                sliding_window=self.sliding_window, request=request,
+            )
+            stats = (colsum, row)
+        return self.o_proj(out.reshape(b, t, -1)), stats
+
+
+class MLP(nnx.Module):
+    """GPT-2: GELU(tanh) MLP. LLaMA: SwiGLU. Gemma-2: GeGLU(tanh)."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        kw = dict(use_bias=cfg.use_bias, dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype, rngs=rngs)
+        self.gated = cfg.flavour != "gpt2"
+        self.activation = jax.nn.silu if cfg.flavour == "llama" else (lambda x: jax.nn.gelu(x, approximate=True))
+        if self.gated:
+            self.gate_proj = layers.linear(cfg.d_model, cfg.mlp_dim, ("embed", "mlp"), **kw)
+        self.up_proj = layers.linear(cfg.d_model, cfg.mlp_dim, ("embed", "mlp"), **kw)
+        self.down_proj = layers.linear(cfg.mlp_dim, cfg.d_model, ("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        if self.gated:
+            return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.activation(self.up_proj(x)))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, layer: int, rngs: nnx.Rngs):
+        self.post_norms = cfg.flavour == "gemma2"
+        self.input_norm = _norm(cfg, rngs)
+        self.attn = SelfAttention(cfg, layer, rngs)
+        self.mlp_norm = _norm(cfg, rngs)
+        self.mlp = MLP(cfg, rngs)
+        if self.post_norms:
+            self.post_attn_norm = _norm(cfg, rngs)
+            self.post_mlp_norm = _norm(cfg, rngs)
+
+    def __call__(self, x, positions, key_mask, request=None):
+        h, stats = self.attn(self.input_norm(x), positions, key_mask, request)
+        if self.post_norms:
+            h = self.post_attn_norm(h)
+        x = x + h
+        h = self.mlp(self.mlp_norm(x))
+        if self.post_norms:
+            h = self.post_mlp_norm(h)
+        return x + h, stats
+
+
+class CausalLM(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
+        self.cfg = cfg
+        kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weights_dtype, rngs=rngs)
+        self.embed_tokens = layers.embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), **kw)
+        if cfg.flavour == "gpt2":
+            self.embed_positions = layers.embed(cfg.max_len, cfg.d_model, ("pos", "embed"), **kw)
+        self.blocks = nnx.List([Block(cfg, i, rngs) for i in range(cfg.num_layers)])
+        self.final_norm = _norm(cfg, rngs)
+        if not cfg.tie_embeddings:
+            self.lm_head = layers.linear(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
+
+    def _embed(self, input_ids, positions):
+        x = self.embed_tokens(input_ids)
+        if self.cfg.flavour == "gpt2":
+            x = x + self.embed_positions(positions)
+        if self.cfg.flavour == "gemma2":
+            x = x * jnp.asarray(self.cfg.d_model**0.5, dtype=x.dtype)
+        return x
+
+    def _inputs(self, input_ids, attention_mask, positions):
+        if attention_mask is None:
+            attention_mask = jnp.ones_like(input_ids)
+        if positions is None:
+            positions = layers.positions_from_mask(attention_mask)
+        return attention_mask, positions
+
+    def hidden_states(self, input_ids, attention_mask=None, positions=None):
+        attention_mask, positions = self._inputs(input_ids, attention_mask, positions)
+        x = self._embed(input_ids, positions)
+        for block in self.blocks:
+            x, _ = (nnx.remat(Block.__call__)(block, x, positions, attention_mask)
+                    if self.cfg.remat else block(x, positions, attention_mask))
+        return self.final_norm(x)
+
+    def __call__(self, input_ids, attention_mask=None, positions=None):
+        x = self.hidden_states(input_ids, attention_mask, positions)
+        if self.cfg.tie_embeddings:
+            logits = self.embed_tokens.attend(x)
+        else:
+            logits = self.lm_head(x)
+        return layers.softcap(logits.astype(jnp.float32), self.cfg.final_logit_softcap)
+
+    def received_attention_sums(self, input_ids, attention_mask=None, *, query_block: int = 128, query_index=None):
+        """Attention received per token, summed over layers, heads and real queries.
+
+        Returns dict(colsum [B, T], row [B, T] or None) in float32; `row` sums the
+        attention rows of `query_index` [B] over layers and heads. The LM head is
+        skipped: scoring needs no logits.
+        """
+        attention_mask, positions = self._inputs(input_ids, attention_mask, None)
+        request = attn.ScoreRequest(query_block=query_block, query_index=query_index)
+        x = self._embed(input_ids, positions)
+        colsum = jnp.zeros(input_ids.shape, jnp.float32)
+        row = jnp.zeros(input_ids.shape, jnp.float32)
+        for block in self.blocks:
+            x, (c, r) = block(x, positions, attention_mask, request)
+            colsum = colsum + c
+            if r is not None:
+                row = row + r
+        return {"colsum": colsum, "row": row if query_index is not None else None}

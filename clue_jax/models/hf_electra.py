@@ -1,0 +1,314 @@
+"""HF ELECTRA checkpoints (config.json + safetensors) <-> clue_jax encoders.
+
+Loading follows the bonsai recipe: build the module abstractly with
+`nnx.eval_shape`, map every parameter path to its HF tensor name with a small
+regex table, transpose Linear weights (torch stores [out, in], nnx [in, out]),
+check the shape, and place each array straight onto its mesh sharding
+(`clue_jax.train.sharding.state_shardings`), so a full copy never has to sit
+on one device. Saving writes what `transformers` loads:
+ElectraForPreTraining, ElectraForMaskedLM or ElectraModel.
+
+kind: "discriminator" -> `ElectraDiscriminator`, "generator" ->
+`ElectraGenerator`, "encoder" -> `Encoder` (from an ElectraModel directory or
+the `electra.` part of either pre-training checkpoint, as for fine-tuning).
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+from pathlib import Path
+
+import jax
+import numpy as np
+import transformers
+from flax import nnx
+from jax.sharding import Mesh
+from safetensors import SafetensorError, safe_open
+from safetensors.numpy import save_file
+
+from clue_jax.errors import UserInputError
+from clue_jax.models.encoder import (
+    ACTIVATIONS,
+    ElectraDiscriminator,
+    ElectraGenerator,
+    ElectraPair,
+    Encoder,
+    EncoderConfig,
+)
+from clue_jax.train.sharding import state_shardings
+
+KINDS = ("discriminator", "generator", "encoder")
+_MODEL_FOR_KIND = {"discriminator": ElectraDiscriminator, "generator": ElectraGenerator, "encoder": Encoder}
+_ARCH_FOR_KIND = {"discriminator": "ElectraForPreTraining", "generator": "ElectraForMaskedLM", "encoder": "ElectraModel"}
+_TIED = "generator_lm_head.weight"
+
+# nnx module path (joined with "/", encoder paths rooted at "encoder/") -> HF module name.
+# The leaf name maps separately: kernel -> weight (transposed), scale/embedding -> weight, bias -> bias.
+_LAYER = r"encoder/body/layers/(\d+)/"
+_MODULE_RULES = [
+    (r"encoder/embeddings/(word_embeddings|position_embeddings|token_type_embeddings)", r"electra.embeddings.\1"),
+    (r"encoder/embeddings/layer_norm", "electra.embeddings.LayerNorm"),
+    (r"encoder/body/embeddings_project", "electra.embeddings_project"),
+    (_LAYER + "(query|key|value)", r"electra.encoder.layer.\1.attention.self.\2"),
+    (_LAYER + "attention_output", r"electra.encoder.layer.\1.attention.output.dense"),
+    (_LAYER + "attention_norm", r"electra.encoder.layer.\1.attention.output.LayerNorm"),
+    (_LAYER + "intermediate", r"electra.encoder.layer.\1.intermediate.dense"),
+    (_LAYER + "output", r"electra.encoder.layer.\1.output.dense"),
+    (_LAYER + "output_norm", r"electra.encoder.layer.\1.output.LayerNorm"),
+]
+_HEAD_RULES = {
+    "discriminator": [
+        ("head/dense", "discriminator_predictions.dense"),
+        ("head/dense_prediction", "discriminator_predictions.dense_prediction"),
+    ],
+    "generator": [
+        ("head/dense", "generator_predictions.dense"),
+        ("head/layer_norm", "generator_predictions.LayerNorm"),
+        ("head", "generator_lm_head"),  # only its output bias; the weight is the tied word table
+    ],
+    "encoder": [],
+}
+_LEAVES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias": "bias"}
+
+
+def hf_name(path: tuple, kind: str, prefix: str = "electra.") -> tuple[str, bool]:
+    """(HF tensor name, transpose?) for an nnx parameter path of a `kind` model."""
+    parts = [str(p) for p in path]
+    if kind == "encoder":
+        parts = ["encoder", *parts]
+    module, leaf = "/".join(parts[:-1]), parts[-1]
+    for pattern, template in _MODULE_RULES + _HEAD_RULES[kind]:
+        m = re.fullmatch(pattern, module)
+        if m and leaf in _LEAVES:
+            name = f"{m.expand(template)}.{_LEAVES[leaf]}"
+            if name.startswith("electra."):
+                name = prefix + name[len("electra."):]
+            return name, leaf == "kernel"
+    raise KeyError(f"no HF name for parameter {'/'.join(parts)} of a {kind}")
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def config_from_hf(hf: transformers.ElectraConfig, *, where: str = "config.json", **overrides) -> EncoderConfig:
+    """EncoderConfig from an ElectraConfig; `overrides` set clue_jax-only fields (dtype, dropout, remat)."""
+    if getattr(hf, "is_decoder", False):
+        raise UserInputError(f"{where}: is_decoder=true; clue_jax's encoder is bidirectional only")
+    pos = getattr(hf, "position_embedding_type", "absolute")
+    if pos != "absolute":
+        raise UserInputError(f"{where}: position_embedding_type={pos!r} is not supported (only 'absolute')")
+    if hf.hidden_act not in ACTIVATIONS:
+        raise UserInputError(f"{where}: hidden_act={hf.hidden_act!r} is not one of {sorted(ACTIVATIONS)}")
+    values = dict(
+        vocab_size=hf.vocab_size,
+        hidden_size=hf.hidden_size,
+        embedding_size=hf.embedding_size,
+        num_layers=hf.num_hidden_layers,
+        num_heads=hf.num_attention_heads,
+        intermediate_size=hf.intermediate_size,
+        max_len=hf.max_position_embeddings,
+        type_vocab_size=hf.type_vocab_size,
+        layer_norm_eps=hf.layer_norm_eps,
+        hidden_act=hf.hidden_act,
+        dropout=float(hf.hidden_dropout_prob),
+    )
+    values.update(overrides)
+    return EncoderConfig.from_dict(values, where=where)
+
+
+def config_to_hf(cfg: EncoderConfig, kind: str) -> transformers.ElectraConfig:
+    return transformers.ElectraConfig(
+        vocab_size=cfg.vocab_size,
+        embedding_size=cfg.embedding_size,
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        intermediate_size=cfg.intermediate_size,
+        hidden_act=cfg.hidden_act,
+        hidden_dropout_prob=cfg.dropout,
+        attention_probs_dropout_prob=cfg.dropout,
+        max_position_embeddings=cfg.max_len,
+        type_vocab_size=cfg.type_vocab_size,
+        layer_norm_eps=cfg.layer_norm_eps,
+        tie_word_embeddings=True,
+        architectures=[_ARCH_FOR_KIND[kind]],
+        dtype=cfg.param_dtype,
+    )
+
+
+def _read_config(path: Path) -> transformers.ElectraConfig:
+    file = path / "config.json"
+    if not file.is_file():
+        raise UserInputError(f"{file}: no config.json in the checkpoint directory")
+    try:
+        raw = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise UserInputError(f"{file}: unreadable JSON ({e})") from e
+    if not isinstance(raw, dict):
+        raise UserInputError(f"{file}: expected a JSON object")
+    if raw.get("model_type", "electra") != "electra":
+        raise UserInputError(f"{file}: model_type={raw.get('model_type')!r}, expected 'electra'")
+    try:
+        return transformers.ElectraConfig.from_dict(raw)
+    except Exception as e:  # strict dataclass validation raises several types
+        raise UserInputError(f"{file}: not a valid ELECTRA config ({e})") from e
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def _tensor_index(path: Path) -> dict[str, Path]:
+    """Tensor name -> safetensors file, for one file or a sharded `model.safetensors.index.json`."""
+    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            return {name: path / file for name, file in weight_map.items()}
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise UserInputError(f"{index}: unreadable safetensors index ({e})") from e
+    if single.is_file():
+        try:
+            with safe_open(single, framework="np") as f:
+                return {name: single for name in f.keys()}
+        except (OSError, SafetensorError) as e:
+            raise UserInputError(f"{single}: unreadable safetensors file ({e})") from e
+    hint = " (only PyTorch .bin weights: re-save them with safetensors)" if (path / "pytorch_model.bin").exists() else ""
+    raise UserInputError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
+
+
+def _read_tensors(index: dict[str, Path], names: list[str]) -> dict[str, np.ndarray]:
+    """Reads only `names`, opening each file once."""
+    by_file: dict[Path, list[str]] = {}
+    for name in names:
+        by_file.setdefault(index[name], []).append(name)
+    out = {}
+    for file, wanted in by_file.items():
+        try:
+            with safe_open(file, framework="np") as f:
+                for name in wanted:
+                    out[name] = f.get_tensor(name)
+        except (OSError, SafetensorError) as e:
+            raise UserInputError(f"{file}: cannot read tensor(s) {wanted[:3]} ({e})") from e
+    return out
+
+
+def _place(array: np.ndarray, sharding):
+    """Host array -> device array on `sharding` (each process fills only its own shards)."""
+    if sharding is None:
+        return jax.numpy.asarray(array)
+    return jax.make_array_from_callback(array.shape, sharding, lambda idx: array[idx])
+
+
+# ----------------------------------------------------------------------------- load / save
+
+
+def load_electra(
+    path: str | os.PathLike,
+    kind: str = "discriminator",
+    mesh: Mesh | None = None,
+    **overrides,
+):
+    """Loads an HF ELECTRA directory; returns (module, EncoderConfig).
+
+    `overrides` set clue_jax-only config fields (dtype, param_dtype, remat,
+    dropout; dropout defaults to the checkpoint's hidden_dropout_prob and is
+    active only when a dropout_key is passed). With a mesh, every parameter is
+    created directly with its sharding from the logical-axis rules.
+    """
+    if kind not in KINDS:
+        raise UserInputError(f"kind={kind!r} is not one of {KINDS}")
+    path = Path(path)
+    if not path.is_dir():
+        raise UserInputError(f"{path}: not a checkpoint directory")
+    cfg = config_from_hf(_read_config(path), where=str(path / "config.json"), **overrides)
+    index = _tensor_index(path)
+    # An encoder may come from ElectraModel (no prefix) or from a pre-training checkpoint ("electra.").
+    prefix = "electra."
+    if kind == "encoder" and "electra.embeddings.word_embeddings.weight" not in index:
+        prefix = ""
+
+    model_cls = _MODEL_FOR_KIND[kind]
+    abstract = nnx.eval_shape(lambda: model_cls(cfg, nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    flat_shardings = dict(nnx.to_flat_state(state_shardings(state, mesh))) if mesh is not None else {}
+    flat = nnx.to_flat_state(state)
+    names = {p: hf_name(p, kind, prefix) for p, _ in flat}
+    wanted = [n for n, _ in names.values()]
+    if kind == "generator" and _TIED in index:
+        wanted.append(_TIED)
+    missing = [n for n in wanted if n not in index]
+    if missing:
+        raise UserInputError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+    tensors = _read_tensors(index, wanted)
+
+    leaves = []
+    for p, var in flat:
+        name, transpose = names[p]
+        array = tensors[name].T if transpose else tensors[name]
+        expected = var.get_value().shape
+        if tuple(array.shape) != tuple(expected):
+            raise UserInputError(
+                f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, config.json implies "
+                f"{tuple(expected)}{' (transposed)' if transpose else ''}"
+            )
+        array = np.ascontiguousarray(array, dtype=cfg.weights_dtype)
+        sharding = flat_shardings[p].get_value() if p in flat_shardings else None
+        leaves.append((p, var.replace(_place(array, sharding))))
+    if kind == "generator" and _TIED in tensors:
+        word = tensors["electra.embeddings.word_embeddings.weight"]
+        if not np.allclose(tensors[_TIED], word, atol=1e-6):
+            raise UserInputError(
+                f"{path}: {_TIED} differs from the word embeddings; untied generator heads are not supported"
+            )
+    model = nnx.merge(graphdef, nnx.from_flat_state(leaves))
+    return model, cfg
+
+
+def _export_parts(module, cfg: EncoderConfig, kind: str):
+    """The standalone module to export for `kind`, and its config."""
+    if isinstance(module, ElectraPair):
+        want = module.gen_cfg if kind == "generator" else module.disc_cfg
+        if cfg != want:
+            raise UserInputError(f"save_electra: cfg does not match the pair's {kind} config")
+        module = module.generator_model() if kind == "generator" else module.discriminator_model()
+    if kind == "encoder" and isinstance(module, (ElectraDiscriminator, ElectraGenerator)):
+        module = module.encoder
+    if not isinstance(module, _MODEL_FOR_KIND[kind]):
+        raise TypeError(f"save_electra(kind={kind!r}) needs a {_MODEL_FOR_KIND[kind].__name__}, got {type(module).__name__}")
+    if module.cfg != cfg:
+        raise UserInputError(f"save_electra: cfg does not match the module's config ({module.cfg} vs {cfg})")
+    return module
+
+
+def _to_host(x) -> np.ndarray:
+    if jax.process_count() > 1 and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(x)
+
+
+def save_electra(module, cfg: EncoderConfig, path: str | os.PathLike, kind: str = "discriminator") -> Path:
+    """Writes config.json + model.safetensors that `transformers` loads for `kind`.
+
+    `module` is the matching standalone model (or an ElectraPair, whose
+    generator or discriminator half is exported; or any of them for "encoder").
+    The generator's output weight is the tied word table, so it is not written.
+    Only process 0 writes. Returns the directory.
+    """
+    if kind not in KINDS:
+        raise UserInputError(f"kind={kind!r} is not one of {KINDS}")
+    module = _export_parts(module, cfg, kind)
+    prefix = "" if kind == "encoder" else "electra."
+    tensors = {}
+    for p, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
+        name, transpose = hf_name(p, kind, prefix)
+        array = _to_host(var.get_value())
+        tensors[name] = np.ascontiguousarray(array.T if transpose else array)
+    path = Path(path)
+    if jax.process_index() == 0:
+        path.mkdir(parents=True, exist_ok=True)
+        config_to_hf(cfg, kind).to_json_file(path / "config.json")
+        save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return path

@@ -1,0 +1,134 @@
+"""LoRA adapters on a CausalLM's projections, built on Flax NNX's own `nnx.LoRA`.
+
+The paper trains students with LoRA rank 16 on all projection weights. Each
+targeted `nnx.Linear` is wrapped by `LoRALinear` (an `nnx.LoRA` with the
+Linear as its `base_module`), whose A [in, r] and B [r, out] are
+`nnx.LoRAParam`s: the trainer differentiates only those (`trainable_filter`),
+so the base weights stay frozen without copying them. B starts at zero, so the
+adapted model starts equal to the base model. `merge_lora` folds
+W + (alpha / r) * A @ B back into the kernels and restores plain Linears, so
+`clue_jax.models.hf.save` exports an ordinary checkpoint.
+
+Adapter params carry the logical names (<kernel's input axis>, "lora") and
+("lora", <kernel's output axis>), which clue_jax.train.sharding maps like the
+kernel they adapt ("lora" itself is replicated).
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from clue_jax.errors import UserInputError
+
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nnx.LoRA):
+    """`nnx.LoRA` around an existing nnx.Linear with the usual alpha / rank scale.
+
+    y = base(x) + (alpha / rank) * x @ A @ B. nnx.LoRA itself has no scale; the
+    scale matters because it sets the adapters' effective learning rate.
+    """
+
+    def __init__(self, base: nnx.Linear, *, rank: int, alpha: float, rngs: nnx.Rngs, param_dtype=jnp.float32):
+        names = base.kernel.get_metadata().get("out_sharding") or (None, None)
+        super().__init__(
+            base.in_features,
+            rank,
+            base.out_features,
+            base_module=base,
+            dtype=base.dtype,
+            param_dtype=param_dtype,
+            rngs=rngs,
+            a_metadata={"out_sharding": (names[0], "lora")},
+            b_metadata={"out_sharding": ("lora", names[1])},
+        )
+        self.rank = rank
+        self.alpha = alpha
+        self.scale = alpha / rank
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = self.base_module(x)
+        x, a, b = self.promote_dtype((x, self.lora_a[...], self.lora_b[...]), dtype=self.dtype)
+        return y + ((x @ a @ b) * self.scale).astype(y.dtype)
+
+    def merged_kernel(self) -> jax.Array:
+        """W + scale * A @ B in float32 (full-precision matmul), cast back to W's dtype."""
+        w = self.base_module.kernel[...]
+        delta = jnp.matmul(
+            self.lora_a[...].astype(jnp.float32), self.lora_b[...].astype(jnp.float32),
+            precision=jax.lax.Precision.HIGHEST,
+        )
+        return (w.astype(jnp.float32) + self.scale * delta).astype(w.dtype)
+
+
+def trainable_filter(lora_enabled: bool):
+    """What the optimizer differentiates: only the adapters with LoRA, else every Param."""
+    return nnx.LoRAParam if lora_enabled else nnx.Param
+
+
+def has_lora(model: nnx.Module) -> bool:
+    return any(isinstance(m, LoRALinear) for _, m in nnx.iter_modules(model))
+
+
+def _parent(model: nnx.Module, path: tuple):
+    node = model
+    for key in path[:-1]:
+        node = node[key] if isinstance(key, int) else getattr(node, key)
+    return node
+
+
+def _replace(model: nnx.Module, path: tuple, new: nnx.Module) -> None:
+    parent, key = _parent(model, path), path[-1]
+    if isinstance(key, int):
+        parent[key] = new
+    else:
+        setattr(parent, key, new)
+
+
+def apply_lora(
+    model: nnx.Module,
+    rank: int,
+    alpha: float,
+    targets: Iterable[str] = PROJECTIONS,
+    rngs: nnx.Rngs | None = None,
+    *,
+    param_dtype=jnp.float32,
+) -> nnx.Module:
+    """Wraps every nnx.Linear whose attribute name is in `targets` (in place; returns the model).
+
+    Targets absent from a flavour (gate_proj in GPT-2) are skipped; a name not
+    in PROJECTIONS, or no match at all, is a UserInputError. Adapters are kept
+    in float32 by default (they are small, and the optimizer updates them).
+    """
+    targets = tuple(targets)
+    unknown = sorted(set(targets) - set(PROJECTIONS))
+    if unknown:
+        raise UserInputError(f"lora.targets: unknown projection(s) {unknown}; valid: {list(PROJECTIONS)}")
+    if rank < 1:
+        raise UserInputError(f"lora.rank={rank} must be >= 1")
+    if has_lora(model):
+        raise ValueError("the model already has LoRA adapters (merge_lora first)")
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    found = [
+        (path, m) for path, m in nnx.iter_modules(model)
+        if path and isinstance(m, nnx.Linear) and path[-1] in targets
+    ]
+    if not found:
+        raise UserInputError(f"lora.targets={list(targets)}: no such nnx.Linear in the model")
+    for path, linear in found:
+        _replace(model, path, LoRALinear(linear, rank=rank, alpha=alpha, rngs=rngs, param_dtype=param_dtype))
+    return model
+
+
+def merge_lora(model: nnx.Module) -> nnx.Module:
+    """Folds every adapter into its base kernel and restores the plain nnx.Linear (in place; returns the model)."""
+    found = [(path, m) for path, m in nnx.iter_modules(model) if isinstance(m, LoRALinear)]
+    for path, wrapper in found:
+        base = wrapper.base_module
+        base.kernel.set_value(wrapper.merged_kernel())
+        _replace(model, path, base)
+    return model

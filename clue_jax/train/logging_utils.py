@@ -1,0 +1,93 @@
+"""Run outputs: metrics.jsonl, TensorBoard events and the progress display.
+
+Only process 0 writes. Under CI or without a terminal the tqdm bar becomes
+plain log lines, so logs stay readable in files.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+
+import jax
+
+log = logging.getLogger("clue_jax")
+
+
+def is_writer() -> bool:
+    return jax.process_index() == 0
+
+
+def use_progress_bar() -> bool:
+    return sys.stderr.isatty() and not os.environ.get("CI")
+
+
+class MetricsWriter:
+    """Appends one JSON object per logged step; mirrors scalars to TensorBoard."""
+
+    def __init__(self, workdir: str, name: str = "train"):
+        self.enabled = is_writer()
+        self.path = os.path.join(workdir, "metrics.jsonl")
+        self.name = name
+        self._tb = None
+        if self.enabled:
+            os.makedirs(workdir, exist_ok=True)
+            from tensorboardX import SummaryWriter
+
+            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard", name))
+
+    def write(self, step: int, metrics: dict) -> None:
+        if not self.enabled:
+            return
+        record = {"stage": self.name, "step": int(step), **{k: _plain(v) for k, v in metrics.items()}}
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        for key, value in record.items():
+            if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
+                self._tb.add_scalar(key, value, step)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()
+
+
+def _plain(v):
+    try:
+        return float(v)
+    except (TypeError, ValueError):
+        return v
+
+
+class Progress:
+    """tqdm bar on a terminal, log lines every `every` steps elsewhere."""
+
+    def __init__(self, total: int, start: int, desc: str, every: int):
+        self.total, self.every, self.desc = total, max(1, every), desc
+        self.start_time = time.time()
+        self.start_step = start
+        self.bar = None
+        if is_writer() and use_progress_bar():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=start, desc=desc, dynamic_ncols=True)
+
+    def update(self, step: int, metrics: dict) -> None:
+        if not is_writer():
+            return
+        shown = {k: metrics[k] for k in ("loss", "tokens_per_s") if k in metrics}
+        if self.bar is not None:
+            self.bar.update(step - self.bar.n)
+            self.bar.set_postfix({k: f"{v:.4g}" for k, v in shown.items()})
+        elif step % self.every == 0 or step == self.total:
+            done = step - self.start_step
+            elapsed = time.time() - self.start_time
+            eta = elapsed / done * (self.total - step) if done else float("nan")
+            text = " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+            log.info("%s step %d/%d %s eta=%.0fs", self.desc, step, self.total, text, eta)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()

@@ -1,0 +1,285 @@
+"""The optax training loop every pipeline shares.
+
+One jitted step with explicit in/out shardings and donated state runs on a
+mesh from config. The step (1) derives its RNG from (seed key, step), so a
+resumed run replays exactly; (2) optionally transforms the batch inside jit
+(clue dropout, live teacher scoring) with frozen `extras` that never enter
+the gradient; (3) accumulates gradients over micro-batches with `lax.scan`;
+(4) applies AdamW. Host-local numpy batches become global arrays with
+`jax.make_array_from_process_local_data`, so the same code runs per host on
+a pod.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import signal
+import time
+from typing import Any, Callable, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+from jax.experimental import multihost_utils
+
+from clue_jax.errors import UserInputError
+from clue_jax.train import sharding as shard_lib
+from clue_jax.train.checkpoint import Checkpointer, abstract_like
+from clue_jax.train.logging_utils import MetricsWriter, Progress
+from clue_jax.train.optim import learning_rate_schedule, make_optimizer
+
+log = logging.getLogger("clue_jax")
+
+
+class BatchSource(Protocol):
+    """Deterministic host-local batches: `batch(step)` is the same on every rerun.
+
+    Making the data position a pure function of the step is what lets a
+    resumed run see exactly the batches an uninterrupted one would.
+    """
+
+    def batch(self, step: int) -> dict[str, np.ndarray]: ...
+
+
+class NonFiniteLoss(UserInputError):
+    """The loss became NaN or Inf; the last good checkpoint is left as it was."""
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model: nnx.Module
+    step: int
+    status: str  # "done" or "preempted"
+    metrics: dict
+
+
+class _Preemption:
+    """SIGTERM sets a flag; the loop saves at the next step boundary and stops."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, signum, frame):
+        log.warning("SIGTERM received: saving a checkpoint and stopping")
+        self.requested = True
+
+    def should_stop(self, step: int) -> bool:
+        if jax.process_count() > 1:
+            stop = multihost_utils.process_allgather(np.int32(self.requested)).max() > 0
+            return bool(stop) or multihost_utils.reached_preemption_sync_point(step)
+        return self.requested
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _split_micro(batch: dict, n: int) -> dict:
+    return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in batch.items()}
+
+
+class Trainer:
+    """Trains `model` with `objective` on a mesh; checkpoints into `workdir/checkpoints`.
+
+    trainable: nnx filter of what the optimizer updates (nnx.Param, or
+      nnx.LoRAParam for LoRA students); everything else stays frozen.
+    transform: optional `fn(rng, batch, extras) -> batch` run inside the step
+      before the loss (clue dropout); `extras` (e.g. teacher states) are
+      passed as jit arguments under stop_gradient.
+    meta: JSON-able description saved with each checkpoint; a restore refuses
+      a checkpoint whose "model" entry differs.
+    """
+
+    def __init__(self, model: nnx.Module, objective: Callable, cfg, mesh, workdir: str, *,
+                 trainable=nnx.Param, transform: Callable | None = None, extras: Any = None,
+                 extras_shardings: Any = None, meta: dict | None = None, stage: str = "train"):
+        self.cfg, self.mesh, self.workdir, self.stage = cfg, mesh, workdir, stage
+        self.objective, self.transform = objective, transform
+        self.meta = dict(meta or {})
+        self.graphdef, params, frozen = nnx.split(model, trainable, ...)
+        self.tx = make_optimizer(cfg)
+        self.schedule = learning_rate_schedule(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.schedule)
+        data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
+        if cfg.batch_size % (data_ways * cfg.micro_batches):
+            raise UserInputError(
+                f"train.batch_size={cfg.batch_size} must be divisible by data*fsdp={data_ways} "
+                f"times train.micro_batches={cfg.micro_batches}"
+            )
+        self.param_shardings = shard_lib.state_shardings(params, mesh)
+        self.frozen_shardings = shard_lib.state_shardings(frozen, mesh)
+        self.frozen = jax.device_put(frozen, self.frozen_shardings)
+        self.extras = extras
+        self.extras_shardings = extras_shardings
+        params = jax.device_put(params, self.param_shardings)
+        replicated = shard_lib.replicated(mesh)
+        # Moments follow their parameter's sharding; counters are replicated.
+        opt_shardings = optax.tree_map_params(
+            self.tx, lambda _, sh: sh, jax.eval_shape(self.tx.init, params), self.param_shardings,
+            transform_non_params=lambda _: replicated,
+        )
+        opt_state = jax.jit(self.tx.init, out_shardings=opt_shardings)(params)
+        self.state_shardings = {
+            "params": self.param_shardings,
+            "opt_state": opt_shardings,
+            "step": shard_lib.replicated(mesh),
+            "rng": shard_lib.replicated(mesh),
+        }
+        self.state = {
+            "params": params,
+            "opt_state": opt_state,
+            "step": jnp.zeros((), jnp.int32),
+            "rng": jax.random.key_data(jax.random.key(cfg.seed)),
+        }
+        self.state = jax.device_put(self.state, self.state_shardings)
+        self.batch_sharding = shard_lib.batch_sharding(mesh)
+        self._step_fn = self._build_step()
+
+    # ----------------------------------------------------------------- step
+    def _build_step(self):
+        graphdef, objective, transform, tx = self.graphdef, self.objective, self.transform, self.tx
+        micro = self.cfg.micro_batches
+
+        def loss_of(params, frozen, batch, rng):
+            model = nnx.merge(graphdef, params, frozen)
+            loss_sum, aux = objective(model, batch, rng)
+            return loss_sum, aux
+
+        grad_fn = jax.value_and_grad(loss_of, has_aux=True)
+
+        def step(state, batch, frozen, extras):
+            rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+            aug_rng, loss_rng = jax.random.split(rng)
+            if transform is not None:
+                batch = transform(aug_rng, batch, jax.lax.stop_gradient(extras))
+            params = state["params"]
+            if micro == 1:
+                (loss_sum, aux), grads = grad_fn(params, frozen, batch, loss_rng)
+            else:
+                def accumulate(carry, xs):
+                    mb, r = xs
+                    (l, a), g = grad_fn(params, frozen, mb, r)
+                    return jax.tree.map(jnp.add, carry, (l, a, g)), None
+
+                zeros = jax.tree.map(jnp.zeros_like, params)
+                first_micro = jax.tree.map(lambda v: v[0], _split_micro(batch, micro))
+                aux_shape = jax.eval_shape(loss_of, params, frozen, first_micro, loss_rng)[1]
+                init = (jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape), zeros)
+                rngs = jax.random.split(loss_rng, micro)
+                (loss_sum, aux, grads), _ = jax.lax.scan(accumulate, init, (_split_micro(batch, micro), rngs))
+            weight = jnp.maximum(aux["weight"], 1.0)
+            grads = jax.tree.map(lambda g: g / weight, grads)
+            updates, opt_state = tx.update(grads, state["opt_state"], params)
+            new_state = {
+                "params": optax.apply_updates(params, updates),
+                "opt_state": opt_state,
+                "step": state["step"] + 1,
+                "rng": state["rng"],
+            }
+            metrics = {"loss": loss_sum / weight, "grad_norm": optax.global_norm(grads), "weight": aux["weight"]}
+            if "correct" in aux:
+                metrics["accuracy"] = aux["correct"] / weight
+            metrics["input_tokens"] = jnp.sum(batch["attention_mask"])
+            return new_state, metrics
+
+        batch_sh = self.batch_sharding
+        return jax.jit(
+            step,
+            in_shardings=(self.state_shardings, batch_sh, self.frozen_shardings, self.extras_shardings),
+            out_shardings=(self.state_shardings, shard_lib.replicated(self.mesh)),
+            donate_argnums=(0,),
+        )
+
+    # ----------------------------------------------------------------- io
+    def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        out = {}
+        for key, value in local.items():
+            sharding = shard_lib.batch_sharding(self.mesh, np.ndim(value))
+            out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(value))
+        return out
+
+    def model(self) -> nnx.Module:
+        return nnx.merge(self.graphdef, self.state["params"], self.frozen)
+
+    def _checkpoint_meta(self, step: int) -> dict:
+        return {**self.meta, "step": int(step), "data_position": int(step) * int(self.cfg.batch_size)}
+
+    def restore(self, checkpointer: Checkpointer) -> int:
+        found = checkpointer.restore_latest(abstract_like(self.state), self.meta)
+        if found is None:
+            return 0
+        step, state, _ = found
+        self.state = state
+        log.info("%s: resumed from step %d in %s", self.stage, step, checkpointer.directory)
+        return step
+
+    # ----------------------------------------------------------------- loop
+    def run(self, data: BatchSource, eval_fn: Callable | None = None) -> TrainResult:
+        cfg = self.cfg
+        checkpointer = Checkpointer(f"{self.workdir}/checkpoints", keep=cfg.keep_checkpoints)
+        writer = MetricsWriter(self.workdir, self.stage)
+        start = self.restore(checkpointer)
+        progress = Progress(cfg.steps, start, self.stage, cfg.log_every)
+        last_metrics: dict = {}
+        status = "done"
+        pending = None  # metrics of the previous step, read one step late to keep the device busy
+        self._t_prev = time.time()
+        try:
+            with _Preemption() as preempt:
+                step = start
+                while step < cfg.steps:
+                    batch = self.global_batch(data.batch(step))
+                    self.state, metrics = self._step_fn(self.state, batch, self.frozen, self.extras)
+                    if pending is not None:
+                        last_metrics = self._log(pending, writer, progress)
+                    pending = (step + 1, metrics)
+                    step += 1
+                    must_save = step % cfg.checkpoint_every == 0 or step == cfg.steps
+                    stop = preempt.should_stop(step)
+                    if must_save or stop or (eval_fn and step % cfg.eval_every == 0):
+                        last_metrics = self._log(pending, writer, progress)  # checks NaN first
+                        pending = None
+                    if eval_fn is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                        evals = {f"eval/{k}": v for k, v in eval_fn(self.model(), step).items()}
+                        writer.write(step, evals)
+                        last_metrics.update(evals)
+                    if must_save or stop:
+                        checkpointer.save(step, self.state, self._checkpoint_meta(step), force=True)
+                    if stop:
+                        status = "preempted"
+                        break
+                if pending is not None:
+                    last_metrics = self._log(pending, writer, progress)
+        finally:
+            progress.close()
+            writer.close()
+            checkpointer.close()
+        return TrainResult(self.model(), int(self.state["step"]), status, last_metrics)
+
+    def _log(self, pending, writer: MetricsWriter, progress: Progress) -> dict:
+        step, metrics = pending
+        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        if not math.isfinite(values["loss"]):
+            raise NonFiniteLoss(
+                f"{self.stage}: loss is {values['loss']} at step {step}; stopped, the last good checkpoint in "
+                f"{self.workdir}/checkpoints is kept"
+            )
+        now = time.time()
+        values["tokens_per_s"] = values["input_tokens"] / max(now - self._t_prev, 1e-9)
+        self._t_prev = now
+        values["lr"] = float(self.schedule(step - 1))
+        if step % self.cfg.log_every == 0 or step == self.cfg.steps:
+            writer.write(step, values)
+        progress.update(step, values)
+        return values

@@ -1,0 +1,277 @@
+"""HF checkpoints: clue_jax's CausalLM against PyTorch transformers on tiny random models.
+
+Each reference model gets random weights everywhere (biases and norms too, so
+a wrong split, transpose or norm offset shows), is saved with
+`save_pretrained`, and is run in float32 with eager attention on a batch whose
+second row is right-padded.
+"""
+import dataclasses
+import json
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+from safetensors import safe_open
+from safetensors.numpy import load_file, save_file
+
+from clue_jax.errors import UserInputError
+from clue_jax.models import hf
+from clue_jax.models.causal_lm import CausalLM
+from clue_jax.train.mesh import make_mesh
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+VOCAB, T = 100, 10
+SMALL = dict(vocab_size=VOCAB, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+
+
+def _hf_configs():
+    t = transformers
+    gqa = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
+    return {
+        "gpt2": t.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=32, **SMALL),
+        "llama": t.LlamaConfig(**gqa, head_dim=8, rope_theta=10000.0, **SMALL),
+        "llama3": t.LlamaConfig(
+            **gqa, head_dim=16, rope_theta=10000.0, tie_word_embeddings=True, **SMALL,
+            rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                          "original_max_position_embeddings": 16},
+        ),
+        "gemma2": t.Gemma2Config(
+            **gqa, head_dim=8, sliding_window=4, query_pre_attn_scalar=12, attn_logit_softcapping=2.0,
+            final_logit_softcapping=3.0, **SMALL,
+        ),
+    }
+
+
+def _inputs():
+    ids = np.random.RandomState(0).randint(3, VOCAB, (2, T))
+    mask = np.ones((2, T), np.int32)
+    mask[1, 7:] = 0  # right padding: HF's default position ids stay right
+    return ids, mask
+
+
+@pytest.fixture(scope="module")
+def refs(tmp_path_factory):
+    """name -> (directory, torch logits [B,T,V], torch received-attention colsum [B,T])."""
+    ids, mask = _inputs()
+    out = {}
+    for i, (name, config) in enumerate(_hf_configs().items()):
+        torch.manual_seed(i)
+        model = transformers.AutoModelForCausalLM.from_config(config, attn_implementation="eager", dtype=torch.float32)
+        with torch.no_grad():
+            for pname, p in model.named_parameters():
+                is_scale = ("norm" in pname or "ln_" in pname) and pname.endswith("weight")
+                p.copy_(torch.randn_like(p) * 0.2 + (1.0 if is_scale else 0.0))
+        model.eval()
+        path = tmp_path_factory.mktemp(name)
+        model.save_pretrained(path)
+        with torch.no_grad():
+            res = model(torch.tensor(ids), attention_mask=torch.tensor(mask), output_attentions=True)
+        att = sum(a.numpy() for a in res.attentions)  # [B, H, T, T], summed over layers
+        colsum = np.einsum("bhqk,bq->bk", att, mask.astype(np.float32))  # over heads and real queries
+        out[name] = (path, res.logits.numpy(), colsum)
+    return out
+
+
+def _logits(model, ids, mask):
+    return np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "llama3", "gemma2"])
+def test_load_matches_torch_logits_and_attention(refs, name):
+    path, ref_logits, ref_colsum = refs[name]
+    ids, mask = _inputs()
+    model, cfg = hf.load(path)
+    real = mask.astype(bool)
+    assert np.abs(ref_logits[real]).max() > 1.0  # weights are not near zero: the comparison means something
+    np.testing.assert_allclose(_logits(model, ids, mask)[real], ref_logits[real], atol=1e-4, rtol=1e-5)
+    colsum = np.asarray(model.received_attention_sums(jnp.asarray(ids), jnp.asarray(mask), query_block=4)["colsum"])
+    np.testing.assert_allclose(colsum[real], ref_colsum[real], atol=1e-4, rtol=1e-5)
+    if name == "llama3":
+        assert cfg.rope_scaling == (4.0, 1.0, 4.0, 16) and cfg.tie_embeddings
+    if name == "gemma2":
+        assert (cfg.sliding_window, cfg.attn_logit_softcap, cfg.query_pre_attn_scalar) == (4, 2.0, 12.0)
+
+
+@pytest.mark.parametrize("name,change", [("llama3", dict(rope_scaling=())), ("gemma2", dict(sliding_window=0))])
+def test_rope_scaling_and_sliding_window_change_the_logits(refs, name, change):
+    """The feature under test really acts on this input (so the match above can fail)."""
+    path, ref_logits, _ = refs[name]
+    ids, mask = _inputs()
+    model, cfg = hf.load(path)
+    other = CausalLM(dataclasses.replace(cfg, **change), rngs=nnx.Rngs(0))
+    nnx.update(other, nnx.state(model, nnx.Param))
+    real = mask.astype(bool)
+    assert np.abs(_logits(other, ids, mask)[real] - ref_logits[real]).max() > 1e-2
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama", "gemma2"])
+def test_save_then_transformers_from_pretrained(refs, tmp_path, name):
+    path, ref_logits, _ = refs[name]
+    ids, mask = _inputs()
+    model, cfg = hf.load(path)
+    hf.save(model, cfg, tmp_path)
+    if name == "gpt2":  # re-fused c_attn, Conv1D layout, no lm_head (tied)
+        keys = load_file(str(tmp_path / "model.safetensors"))
+        assert keys["transformer.h.0.attn.c_attn.weight"].shape == (32, 96) and "lm_head.weight" not in keys
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    original = transformers.AutoModelForCausalLM.from_pretrained(path, attn_implementation="eager")
+    want = original.state_dict()
+    for key, value in back.state_dict().items():
+        torch.testing.assert_close(value, want[key], rtol=0, atol=0, msg=key)
+    with torch.no_grad():
+        logits = back(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    real = mask.astype(bool)
+    np.testing.assert_allclose(logits[real], ref_logits[real], atol=1e-5, rtol=1e-6)
+    assert hf.config_from_hf(json.loads((tmp_path / "config.json").read_text())) == cfg
+
+
+def test_sharded_load_equals_unsharded(refs):
+    path, ref_logits, _ = refs["llama"]
+    ids, mask = _inputs()
+    plain, _ = hf.load(path)
+    mesh = make_mesh((2, 2, 2))
+    sharded, _ = hf.load(path, mesh=mesh)
+    kernel = sharded.blocks[0].attn.q_proj.kernel[...]
+    assert kernel.sharding.spec == P("fsdp", "tensor")
+    assert {s.data.shape for s in kernel.addressable_shards} == {(16, 16)}  # a quarter of [32, 32] per device
+    assert sharded.embed_tokens.embedding[...].sharding.spec == P("tensor", "fsdp")
+    assert sharded.blocks[0].attn.k_proj.kernel[...].sharding.spec == P("fsdp", "tensor")
+    for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(plain)), nnx.to_flat_state(nnx.state(sharded))):
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(p))
+    real = mask.astype(bool)
+    np.testing.assert_allclose(_logits(sharded, ids, mask)[real], ref_logits[real], atol=1e-4, rtol=1e-5)
+
+
+def test_multi_file_checkpoints(refs, tmp_path):
+    """HF's own shards + index, and ours, load to the same params; transformers reads ours."""
+    path, ref_logits, _ = refs["gemma2"]
+    ids, mask = _inputs()
+    model, cfg = hf.load(path)
+    original = transformers.AutoModelForCausalLM.from_pretrained(path)
+    original.save_pretrained(tmp_path / "hf", max_shard_size="20KB")
+    hf.save(model, cfg, tmp_path / "ours", max_shard_bytes=20_000)
+    for d in ("hf", "ours"):
+        assert (tmp_path / d / hf.INDEX_FILE).exists() and len(list((tmp_path / d).glob("*.safetensors"))) > 2
+        again, _ = hf.load(tmp_path / d)
+        np.testing.assert_array_equal(_logits(again, ids, mask), _logits(model, ids, mask))
+    back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
+    with torch.no_grad():
+        logits = back(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
+    real = mask.astype(bool)
+    np.testing.assert_allclose(logits[real], ref_logits[real], atol=1e-5, rtol=1e-6)
+
+
+def test_bfloat16_round_trip(refs, tmp_path):
+    path, _, _ = refs["llama"]
+    f32, _ = hf.load(path)
+    model, cfg = hf.load(path, dtype="bfloat16")
+    assert cfg.param_dtype == "bfloat16" and model.lm_head.kernel[...].dtype == jnp.bfloat16
+    np.testing.assert_array_equal(
+        np.asarray(model.lm_head.kernel[...]), np.asarray(f32.lm_head.kernel[...].astype(jnp.bfloat16))
+    )
+    hf.save(model, cfg, tmp_path)
+    with safe_open(str(tmp_path / "model.safetensors"), framework="numpy") as f:
+        assert f.get_slice("lm_head.weight").get_dtype() == "BF16"
+    again, cfg2 = hf.load(tmp_path)
+    assert cfg2 == cfg
+    for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(again))):
+        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(p))
+
+
+def test_original_gpt2_names_without_prefix(refs, tmp_path):
+    """The hub's original GPT-2 files name tensors h.0... and carry attn.bias mask buffers."""
+    path, _, _ = refs["gpt2"]
+    model, _ = hf.load(path)
+    tensors = load_file(str(path / "model.safetensors"))
+    renamed = {k.removeprefix("transformer."): v for k, v in tensors.items()}
+    renamed["h.0.attn.bias"] = np.tril(np.ones((1, 1, 32, 32), np.float32))
+    shutil.copy(path / "config.json", tmp_path / "config.json")
+    save_file(renamed, str(tmp_path / "model.safetensors"))
+    again, _ = hf.load(tmp_path)
+    ids, mask = _inputs()
+    np.testing.assert_array_equal(_logits(again, ids, mask), _logits(model, ids, mask))
+
+
+def _copy(src, dst):
+    shutil.copytree(src, dst)
+    return dst
+
+
+def _edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    for key, value in changes.items():
+        if value is None:
+            config.pop(key)
+        else:
+            config[key] = value
+    (path / "config.json").write_text(json.dumps(config))
+
+
+def _rewrite_tensors(path, edit):
+    tensors = load_file(str(path / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(path / "model.safetensors"))
+
+
+def test_bad_checkpoints_raise_user_input_errors(refs, tmp_path):
+    src = refs["llama"][0]
+
+    d = _copy(src, tmp_path / "type")
+    _edit_config(d, model_type="bert")
+    with pytest.raises(UserInputError, match=r"config\.json.*model_type='bert'"):
+        hf.load(d)
+
+    d = _copy(src, tmp_path / "key")
+    _edit_config(d, hidden_size=None)
+    with pytest.raises(UserInputError, match=r"config\.json: missing required key 'hidden_size'"):
+        hf.load(d)
+
+    d = _copy(src, tmp_path / "rope")
+    _edit_config(d, rope_parameters={"rope_type": "yarn", "factor": 2.0})
+    with pytest.raises(UserInputError, match="rope_type='yarn'"):
+        hf.load(d)
+
+    d = _copy(src, tmp_path / "corrupt")
+    (d / "model.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
+    with pytest.raises(UserInputError, match=r"corrupt/model\.safetensors: unreadable safetensors file"):
+        hf.load(d)
+
+    d = _copy(src, tmp_path / "missing")
+    _rewrite_tensors(d, lambda t: t.pop("model.layers.1.mlp.down_proj.weight"))
+    with pytest.raises(UserInputError, match=r"missing tensors \['model\.layers\.1\.mlp\.down_proj\.weight'\]"):
+        hf.load(d)
+
+    d = _copy(src, tmp_path / "extra")
+    _rewrite_tensors(d, lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": np.zeros(32, np.float32)}))
+    with pytest.raises(UserInputError, match=r"no place for.*q_proj\.bias"):
+        hf.load(d)
+
+    d = _copy(src, tmp_path / "shape")
+    _rewrite_tensors(d, lambda t: t.update({"model.norm.weight": np.zeros(31, np.float32)}))
+    with pytest.raises(UserInputError, match=r"model\.norm\.weight has shape \[31\], expected \[32\]"):
+        hf.load(d)
+
+    with pytest.raises(UserInputError, match="config.json: not found"):
+        hf.load(tmp_path / "nowhere")
+
+
+def test_load_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"[UNK]": 0, "[PAD]": 1, "Anna": 2, "was": 3, "born": 4}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(
+        tmp_path
+    )
+    loaded = hf.load_tokenizer(tmp_path)
+    assert loaded("Anna was born")["input_ids"] == [2, 3, 4]
+    assert loaded.pad_token_id == 1
+    with pytest.raises(UserInputError, match="tokenizer"):
+        hf.load_tokenizer(tmp_path / "empty")

@@ -1,0 +1,99 @@
+"""Byte-level BPE training, HF round trip, fixed-shape batches, protected ids."""
+
+import numpy as np
+import pytest
+import transformers
+
+from clue_jax.data import bios, tokenizer as tk
+from clue_jax.errors import UserInputError
+
+
+@pytest.fixture(scope="module")
+def texts():
+    world = bios.build_world(bios.WorldConfig(seed=1, num_background=60, num_new=0))
+    records = bios.world_records(world, "background")
+    return [r["bio"] for r in records] + [r["bio_rich"] for r in records]
+
+
+@pytest.fixture(scope="module")
+def trained(texts, tmp_path_factory):
+    save_dir = tmp_path_factory.mktemp("tok")
+    return tk.train_bpe_tokenizer(iter(texts), vocab_size=600, save_dir=save_dir), save_dir
+
+
+def test_round_trip_and_reload(trained, texts):
+    tok, save_dir = trained
+    assert 300 < len(tok) <= 600
+    loaded = tk.load_tokenizer(save_dir)
+    odd = "  Ünïcødé 日本 \n\ttabs,and.dots!  "  # bytes never seen in training
+    for text in texts[:20] + [odd]:
+        ids = tok.encode(text, add_special_tokens=False)
+        assert tok.decode(ids) == text
+        assert loaded.encode(text, add_special_tokens=False) == ids
+    assert len(tok.encode(texts[0], add_special_tokens=False)) < len(texts[0]) / 2  # merges learned
+    specials = [loaded.bos_token_id, loaded.eos_token_id, loaded.pad_token_id, loaded.mask_token_id]
+    assert len(set(specials)) == 4 and None not in specials
+    assert loaded.convert_ids_to_tokens(specials) == ["<bos>", "<eos>", "<pad>", "<mask>"]
+    assert isinstance(transformers.AutoTokenizer.from_pretrained(str(save_dir)),
+                      transformers.PreTrainedTokenizerBase)
+
+
+def test_vocab_size_too_small(tmp_path):
+    with pytest.raises(UserInputError, match="vocab_size 100"):
+        tk.train_bpe_tokenizer(["a b"], vocab_size=100, save_dir=tmp_path)
+
+
+def test_encode_batch_padding_masks_overflow(trained):
+    tok, _ = trained
+    texts = ["Ann was born.", "He had a professional role at a company, long ago."]
+    lengths = [len(tok.encode(t, add_special_tokens=False)) for t in texts]
+    max_len = lengths[1] + 3
+    ids, mask = tk.encode_batch(tok, texts, max_len, add_bos=True, add_eos=True)
+    assert ids.dtype == np.int32 and mask.dtype == np.int32 and ids.shape == (2, max_len)
+    assert mask.sum(1).tolist() == [n + 2 for n in lengths]
+    assert ids[0, 0] == tok.bos_token_id and ids[0, lengths[0] + 1] == tok.eos_token_id
+    assert (ids[mask == 0] == tok.pad_token_id).all()
+    assert tok.decode(ids[1, 1:lengths[1] + 1].tolist()) == texts[1]
+
+    left, left_mask = tk.encode_batch(tok, texts, max_len, padding_side="left")
+    assert left_mask[0, -1] == 1 and left_mask[0, 0] == 0
+    assert left[0, max_len - lengths[0] - 1] == tok.bos_token_id
+    right, right_mask = tk.encode_batch(tok, texts, max_len)
+    assert (left[left_mask == 1] == right[right_mask == 1]).all()
+
+    with pytest.raises(UserInputError, match=f"sequence too long: example 1 has {lengths[1] + 1}"):
+        tk.encode_batch(tok, texts, lengths[1])
+    cut, cut_mask = tk.encode_batch(tok, texts, 4, add_eos=True, on_overflow="truncate")
+    assert cut_mask.all() and cut[1].tolist() == [tok.bos_token_id] + tok.encode(
+        texts[1], add_special_tokens=False)[:3]
+
+
+def test_protected_ids_cover_every_comma_and_period(trained, texts):
+    tok, _ = trained
+    protected = tk.protected_token_ids(tok)
+    assert {tok.bos_token_id, tok.pad_token_id} <= set(protected)
+    assert tok.eos_token_id not in protected
+    for text in texts[:10]:
+        ids = tok.encode(text, add_special_tokens=False)
+        hits = sum(i in protected for i in ids)
+        assert hits == text.count(",") + text.count(".")
+    extra = tk.protected_token_ids(tok, extra=["!", 7])
+    assert set(extra) - set(protected) == {tok.convert_tokens_to_ids("!"), 7}
+
+
+def test_load_tokenizer_errors_and_pad_fallback(tmp_path, trained):
+    with pytest.raises(UserInputError, match="not a tokenizer directory"):
+        tk.load_tokenizer(tmp_path)
+    with pytest.raises(UserInputError, match="not a tokenizer directory"):
+        tk.load_tokenizer(tmp_path / "missing")
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(UserInputError, match="cannot load tokenizer"):
+        tk.load_tokenizer(tmp_path)
+    tok, _ = trained
+    bare = transformers.PreTrainedTokenizerFast(tokenizer_object=tok.backend_tokenizer,
+                                                eos_token="<eos>")
+    bare_dir = tmp_path / "bare"
+    bare.save_pretrained(str(bare_dir))
+    loaded = tk.load_tokenizer(bare_dir)
+    assert loaded.pad_token_id == loaded.eos_token_id == tok.eos_token_id
+    assert loaded.bos_token_id == tok.eos_token_id
