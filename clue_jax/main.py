@@ -45,6 +45,7 @@ def run() -> None:
     """Console entry point (`clue-jax`): one-line errors, exit 2 on bad input."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
     logging.getLogger("absl").setLevel(logging.WARNING)
+    logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         code = main(sys.argv)

@@ -5,11 +5,9 @@ a wrong split, transpose or norm offset shows), is saved with
 `save_pretrained`, and is run in float32 with eager attention on a batch whose
 second row is right-padded.
 """
-import dataclasses
 import json
 import shutil
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -20,7 +18,7 @@ from safetensors.numpy import load_file, save_file
 
 from clue_jax.errors import UserInputError
 from clue_jax.models import hf
-from clue_jax.models.causal_lm import CausalLM
+from clue_jax.models.layers import rope_inverse_frequencies
 from clue_jax.train.mesh import make_mesh
 
 torch = pytest.importorskip("torch")
@@ -78,8 +76,26 @@ def refs(tmp_path_factory):
     return out
 
 
+@nnx.jit
+def _forward(model, ids, mask):
+    return model(ids, mask)
+
+
+@nnx.jit
+def _colsum(model, ids, mask):
+    return model.received_attention_sums(ids, mask, query_block=4)["colsum"]
+
+
 def _logits(model, ids, mask):
-    return np.asarray(model(jnp.asarray(ids), jnp.asarray(mask)))
+    return np.asarray(_forward(model, jnp.asarray(ids), jnp.asarray(mask)))
+
+
+def _assert_same_params(a, b):
+    flat_a, flat_b = nnx.to_flat_state(nnx.state(a)), nnx.to_flat_state(nnx.state(b))
+    assert [p for p, _ in flat_a] == [p for p, _ in flat_b]
+    for (p, x), (_, y) in zip(flat_a, flat_b):
+        assert x.get_value().dtype == y.get_value().dtype, p
+        np.testing.assert_array_equal(np.asarray(x.get_value()), np.asarray(y.get_value()), err_msg=str(p))
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "llama3", "gemma2"])
@@ -90,7 +106,7 @@ def test_load_matches_torch_logits_and_attention(refs, name):
     real = mask.astype(bool)
     assert np.abs(ref_logits[real]).max() > 1.0  # weights are not near zero: the comparison means something
     np.testing.assert_allclose(_logits(model, ids, mask)[real], ref_logits[real], atol=1e-4, rtol=1e-5)
-    colsum = np.asarray(model.received_attention_sums(jnp.asarray(ids), jnp.asarray(mask), query_block=4)["colsum"])
+    colsum = np.asarray(_colsum(model, jnp.asarray(ids), jnp.asarray(mask)))
     np.testing.assert_allclose(colsum[real], ref_colsum[real], atol=1e-4, rtol=1e-5)
     if name == "llama3":
         assert cfg.rope_scaling == (4.0, 1.0, 4.0, 16) and cfg.tie_embeddings
@@ -98,16 +114,19 @@ def test_load_matches_torch_logits_and_attention(refs, name):
         assert (cfg.sliding_window, cfg.attn_logit_softcap, cfg.query_pre_attn_scalar) == (4, 2.0, 12.0)
 
 
-@pytest.mark.parametrize("name,change", [("llama3", dict(rope_scaling=())), ("gemma2", dict(sliding_window=0))])
-def test_rope_scaling_and_sliding_window_change_the_logits(refs, name, change):
+@pytest.mark.parametrize("name", ["llama3", "gemma2"])
+def test_rope_scaling_and_sliding_window_change_the_logits(refs, name):
     """The feature under test really acts on this input (so the match above can fail)."""
     path, ref_logits, _ = refs[name]
     ids, mask = _inputs()
     model, cfg = hf.load(path)
-    other = CausalLM(dataclasses.replace(cfg, **change), rngs=nnx.Rngs(0))
-    nnx.update(other, nnx.state(model, nnx.Param))
+    for block in model.blocks:
+        if name == "llama3":  # the plain RoPE table in place of LLaMA-3's scaled one
+            block.attn.inv_freq.set_value(rope_inverse_frequencies(cfg.head_size, cfg.rope_theta))
+        else:
+            block.attn.sliding_window = 0
     real = mask.astype(bool)
-    assert np.abs(_logits(other, ids, mask)[real] - ref_logits[real]).max() > 1e-2
+    assert np.abs(_logits(model, ids, mask)[real] - ref_logits[real]).max() > 1e-2
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama", "gemma2"])
@@ -142,8 +161,7 @@ def test_sharded_load_equals_unsharded(refs):
     assert {s.data.shape for s in kernel.addressable_shards} == {(16, 16)}  # a quarter of [32, 32] per device
     assert sharded.embed_tokens.embedding[...].sharding.spec == P("tensor", "fsdp")
     assert sharded.blocks[0].attn.k_proj.kernel[...].sharding.spec == P("fsdp", "tensor")
-    for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(plain)), nnx.to_flat_state(nnx.state(sharded))):
-        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(p))
+    _assert_same_params(plain, sharded)
     real = mask.astype(bool)
     np.testing.assert_allclose(_logits(sharded, ids, mask)[real], ref_logits[real], atol=1e-4, rtol=1e-5)
 
@@ -159,7 +177,7 @@ def test_multi_file_checkpoints(refs, tmp_path):
     for d in ("hf", "ours"):
         assert (tmp_path / d / hf.INDEX_FILE).exists() and len(list((tmp_path / d).glob("*.safetensors"))) > 2
         again, _ = hf.load(tmp_path / d)
-        np.testing.assert_array_equal(_logits(again, ids, mask), _logits(model, ids, mask))
+        _assert_same_params(again, model)
     back = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "ours", attn_implementation="eager").eval()
     with torch.no_grad():
         logits = back(torch.tensor(ids), attention_mask=torch.tensor(mask)).logits.numpy()
@@ -180,8 +198,7 @@ def test_bfloat16_round_trip(refs, tmp_path):
         assert f.get_slice("lm_head.weight").get_dtype() == "BF16"
     again, cfg2 = hf.load(tmp_path)
     assert cfg2 == cfg
-    for (p, a), (_, b) in zip(nnx.to_flat_state(nnx.state(model)), nnx.to_flat_state(nnx.state(again))):
-        np.testing.assert_array_equal(np.asarray(a.get_value()), np.asarray(b.get_value()), err_msg=str(p))
+    _assert_same_params(model, again)
 
 
 def test_original_gpt2_names_without_prefix(refs, tmp_path):
@@ -194,8 +211,7 @@ def test_original_gpt2_names_without_prefix(refs, tmp_path):
     shutil.copy(path / "config.json", tmp_path / "config.json")
     save_file(renamed, str(tmp_path / "model.safetensors"))
     again, _ = hf.load(tmp_path)
-    ids, mask = _inputs()
-    np.testing.assert_array_equal(_logits(again, ids, mask), _logits(model, ids, mask))
+    _assert_same_params(again, model)
 
 
 def _copy(src, dst):
@@ -264,14 +280,53 @@ def test_bad_checkpoints_raise_user_input_errors(refs, tmp_path):
 def test_load_tokenizer(tmp_path):
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {"[UNK]": 0, "[PAD]": 1, "Anna": 2, "was": 3, "born": 4}
+    vocab = {"[UNK]": 0, "[EOS]": 1, "Anna": 2, "was": 3, "born": 4}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]").save_pretrained(
+    transformers.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="[EOS]").save_pretrained(
         tmp_path
     )
     loaded = hf.load_tokenizer(tmp_path)
     assert loaded("Anna was born")["input_ids"] == [2, 3, 4]
-    assert loaded.pad_token_id == 1
+    assert loaded.eos_token_id == 1 and loaded.pad_token_id == 1  # no pad in the files: EOS pads
     with pytest.raises(UserInputError, match="tokenizer"):
         hf.load_tokenizer(tmp_path / "empty")
+
+
+# transformers-4 style config.json files (rope_theta / rope_scaling, torch_dtype), as published for
+# LLaMA-3.1-8B and Gemma-2-2B.
+LLAMA31_8B = {
+    "architectures": ["LlamaForCausalLM"], "attention_bias": False, "hidden_act": "silu", "hidden_size": 4096,
+    "intermediate_size": 14336, "max_position_embeddings": 131072, "mlp_bias": False, "model_type": "llama",
+    "num_attention_heads": 32, "num_hidden_layers": 32, "num_key_value_heads": 8, "rms_norm_eps": 1e-05,
+    "rope_scaling": {"factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "rope_theta": 500000.0, "tie_word_embeddings": False, "torch_dtype": "bfloat16", "vocab_size": 128256,
+}
+GEMMA2_2B = {
+    "architectures": ["Gemma2ForCausalLM"], "attn_logit_softcapping": 50.0, "final_logit_softcapping": 30.0,
+    "head_dim": 256, "hidden_act": "gelu_pytorch_tanh", "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 2304,
+    "intermediate_size": 9216, "max_position_embeddings": 8192, "model_type": "gemma2", "num_attention_heads": 8,
+    "num_hidden_layers": 26, "num_key_value_heads": 4, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
+    "rope_theta": 10000.0, "sliding_window": 4096, "torch_dtype": "float32", "vocab_size": 256000,
+}
+
+
+def test_config_conversions_older_format_and_round_trip():
+    llama = hf.config_from_hf(LLAMA31_8B)
+    assert (llama.flavour, llama.num_kv_heads, llama.head_size, llama.mlp_dim, llama.param_dtype) == (
+        "llama", 8, 128, 14336, "bfloat16")
+    assert llama.rope_theta == 500000.0 and llama.rope_scaling == (8.0, 1.0, 4.0, 8192)
+    gemma = hf.config_from_hf(GEMMA2_2B)
+    assert (gemma.sliding_window, gemma.attn_logit_softcap, gemma.final_logit_softcap) == (4096, 50.0, 30.0)
+    assert (gemma.head_size, gemma.query_pre_attn_scalar, gemma.tie_embeddings) == (256, 256.0, True)
+    for cfg in (llama, gemma):
+        as_hf = hf.config_to_hf(cfg)
+        assert hf.config_from_hf(as_hf) == cfg
+        parsed = transformers.AutoConfig.for_model(**as_hf)  # transformers accepts what we write
+        assert parsed.num_key_value_heads == cfg.num_kv_heads and parsed.head_dim == cfg.head_size
+    assert transformers.AutoConfig.for_model(**hf.config_to_hf(llama)).rope_parameters["factor"] == 8.0
+    with pytest.raises(UserInputError, match=r"/x/config\.json: hidden_size='big' is not a number"):
+        hf.config_from_hf({**LLAMA31_8B, "hidden_size": "big"}, where="/x/config.json")
+    with pytest.raises(UserInputError, match=r"config\.json: hidden_act='relu' is not supported"):
+        hf.config_from_hf({**LLAMA31_8B, "hidden_act": "relu"})

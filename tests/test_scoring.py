@@ -1,5 +1,6 @@
 """Received-attention scores against naive full-matrix references (own numpy softmax and PyTorch GPT-2)."""
-import jax
+import functools
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -39,7 +40,9 @@ def _sharpen(model, factor=6.0):
         block.attn.k_proj.kernel[...] = block.attn.k_proj.kernel[...] * factor
 
 
+@functools.lru_cache(maxsize=None)
 def _model(flavour):
+    """One tiny model per flavour, shared by the tests of this file (building and compiling cost most)."""
     small = dict(vocab_size=97, d_model=32, num_layers=2, num_heads=4, mlp_dim=64, max_len=32)
     if flavour == "gpt2":
         cfg = mc.gpt2(**small)
@@ -179,7 +182,7 @@ def test_scorer_sharded_bf16_and_corpus():
 
 def _copy_torch_gpt2(tmodel, cfg):
     """HF GPT2LMHeadModel -> CausalLM: Conv1D weights are [in, out], c_attn is q|k|v."""
-    model = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
+    model = nnx.jit(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))()
     sd = {k: v.detach().numpy() for k, v in tmodel.state_dict().items()}
     d = cfg.d_model
 
@@ -219,7 +222,7 @@ def test_against_torch_gpt2_output_attentions():
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     tcfg = transformers.GPT2Config(vocab_size=101, n_positions=32, n_embd=32, n_layer=2, n_head=4,
-                                   attn_implementation="eager")
+                                   bos_token_id=0, eos_token_id=0, attn_implementation="eager")
     tmodel = transformers.GPT2LMHeadModel(tcfg).eval()
     with torch.no_grad():
         for name, p in tmodel.named_parameters():

@@ -139,7 +139,7 @@ def protected_mask(input_ids: jax.Array, attention_mask: jax.Array, protected_id
 
 
 @functools.partial(jax.jit, static_argnames=("method",))
-def keep_probabilities(scores, attention_mask, protected, alpha, beta, method: str) -> jax.Array:
+def keep_probabilities(scores, attention_mask, protected_mask, alpha, beta, method: str) -> jax.Array:
     """float32 [B, T] keep probability; 1 at protected tokens and padding.
 
     `scores` is what the method ranks by (s_large for "attention", d for
@@ -154,7 +154,7 @@ def keep_probabilities(scores, attention_mask, protected, alpha, beta, method: s
         keep = jnp.full(shape, 1.0, jnp.float32) - jnp.asarray(alpha, jnp.float32)
     else:
         keep = 1.0 - drop_probability(descending_rank(scores, attention_mask), alpha, beta)
-    return jnp.where(protected | (attention_mask <= 0), 1.0, keep).astype(jnp.float32)
+    return jnp.where(protected_mask | (attention_mask <= 0), 1.0, keep).astype(jnp.float32)
 
 
 def _compact(kept: jax.Array, arrays: dict, fills: dict) -> dict:

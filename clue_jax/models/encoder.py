@@ -338,7 +338,8 @@ class ElectraGenerator(nnx.Module):
 
 
 def _check_pair(disc_cfg: EncoderConfig, gen_cfg: EncoderConfig) -> None:
-    for name in ("vocab_size", "embedding_size", "max_len", "type_vocab_size", "layer_norm_eps", "dtype", "param_dtype"):
+    shared = ("vocab_size", "embedding_size", "max_len", "type_vocab_size", "layer_norm_eps", "dtype", "param_dtype")
+    for name in shared:
         if getattr(disc_cfg, name) != getattr(gen_cfg, name):
             raise UserInputError(
                 f"generator {name}={getattr(gen_cfg, name)!r} differs from the discriminator's "

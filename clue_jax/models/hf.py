@@ -1,14 +1,16 @@
 """Hugging Face checkpoints <-> clue_jax CausalLM (GPT-2, LLaMA incl. LLaMA-3, Gemma-2).
 
-Loading never builds the model with real weights first: the model is built
-abstractly (`nnx.eval_shape`), each parameter's target sharding comes from
-`clue_jax.train.sharding.state_shardings`, and every parameter is created with
-`jax.make_array_from_callback`, whose callback reads from the memory-mapped
-safetensors file only the slice one device needs (`safe_open(...).get_slice`).
-So no device ever holds a whole tensor it does not own, and a host reads from
-disk only the slices of its own devices (a slice replicated over several local
-devices is read once per device, from the page cache). torch is not needed:
-safetensors' numpy backend reads bf16 as ml_dtypes.bfloat16.
+Loading never materialises the model with real (or random) weights first: the
+model is built abstractly (`nnx.eval_shape`), each parameter's target sharding
+comes from `clue_jax.train.sharding.state_shardings`, and every parameter is
+created with `jax.make_array_from_callback`, whose callback reads from the
+memory-mapped safetensors file only the slice one device needs
+(`safe_open(...).get_slice`). So no device ever holds more of a tensor than its
+own shard, which is what lets a 70B model load onto a pod. What a host reads:
+each distinct slice its own devices need, once (slices replicated over several
+local devices are shared); a parameter that is replicated everywhere is read
+whole, once per host. Host memory peaks at about one tensor's local slices.
+torch is not needed: safetensors' numpy backend reads bf16 as ml_dtypes.bfloat16.
 
 HF names map to NNX paths through a small table of templates (the bonsai
 style); the same table drives `save`, so the two directions cannot drift.
@@ -62,6 +64,14 @@ class _Reader:
         value = self.d.get(key)
         return default if value is None else value
 
+    def num(self, key: str, kind=int, default=None):
+        """A number (required when default is None), as int or float."""
+        value = self.req(key) if default is None else self.get(key, default)
+        try:
+            return kind(value)
+        except (TypeError, ValueError):
+            raise UserInputError(f"{self.where}: {key}={value!r} is not a number") from None
+
     def expect(self, key: str, allowed: tuple, default):
         value = self.get(key, default)
         if value not in allowed:
@@ -102,49 +112,63 @@ def _rope_from_hf(r: _Reader) -> tuple[float, tuple]:
 
 def config_from_hf(hf_config: dict[str, Any], where: str = "config.json") -> ModelConfig:
     """ModelConfig from an HF config.json dict; `where` (the file path) goes into error messages."""
+    if not isinstance(hf_config, dict):
+        raise UserInputError(f"{where}: expected a JSON object, got {type(hf_config).__name__}")
+    try:
+        return _config_from_hf(hf_config, where)
+    except UserInputError as e:
+        if str(e).startswith(where):
+            raise
+        raise UserInputError(f"{where}: {e}") from None  # ModelConfig's own checks name model.* fields
+
+
+def _config_from_hf(hf_config: dict[str, Any], where: str) -> ModelConfig:
     r = _Reader(hf_config, where)
     model_type = r.req("model_type")
     dtype = _dtype_from_hf(r)
-    common = dict(vocab_size=int(r.req("vocab_size")), dtype=dtype, param_dtype=dtype)
+    common = dict(vocab_size=r.num("vocab_size"), dtype=dtype, param_dtype=dtype)
     if model_type == "gpt2":
-        d_model, heads = int(r.req("n_embd")), int(r.req("n_head"))
+        d_model, heads = r.num("n_embd"), r.num("n_head")
         r.expect("activation_function", ("gelu_new", "gelu_pytorch_tanh"), "gelu_new")
         r.expect("scale_attn_weights", (True,), True)
         r.expect("scale_attn_by_inverse_layer_idx", (False,), False)
         if r.get("add_cross_attention", False):
             raise UserInputError(f"{where}: add_cross_attention=true is not supported")
         return ModelConfig(
-            flavour="gpt2", d_model=d_model, num_layers=int(r.req("n_layer")), num_heads=heads,
-            mlp_dim=int(r.get("n_inner") or 4 * d_model), max_len=int(r.get("n_positions", 1024)),
-            norm_eps=float(r.get("layer_norm_epsilon", 1e-5)), tie_embeddings=bool(r.get("tie_word_embeddings", True)),
+            flavour="gpt2", d_model=d_model, num_layers=r.num("n_layer"), num_heads=heads,
+            mlp_dim=r.num("n_inner", int, 4 * d_model), max_len=r.num("n_positions", int, 1024),
+            norm_eps=r.num("layer_norm_epsilon", float, 1e-5), tie_embeddings=bool(r.get("tie_word_embeddings", True)),
             use_bias=True, **common,
         )
     if model_type not in ("llama", "gemma2"):
         raise UserInputError(
             f"{where}: model_type={model_type!r} is not supported (supported: {sorted(_MODEL_TYPES.values())})"
         )
-    d_model, heads = int(r.req("hidden_size")), int(r.req("num_attention_heads"))
+    d_model, heads = r.num("hidden_size"), r.num("num_attention_heads")
     theta, scaling = _rope_from_hf(r)
     attention_bias = bool(r.get("attention_bias", False))
     mlp_bias = bool(r.get("mlp_bias", False)) if model_type == "llama" else False
     if attention_bias != mlp_bias:
         raise UserInputError(f"{where}: attention_bias={attention_bias} with mlp_bias={mlp_bias} is not supported")
     kw = dict(
-        d_model=d_model, num_layers=int(r.req("num_hidden_layers")), num_heads=heads,
-        num_kv_heads=int(r.get("num_key_value_heads", heads)), head_dim=int(r.get("head_dim", d_model // heads)),
-        mlp_dim=int(r.req("intermediate_size")), rope_theta=theta, rope_scaling=scaling, use_bias=attention_bias,
+        d_model=d_model, num_layers=r.num("num_hidden_layers"), num_heads=heads,
+        # Missing keys take transformers' own defaults (Gemma2Config: 4 kv heads, head_dim 256).
+        num_kv_heads=r.num("num_key_value_heads", int, heads if model_type == "llama" else 4),
+        head_dim=r.num("head_dim", int, d_model // heads if model_type == "llama" else 256),
+        mlp_dim=r.num("intermediate_size"), rope_theta=theta, rope_scaling=scaling, use_bias=attention_bias,
     )
     if model_type == "llama":
         r.expect("hidden_act", ("silu",), "silu")
         return ModelConfig(
-            flavour="llama", max_len=int(r.get("max_position_embeddings", 2048)),
-            norm_eps=float(r.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(r.get("tie_word_embeddings", False)),
+            flavour="llama", max_len=r.num("max_position_embeddings", int, 2048),
+            norm_eps=r.num("rms_norm_eps", float, 1e-6), tie_embeddings=bool(r.get("tie_word_embeddings", False)),
             **kw, **common,
         )
     act = r.get("hidden_activation", r.get("hidden_act", "gelu_pytorch_tanh"))
     if act not in ("gelu_pytorch_tanh", "gelu_new"):
         raise UserInputError(f"{where}: hidden_activation={act!r} is not supported (supported: gelu_pytorch_tanh)")
-    window = int(r.get("sliding_window", 4096))
+    # An explicit null means no window (as in transformers); a missing key means its 4096 default.
+    window = r.num("sliding_window", int, 4096) if hf_config.get("sliding_window", 4096) is not None else 0
     layer_types = r.get("layer_types")
     if layer_types is not None:
         expected = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(kw["num_layers"])]
@@ -155,11 +179,11 @@ def config_from_hf(hf_config: dict[str, Any], where: str = "config.json") -> Mod
                 f"{where}: layer_types={layer_types} is not supported (only Gemma-2's alternation {expected})"
             )
     return ModelConfig(
-        flavour="gemma2", max_len=int(r.get("max_position_embeddings", 8192)),
-        norm_eps=float(r.get("rms_norm_eps", 1e-6)), tie_embeddings=bool(r.get("tie_word_embeddings", True)),
-        sliding_window=window, attn_logit_softcap=float(r.get("attn_logit_softcapping", 0.0)),
-        final_logit_softcap=float(r.get("final_logit_softcapping", 0.0)),
-        query_pre_attn_scalar=float(r.get("query_pre_attn_scalar", 256)), **kw, **common,
+        flavour="gemma2", max_len=r.num("max_position_embeddings", int, 8192),
+        norm_eps=r.num("rms_norm_eps", float, 1e-6), tie_embeddings=bool(r.get("tie_word_embeddings", True)),
+        sliding_window=window, attn_logit_softcap=r.num("attn_logit_softcapping", float, 0.0),
+        final_logit_softcap=r.num("final_logit_softcapping", float, 0.0),
+        query_pre_attn_scalar=r.num("query_pre_attn_scalar", float, 256), **kw, **common,
     )
 
 
@@ -256,9 +280,11 @@ class _Rule:
 def _decoder_rules(norms: dict[str, str]) -> list[_Rule]:
     rules = [
         _Rule("model.embed_tokens.weight", ("embed_tokens.embedding",)),
-        _Rule("model.layers.{i}.self_attn.{p}_proj.weight", ("blocks.{i}.attn.{p}_proj.kernel",), TRANSPOSE, tuple("qkvo")),
+        _Rule("model.layers.{i}.self_attn.{p}_proj.weight", ("blocks.{i}.attn.{p}_proj.kernel",), TRANSPOSE,
+              tuple("qkvo")),
         _Rule("model.layers.{i}.self_attn.{p}_proj.bias", ("blocks.{i}.attn.{p}_proj.bias",), COPY, tuple("qkvo")),
-        _Rule("model.layers.{i}.mlp.{p}_proj.weight", ("blocks.{i}.mlp.{p}_proj.kernel",), TRANSPOSE, ("gate", "up", "down")),
+        _Rule("model.layers.{i}.mlp.{p}_proj.weight", ("blocks.{i}.mlp.{p}_proj.kernel",), TRANSPOSE,
+              ("gate", "up", "down")),
         _Rule("model.layers.{i}.mlp.{p}_proj.bias", ("blocks.{i}.mlp.{p}_proj.bias",), COPY, ("gate", "up", "down")),
         _Rule("model.norm.weight", ("final_norm.scale",)),
         _Rule("lm_head.weight", ("lm_head.kernel",), TRANSPOSE),
@@ -332,19 +358,19 @@ def _read_config(path: Path) -> dict:
 
 
 def _weight_files(path: Path) -> dict[str, Path]:
-    """HF tensor name -> safetensors file, from the index if there is one."""
-    index = path / INDEX_FILE
-    if index.exists():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise UserInputError(f"{index}: unreadable index ({e!r})") from None
-        return {key: path / name for key, name in weight_map.items()}
+    """HF tensor name -> safetensors file. Like transformers: model.safetensors first, else the index."""
     single = path / SINGLE_FILE
-    if not single.exists():
+    if single.exists():
+        with contextlib.ExitStack() as stack:
+            return {key: single for key in _open(single, stack).keys()}
+    index = path / INDEX_FILE
+    if not index.exists():
         raise UserInputError(f"{path}: neither {SINGLE_FILE} nor {INDEX_FILE} found (only safetensors is supported)")
-    with contextlib.ExitStack() as stack:
-        return {key: single for key in _open(single, stack).keys()}
+    try:
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {str(key): path / str(name) for key, name in weight_map.items()}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+        raise UserInputError(f"{index}: unreadable index ({type(e).__name__}: {e})") from None
 
 
 def _open(file: Path, stack: contextlib.ExitStack):
@@ -412,7 +438,7 @@ def _hf_key(flavour: str, path: str) -> tuple[str, _Rule, int]:
 
 def _split_offsets(src: _Source, params: dict[str, Any], path_groups: dict) -> list[int]:
     widths = [params[t.format(**path_groups)].shape[-1] for t in src.rule.nnx]
-    return [0] + list(np.cumsum(widths))
+    return [0] + [int(x) for x in np.cumsum(widths)]
 
 
 def _fill(path: str, abstract, sharding, src: _Source, handle, params: dict) -> jax.Array:
@@ -430,8 +456,16 @@ def _fill(path: str, abstract, sharding, src: _Source, handle, params: dict) -> 
             f"{src.file}: tensor {src.key} has shape {list(src_shape)}, expected {list(expected)} for {path}"
         )
 
+    blocks: dict[tuple, np.ndarray] = {}  # devices that replicate a slice share one read
+
     def read(idx):
         idx = _normalise(idx, shape)
+        memo = tuple((s.start, s.stop) for s in idx)
+        if memo not in blocks:
+            blocks[memo] = _read(idx)
+        return blocks[memo]
+
+    def _read(idx):
         try:
             if src.kind == TRANSPOSE:
                 block = np.asarray(tensor[idx[1], idx[0]]).T
@@ -584,17 +618,20 @@ def save(model: CausalLM, model_config: ModelConfig, path: str | Path, *, max_sh
         total = sum(nbytes(k) for k in tensors)
         index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
         (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    if writer and len(shards) == 1 and (path / INDEX_FILE).exists():
-        (path / INDEX_FILE).unlink()  # a stale index would shadow the new single file
+    if writer:  # files of an earlier save in the other layout would confuse readers
+        stale = [path / INDEX_FILE] if len(shards) == 1 else [path / SINGLE_FILE]
+        stale += [f for f in path.glob("model-*-of-*.safetensors") if f.name not in names]
+        for f in stale:
+            f.unlink(missing_ok=True)
 
 
 def load_tokenizer(path: str | Path):
-    """The HF tokenizer saved beside the weights (transformers.AutoTokenizer)."""
-    from transformers import AutoTokenizer
+    """The HF tokenizer saved beside the weights.
 
-    if not Path(path).is_dir():
-        raise UserInputError(f"{path}: no such directory (expected a saved tokenizer)")
-    try:
-        return AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-    except (OSError, ValueError, TypeError) as e:
-        raise UserInputError(f"{path}: cannot load a tokenizer ({type(e).__name__}: {e})") from None
+    Delegates to clue_jax.data.tokenizer.load_tokenizer (local files only, and
+    BOS/PAD filled from EOS where a checkpoint lacks them), so every tokenizer
+    in the project is loaded the same way.
+    """
+    from clue_jax.data.tokenizer import load_tokenizer as _load
+
+    return _load(path)

@@ -4,9 +4,12 @@ Loading follows the bonsai recipe: build the module abstractly with
 `nnx.eval_shape`, map every parameter path to its HF tensor name with a small
 regex table, transpose Linear weights (torch stores [out, in], nnx [in, out]),
 check the shape, and place each array straight onto its mesh sharding
-(`clue_jax.train.sharding.state_shardings`), so a full copy never has to sit
-on one device. Saving writes what `transformers` loads:
-ElectraForPreTraining, ElectraForMaskedLM or ElectraModel.
+(`clue_jax.train.sharding.state_shardings`) with `make_array_from_callback`,
+so no device holds more than its shard. Tensors are read whole into host
+memory (memory-mapped safetensors, single file or sharded index, through
+`clue_jax.models.hf`'s reader): fine for ELECTRA sizes (large is 335M
+parameters); PyTorch .bin checkpoints are not read. Saving writes what
+`transformers` loads: ElectraForPreTraining, ElectraForMaskedLM or ElectraModel.
 
 kind: "discriminator" -> `ElectraDiscriminator`, "generator" ->
 `ElectraGenerator`, "encoder" -> `Encoder` (from an ElectraModel directory or
@@ -14,6 +17,8 @@ the `electra.` part of either pre-training checkpoint, as for fine-tuning).
 """
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import re
@@ -24,7 +29,6 @@ import numpy as np
 import transformers
 from flax import nnx
 from jax.sharding import Mesh
-from safetensors import SafetensorError, safe_open
 from safetensors.numpy import save_file
 
 from clue_jax.errors import UserInputError
@@ -36,11 +40,14 @@ from clue_jax.models.encoder import (
     Encoder,
     EncoderConfig,
 )
+from clue_jax.models.hf import _open, _to_host, _weight_files  # shared safetensors reading / host gathering
 from clue_jax.train.sharding import state_shardings
 
 KINDS = ("discriminator", "generator", "encoder")
 _MODEL_FOR_KIND = {"discriminator": ElectraDiscriminator, "generator": ElectraGenerator, "encoder": Encoder}
-_ARCH_FOR_KIND = {"discriminator": "ElectraForPreTraining", "generator": "ElectraForMaskedLM", "encoder": "ElectraModel"}
+_ARCH_FOR_KIND = {
+    "discriminator": "ElectraForPreTraining", "generator": "ElectraForMaskedLM", "encoder": "ElectraModel",
+}
 _TIED = "generator_lm_head.weight"
 
 # nnx module path (joined with "/", encoder paths rooted at "encoder/") -> HF module name.
@@ -113,6 +120,10 @@ def config_from_hf(hf: transformers.ElectraConfig, *, where: str = "config.json"
         hidden_act=hf.hidden_act,
         dropout=float(hf.hidden_dropout_prob),
     )
+    fields = sorted(f.name for f in dataclasses.fields(EncoderConfig))
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise UserInputError(f"unknown EncoderConfig override(s) {unknown} for {where}; valid keys: {fields}")
     values.update(overrides)
     return EncoderConfig.from_dict(values, where=where)
 
@@ -158,38 +169,20 @@ def _read_config(path: Path) -> transformers.ElectraConfig:
 # ----------------------------------------------------------------------------- tensors
 
 
-def _tensor_index(path: Path) -> dict[str, Path]:
-    """Tensor name -> safetensors file, for one file or a sharded `model.safetensors.index.json`."""
-    single, index = path / "model.safetensors", path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-            return {name: path / file for name, file in weight_map.items()}
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise UserInputError(f"{index}: unreadable safetensors index ({e})") from e
-    if single.is_file():
-        try:
-            with safe_open(single, framework="np") as f:
-                return {name: single for name in f.keys()}
-        except (OSError, SafetensorError) as e:
-            raise UserInputError(f"{single}: unreadable safetensors file ({e})") from e
-    hint = " (only PyTorch .bin weights: re-save them with safetensors)" if (path / "pytorch_model.bin").exists() else ""
-    raise UserInputError(f"{path}: no model.safetensors or model.safetensors.index.json{hint}")
-
-
-def _read_tensors(index: dict[str, Path], names: list[str]) -> dict[str, np.ndarray]:
-    """Reads only `names`, opening each file once."""
+def _read_tensors(files: dict[str, Path], names: list[str]) -> dict[str, np.ndarray]:
+    """Reads only `names` (memory-mapped), opening each file once; errors name the file and tensor."""
     by_file: dict[Path, list[str]] = {}
     for name in names:
-        by_file.setdefault(index[name], []).append(name)
+        by_file.setdefault(files[name], []).append(name)
     out = {}
-    for file, wanted in by_file.items():
-        try:
-            with safe_open(file, framework="np") as f:
-                for name in wanted:
-                    out[name] = f.get_tensor(name)
-        except (OSError, SafetensorError) as e:
-            raise UserInputError(f"{file}: cannot read tensor(s) {wanted[:3]} ({e})") from e
+    with contextlib.ExitStack() as stack:
+        for file, wanted in by_file.items():
+            handle = _open(file, stack)
+            for name in wanted:
+                try:
+                    out[name] = handle.get_tensor(name)
+                except Exception as e:  # safetensors raises SafetensorError, OSError, ...
+                    raise UserInputError(f"{file}: cannot read tensor {name} ({type(e).__name__}: {e})") from None
     return out
 
 
@@ -222,7 +215,7 @@ def load_electra(
     if not path.is_dir():
         raise UserInputError(f"{path}: not a checkpoint directory")
     cfg = config_from_hf(_read_config(path), where=str(path / "config.json"), **overrides)
-    index = _tensor_index(path)
+    index = _weight_files(path)  # tensor name -> file (single file or sharded index)
     # An encoder may come from ElectraModel (no prefix) or from a pre-training checkpoint ("electra.").
     prefix = "electra."
     if kind == "encoder" and "electra.embeddings.word_embeddings.weight" not in index:
@@ -239,7 +232,9 @@ def load_electra(
         wanted.append(_TIED)
     missing = [n for n in wanted if n not in index]
     if missing:
-        raise UserInputError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
+        heads_only = kind != "encoder" and not any(n.startswith("electra.") for n in missing)
+        hint = f" (is it a {kind} checkpoint?)" if heads_only else ""
+        raise UserInputError(f"{path}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}{hint}")
     tensors = _read_tensors(index, wanted)
 
     leaves = []
@@ -275,18 +270,11 @@ def _export_parts(module, cfg: EncoderConfig, kind: str):
     if kind == "encoder" and isinstance(module, (ElectraDiscriminator, ElectraGenerator)):
         module = module.encoder
     if not isinstance(module, _MODEL_FOR_KIND[kind]):
-        raise TypeError(f"save_electra(kind={kind!r}) needs a {_MODEL_FOR_KIND[kind].__name__}, got {type(module).__name__}")
+        need, got = _MODEL_FOR_KIND[kind].__name__, type(module).__name__
+        raise TypeError(f"save_electra(kind={kind!r}) needs a {need} (or an ElectraPair), got {got}")
     if module.cfg != cfg:
         raise UserInputError(f"save_electra: cfg does not match the module's config ({module.cfg} vs {cfg})")
     return module
-
-
-def _to_host(x) -> np.ndarray:
-    if jax.process_count() > 1 and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(x)
 
 
 def save_electra(module, cfg: EncoderConfig, path: str | os.PathLike, kind: str = "discriminator") -> Path:

@@ -1,0 +1,111 @@
+"""Looking at clues: which tokens the large teacher attends to more than the small one.
+
+`render_html` writes one self-contained page (no scripts, no external files):
+each token is coloured by the contrast d on a diverging scale centred at 0
+(red: the large model attends more, blue: less) and its tooltip shows s_large,
+s_small and d. `render_heatmap_png` draws the three score rows under each
+other for papers and notebooks.
+"""
+from __future__ import annotations
+
+import html
+import os
+from typing import Sequence
+
+import numpy as np
+
+from clue_jax.errors import UserInputError
+
+_CMAP = "RdBu_r"
+
+
+def _rows(tokens: Sequence[str], s_large, s_small, d, where: str):
+    arrays = [np.asarray(x, np.float64).reshape(-1) for x in (s_large, s_small, d)]
+    for name, a in zip(("s_large", "s_small", "d"), arrays):
+        if a.shape[0] != len(tokens):
+            raise UserInputError(f"{where}: {name} has {a.shape[0]} values for {len(tokens)} tokens")
+        if not np.all(np.isfinite(a)):
+            raise UserInputError(f"{where}: {name} contains NaN or infinite values")
+    return arrays
+
+
+def _diverging_colours(d: np.ndarray) -> tuple[list[str], float]:
+    from matplotlib import colormaps, colors
+
+    scale = float(np.max(np.abs(d))) if d.size else 0.0
+    scale = scale if scale > 0 else 1.0
+    rgba = colormaps[_CMAP]((d / scale + 1.0) / 2.0)
+    return [colors.to_hex(c) for c in rgba], scale
+
+
+def _text_colour(hex_colour: str) -> str:
+    r, g, b = (int(hex_colour[i:i + 2], 16) / 255 for i in (1, 3, 5))
+    return "#000" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "#fff"
+
+
+def render_html(tokens: Sequence[str], s_large, s_small, d, path: str, title: str = "clues") -> str:
+    """Writes the page to `path` and returns the path. Tokens are shown as given (decoded), escaped."""
+    s_large, s_small, d = _rows(tokens, s_large, s_small, d, f"render_html({path})")
+    fills, scale = _diverging_colours(d)
+    spans = []
+    for i, (tok, fill) in enumerate(zip(tokens, fills)):
+        tip = f"#{i} {tok!r}\ns_large = {s_large[i]:.5f}\ns_small = {s_small[i]:.5f}\nd = {d[i]:+.5f}"
+        spans.append(
+            f'<span class="t" style="background:{fill};color:{_text_colour(fill)}" '
+            f'title="{html.escape(tip, quote=True)}">{html.escape(tok)}</span>'
+        )
+    legend_stops = np.linspace(-1.0, 1.0, 9)
+    legend_fills, _ = _diverging_colours(legend_stops)
+    legend = "".join(
+        f'<span class="l" style="background:{c};color:{_text_colour(c)}">{v * scale:+.3g}</span>'
+        for v, c in zip(legend_stops, legend_fills)
+    )
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>
+<style>
+body {{ font-family: sans-serif; max-width: 60em; margin: 2em auto; line-height: 2.1; }}
+.t {{ white-space: pre-wrap; padding: 2px 1px; border-radius: 3px; font-family: monospace; }}
+.t:hover {{ outline: 2px solid #333; }}
+.l {{ display: inline-block; min-width: 4.5em; text-align: center; font-size: 80%; }}
+.legend {{ line-height: 1.5; margin-bottom: 1.5em; }}
+</style></head><body>
+<h2>{html.escape(title)}</h2>
+<div class="legend">d = s_large - s_small (hover a token for its scores):<br>{legend}<br>
+red: the large model attends more (a clue); blue: the small model attends more.</div>
+<div class="text">{"".join(spans)}</div>
+</body></html>
+"""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(page)
+    return path
+
+
+def render_heatmap_png(tokens: Sequence[str], s_large, s_small, d, path: str, title: str | None = None) -> str:
+    """Writes a 3-row heatmap (s_large, s_small, d) with token labels on x; returns the path."""
+    s_large, s_small, d = _rows(tokens, s_large, s_small, d, f"render_heatmap_png({path})")
+    # A bare Figure on the Agg canvas: no pyplot, so a notebook's backend is left alone.
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    n = len(tokens)
+    fig = Figure(figsize=(min(max(6.0, 0.28 * n), 80.0), 4.2))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(3, 1, sharex=True)
+    top = max(float(np.max(s_large)), float(np.max(s_small)), 1e-12) if n else 1.0
+    scale = float(np.max(np.abs(d))) if n and np.max(np.abs(d)) > 0 else 1.0
+    rows = [("s_large", s_large, "viridis", 0.0, top), ("s_small", s_small, "viridis", 0.0, top),
+            ("d", d, _CMAP, -scale, scale)]
+    for ax, (name, values, cmap, lo, hi) in zip(axes, rows):
+        im = ax.imshow(values[None, :], aspect="auto", cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+        ax.set_yticks([0])
+        ax.set_yticklabels([name])
+        fig.colorbar(im, ax=ax, pad=0.01, fraction=0.03)
+    axes[-1].set_xticks(np.arange(n))
+    axes[-1].set_xticklabels([t.replace("\n", "\\n") for t in tokens], rotation=90, fontsize=7)
+    if title:
+        axes[0].set_title(title)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=110)
+    return path

@@ -1,0 +1,81 @@
+"""Build a model from its config directly onto the mesh, and save/restore its weights.
+
+`create` initialises under jit with out_shardings taken from the parameters'
+logical names, so a large model is born sharded instead of on one device.
+`save_params`/`load_params` store a finished model (a pipeline stage's output)
+with orbax; a load checks the saved config against the expected one.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from clue_jax.errors import UserInputError
+from clue_jax.models.causal_lm import CausalLM
+from clue_jax.models.config import ModelConfig
+from clue_jax.train import sharding as shard_lib
+
+
+def create(cfg: ModelConfig, seed: int, mesh) -> CausalLM:
+    def build():
+        return CausalLM(cfg, rngs=nnx.Rngs(seed))
+
+    abstract = nnx.eval_shape(build)
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = shard_lib.state_shardings(abstract_state, mesh)
+    state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)()
+    return nnx.merge(graphdef, state)
+
+
+def save_params(model: nnx.Module, cfg: ModelConfig, directory: str) -> None:
+    directory = os.path.abspath(directory)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(os.path.join(directory, "params"), nnx.state(model, nnx.Param), force=True)
+    if jax.process_index() == 0:
+        with open(os.path.join(directory, "model_config.json"), "w") as f:
+            json.dump(cfg.to_dict(), f, indent=1)
+
+
+def is_hf_directory(directory: str) -> bool:
+    return os.path.exists(os.path.join(directory, "config.json")) and not os.path.exists(
+        os.path.join(directory, "model_config.json"))
+
+
+def load_params(directory: str, mesh, expected: ModelConfig | None = None) -> tuple[CausalLM, ModelConfig]:
+    """Restores a model saved by `save_params` (or an HF checkpoint directory), placed on `mesh`."""
+    directory = os.path.abspath(directory)
+    if is_hf_directory(directory):
+        from clue_jax.models import hf
+
+        return hf.load(directory, mesh=mesh)
+    config_path = os.path.join(directory, "model_config.json")
+    try:
+        with open(config_path) as f:
+            cfg = ModelConfig.from_dict(json.load(f), where=config_path)
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserInputError(f"cannot read model config {config_path}: {' '.join(str(err).split())}") from None
+    if expected is not None and cfg != expected:
+        raise UserInputError(f"model in {directory} has another config than the one asked for")
+    abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
+    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    shardings = shard_lib.state_shardings(params, mesh)
+    target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            restored = ckpt.restore(os.path.join(directory, "params"), target)
+    except Exception as err:
+        raise UserInputError(f"unreadable model checkpoint {directory}/params: {str(err).splitlines()[0][:200]}") from None
+    model = nnx.merge(graphdef, restored, _concrete_rest(cfg, mesh))
+    return model, cfg
+
+
+def _concrete_rest(cfg: ModelConfig, mesh):
+    """Non-parameter state (RoPE tables): cheap to rebuild, so it is not saved."""
+    def build():
+        return nnx.split(CausalLM(cfg, rngs=nnx.Rngs(0)), nnx.Param, ...)[2]
+
+    return jax.jit(build, out_shardings=shard_lib.state_shardings(jax.eval_shape(build), mesh))()

@@ -1,0 +1,59 @@
+"""Pieces every pipeline shares: mesh, a training stage, summaries and tables."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+
+import jax
+from flax import nnx
+
+from clue_jax.models import factory
+from clue_jax.models.config import ModelConfig
+from clue_jax.train import loop, mesh as mesh_lib, objectives
+
+log = logging.getLogger("clue_jax")
+
+
+def make_mesh(config):
+    return mesh_lib.make_mesh(tuple(config.mesh.shape))
+
+
+def train_model(stage_dir: str, model: nnx.Module, model_cfg: ModelConfig, data, train_cfg, mesh, *,
+                objective=objectives.causal_lm, transform=None, stage: str = "train", extra_meta=None,
+                trainable=nnx.Param, export=None) -> dict:
+    """Trains in `stage_dir` (resuming from its checkpoints), saves the final weights
+    to `stage_dir/model`, and returns the stage's JSON result.
+
+    trainable: what the optimizer updates (nnx.LoRAParam for LoRA students);
+    export: model -> model applied before saving (e.g. merging LoRA adapters).
+    """
+    t0 = time.time()
+    meta = {"model": model_cfg.to_dict(), **(extra_meta or {})}
+    trainer = loop.Trainer(model, objective, train_cfg, mesh, stage_dir, transform=transform, meta=meta,
+                           stage=stage, trainable=trainable)
+    result = trainer.run(data)
+    if result.status != "done":
+        log.warning("%s preempted at step %d; rerun the same command to resume", stage, result.step)
+        raise SystemExit(0)
+    final = export(result.model) if export is not None else result.model
+    factory.save_params(final, model_cfg, os.path.join(stage_dir, "model"))
+    return {"model_dir": os.path.join(stage_dir, "model"), "steps": result.step,
+            "final_loss": result.metrics.get("loss"), "seconds": round(time.time() - t0, 1)}
+
+
+def write_json(path: str, value) -> None:
+    if jax.process_index() != 0:
+        return
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(value, f, indent=1, sort_keys=True, default=float)
+    os.replace(tmp, path)
+
+
+def format_table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
+    line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |"
+    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(header), sep, *[line(r) for r in rows]])

@@ -1,0 +1,473 @@
+"""Knowledge extraction and frequency shock (METHODS.md section 2), end to end.
+
+Stages (each cached in workdir/stages, see stages.py):
+  world -> tokenizer (both shared with the knowledge pipeline) -> pretrain
+  (one base model on every person's rich bios, plus the QA of the
+  `pretrain_qa` people; skipped when `base_models.small` names a checkpoint) ->
+  ft_<kind>_s<seed> (kind "vanilla": the skewed QA fine-tuning set alone;
+  kind "mixture": the same with pre-training batches interleaved at
+  `mixture.ratio`, through MixtureBatchSource and the ordinary objective) ->
+  eval_base (the base model k-shot on dev and test) -> eval_<kind>_s<seed>
+  (the fine-tuned model zero-shot; model mixing with the base model, per
+  decoding step and by candidate ranking, lambda chosen on dev).
+Then summary.json, extraction_report.md and the plots are written from the
+stage results (cheap, always redone).
+
+Arms: base (k-shot), vanilla, mixing/<mode> (vanilla + base), mixture,
+both/<mode> (mixture + base); each also as "rank:<arm>" when candidate
+ranking is on. Per arm and seed: exact match and F1 overall, per relation,
+per frequency bucket, and the shock statistic on the test people.
+
+Choices where the spec is silent (all settings):
+- The base model sees the QA of `splits.pretrain_qa` people in pre-training
+  (so a zero- or few-shot prompt can reach its knowledge); shots for the
+  k-shot prompts come from the same people (from the fine-tuning people,
+  unskewed, when there are none). The base arm is the same for every seed.
+- With `base_models.small` (a clue_jax model directory or a Hugging Face
+  checkpoint, the knowledge pipeline's key) the pre-training frequencies are counted over the corpus
+  this config describes (the checkpoint is assumed to have been trained on
+  it), and mixture fine-tuning replays that corpus.
+- The mixture arm runs as many fine-tuning batches as the vanilla arm (its
+  step count grows by the pre-training batches) when
+  `mixture.match_ft_batches`.
+- In the lambda sweep, lambda = 1 and lambda = 0 reuse the single-model
+  decodes (the mixture equals each model there; tested in test_mixing.py).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+
+import jax
+import numpy as np
+
+from clue_jax.data import bios, lm_data
+from clue_jax.data.batching import ArrayBatchSource
+from clue_jax.data.mixture import MixtureBatchSource, with_loss_mask
+from clue_jax.data.tokenizer import load_tokenizer
+from clue_jax.errors import UserInputError
+from clue_jax.eval import decode, metrics, prompts, qa_eval
+from clue_jax.extraction import finetune_data, mixing, report, shock
+from clue_jax.models import factory
+from clue_jax.pipelines import common, knowledge
+from clue_jax.pipelines.stages import Stages
+
+log = logging.getLogger("clue_jax")
+
+KINDS = ("vanilla", "mixture")
+MIX_NAME = {"vanilla": "mixing", "mixture": "both"}
+SPLITS = ("dev", "test")
+
+
+# ------------------------------------------------------------------ data
+def pretraining_corpus(people, qa_people, bios_per_person: int, seed: int) -> list[str]:
+    """Rich bios of everyone (+ QA docs of `qa_people`), shuffled at document level before packing."""
+    qa_names = {p.name for p in qa_people}
+    others = [p for p in people if p.name not in qa_names]
+    texts = knowledge.pretraining_texts(list(qa_people), bios_per_person, seed, True)
+    texts += knowledge.pretraining_texts(others, bios_per_person, seed + 1, False)
+    order = np.random.default_rng([seed, 11]).permutation(len(texts))
+    return [texts[i] for i in order]
+
+
+def load_model(model_dir: str, mesh):
+    """A clue_jax model directory (save_params) or a Hugging Face checkpoint directory."""
+    return factory.load_params(model_dir, mesh)
+
+
+def _encode_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Prompt token ids with BOS (unpadded; `_pad` left-pads a batch to a multiple of 16 for few compiles)."""
+    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [[tokenizer.bos_token_id, *e] for e in encoded]
+
+
+def _round_up(n: int, bucket: int = 16) -> int:
+    return bucket * math.ceil(n / bucket)
+
+
+def padded_prompts(tokenizer, seqs_by_split: dict[str, list[list[int]]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Left-padded (ids, mask) per split, one common length: dev and test share one compiled decode."""
+    length = _round_up(max(len(s) for seqs in seqs_by_split.values() for s in seqs))
+    return {sp: decode.left_pad(seqs, tokenizer.pad_token_id, length) for sp, seqs in seqs_by_split.items()}
+
+
+def score_length(tokenizer, seqs_by_split: dict[str, list[list[int]]], candidates: dict) -> int:
+    """One row length for every candidate-scoring call of a prompt set (one compile)."""
+    longest_answer = max(len(c) for cands in candidates.values()
+                         for c in tokenizer([" " + x for x in cands], add_special_tokens=False)["input_ids"])
+    return _round_up(max(len(s) for seqs in seqs_by_split.values() for s in seqs) + longest_answer)
+
+
+def base_prompt_texts(items, shots: dict, k: int, seed: int, split_index: int) -> list[str]:
+    """k-shot prompts, shots drawn per item from its relation's pool (never the item's own question)."""
+    rng = np.random.default_rng([seed, 23, split_index])
+    return [prompts.qa_prompt(it.question, prompts.choose_shots(shots.get(it.attribute, []), k, rng,
+                                                                exclude_question=it.question) if k else [])
+            for it in items]
+
+
+# ------------------------------------------------------------------ decoding and scoring
+def _decode(model, tokenizer, prompt, e) -> list[str]:
+    ids, mask = prompt
+    out = decode.greedy_decode(decode.model_logits_fn(model), ids, mask, max_new_tokens=e.max_new_tokens,
+                               eos_id=tokenizer.eos_token_id, batch_size=e.batch_size)
+    return decode.decode_to_text(tokenizer, out)
+
+
+def _decode_mixture(ft_model, base_model, tokenizer, ft_prompt, base_prompt, lam, mode, e) -> list[str]:
+    out = mixing.greedy_decode_mixture(decode.model_logits_fn(ft_model), decode.model_logits_fn(base_model),
+                                       *ft_prompt, *base_prompt, lam, mode, max_new_tokens=e.max_new_tokens,
+                                       eos_id=tokenizer.eos_token_id, batch_size=e.batch_size)
+    return decode.decode_to_text(tokenizer, out)
+
+
+def candidate_scores(model, tokenizer, seqs, items, candidates: dict, batch_size: int,
+                     length: int) -> dict[str, np.ndarray]:
+    """Per relation, [n_items_of_relation, n_candidates] summed log-probs of each candidate answer.
+
+    Rows are left-padded to `length` and run in chunks of `batch_size` (fixed shapes, one compile)."""
+    fn = decode.model_logits_fn(model)
+    out = {}
+    for rel, cands in candidates.items():
+        idx = [i for i, it in enumerate(items) if it.attribute == rel]
+        if not idx:
+            continue
+        conts = tokenizer([" " + c for c in cands], add_special_tokens=False)["input_ids"]
+        p_list = [seqs[i] for i in idx for _ in cands]
+        c_list = [c for _ in idx for c in conts]
+        flat = decode.score_continuations(fn, p_list, c_list, tokenizer.pad_token_id, batch_size=batch_size,
+                                          length=length)
+        out[rel] = np.asarray(flat, np.float32).reshape(len(idx), len(cands))
+    return out
+
+
+def ranked_predictions(items, candidates: dict, scores: dict[str, np.ndarray]) -> list[str]:
+    preds = [""] * len(items)
+    for rel, matrix in scores.items():
+        idx = [i for i, it in enumerate(items) if it.attribute == rel]
+        best = np.argmax(matrix, axis=-1)
+        for i, b in zip(idx, best):
+            preds[i] = candidates[rel][int(b)]
+    return preds
+
+
+def mixed_ranking(items, candidates, scores_ft, scores_pt, lam, mode) -> list[str]:
+    mixed = {rel: mixing.mix_candidate_scores(scores_ft[rel], scores_pt[rel], lam, mode) for rel in scores_ft}
+    return ranked_predictions(items, candidates, mixed)
+
+
+# ------------------------------------------------------------------ metrics
+def records_of(items, preds: list[str]) -> list[dict]:
+    return [{"attribute": it.attribute, "name": it.name, "question": it.question, "answer": it.answer,
+             "prediction": p, "exact_match": metrics.exact_match(p, it.answer), "f1": metrics.token_f1(p, it.answer)}
+            for it, p in zip(items, preds)]
+
+
+def _em(items, preds) -> float:
+    return float(np.mean([metrics.exact_match(p, it.answer) for it, p in zip(items, preds)]))
+
+
+def arm_metrics(items, preds, freqs, threshold: float, smoothing: float) -> dict:
+    """Exact match / F1 overall, per relation and per bucket, and the shock statistic, on one split."""
+    recs = records_of(items, preds)
+    overall = metrics.aggregate(recs)["all"]
+    per_rel = {k: v["exact_match"] for k, v in qa_eval.per_attribute(recs).items() if k != "all"}
+    buckets = shock.bucket_accuracy(recs, freqs, threshold)["buckets"]
+    counts = shock.prediction_counts(preds, [it.answer for it in items])
+    return {"exact_match": overall["exact_match"], "f1": overall["f1"], "per_relation": per_rel,
+            "buckets": {b: {"exact_match": v["exact_match"], "count": v["count"]} for b, v in buckets.items()},
+            "shock": shock.shock_statistic(freqs, counts, smoothing)}
+
+
+def _write_predictions(path: str, preds: dict) -> None:
+    if jax.process_index() == 0:
+        with open(path, "w") as f:
+            json.dump(preds, f)
+
+
+def _read_predictions(path: str) -> dict:
+    with open(path) as f:
+        return json.load(f)
+
+
+# ------------------------------------------------------------------ stages
+def pretrain_stage(config, texts, tokenizer, mesh, stage_dir):
+    cfg = knowledge.model_config(config, "small", tokenizer)
+    data = lm_data.pack_documents(tokenizer, texts, config.pretrain.seq_len)
+    model = factory.create(cfg, config.seed, mesh)
+    source = ArrayBatchSource(data, config.pretrain.batch_size, seed=config.pretrain.seed)
+    result = common.train_model(stage_dir, model, cfg, source, config.pretrain, mesh, stage="pretrain")
+    result["tokens_per_epoch"] = int(data["attention_mask"].sum())
+    return result
+
+
+def finetune_stage(config, kind, seed, base_dir, ft_data, mix_data, mesh, stage_dir):
+    model, cfg = load_model(base_dir, mesh)
+    train_cfg = config.ft.copy_and_resolve_references()
+    train_cfg.seed = seed
+    source = ArrayBatchSource(ft_data, train_cfg.batch_size, seed=seed)
+    meta = {"kind": kind}
+    if kind == "mixture":
+        pt_source = ArrayBatchSource(mix_data, train_cfg.batch_size, seed=seed + 1000)
+        source = MixtureBatchSource(source, pt_source, config.mixture.ratio)
+        if config.mixture.match_ft_batches:
+            train_cfg.steps = source.steps_for_primary(config.ft.steps)
+        meta["pretrain_batches"] = source.secondary_before(train_cfg.steps)
+        meta["finetune_batches"] = train_cfg.steps - meta["pretrain_batches"]
+    result = common.train_model(stage_dir, model, cfg, source, train_cfg, mesh, stage=f"ft_{kind}_s{seed}",
+                                extra_meta=meta)
+    result.update({k: v for k, v in meta.items() if k != "kind"})
+    return result
+
+
+def eval_base_stage(config, ctx, base_dir, mesh, stage_dir):
+    t0 = time.time()
+    model, _ = load_model(base_dir, mesh)
+    e, res, preds = config.eval, {}, {}
+    scores = {}
+    for split in SPLITS:
+        items, seqs = ctx["items"][split], ctx["base_seqs"][split]
+        preds[split] = _decode(model, ctx["tokenizer"], ctx["base_pad"][split], e)
+        res[split] = {"base": arm_metrics(items, preds[split], ctx["freqs"], ctx["threshold"], ctx["smoothing"])}
+        if e.ranking:
+            scores[split] = candidate_scores(model, ctx["tokenizer"], seqs, items, ctx["candidates"], e.score_batch,
+                                             ctx["score_len"]["base"])
+            preds[f"rank_{split}"] = ranked_predictions(items, ctx["candidates"], scores[split])
+            res[split]["rank:base"] = arm_metrics(items, preds[f"rank_{split}"], ctx["freqs"], ctx["threshold"],
+                                                  ctx["smoothing"])
+    _write_predictions(os.path.join(stage_dir, "predictions.json"), preds)
+    if e.ranking and jax.process_index() == 0:
+        np.savez(os.path.join(stage_dir, "scores.npz"),
+                 **{f"{s}__{rel}": m for s, by_rel in scores.items() for rel, m in by_rel.items()})
+    return {"metrics": res, "predictions": os.path.join(stage_dir, "predictions.json"),
+            "scores": os.path.join(stage_dir, "scores.npz") if e.ranking else "", "seconds": round(time.time() - t0, 1)}
+
+
+def eval_ft_stage(config, ctx, kind, ft_dir, base_dir, base_eval, mesh, stage_dir):
+    """The fine-tuned model alone, and mixed with the base model (decoding and ranking), lambda on dev."""
+    t0 = time.time()
+    ft_model, _ = load_model(ft_dir, mesh)
+    base_model, _ = load_model(base_dir, mesh)
+    e, tok = config.eval, ctx["tokenizer"]
+    freqs, thr, sm = ctx["freqs"], ctx["threshold"], ctx["smoothing"]
+    items, ft_pad, base_pad = ctx["items"], ctx["ft_pad"], ctx["base_pad"]
+    base_preds = _read_predictions(base_eval["predictions"])
+    mix_name = MIX_NAME[kind]
+    preds = {s: {kind: _decode(ft_model, tok, ft_pad[s], e)} for s in SPLITS}
+    sweeps, lambdas = {"decode": {}, "rank": {}}, {}
+
+    def mixed_decode(split, lam, mode):
+        if lam == 1.0:
+            return preds[split][kind]
+        if lam == 0.0:
+            return base_preds[split]
+        return _decode_mixture(ft_model, base_model, tok, ft_pad[split], base_pad[split], lam, mode, e)
+
+    for mode in config.mixing.modes:
+        arm = f"{mix_name}/{mode}"
+        lam, scores = mixing.choose_lambda(lambda l: _em(items["dev"], mixed_decode("dev", l, mode)),
+                                           tuple(config.mixing.grid))
+        sweeps["decode"][mode] = {str(k): v for k, v in scores.items()}
+        lambdas[arm] = lam
+        preds["test"][arm] = mixed_decode("test", lam, mode)
+
+    if e.ranking:
+        base_scores = np.load(base_eval["scores"])
+        pt = {s: {rel: base_scores[f"{s}__{rel}"] for rel in ctx["candidates"] if f"{s}__{rel}" in base_scores}
+              for s in SPLITS}
+        ft = {s: candidate_scores(ft_model, tok, ctx["ft_seqs"][s], items[s], ctx["candidates"], e.score_batch,
+                                  ctx["score_len"]["ft"]) for s in SPLITS}
+        preds["test"][f"rank:{kind}"] = ranked_predictions(items["test"], ctx["candidates"], ft["test"])
+        for mode in config.mixing.modes:
+            arm = f"rank:{mix_name}/{mode}"
+            lam, scores = mixing.choose_lambda(
+                lambda l: _em(items["dev"], mixed_ranking(items["dev"], ctx["candidates"], ft["dev"], pt["dev"], l,
+                                                          mode)), tuple(config.mixing.rank_grid))
+            sweeps["rank"][mode] = {str(k): v for k, v in scores.items()}
+            lambdas[arm] = lam
+            preds["test"][arm] = mixed_ranking(items["test"], ctx["candidates"], ft["test"], pt["test"], lam, mode)
+
+    res = {arm: arm_metrics(items["test"], p, freqs, thr, sm) for arm, p in preds["test"].items()}
+    res[kind]["dev_exact_match"] = _em(items["dev"], preds["dev"][kind])
+    for arm, lam in lambdas.items():
+        res[arm]["lambda"] = lam
+    _write_predictions(os.path.join(stage_dir, "predictions.json"), preds["test"])
+    return {"metrics": res, "sweeps": sweeps, "predictions": os.path.join(stage_dir, "predictions.json"),
+            "seconds": round(time.time() - t0, 1)}
+
+
+# ------------------------------------------------------------------ pipeline
+def _check_config(config) -> None:
+    if config.data.source != "bios":
+        raise UserInputError(f"data.source={config.data.source!r}: the extraction pipeline runs on the "
+                             "built-in world only ('bios')")
+    for mode in config.mixing.modes:
+        if mode not in mixing.MODES:
+            raise UserInputError(f"mixing.modes contains {mode!r}; valid: {mixing.MODES}")
+    for key in ("grid", "rank_grid"):
+        for lam in config.mixing[key]:
+            if not 0.0 <= float(lam) <= 1.0:
+                raise UserInputError(f"mixing.{key} contains {lam}; lambdas must lie in [0, 1]")
+    if not config.seeds:
+        raise UserInputError("seeds is empty: give at least one fine-tuning seed")
+
+
+def _fp(value) -> str:
+    return knowledge._docs_fingerprint(value)
+
+
+def run(config, workdir: str) -> dict:
+    t_start, load_start = time.time(), os.getloadavg()
+    _check_config(config)
+    relations = finetune_data.check_relations(config.relations)
+    mesh = common.make_mesh(config)
+    stages = Stages(workdir)
+    world = stages.run("world", {"world": config.world.to_dict()}, lambda d: knowledge.world_stage(config, d))
+    world_dir = stages.path("world")
+    people = knowledge.load_people(world_dir, "background") + knowledge.load_people(world_dir, "new")
+    groups = finetune_data.split_people(people, config.splits.to_dict(), config.seed)
+
+    # Same keys as the knowledge pipeline: tokenizer.path, else the base checkpoint's own tokenizer.
+    base_path = config.base_models.small
+    tok_res = stages.run("tokenizer", {"world": world["_fingerprint"], "tokenizer": config.tokenizer.to_dict(),
+                                       "base_models": config.base_models.to_dict(), "seed": config.seed},
+                         lambda d: knowledge.tokenizer_stage(config, world_dir, d))
+    tokenizer = load_tokenizer(tok_res["path"])
+
+    # Pre-training corpus, frequencies, the skewed fine-tuning set.
+    bpp = config.data.bios_per_person
+    texts = pretraining_corpus(people, groups["pretrain_qa"], bpp, config.seed)
+    pt_objects = finetune_data.pretraining_objects(people, groups["pretrain_qa"], bpp, relations)
+    pt_freqs = shock.entity_frequencies(pt_objects, [])
+    candidates = finetune_data.relation_objects(people, relations)
+    s = config.skew
+    ft_items, skew_info = finetune_data.skewed_finetune_items(groups["finetune"], pt_freqs, candidates, s.drop_top,
+                                                             s.rare_fraction, s.rare_repeat, relations)
+    freqs = shock.entity_frequencies(pt_objects, [it.answer for it in ft_items])
+    items = {split: finetune_data.qa_probe_items(groups[split], relations) for split in SPLITS}
+    threshold = float(np.median([freqs[shock.entity_key(a)].pretrain
+                                 for a in sorted({it.answer for it in items["test"]})]))
+    shot_people = groups["pretrain_qa"] or groups["finetune"]
+    shots = {}
+    for person in shot_people:
+        for q in bios.qa_items(person):
+            shots.setdefault(q.attribute, []).append((q.question, q.answer))
+    ctx = {
+        "tokenizer": tokenizer, "items": items, "freqs": freqs, "threshold": threshold,
+        "smoothing": float(config.shock.smoothing), "candidates": candidates,
+        "ft_seqs": {sp: _encode_prompts(tokenizer, [it.question for it in items[sp]]) for sp in SPLITS},
+        "base_seqs": {sp: _encode_prompts(tokenizer, base_prompt_texts(items[sp], shots, config.eval.k_shot,
+                                                                       config.seed, i))
+                      for i, sp in enumerate(SPLITS)},
+    }
+    for which in ("ft", "base"):
+        ctx[f"{which}_pad"] = padded_prompts(tokenizer, ctx[f"{which}_seqs"])
+        ctx["score_len"] = {**ctx.get("score_len", {}),
+                            which: score_length(tokenizer, ctx[f"{which}_seqs"], candidates)}
+
+    # Base model: pre-trained here, or given.
+    if base_path:
+        base_dir = os.path.abspath(base_path)
+        base = {"model_dir": base_dir, "_fingerprint": knowledge._path_fingerprint(base_dir)}
+        load_model(base_dir, mesh)  # fail early on an unreadable checkpoint
+    else:
+        inputs = {"tokenizer": tok_res["_fingerprint"], "model": config.models.small.to_dict(),
+                  "train": config.pretrain.to_dict(), "texts": _fp(texts), "seed": config.seed}
+        base = stages.run("pretrain", inputs, lambda d: pretrain_stage(config, texts, tokenizer, mesh, d))
+
+    ft_data = finetune_data.qa_examples(tokenizer, ft_items, config.ft.seq_len)
+    mix_data = with_loss_mask(lm_data.pack_documents(tokenizer, texts, config.ft.seq_len))
+    data_fp = {"ft": _fp(ft_data), "mix": _fp(mix_data)}
+    eval_fp = {"eval": config.eval.to_dict(), "mixing": config.mixing.to_dict(), "shock": config.shock.to_dict(),
+               "items": _fp([items[s] for s in SPLITS]), "freqs": _fp(sorted(freqs.items())),
+               "base_prompts": _fp([ctx["base_seqs"][s] for s in SPLITS]), "candidates": _fp(sorted(candidates.items()))}
+    base_eval = stages.run("eval_base", {"base": base["_fingerprint"], **eval_fp},
+                           lambda d: eval_base_stage(config, ctx, base["model_dir"], mesh, d))
+
+    per_seed: dict[str, dict[str, dict]] = {}  # arm -> seed -> metrics (test)
+    stage_info = {"eval_base": {"seconds": base_eval["seconds"]}}
+    for arm, m in base_eval["metrics"]["test"].items():
+        per_seed.setdefault(arm, {})["-"] = m
+    sweeps = {}
+    for seed in config.seeds:
+        for kind in KINDS:
+            name = f"ft_{kind}_s{seed}"
+            inputs = {"base": base["_fingerprint"], "kind": kind, "seed": seed, "train": config.ft.to_dict(),
+                      "data": data_fp, "mixture": config.mixture.to_dict() if kind == "mixture" else None}
+            ft = stages.run(name, inputs, lambda d, k=kind, sd=seed: finetune_stage(
+                config, k, sd, base["model_dir"], ft_data, mix_data, mesh, d))
+            stage_info[name] = _public(ft)
+            ev = stages.run(f"eval_{kind}_s{seed}", {"ft": ft["_fingerprint"], "base_eval": base_eval["_fingerprint"],
+                                                     **eval_fp},
+                            lambda d, k=kind, f=ft: eval_ft_stage(config, ctx, k, f["model_dir"], base["model_dir"],
+                                                                  base_eval, mesh, d))
+            for arm, m in ev["metrics"].items():
+                per_seed.setdefault(arm, {})[str(seed)] = m
+            sweeps.setdefault(kind, {})[str(seed)] = ev["sweeps"]
+            stage_info[f"eval_{kind}_s{seed}"] = {"predictions": ev["predictions"], "seconds": ev["seconds"]}
+    if "pretrain" in stages.ran or "pretrain" in stages.reused:
+        stage_info["pretrain"] = _public(base)
+
+    summary = {
+        "arms": {arm: {"per_seed": runs, **report.mean_std(list(runs.values()))} for arm, runs in per_seed.items()},
+        "sweeps": sweeps,
+        "seeds": list(config.seeds),
+        "skew": skew_info,
+        "data": {
+            "people": {g: len(v) for g, v in groups.items()}, "relations": list(relations),
+            "finetune_examples": len(ft_items), "dev_items": len(items["dev"]), "test_items": len(items["test"]),
+            "entities": len(freqs), "bucket_threshold": threshold,
+            "pretrain_documents": len(texts), "pretrain_qa_people": len(groups["pretrain_qa"]),
+            "k_shot": config.eval.k_shot,
+        },
+        "stages": stage_info,
+        "stages_ran": stages.ran,
+        "stages_reused": stages.reused,
+        "runtime": {"seconds": round(time.time() - t_start, 1), "cpu_count": os.cpu_count(),
+                    "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
+                    "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
+                    "stage_seconds": {k: v.get("seconds") for k, v in stage_info.items() if "seconds" in v}},
+    }
+    if jax.process_index() == 0:
+        plots = _plots(workdir, per_seed, stage_info, base_eval, items["test"], freqs, ctx["smoothing"],
+                       list(config.seeds), sweeps)
+        summary["plots"] = plots
+    common.write_json(os.path.join(workdir, "summary.json"), summary)
+    if jax.process_index() == 0:
+        text = report.render_report(summary)
+        with open(os.path.join(workdir, "extraction_report.md"), "w") as f:
+            f.write(text)
+        print(report.render_table(summary))
+    return summary
+
+
+def _plots(workdir, per_seed, stage_info, base_eval, test_items, freqs, smoothing, seeds, sweeps) -> dict:
+    """Shock scatter per arm (first seed) and the lambda sweep, as PNGs in workdir/plots."""
+    out_dir = os.path.join(workdir, "plots")
+    os.makedirs(out_dir, exist_ok=True)
+    golds = [it.answer for it in test_items]
+    preds_by_arm = {"base": _read_predictions(base_eval["predictions"])["test"]}
+    first = str(seeds[0])
+    for kind in KINDS:
+        key = f"eval_{kind}_s{first}"
+        if key in stage_info:
+            preds_by_arm.update(_read_predictions(stage_info[key]["predictions"]))
+    paths = {}
+    for arm, preds in preds_by_arm.items():
+        if arm.startswith("rank:"):
+            continue
+        path = os.path.join(out_dir, f"shock_{arm.replace('/', '_')}.png")
+        shock.plot_shock(freqs, shock.prediction_counts(preds, golds), path, smoothing,
+                         title=f"{arm} (seed {first})" if arm != "base" else "base")
+        paths[f"shock:{arm}"] = os.path.relpath(path, workdir)
+    sweep_path = os.path.join(out_dir, "lambda_sweep.png")
+    report.plot_sweep(sweeps, sweep_path)
+    paths["lambda_sweep"] = os.path.relpath(sweep_path, workdir)
+    return paths
+
+
+def _public(result: dict) -> dict:
+    return {k: v for k, v in result.items() if not k.startswith("_") and k != "model_dir"}

@@ -1,0 +1,96 @@
+"""The extraction pipeline end to end (configs/extraction.py:tiny via the CLI), and the report's verdicts."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+from clue_jax.extraction import report
+from clue_jax.extraction.shock import BUCKETS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(ROOT, "configs", "extraction.py") + ":tiny"
+ARMS = ("base", "vanilla", "mixing/interpolate", "mixing/log_linear", "mixture", "both/interpolate", "both/log_linear")
+
+
+def test_tiny_pipeline_end_to_end(tmp_path):
+    workdir = tmp_path / "ex"
+    env = dict(os.environ, CI="1")
+    env.pop("XLA_FLAGS", None)  # one CPU device, as a user's laptop
+    proc = subprocess.run([sys.executable, "-m", "clue_jax.main", "--config", TINY, "--workdir", str(workdir)],
+                          capture_output=True, text=True, timeout=600, cwd=ROOT, env=env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "shock rho" in proc.stdout
+    summary = json.loads((workdir / "summary.json").read_text())
+
+    assert set(ARMS) | {f"rank:{a}" for a in ARMS} <= set(summary["arms"])
+    for arm in ARMS:
+        entry = summary["arms"][arm]
+        assert entry["n"] == 1 and set(entry["per_seed"]) == ({"-"} if arm == "base" else {"0"})
+        run = next(iter(entry["per_seed"].values()))
+        assert 0.0 <= run["exact_match"] <= 1.0 and 0.0 <= run["f1"] <= 1.0
+        assert set(run["buckets"]) == set(BUCKETS)
+        assert sum(b["count"] for b in run["buckets"].values()) == summary["data"]["test_items"] == 6 * 5
+        assert set(run["shock"]) == {"rho", "p_value", "n"}
+        assert set(run["per_relation"]) == set(summary["data"]["relations"])
+    for arm in ("mixing/interpolate", "both/log_linear", "rank:mixing/log_linear"):
+        assert summary["arms"][arm]["per_seed"]["0"]["lambda"] in (0.0, 0.5, 1.0)
+    sweep = summary["sweeps"]["vanilla"]["0"]
+    assert set(sweep["decode"]) == set(sweep["rank"]) == {"interpolate", "log_linear"}
+    assert set(sweep["decode"]["interpolate"]) == {"0.0", "0.5", "1.0"}
+
+    # Mixture fine-tuning ran as many fine-tuning batches as vanilla, plus pre-training batches at ratio 1.
+    mix = summary["stages"]["ft_mixture_s0"]
+    assert mix["finetune_batches"] == summary["stages"]["ft_vanilla_s0"]["steps"] == 4
+    assert mix["pretrain_batches"] in (3, 4) and mix["steps"] == mix["finetune_batches"] + mix["pretrain_batches"]
+
+    # The fine-tuning set is skewed: some common-object items left out, some rare ones repeated.
+    assert summary["skew"]["dropped_items"] > 0 and summary["skew"]["rare_items"] > 0
+    assert summary["data"]["finetune_examples"] == summary["skew"]["items"]
+
+    text = (workdir / "extraction_report.md").read_text()
+    for heading in ("## Findings (as measured)", "## Greedy decoding", "## Candidate ranking", "## Runtime"):
+        assert heading in text
+    assert "Verdict:" in text and "| vanilla |" in text and "| both/log_linear |" in text
+    for rel in summary["plots"].values():
+        with open(workdir / rel, "rb") as f:
+            assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+    assert {"shock:vanilla", "shock:base", "lambda_sweep"} <= set(summary["plots"])
+
+
+def _run(em, rho, p=0.001, lam=None):
+    run = {"exact_match": em, "f1": em, "shock": {"rho": rho, "p_value": p, "n": 50},
+           "buckets": {b: {"exact_match": em, "count": 10} for b in BUCKETS}, "per_relation": {"major": em}}
+    if lam is not None:
+        run["lambda"] = lam
+    return run
+
+
+def _summary(per_arm):
+    arms = {arm: {"per_seed": runs, **report.mean_std(list(runs.values()))} for arm, runs in per_arm.items()}
+    return {"arms": arms, "seeds": [0, 1, 2], "data": {"relations": ["major"]}}
+
+
+def test_findings_state_the_measured_direction():
+    seeds = ("0", "1", "2")
+    shocked = _summary({
+        "base": {"-": _run(0.30, 0.10)},
+        "vanilla": {s: _run(0.35 + 0.01 * i, 0.50 + 0.02 * i) for i, s in enumerate(seeds)},
+        "mixing/interpolate": {s: _run(0.40 + 0.01 * i, 0.20, lam=0.5) for i, s in enumerate(seeds)},
+        "mixture": {s: _run(0.33, 0.45) for s in seeds},
+        "both/interpolate": {s: _run(0.45, 0.15, lam=0.25) for s in seeds},
+    })
+    text = " ".join(report.findings(shocked))
+    assert "produces the frequency shock" in text
+    assert "mixing/interpolate vs vanilla: EM +0.050 ± 0.000" in text and "lowers the shock" in text
+    assert "mixture vs vanilla: EM -0.030" in text and "does not help accuracy" in text
+    assert "both together is best" in text
+
+    # Vanilla's rho no higher than the base model's: not the shock, even though rho > 0.
+    flat = _summary({"base": {"-": _run(0.3, 0.6)}, "vanilla": {s: _run(0.3, 0.55) for s in seeds}})
+    assert "no frequency shock attributable to fine-tuning" in " ".join(report.findings(flat))
+    stats = report.mean_std([_run(0.2, 0.1), _run(0.4, math.nan)])
+    assert math.isclose(stats["mean"]["exact_match"], 0.3) and math.isclose(stats["std"]["exact_match"], 0.2 / 2 ** 0.5)
+    assert stats["mean"]["shock"]["rho"] == 0.1 and stats["std"]["shock"]["rho"] == 0.0
+    table = report.arm_table(shocked)
+    assert "| mixing/interpolate | 3 | 0.410 ± 0.010 |" in table and "0.5, 0.5, 0.5" in table

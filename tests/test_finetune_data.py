@@ -1,0 +1,145 @@
+"""Frequency-shock data: pre-training counts on a hand-made world, the skew as configured, disjoint splits,
+answer-only loss masks."""
+import collections
+import re
+
+import numpy as np
+import pytest
+
+from clue_jax.data import bios
+from clue_jax.errors import UserInputError
+from clue_jax.extraction import finetune_data as fd
+from clue_jax.extraction import shock
+from clue_jax.pipelines import knowledge
+
+
+def person(name, birth_city, university, major, company, company_city, gender="female"):
+    return bios.Person(name=name, gender=gender, birth_date="May 2, 1971", birth_city=birth_city,
+                       university=university, major=major, company=company, company_city=company_city)
+
+
+# Oakmouth is a birth city twice and a company city once: one entity over two relations.
+PEOPLE = [
+    person("Ann Lee", "Oakmouth", "Tamley University", "Botany", "Jadecore Labs", "Fernwick"),
+    person("Bo Chan", "Oakmouth", "Tamley University", "Geology", "Onyxlink Systems", "Mossgate", "male"),
+    person("Cy Diaz", "Fernwick", "Quillmore College", "Botany", "Jadecore Labs", "Oakmouth", "male"),
+]
+
+
+def test_pretraining_frequencies_on_a_hand_made_world():
+    # 2 bios per person, and Ann's QA documents: one per relation.
+    objects = fd.pretraining_objects(PEOPLE, PEOPLE[:1], bios_per_person=2)
+    freqs = shock.entity_frequencies(objects, ["Geology", "Mossgate", "Mossgate"])
+    expected_pt = {
+        "oakmouth": 2 * 3 + 1,  # Ann's and Bo's birth city, Cy's company city (2 bios each) + Ann's QA
+        "fernwick": 2 * 2 + 1,  # Ann's company city, Cy's birth city + Ann's QA on her company city
+        "mossgate": 2,
+        "tamley university": 2 * 2 + 1,
+        "quillmore college": 2,
+        "botany": 2 * 2 + 1,
+        "geology": 2,
+        "jadecore labs": 2 * 2 + 1,
+        "onyxlink systems": 2,
+    }
+    assert {e: f.pretrain for e, f in freqs.items()} == expected_pt
+    assert freqs["mossgate"].finetune == 2 and freqs["geology"].finetune == 1 and freqs["botany"].finetune == 0
+    # Only the relations asked for are counted.
+    assert fd.pretraining_objects(PEOPLE, PEOPLE, 1, relations=("major",)) == ["Botany", "Geology", "Botany"] * 2
+
+
+def test_counts_equal_documents_stating_the_object_in_the_real_corpus():
+    """The counts match the documents `pretraining_texts` actually writes (whole-word search)."""
+    texts = (knowledge.pretraining_texts(PEOPLE[:1], 3, seed=0, with_qa=True)
+             + knowledge.pretraining_texts(PEOPLE[1:], 3, seed=1, with_qa=False))
+    # Leave out Ann's birth-date QA (not a relation) before counting documents.
+    texts = [t for t in texts if "birth date" not in t]
+    objects = fd.pretraining_objects(PEOPLE, PEOPLE[:1], 3)
+    counted = collections.Counter(objects)
+    for value in counted:
+        docs = sum(1 for t in texts for _ in re.finditer(rf"(?<!\w){re.escape(value)}(?!\w)", t))
+        assert docs == counted[value], value
+
+
+def test_skew_drops_the_most_common_and_repeats_the_rarest():
+    rng = np.random.default_rng(0)
+    world = bios.build_world(bios.WorldConfig(seed=1, num_background=300, num_new=0, zipf_exponent=1.0,
+                                              num_cities=20, num_universities=20, num_companies=20, num_majors=10))
+    people = list(world.people)
+    objects = fd.pretraining_objects(people, people[:50], 2)
+    freqs = shock.entity_frequencies(objects, [])
+    candidates = fd.relation_objects(people)
+    ft_people = [people[i] for i in rng.choice(len(people), 80, replace=False)]
+    items, info = fd.skewed_finetune_items(ft_people, freqs, candidates, drop_top=2, rare_fraction=0.5, rare_repeat=3)
+    for rel in fd.RELATIONS:
+        ranked = fd.rank_by_pretraining(candidates[rel], freqs)
+        pt = [freqs[shock.entity_key(o)].pretrain for o in ranked]
+        assert pt == sorted(pt, reverse=True)
+        assert info["dropped_objects"][rel] == ranked[:2]
+        assert info["rare_objects"][rel] == ranked[-int(np.ceil(0.5 * len(ranked))):]
+    counts = collections.Counter((it.name, it.attribute) for it in items)
+    n_dropped = n_rare = 0
+    for p in ft_people:
+        for rel in fd.RELATIONS:
+            value = p.attribute(rel)
+            if value in info["dropped_objects"][rel]:
+                assert counts[(p.name, rel)] == 0
+                n_dropped += 1
+            elif value in info["rare_objects"][rel]:
+                assert counts[(p.name, rel)] == 3
+                n_rare += 1
+            else:
+                assert counts[(p.name, rel)] == 1
+    assert n_dropped == info["dropped_items"] > 0 and n_rare == info["rare_items"] > 0
+    assert info["items"] == len(items) == 80 * len(fd.RELATIONS) - n_dropped + 2 * n_rare
+    assert all(it.attribute != "birth_date" for it in items)
+    # The fine-tuning answer distribution is skewed the configured way against the natural one.
+    ft_freq = collections.Counter(it.answer for it in items)
+    natural = collections.Counter(p.attribute(r) for p in ft_people for r in fd.RELATIONS)
+    top = info["dropped_objects"]["university"][0]
+    assert natural[top] > 0 and ft_freq[top] == 0
+    with pytest.raises(UserInputError, match="skew"):
+        fd.skewed_finetune_items(ft_people, freqs, candidates, drop_top=-1, rare_fraction=0.5, rare_repeat=3)
+
+
+def test_splits_are_disjoint_deterministic_and_sized():
+    world = bios.build_world(bios.WorldConfig(seed=0, num_background=40, num_new=0))
+    sizes = {"pretrain_qa": 5, "finetune": 12, "dev": 6, "test": 10}
+    groups = fd.split_people(world.people, sizes, seed=3)
+    assert {g: len(v) for g, v in groups.items()} == sizes
+    names = [p.name for g in groups.values() for p in g]
+    assert len(names) == len(set(names)) == 33
+    assert fd.split_people(world.people, sizes, seed=3) == groups
+    assert fd.split_people(world.people, sizes, seed=4) != groups
+    assert fd.split_people(world.people, {**sizes, "pretrain_qa": 0}, seed=3)["pretrain_qa"] == []
+    with pytest.raises(UserInputError, match="41 people"):
+        fd.split_people(world.people, {**sizes, "test": 18}, seed=3)
+    with pytest.raises(UserInputError, match="splits.dev"):
+        fd.split_people(world.people, {**sizes, "dev": 0}, seed=3)
+    with pytest.raises(UserInputError, match="unknown split"):
+        fd.split_people(world.people, {**sizes, "train": 1}, seed=3)
+
+
+class _CharTokenizer:
+    """One token per character (ids 10+), BOS 0, EOS 1, PAD 2."""
+
+    bos_token_id, eos_token_id, pad_token_id = 0, 1, 2
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[10 + ord(c) for c in t] for t in texts]}
+
+
+def test_qa_examples_mask_only_the_answer_and_eos():
+    tok = _CharTokenizer()
+    items = [bios.qa_items(p)[2] for p in PEOPLE[:2]]  # university questions
+    data = fd.qa_examples(tok, items, seq_len=80)
+    for row, item in enumerate(items):
+        ids, mask, loss = (data[k][row] for k in ("input_ids", "attention_mask", "loss_mask"))
+        n = int(mask.sum())
+        assert ids[0] == tok.bos_token_id and ids[n - 1] == tok.eos_token_id and (ids[n:] == tok.pad_token_id).all()
+        target = ids[loss == 1]
+        assert "".join(chr(t - 10) for t in target[:-1]) == " " + item.answer and target[-1] == tok.eos_token_id
+        assert loss[:1 + len(item.question)].sum() == 0
+    with pytest.raises(UserInputError, match="finetune.seq_len=20"):
+        fd.qa_examples(tok, items, seq_len=20)
+    with pytest.raises(UserInputError, match="empty"):
+        fd.qa_examples(tok, [], seq_len=20)

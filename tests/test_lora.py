@@ -1,0 +1,146 @@
+"""LoRA: only the adapters train, the base stays bit-identical, merging is exact."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+from flax import nnx
+from jax.sharding import PartitionSpec as P
+
+from clue_jax.errors import UserInputError
+from clue_jax.models import hf, lora
+from clue_jax.models.causal_lm import CausalLM
+from clue_jax.models.config import gpt2, llama
+from clue_jax.train.mesh import make_mesh
+from clue_jax.train.sharding import state_shardings
+
+RANK, ALPHA = 4, 8.0
+CFG = llama(vocab_size=64, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, mlp_dim=64)
+
+
+def _batch():
+    ids = jax.random.randint(jax.random.key(1), (4, 12), 0, CFG.vocab_size)
+    return ids, jnp.ones_like(ids)
+
+
+def _loss(model, ids, mask):
+    logits = model(ids, mask)
+    return optax.softmax_cross_entropy_with_integer_labels(logits[:, :-1], ids[:, 1:]).mean()
+
+
+@nnx.jit
+def _train_step(model, optimizer, ids, mask):
+    grad_fn = nnx.value_and_grad(_loss, argnums=nnx.DiffState(0, lora.trainable_filter(True)))
+    loss, grads = grad_fn(model, ids, mask)
+    optimizer.update(model, grads)
+    return loss, grads
+
+
+@nnx.jit
+def _forward(model, ids, mask):
+    return model(ids, mask)
+
+
+def _frozen(model):
+    """Every non-adapter variable, copied to host."""
+    state = nnx.state(model, nnx.Not(nnx.LoRAParam))
+    return {p: np.array(v.get_value()) for p, v in nnx.to_flat_state(state)}
+
+
+def _adapters(model):
+    return {p: np.array(v.get_value()) for p, v in nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))}
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """A tiny LLaMA with rank-4 adapters on every projection, after 6 Adam steps on the adapters."""
+    model = CausalLM(CFG, rngs=nnx.Rngs(0))
+    ids, mask = _batch()
+    base_logits = np.asarray(_forward(model, ids, mask))
+    lora.apply_lora(model, RANK, ALPHA, lora.PROJECTIONS, nnx.Rngs(1))
+    start_logits = np.asarray(_forward(model, ids, mask))
+    frozen, adapters = _frozen(model), _adapters(model)
+    optimizer = nnx.Optimizer(model, optax.adam(1e-2), wrt=lora.trainable_filter(True))
+    losses, grads = [], None
+    for _ in range(6):
+        loss, grads = _train_step(model, optimizer, ids, mask)
+        losses.append(float(loss))
+    return dict(model=model, base_logits=base_logits, start_logits=start_logits, frozen=frozen,
+                adapters=adapters, losses=losses, grads=grads)
+
+
+def test_adapters_start_as_identity(trained):
+    np.testing.assert_array_equal(trained["start_logits"], trained["base_logits"])
+    zero_b = [v for p, v in trained["adapters"].items() if p[-1] == "lora_b"]
+    assert len(zero_b) == CFG.num_layers * 7 and all((b == 0).all() for b in zero_b)
+
+
+def test_only_adapters_train_and_loss_falls(trained):
+    model, losses = trained["model"], trained["losses"]
+    grad_leaves = nnx.to_flat_state(trained["grads"])
+    assert grad_leaves and all(p[-1] in ("lora_a", "lora_b") for p, _ in grad_leaves)
+    after = _frozen(model)
+    assert after.keys() == trained["frozen"].keys()
+    for p, value in trained["frozen"].items():
+        np.testing.assert_array_equal(after[p], value, err_msg=str(p))  # bit-identical base
+    adapters = _adapters(model)
+    for p, value in trained["adapters"].items():
+        assert not np.array_equal(adapters[p], value), p
+    assert losses[-1] < losses[0] - 0.05, losses
+
+
+def test_merge_folds_adapters_exactly(trained, tmp_path):
+    model = trained["model"]
+    ids, mask = _batch()
+    adapted = np.asarray(_forward(model, ids, mask))
+    expected = {}
+    for path, m in nnx.iter_modules(model):
+        if isinstance(m, lora.LoRALinear):
+            a, b = m.lora_a[...], m.lora_b[...]
+            w = m.base_module.kernel[...]
+            delta = jnp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+            expected[path] = np.asarray(w + (ALPHA / RANK) * delta)
+    assert len(expected) == CFG.num_layers * 7
+    lora.merge_lora(model)
+    assert not lora.has_lora(model) and not nnx.to_flat_state(nnx.state(model, nnx.LoRAParam))
+    for path, kernel in expected.items():
+        linear = model
+        for key in path:
+            linear = linear[key] if isinstance(key, int) else getattr(linear, key)
+        assert type(linear) is nnx.Linear
+        np.testing.assert_array_equal(np.asarray(linear.kernel[...]), kernel, err_msg=str(path))
+    np.testing.assert_allclose(np.asarray(_forward(model, ids, mask)), adapted, atol=1e-5, rtol=0)
+    # A merged model is a plain CausalLM again: same structure, exportable.
+    plain = nnx.eval_shape(lambda: CausalLM(CFG, rngs=nnx.Rngs(0)))
+    assert [p for p, _ in nnx.to_flat_state(nnx.state(plain))] == [p for p, _ in nnx.to_flat_state(nnx.state(model))]
+    hf.save(model, CFG, tmp_path)
+    again, _ = hf.load(tmp_path)
+    np.testing.assert_array_equal(np.asarray(again.blocks[0].mlp.down_proj.kernel[...]),
+                                  np.asarray(model.blocks[0].mlp.down_proj.kernel[...]))
+
+
+def test_targets_scale_and_sharding_names():
+    cfg = gpt2(vocab_size=64, d_model=32, num_layers=2, num_heads=4, mlp_dim=64, max_len=16)
+    model = CausalLM(cfg, rngs=nnx.Rngs(0))
+    lora.apply_lora(model, RANK, ALPHA, ("q_proj", "v_proj", "gate_proj"), nnx.Rngs(1))  # GPT-2 has no gate_proj
+    wrapped = sorted(p for p, m in nnx.iter_modules(model) if isinstance(m, lora.LoRALinear))
+    assert wrapped == [("blocks", i, "attn", n) for i in range(2) for n in ("q_proj", "v_proj")]
+    q = model.blocks[0].attn.q_proj
+    assert q.scale == ALPHA / RANK and q.lora_a.shape == (32, RANK) and q.lora_b.shape == (RANK, 32)
+    # With B non-zero the output is base + (alpha / r) x A B.
+    q.lora_b.set_value(jax.random.normal(jax.random.key(2), (RANK, 32)))
+    x = jax.random.normal(jax.random.key(3), (3, 32))
+    want = q.base_module(x) + (ALPHA / RANK) * (x @ q.lora_a[...] @ q.lora_b[...])
+    np.testing.assert_allclose(np.asarray(q(x)), np.asarray(want), atol=1e-5, rtol=1e-5)
+    shardings = state_shardings(nnx.state(model), make_mesh((2, 2, 2)))
+    q_sh = shardings["blocks"][0]["attn"]["q_proj"]
+    assert q_sh["lora_a"].get_value().spec == P("fsdp", None)
+    assert q_sh["lora_b"].get_value().spec == P(None, "tensor")
+    assert lora.trainable_filter(False) is nnx.Param
+
+    with pytest.raises(ValueError, match="already has LoRA"):
+        lora.apply_lora(model, RANK, ALPHA, ("q_proj",), nnx.Rngs(1))
+    with pytest.raises(UserInputError, match=r"unknown projection\(s\) \['qproj'\]"):
+        lora.apply_lora(CausalLM(cfg, rngs=nnx.Rngs(0)), RANK, ALPHA, ("qproj",), nnx.Rngs(1))
+    with pytest.raises(UserInputError, match="no such nnx.Linear"):
+        lora.apply_lora(CausalLM(cfg, rngs=nnx.Rngs(0)), RANK, ALPHA, ("gate_proj",), nnx.Rngs(1))
