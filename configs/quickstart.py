@@ -19,7 +19,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.seed = 0
     c.seeds = (0,)
     c.world = dict(seed=0, num_background=200, num_new=100, zipf_exponent=0.0)
-    c.data = dict(source="bios", corpus="", qa_file="", bios_per_person=4, pretrain_qa=True)
+    c.data = dict(source="bios", corpus="", qa_file="", num_dev=0, bios_per_person=4, pretrain_qa=True)
     c.tokenizer = dict(path="", vocab_size=1024)
     small = dict(flavour="llama", d_model=96, num_layers=3, num_heads=4, num_kv_heads=2, mlp_dim=256,
                  max_len=256, tie_embeddings=True, rope_theta=10000.0)
@@ -34,8 +34,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                               weight_decay=0.1, log_every=50, checkpoint_every=200)
     c.cpt = train_config(steps=240, batch_size=16, seq_len=96, lr=1e-3, warmup_steps=24, schedule="linear",
                          weight_decay=0.0, log_every=40, checkpoint_every=240)
+    # mode: cached (teachers score the corpus once), live (inside every step), fixed_copies (the paper's
+    # offline K copies + originals). render_examples: HTML/PNG clue views written to workdir/clues/.
     c.clues = dict(arms=("plain", "random", "contrast"), alpha=0.7, beta=0.03, original_fraction=1 / 11,
-                   protected_extra=(), teacher_dtype="float32", query_block=64, score_batch=32)
+                   mode="cached", copies=10, protected_extra=(), teacher_dtype="float32", query_block=64,
+                   score_batch=32, render_examples=4)
     c.eval = dict(k_shot=5, max_new_tokens=10, batch_size=100, cloze=True)
     c.mesh = dict(shape=(-1, 1, 1))
 
@@ -43,8 +46,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.world.update(num_background=24, num_new=8)
         c.data.bios_per_person = 1
         c.tokenizer.vocab_size = 512
-        for size in ("small", "large"):
-            c.models[size].update(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=64)
+        c.models.small.update(d_model=32, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=64)
+        c.models.large.update(d_model=48, num_layers=1, num_heads=2, num_kv_heads=1, mlp_dim=96)
         c.pretrain.update(steps=4, batch_size=8, log_every=2, checkpoint_every=4, warmup_steps=1)
         c.cpt.update(steps=4, batch_size=8, seq_len=160, log_every=2, checkpoint_every=4, warmup_steps=1)
         c.eval.update(k_shot=1, max_new_tokens=4, batch_size=16)

@@ -93,4 +93,4 @@ def test_findings_state_the_measured_direction():
     assert math.isclose(stats["mean"]["exact_match"], 0.3) and math.isclose(stats["std"]["exact_match"], 0.2 / 2 ** 0.5)
     assert stats["mean"]["shock"]["rho"] == 0.1 and stats["std"]["shock"]["rho"] == 0.0
     table = report.arm_table(shocked)
-    assert "| mixing/interpolate | 3 | 0.410 ± 0.010 |" in table and "0.5, 0.5, 0.5" in table
+    assert "| mixing/interpolate | 3 | 0.410 ± 0.010 |" in table and "| 0.5, 0.5, 0.5 |" in table

@@ -115,7 +115,8 @@ def _lambdas(entry: Mapping) -> str:
 
 def arm_table(summary: Mapping, prefix: str = "") -> str:
     """Markdown table of the arms (decoding, or `prefix="rank:"` for candidate ranking)."""
-    header = ["arm", "seeds", "EM", "F1"] + [f"EM {b}" for b in BUCKETS] + ["shock rho", "lambda (per seed)"]
+    header = (["arm", "seeds", "EM", "F1"] + [f"EM {b}" for b in BUCKETS]
+              + ["shock rho", "pred/gold left-out", "pred/gold over-sampled", "lambda (per seed)"])
     rows = []
     for arm in ARM_ORDER:
         key = prefix + arm
@@ -124,7 +125,8 @@ def arm_table(summary: Mapping, prefix: str = "") -> str:
         e = summary["arms"][key]
         rows.append([key, str(e["n"]), _arm_cell(e, "exact_match"), _arm_cell(e, "f1")]
                     + [_arm_cell(e, f"buckets.{b}.exact_match") for b in BUCKETS]
-                    + [_arm_cell(e, "shock.rho"), _lambdas(e)])
+                    + [_arm_cell(e, "shock.rho"), _arm_cell(e, "pred_over_gold.dropped", 2),
+                       _arm_cell(e, "pred_over_gold.oversampled", 2), _lambdas(e)])
     return _table(rows, header)
 
 
@@ -219,7 +221,9 @@ def render_report(summary: Mapping) -> str:
         arm_table(summary),
         "",
         "Shock rho: Spearman correlation between log(predicted / gold) on the test set and "
-        "log(fine-tune / pre-train frequency) per object entity (rho > 0: the shock).",
+        "log(fine-tune / pre-train frequency) per object entity (rho > 0: the shock). pred/gold: how often the "
+        "objects the skew left out of fine-tuning (the most frequent in pre-training) and those it over-sampled "
+        "(the rarest) are predicted, divided by how often they are the answer (1 = calibrated).",
         "",
     ]
     if any(a.startswith("rank:") for a in summary["arms"]):
@@ -232,7 +236,8 @@ def render_report(summary: Mapping) -> str:
         lines += ["## Plots", ""] + [f"- {k}: `{v}`" for k, v in sorted(plots.items())] + [""]
     if rt:
         lines += ["## Runtime", "",
-                  f"This invocation: {rt.get('seconds')} s on {rt.get('cpu_count')} CPU core(s), {rt.get('devices')}; "
+                  f"This invocation: {rt.get('seconds')} s wall, {rt.get('cpu_seconds')} s CPU time (all threads) on "
+                  f"{rt.get('cpu_count')} CPU core(s), {rt.get('devices')}; "
                   f"load average at start {_load(rt.get('loadavg_start'))}, at end {_load(rt.get('loadavg_end'))} "
                   "(other processes on the machine inflate the time). Stages reused from an earlier run count 0 here; "
                   f"per-stage training seconds: {rt.get('stage_seconds')}.", ""]

@@ -11,7 +11,7 @@ from flax import nnx
 
 from clue_jax.models import factory
 from clue_jax.models.config import ModelConfig
-from clue_jax.train import loop, mesh as mesh_lib, objectives
+from clue_jax.train import loop, mesh as mesh_lib, objectives, sharding as shard_lib
 
 log = logging.getLogger("clue_jax")
 
@@ -21,8 +21,8 @@ def make_mesh(config):
 
 
 def train_model(stage_dir: str, model: nnx.Module, model_cfg: ModelConfig, data, train_cfg, mesh, *,
-                objective=objectives.causal_lm, transform=None, stage: str = "train", extra_meta=None,
-                trainable=nnx.Param, export=None) -> dict:
+                objective=objectives.causal_lm, transform=None, extras=None, stage: str = "train",
+                extra_meta=None, trainable=nnx.Param, export=None) -> dict:
     """Trains in `stage_dir` (resuming from its checkpoints), saves the final weights
     to `stage_dir/model`, and returns the stage's JSON result.
 
@@ -31,8 +31,9 @@ def train_model(stage_dir: str, model: nnx.Module, model_cfg: ModelConfig, data,
     """
     t0 = time.time()
     meta = {"model": model_cfg.to_dict(), **(extra_meta or {})}
+    extras_shardings = None if extras is None else shard_lib.state_shardings(extras, mesh)
     trainer = loop.Trainer(model, objective, train_cfg, mesh, stage_dir, transform=transform, meta=meta,
-                           stage=stage, trainable=trainable)
+                           stage=stage, trainable=trainable, extras=extras, extras_shardings=extras_shardings)
     result = trainer.run(data)
     if result.status != "done":
         log.warning("%s preempted at step %d; rerun the same command to resume", stage, result.step)

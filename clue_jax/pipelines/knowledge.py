@@ -2,15 +2,20 @@
 
 Stages (each cached in workdir/stages, see stages.py):
   world -> tokenizer -> pretrain_small, pretrain_large (background people:
-  rich bios + their QA, so the base models know the QA format) -> scores
-  (both teachers read the new documents once; clue dropout's cached mode)
-  -> cpt_<arm>_s<seed> (the small base model learns the new documents, with
-  the arm's dropout drawn fresh every step) -> eval_<model> (k-shot QA and
-  cloze on the new people, EM/F1 per attribute). summary.json holds every
-  table; the quickstart prints one.
+  rich bios + their QA, so the base models know the QA format; or HF
+  checkpoints from `base_models`) -> scores (both teachers read the new
+  documents once: clue dropout's cached mode) -> cpt_<student>_<arm>_s<seed>
+  (a base model learns the new documents, with the arm's dropout drawn fresh
+  every step) -> eval_<name> (k-shot QA and cloze on the new people, EM/F1
+  per attribute). `summary.json` holds every table; the quickstart prints one.
+
+`prepare` and `train_and_evaluate` are shared with the replication pipeline.
 """
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import logging
 import os
 
@@ -18,7 +23,7 @@ import jax
 import numpy as np
 from flax import nnx
 
-from clue_jax.clues import dropout, scoring
+from clue_jax.clues import analysis, dropout, render, scoring
 from clue_jax.data import bios, corpus, lm_data
 from clue_jax.data.batching import ArrayBatchSource
 from clue_jax.data.tokenizer import load_tokenizer, protected_token_ids, train_bpe_tokenizer
@@ -27,24 +32,22 @@ from clue_jax.eval import qa_eval
 from clue_jax.models import factory, lora
 from clue_jax.models.config import ModelConfig
 from clue_jax.pipelines import common
-from clue_jax.pipelines.stages import Stages
+from clue_jax.pipelines.stages import Stages, fingerprint
+from clue_jax.train import sharding as shard_lib
 
 log = logging.getLogger("clue_jax")
 
 ARMS = ("plain", "random", "attention", "contrast")
+MODES = ("cached", "live", "fixed_copies")
 
 
 # ------------------------------------------------------------------ documents
-def _read_jsonl(path):
-    import json
-
+def read_jsonl(path):
     with open(path) as f:
         return [json.loads(line) for line in f]
 
 
-def _write_jsonl(path, rows):
-    import json
-
+def write_jsonl(path, rows):
     if jax.process_index() == 0:
         with open(path, "w") as f:
             for row in rows:
@@ -54,12 +57,12 @@ def _write_jsonl(path, rows):
 def world_stage(config, stage_dir):
     world = bios.build_world(bios.WorldConfig(**config.world.to_dict()))
     for split in ("background", "new"):
-        _write_jsonl(os.path.join(stage_dir, f"{split}.jsonl"), bios.world_records(world, split))
+        write_jsonl(os.path.join(stage_dir, f"{split}.jsonl"), bios.world_records(world, split))
     return {"background": len(world.background), "new": len(world.new)}
 
 
 def load_people(world_dir, split):
-    return [bios.person_from_record(r) for r in _read_jsonl(os.path.join(world_dir, f"{split}.jsonl"))]
+    return [bios.person_from_record(r) for r in read_jsonl(os.path.join(world_dir, f"{split}.jsonl"))]
 
 
 def pretraining_texts(people, bios_per_person: int, seed: int, with_qa: bool) -> list[str]:
@@ -74,22 +77,45 @@ def pretraining_texts(people, bios_per_person: int, seed: int, with_qa: bool) ->
     return [texts[i] for i in order]
 
 
-def knowledge_documents(config, world_dir):
-    """The new facts to learn and their probes: the new people, or the user's corpus + QA file."""
+@dataclasses.dataclass
+class Knowledge:
+    """The documents to learn and the probes that test them (one split of people)."""
+
+    docs: list[str]
+    probes: list[qa_eval.Probe]
+    cloze: list[qa_eval.Probe]
+    people: list | None  # bios.Person per doc for the built-in world, else None
+
+
+def people_knowledge(people) -> Knowledge:
+    keep = bios.PAPER_ATTRIBUTES  # company_city is not in the paper's template, so it cannot be learned
+    return Knowledge(
+        docs=[bios.paper_bio(p) for p in people],
+        probes=[qa_eval.Probe(q.question, q.answer, q.attribute, q.name)
+                for p in people for q in bios.qa_items(p) if q.attribute in keep],
+        cloze=[qa_eval.Probe(q.question, q.answer, q.attribute, q.name)
+               for p in people for q in bios.cloze_items(p) if q.attribute in keep],
+        people=list(people),
+    )
+
+
+def knowledge_splits(config, world_dir) -> dict[str, Knowledge]:
+    """'test' (and 'dev' for hyper-parameter choice): the new people, or the user's corpus + QA file."""
     if config.data.source == "corpus":
         docs = corpus.read_text_corpus(config.data.corpus)
         probes = [qa_eval.Probe(r["question"], r["answer"], r.get("attribute", "all"), r.get("name", ""))
                   for r in corpus.read_qa_jsonl(config.data.qa_file)]
-        return docs, probes, []
+        return {"test": Knowledge(docs, probes, [], None)}
     if config.data.source != "bios":
         raise UserInputError(f"data.source={config.data.source!r} is not 'bios' or 'corpus'")
     people = load_people(world_dir, "new")
-    docs = [bios.paper_bio(p) for p in people]
-    probes = [qa_eval.Probe(q.question, q.answer, q.attribute, q.name)
-              for p in people for q in bios.qa_items(p) if q.attribute in bios.PAPER_ATTRIBUTES]
-    cloze = [qa_eval.Probe(q.question, q.answer, q.attribute, q.name)
-             for p in people for q in bios.cloze_items(p) if q.attribute in bios.PAPER_ATTRIBUTES]
-    return docs, probes, cloze
+    n_dev = int(config.data.get("num_dev", 0))
+    if n_dev >= len(people):
+        raise UserInputError(f"data.num_dev={n_dev} leaves no test people out of world.num_new={len(people)}")
+    splits = {"test": people_knowledge(people[n_dev:])}
+    if n_dev:
+        splits["dev"] = people_knowledge(people[:n_dev])
+    return splits
 
 
 def shot_pool(world_dir):
@@ -97,7 +123,6 @@ def shot_pool(world_dir):
     for person in load_people(world_dir, "background"):
         for item in bios.qa_items(person):
             pool.setdefault(item.attribute, []).append((item.question, item.answer))
-    pool["all"] = [s for a in bios.PAPER_ATTRIBUTES for s in pool[a]]
     return pool
 
 
@@ -149,51 +174,128 @@ def scores_stage(config, docs_data, teachers, mesh, stage_dir):
     return {"path": os.path.join(stage_dir, "scores.npz")}
 
 
-def dropout_config(config, arm, tokenizer) -> dropout.DropoutConfig:
+def dropout_config(config, arm, tokenizer, alpha=None, beta=None) -> dropout.DropoutConfig:
     c = config.clues
     return dropout.DropoutConfig(
-        method=arm, alpha=c.alpha, beta=c.beta, original_fraction=c.original_fraction,
+        method=arm, alpha=c.alpha if alpha is None else alpha, beta=c.beta if beta is None else beta,
+        original_fraction=c.original_fraction,
         protected_ids=tuple(protected_token_ids(tokenizer, extra=tuple(c.protected_extra))),
         pad_id=tokenizer.pad_token_id,
     )
 
 
-def cpt_stage(config, arm, seed, docs_data, scores_path, base_dir, tokenizer, mesh, stage_dir):
-    model, cfg = factory.load_params(base_dir, mesh)
-    arrays = dict(docs_data)
-    if arm in ("attention", "contrast"):
-        scores = np.load(scores_path)
-        arrays["scores_large"], arrays["scores_small"] = scores["large"], scores["small"]
+def live_transform(teachers: dict, drop_cfg: dropout.DropoutConfig, query_block: int):
+    """Live mode: the frozen teachers score each batch inside the jitted step.
+
+    Returns (transform, extras, extras_shardings) for the Trainer; the teacher
+    states travel as jit arguments (sharded like any model), under stop_gradient.
+    """
+    graphdefs, states = {}, {}
+    for size, model in teachers.items():
+        graphdefs[size], states[size] = nnx.split(model)
+
+    def transform(rng, batch, extras):
+        scores = {}
+        for size in ("large", "small"):
+            teacher = nnx.merge(graphdefs[size], extras[size])
+            scores[size] = scoring.received_attention(teacher, batch["input_ids"], batch["attention_mask"],
+                                                      query_block)
+        batch = dict(batch, scores_large=scores["large"], scores_small=scores["small"])
+        return dropout.augment_batch(rng, batch, None, drop_cfg)
+
+    return transform, states
+
+
+def cpt_stage(ctx, student: str, arm: str, seed: int, knowledge_name: str, drop: dict, stage_dir: str):
+    config, mesh, tokenizer = ctx.config, ctx.mesh, ctx.tokenizer
+    model, cfg = factory.load_params(ctx.bases[student]["model_dir"], mesh)
+    data = dict(ctx.docs_data[knowledge_name])
+    mode = config.clues.mode
+    drop_cfg = dropout_config(config, arm, tokenizer, **drop)
+    needs_scores = arm in ("attention", "contrast")
+    if needs_scores and mode in ("cached", "fixed_copies"):
+        scores = np.load(ctx.scores[knowledge_name]["path"])
+        data["scores_large"], data["scores_small"] = scores["large"], scores["small"]
     train_cfg = config.cpt.copy_and_resolve_references()
     train_cfg.seed = seed
-    drop_cfg = dropout_config(config, arm, tokenizer)
-    transform = None if arm == "plain" else (lambda rng, batch, extras: dropout.augment_batch(rng, batch, None, drop_cfg))
-    source = ArrayBatchSource(arrays, train_cfg.batch_size, seed=seed)
+    transform, extras = None, None
+    if arm != "plain" and mode == "fixed_copies":  # the paper's offline K copies + originals
+        ranking = dropout.contrast(data["scores_large"], data["scores_small"]) if arm == "contrast" else (
+            data["scores_large"] if arm == "attention" else None)
+        ids, mask = dropout.fixed_copies(jax.random.key(seed), data["input_ids"], data["attention_mask"],
+                                         ranking, drop_cfg, int(config.clues.copies))
+        data = {"input_ids": np.asarray(ids), "attention_mask": np.asarray(mask)}
+    elif arm != "plain" and mode == "live" and needs_scores:
+        teachers = {s: factory.load_params(ctx.bases[s]["model_dir"], mesh)[0] for s in ("large", "small")}
+        transform, extras = live_transform(teachers, drop_cfg, config.clues.query_block)
+    elif arm != "plain":
+        transform = lambda rng, batch, extras: dropout.augment_batch(rng, batch, None, drop_cfg)
+    data = {k: v for k, v in data.items() if transform is not None or not k.startswith("scores_")}
+    source = ArrayBatchSource(data, train_cfg.batch_size, seed=seed)
     use_lora = config.lora.rank > 0
     if use_lora:  # the paper's students: LoRA on all projections, base frozen, merged on export
         lora.apply_lora(model, config.lora.rank, config.lora.alpha, tuple(config.lora.targets), rngs=nnx.Rngs(seed))
-    return common.train_model(stage_dir, model, cfg, source, train_cfg, mesh, transform=transform,
-                              stage=f"cpt_{arm}_s{seed}", extra_meta={"arm": arm, "lora": config.lora.to_dict()},
-                              trainable=lora.trainable_filter(use_lora),
-                              export=lora.merge_lora if use_lora else None)
+    return common.train_model(
+        stage_dir, model, cfg, source, train_cfg, mesh, transform=transform, extras=extras,
+        stage=os.path.basename(stage_dir), extra_meta={"arm": arm, "lora": config.lora.to_dict()},
+        trainable=lora.trainable_filter(use_lora), export=lora.merge_lora if use_lora else None)
 
 
-def eval_stage(config, model_dir, tokenizer, probes, cloze, shots, mesh, stage_dir):
-    model, _ = factory.load_params(model_dir, mesh)
+def eval_stage(ctx, model_dir, knowledge: Knowledge, stage_dir):
+    config = ctx.config
+    model, _ = factory.load_params(model_dir, ctx.mesh)
     e = config.eval
-    qa = qa_eval.run_probes(model, tokenizer, probes, shots, k=e.k_shot, seed=config.seed,
-                            batch_size=e.batch_size, max_new_tokens=e.max_new_tokens)
+    qa = qa_eval.run_probes(model, ctx.tokenizer, knowledge.probes, ctx.shots, k=e.k_shot if ctx.shots else 0,
+                            seed=config.seed, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens)
     result = {"qa": qa_eval.per_attribute(qa)}
-    if cloze and e.cloze:
-        cl = qa_eval.run_probes(model, tokenizer, cloze, batch_size=e.batch_size,
+    if knowledge.cloze and e.cloze:
+        cl = qa_eval.run_probes(model, ctx.tokenizer, knowledge.cloze, batch_size=e.batch_size,
                                 max_new_tokens=e.max_new_tokens, cut_at_period=True)
         result["cloze"] = qa_eval.per_attribute(cl)
-    _write_jsonl(os.path.join(stage_dir, "predictions.jsonl"), qa)
+    write_jsonl(os.path.join(stage_dir, "predictions.jsonl"), qa)
     return result
 
 
-# ------------------------------------------------------------------ pipeline
-def run(config, workdir: str) -> dict:
+# ------------------------------------------------------------------ context
+@dataclasses.dataclass
+class Context:
+    config: object
+    workdir: str
+    mesh: object
+    stages: Stages
+    world_dir: str
+    tokenizer: object
+    bases: dict
+    knowledge: dict[str, Knowledge]
+    docs_data: dict[str, dict]
+    scores: dict[str, dict]
+    shots: dict
+
+
+def array_fingerprint(arrays: dict) -> str:
+    """Content hash of token arrays, so edited data reruns what reads it."""
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        digest.update(key.encode())
+        digest.update(np.ascontiguousarray(arrays[key]).tobytes())
+    return digest.hexdigest()[:16]
+
+
+def path_fingerprint(path: str) -> str:
+    """Names a user checkpoint by its files' sizes and times, so replacing it reruns what depends on it."""
+    if not os.path.isdir(path):
+        raise UserInputError(f"base model directory not found: {path}")
+    return fingerprint(sorted((f, os.path.getsize(os.path.join(path, f)), int(os.path.getmtime(os.path.join(path, f))))
+                              for f in os.listdir(path)))
+
+
+def prepare(config, workdir: str, need_scores: bool) -> Context:
+    """Everything before the students train: world, tokenizer, base models, documents, teacher scores."""
+    for arm in config.clues.arms:
+        if arm not in ARMS:
+            raise UserInputError(f"clues.arms contains {arm!r}; valid arms: {ARMS}")
+    if config.clues.mode not in MODES:
+        raise UserInputError(f"clues.mode={config.clues.mode!r} is not one of {MODES}")
     mesh = common.make_mesh(config)
     stages = Stages(workdir)
     world = stages.run("world", {"world": config.world.to_dict()}, lambda d: world_stage(config, d))
@@ -208,112 +310,164 @@ def run(config, workdir: str) -> dict:
     for size in ("small", "large"):
         if config.base_models[size]:  # a pretrained checkpoint (HF directory) replaces pre-training
             path = os.path.abspath(config.base_models[size])
-            bases[size] = {"model_dir": path, "_fingerprint": _path_fingerprint(path)}
+            bases[size] = {"model_dir": path, "_fingerprint": path_fingerprint(path)}
             continue
         inputs = {"tokenizer": tok_res["_fingerprint"], "model": config.models[size].to_dict(),
                   "train": config.pretrain.to_dict(), "data": config.data.to_dict(), "seed": config.seed}
         bases[size] = stages.run(f"pretrain_{size}", inputs,
                                  lambda d, s=size: pretrain_stage(config, s, world_dir, tokenizer, mesh, d))
 
-    docs, probes, cloze = knowledge_documents(config, world_dir)
-    docs_data = lm_data.one_per_row(tokenizer, docs, config.cpt.seq_len)
-    arms = list(config.clues.arms)
-    for arm in arms:
-        if arm not in ARMS:
-            raise UserInputError(f"clues.arms contains {arm!r}; valid arms: {ARMS}")
-    scores = {"path": None, "_fingerprint": None}
-    if any(a in ("attention", "contrast") for a in arms):
-        inputs = {"small": bases["small"]["_fingerprint"], "large": bases["large"]["_fingerprint"],
-                  "docs": _docs_fingerprint(docs_data), "clues": config.clues.to_dict()}
+    knowledge = knowledge_splits(config, world_dir)
+    docs_data = {k: lm_data.one_per_row(tokenizer, v.docs, config.cpt.seq_len) for k, v in knowledge.items()}
+    scores = {}
+    if need_scores:
         teachers = {s: bases[s]["model_dir"] for s in ("small", "large")}
-        scores = stages.run("scores", inputs, lambda d: scores_stage(config, docs_data, teachers, mesh, d))
-
+        for name, data in docs_data.items():
+            inputs = {"small": bases["small"]["_fingerprint"], "large": bases["large"]["_fingerprint"],
+                      "docs": array_fingerprint(data), "dtype": config.clues.teacher_dtype}
+            scores[name] = stages.run(f"scores_{name}", inputs,
+                                      lambda d, x=data: scores_stage(config, x, teachers, mesh, d))
     shots = shot_pool(world_dir) if config.data.source == "bios" else {}
-    summary = {"models": {}, "stages": {}}
-
-    def evaluate(name, model_stage):
-        inputs = {"model": model_stage["_fingerprint"], "eval": config.eval.to_dict(),
-                  "probes": _docs_fingerprint(probes), "seed": config.seed}
-        res = stages.run(f"eval_{name}", inputs,
-                         lambda d: eval_stage(config, model_stage["model_dir"], tokenizer, probes, cloze, shots, mesh, d))
-        summary["models"][name] = {k: v for k, v in res.items() if not k.startswith("_")}
-
-    evaluate("base_small", bases["small"])
-    for seed in config.seeds:
-        for arm in arms:
-            inputs = {"base": bases["small"]["_fingerprint"], "scores": scores["_fingerprint"], "arm": arm,
-                      "seed": seed, "train": config.cpt.to_dict(), "clues": config.clues.to_dict(),
-                      "docs": _docs_fingerprint(docs_data)}
-            stage = stages.run(f"cpt_{arm}_s{seed}", inputs,
-                               lambda d, a=arm, s=seed: cpt_stage(config, a, s, docs_data, scores["path"],
-                                                                  bases["small"]["model_dir"], tokenizer, mesh, d))
-            summary["stages"][f"cpt_{arm}_s{seed}"] = _public(stage)
-            evaluate(f"{arm}_s{seed}", stage)
-
-    summary["stages"].update({f"pretrain_{s}": _public(bases[s]) for s in bases})
-    summary["distance_from_name"] = name_distances(tokenizer, world_dir) if config.data.source == "bios" else {}
-    summary["stages_reused"] = stages.reused
-    summary["stages_ran"] = stages.ran
-    common.write_json(os.path.join(workdir, "summary.json"), summary)
-    if jax.process_index() == 0:
-        print(render_table(summary, arms, list(config.seeds)))
-    return summary
+    return Context(config, workdir, mesh, stages, world_dir, tokenizer, bases, knowledge, docs_data, scores, shots)
 
 
-def _path_fingerprint(path: str) -> str:
-    """Names a user checkpoint by its files' sizes and times, so replacing it reruns what depends on it."""
-    from clue_jax.pipelines.stages import fingerprint
+def train_and_evaluate(ctx: Context, student: str, arm: str, seed: int, split: str = "test",
+                       drop: dict | None = None, tag: str = "") -> dict:
+    """One arm: continual pre-training of `student` on `split`'s documents, then its QA/cloze tables."""
+    config = ctx.config
+    drop = drop or {}
+    name = f"{student}_{arm}{tag}_s{seed}" + ("" if split == "test" else f"_{split}")
+    inputs = {"base": ctx.bases[student]["_fingerprint"], "scores": ctx.scores.get(split, {}).get("_fingerprint"),
+              "arm": arm, "seed": seed, "train": config.cpt.to_dict(), "clues": config.clues.to_dict(),
+              "drop": drop, "lora": config.lora.to_dict(), "docs": array_fingerprint(ctx.docs_data[split])}
+    stage = ctx.stages.run(f"cpt_{name}", inputs, lambda d: cpt_stage(ctx, student, arm, seed, split, drop, d))
+    result = evaluate(ctx, name, stage, split)
+    result["train"] = _public(stage)
+    return result
 
-    if not os.path.isdir(path):
-        raise UserInputError(f"base model directory not found: {path}")
-    return fingerprint(sorted((f, os.path.getsize(os.path.join(path, f)), int(os.path.getmtime(os.path.join(path, f))))
-                              for f in os.listdir(path)))
+
+def evaluate(ctx: Context, name: str, model_stage: dict, split: str = "test") -> dict:
+    knowledge = ctx.knowledge[split]
+    inputs = {"model": model_stage["_fingerprint"], "eval": ctx.config.eval.to_dict(),
+              "probes": fingerprint([repr(p) for p in knowledge.probes]), "seed": ctx.config.seed}
+    res = ctx.stages.run(f"eval_{name}", inputs, lambda d: eval_stage(ctx, model_stage["model_dir"], knowledge, d))
+    return _public(res)
 
 
 def _public(result: dict) -> dict:
     return {k: v for k, v in result.items() if not k.startswith("_") and k != "model_dir"}
 
 
-def _docs_fingerprint(value) -> str:
-    """Content hash of token arrays or probe lists, so edited data reruns what reads it."""
-    import hashlib
-
-    digest = hashlib.sha256()
-    if isinstance(value, dict):
-        for key in sorted(value):
-            digest.update(key.encode())
-            digest.update(np.ascontiguousarray(value[key]).tobytes())
-    else:
-        for item in value:
-            digest.update(repr(item).encode())
-    return digest.hexdigest()[:16]
+# ------------------------------------------------------------------ clue views
+def _token_offsets(tokenizer, text: str):
+    return tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)["offset_mapping"]
 
 
-def name_distances(tokenizer, world_dir) -> dict[str, float]:
-    rows = []
-    for person in load_people(world_dir, "new"):
-        text = bios.paper_bio(person)
-        rows.append((text, len(person.name), bios.attribute_spans(text, person)))
-    return qa_eval.token_distances(tokenizer, rows)
+def clue_analysis(ctx: Context, split: str = "test", far_attribute: str = "company") -> dict:
+    """The paper's analysis: are the name tokens the clues the large model uses?
+
+    - share of name tokens among the top-10 contrast tokens d = s_large - s_small
+      of each biography (and the chance level);
+    - seen from far: for the query just before the `far_attribute` value, the
+      keys the large teacher attends to more than the small one; share of name
+      tokens among the top 10 (and chance).
+    """
+    knowledge = ctx.knowledge[split]
+    if knowledge.people is None or split not in ctx.scores:
+        return {}
+    data = ctx.docs_data[split]
+    scores = np.load(ctx.scores[split]["path"])
+    ids, mask = data["input_ids"], data["attention_mask"]
+    name_mask = np.zeros_like(mask)
+    query = np.zeros(len(ids), np.int32)
+    for i, (text, person) in enumerate(zip(knowledge.docs, knowledge.people)):
+        offsets = _token_offsets(ctx.tokenizer, text)
+        start = bios.attribute_spans(text, person)[far_attribute][0]
+        for j, (a, b) in enumerate(offsets):
+            if a < len(person.name):
+                name_mask[i, j + 1] = 1  # +1: BOS at position 0
+        first_value_token = next(j for j, (a, b) in enumerate(offsets) if b > start)
+        query[i] = first_value_token  # row index of the token just before the value (BOS shift cancels)
+    d = scores["large"] - scores["small"]
+    rows = {}
+    for size in ("large", "small"):
+        model, _ = factory.load_params(ctx.bases[size]["model_dir"], ctx.mesh)
+        rows[size] = np.asarray(jax.jit(lambda m, i, k, q: scoring.attention_from_query(m, i, k, q))(
+            model, ids, mask, query))
+    bos = (ids == ctx.tokenizer.bos_token_id).astype(np.int32)
+    far = analysis.top_tokens_from_query(rows["large"], rows["small"], mask, query, k=10,
+                                         name_token_mask=name_mask, exclude_mask=bos)
+    return {
+        "name_share_top10_contrast": analysis.name_share_in_top_contrast(d, mask, name_mask, k=10),
+        "name_share_chance": analysis.name_share_by_chance(mask, name_mask),
+        f"name_share_top10_from_{far_attribute}": far["name_share"],
+        f"name_share_chance_from_{far_attribute}": analysis.name_share_by_chance(mask * (1 - bos), name_mask, query),
+    }
+
+
+def render_clue_examples(ctx: Context, n: int, split: str = "test") -> list[str]:
+    """Writes HTML and PNG views of s_large, s_small and d for the first n documents."""
+    if n <= 0 or split not in ctx.scores or jax.process_index() != 0:
+        return []
+    out_dir = os.path.join(ctx.workdir, "clues")
+    os.makedirs(out_dir, exist_ok=True)
+    scores = np.load(ctx.scores[split]["path"])
+    data = ctx.docs_data[split]
+    paths = []
+    for i in range(min(n, len(data["input_ids"]))):
+        length = int(data["attention_mask"][i].sum())
+        ids = data["input_ids"][i, :length]
+        tokens = [ctx.tokenizer.decode([int(t)]) for t in ids]
+        large, small = scores["large"][i, :length], scores["small"][i, :length]
+        base = os.path.join(out_dir, f"example_{i}")
+        render.render_html(tokens, large, small, large - small, base + ".html", title=f"clues, document {i}")
+        render.render_heatmap_png(tokens, large, small, large - small, base + ".png", title=f"document {i}")
+        paths += [base + ".html", base + ".png"]
+    return paths
+
+
+# ------------------------------------------------------------------ pipeline
+def run(config, workdir: str) -> dict:
+    arms = list(config.clues.arms)
+    ctx = prepare(config, workdir, need_scores=any(a in ("attention", "contrast") for a in arms)
+                  or config.clues.render_examples > 0)
+    summary = {"models": {}, "stages": {}}
+    summary["models"]["base_small"] = evaluate(ctx, "base_small", ctx.bases["small"])
+    for seed in config.seeds:
+        for arm in arms:
+            summary["models"][f"{arm}_s{seed}"] = train_and_evaluate(ctx, "small", arm, seed)
+    summary["distance_from_name"] = name_distances(ctx)
+    summary["clue_views"] = render_clue_examples(ctx, config.clues.render_examples)
+    summary["stages_reused"] = ctx.stages.reused
+    summary["stages_ran"] = ctx.stages.ran
+    common.write_json(os.path.join(workdir, "summary.json"), summary)
+    if jax.process_index() == 0:
+        print(render_table(summary, arms, list(config.seeds)))
+    return summary
+
+
+def name_distances(ctx: Context, split: str = "test") -> dict[str, float]:
+    knowledge = ctx.knowledge[split]
+    if knowledge.people is None:
+        return {}
+    rows = [(text, len(p.name), bios.attribute_spans(text, p)) for text, p in zip(knowledge.docs, knowledge.people)]
+    return qa_eval.token_distances(ctx.tokenizer, rows)
 
 
 def render_table(summary: dict, arms: list[str], seeds: list[int]) -> str:
-    """EM per attribute (ordered by distance from the name) for each model, mean over seeds."""
+    """EM per attribute (ordered by distance from the name) for each model, mean (± std) over seeds."""
     dist = summary.get("distance_from_name") or {}
     any_model = next(iter(summary["models"].values()))
-    attrs = [a for a in any_model["qa"] if a != "all"]
-    attrs.sort(key=lambda a: dist.get(a, 0.0))
+    attrs = sorted((a for a in any_model["qa"] if a != "all"), key=lambda a: dist.get(a, 0.0))
     header = ["model"] + [f"{a} ({dist[a]:.0f} tok)" if a in dist else a for a in attrs] + ["all"]
     rows = []
-    names = ["base_small"] + arms
-    for name in names:
+    for name in ["base_small"] + arms:
         keys = [name] if name == "base_small" else [f"{name}_s{s}" for s in seeds]
         tables = [summary["models"][k]["qa"] for k in keys if k in summary["models"]]
-        if not tables:
-            continue
-        cells = []
-        for a in attrs + ["all"]:
-            vals = [t[a]["exact_match"] for t in tables]
-            cells.append(f"{np.mean(vals):.2f}" + (f" ± {np.std(vals):.2f}" if len(vals) > 1 else ""))
-        rows.append([name] + cells)
+        if tables:
+            rows.append([name] + [mean_std([t[a]["exact_match"] for t in tables]) for a in attrs + ["all"]])
     return "QA exact match on the new people (k-shot):\n" + common.format_table(rows, header)
+
+
+def mean_std(values) -> str:
+    return f"{np.mean(values):.2f}" + (f" ± {np.std(values):.2f}" if len(values) > 1 else "")

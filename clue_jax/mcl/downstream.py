@@ -1,0 +1,451 @@
+"""Downstream evaluation of pre-trained ELECTRA/MCL discriminators: built-in tasks, fine-tuning, metrics.
+
+Built in, from the biography world (`clue_jax.data.bios`), so the pipeline
+needs no download:
+- `bios_qa`: SQuAD 2.0-style extractive QA over one biography. The context
+  is a rich biography (one paraphrase per attribute, sentences shuffled, the
+  name in the first sentence and sometimes later); the question asks for one
+  attribute ("What is the company of Ann Lee?"). An unanswerable question
+  asks for an attribute whose sentence is left out of the context, so the
+  context still holds values of the same type (the company city when the
+  birth city is asked): SQuAD 2.0's "plausible but absent" answers. Exactly
+  round(unanswerable_rate * N) questions of each split are unanswerable.
+- `bios_pair`: sentence-pair classification, "does this sentence agree with
+  this biography?": (biography, one claim about the same person in another
+  paraphrase), label 1 = the claim's value is the person's, 0 = it is
+  another person's value of the same attribute. Exactly half agree.
+`drop_max` leaves up to that many other attributes out of each context, for
+varied lengths and positions.
+
+GLUE and SQuAD 2.0 (`clue_jax.data.glue_squad`) use the same example types,
+encoders, fine-tuning and metrics.
+
+Fine-tuning: the discriminator's encoder (ELECTRA fine-tunes D) under a fresh
+`SpanQAHead` or `ClassificationHead`, trained by the shared `Trainer` with the
+span or classification objective (dropout from the encoder config). QA
+prediction is SQuAD 2.0's: the best span (start <= end, inside the context,
+at most `max_answer_tokens`) against the [CLS] null score; the null
+threshold is chosen on dev (the best dev F1, as the official v2.0 script's
+best_f1_thresh) and applied unchanged to test.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shutil
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from clue_jax.data import bios
+from clue_jax.data.batching import ArrayBatchSource
+from clue_jax.data.glue_squad import PairExample, SpanExample, encode_pair_examples, encode_span_examples
+from clue_jax.errors import UserInputError
+from clue_jax.eval import metrics as qa_metrics
+from clue_jax.models.encoder import (
+    ClassificationHead,
+    Encoder,
+    EncoderConfig,
+    SpanQAHead,
+    classification_loss,
+    span_qa_loss,
+)
+from clue_jax.train.loop import Trainer
+
+log = logging.getLogger("clue_jax")
+
+__all__ = ["BiosTaskConfig", "bios_context", "bios_qa_examples", "bios_pair_examples", "builtin_tasks", "Task",
+           "make_task", "SpanQAModel", "SequenceClassifier", "finetune_model", "span_qa_objective",
+           "classification_objective", "predict_spans", "evaluate_span_task", "evaluate_pair_task", "finetune",
+           "evaluate", "task_score"]
+
+_NO_ANSWER = ""
+
+
+# ----------------------------------------------------------------------------- built-in tasks
+
+
+@dataclasses.dataclass(frozen=True)
+class BiosTaskConfig:
+    qa_per_person: int = 2
+    pair_per_person: int = 2
+    unanswerable_rate: float = 1 / 3  # SQuAD 2.0 has about a third unanswerable
+    drop_max: int = 1  # up to this many other attributes left out of a context
+    num_templates: int = 5  # paraphrases per attribute in contexts (the pre-training corpus's rich form)
+    seed: int = 0
+
+    def __post_init__(self):
+        if not 0.0 <= self.unanswerable_rate <= 1.0:
+            raise UserInputError(f"downstream.unanswerable_rate={self.unanswerable_rate} must be in [0, 1]")
+        if self.qa_per_person < 0 or self.pair_per_person < 0:
+            raise UserInputError("downstream.qa_per_person and pair_per_person must be >= 0")
+        if not 0 <= self.drop_max <= len(bios.ATTRIBUTES) - 1:
+            raise UserInputError(f"downstream.drop_max={self.drop_max} must be in [0, {len(bios.ATTRIBUTES) - 1}]")
+        if not 1 <= self.num_templates <= min(len(t) for t in bios.RICH_TEMPLATES.values()):
+            raise UserInputError(f"downstream.num_templates={self.num_templates} is out of range")
+
+
+def _fill(template: str, person: bios.Person, value: str, use_name: bool) -> str:
+    subject = person.name if use_name else person.subject_pronoun.capitalize()
+    poss = f"{person.name}'s" if use_name else person.possessive_pronoun.capitalize()
+    return template.format(S=subject, P=poss, p=person.possessive_pronoun, v=value)
+
+
+def bios_context(person: bios.Person, attributes: Sequence[str], rng: np.random.Generator,
+                 num_templates: int = 5, fullname_prob: float = 0.5) -> str:
+    """A rich biography with only `attributes`, shuffled; the first sentence names the person."""
+    order = [attributes[i] for i in rng.permutation(len(attributes))]
+    sentences = []
+    for pos, attr in enumerate(order):
+        template = bios.RICH_TEMPLATES[attr][rng.integers(num_templates)]
+        sentences.append(_fill(template, person, person.attribute(attr), pos == 0 or rng.random() < fullname_prob))
+    return " ".join(sentences)
+
+
+def _question(person: bios.Person, attribute: str) -> str:
+    item = next(q for q in bios.qa_items(person) if q.attribute == attribute)
+    return item.question.split("\n")[0]
+
+
+def _exact_share(n: int, rate: float, rng: np.random.Generator) -> np.ndarray:
+    """A boolean [n] with exactly round(rate * n) True, at random places."""
+    flags = np.zeros(n, bool)
+    flags[rng.permutation(n)[:int(round(rate * n))]] = True
+    return flags
+
+
+def bios_qa_examples(people: Sequence[bios.Person], cfg: BiosTaskConfig, split: str = "train") -> list[SpanExample]:
+    """SQuAD 2.0-style QA over biographies (see the module docstring); deterministic in (cfg.seed, split)."""
+    rng = np.random.default_rng([cfg.seed, 101, sum(map(ord, split))])
+    plan = [(p, rng.choice(bios.ATTRIBUTES)) for p in people for _ in range(cfg.qa_per_person)]
+    impossible = _exact_share(len(plan), cfg.unanswerable_rate, rng)
+    out = []
+    for i, ((person, attr), no_answer) in enumerate(zip(plan, impossible)):
+        others = [a for a in bios.ATTRIBUTES if a != attr]
+        dropped = set(rng.permutation(others)[:rng.integers(cfg.drop_max + 1)]) if cfg.drop_max else set()
+        keep = [a for a in bios.ATTRIBUTES if a not in dropped and not (no_answer and a == attr)]
+        context = bios_context(person, keep, rng, cfg.num_templates)
+        if no_answer:
+            answers, starts = (), ()
+        else:
+            start = bios.attribute_spans(context, person)[attr][0]
+            answers, starts = (person.attribute(attr),), (start,)
+        out.append(SpanExample(id=f"bios_qa-{split}-{i}", question=_question(person, attr), context=context,
+                               answers=answers, answer_starts=starts))
+    return out
+
+
+def bios_pair_examples(people: Sequence[bios.Person], cfg: BiosTaskConfig, split: str = "train",
+                       value_pool: Sequence[bios.Person] | None = None) -> list[PairExample]:
+    """(biography, claim) pairs, label 1 = the claim agrees with the biography; exactly half agree.
+
+    A false claim takes another person's value of the same attribute (from
+    `value_pool`, default `people`), never the true one.
+    """
+    rng = np.random.default_rng([cfg.seed, 202, sum(map(ord, split))])
+    pool = list(value_pool or people)
+    values = {a: sorted({p.attribute(a) for p in pool}) for a in bios.ATTRIBUTES}
+    plan = [(p, rng.choice(bios.ATTRIBUTES)) for p in people for _ in range(cfg.pair_per_person)]
+    agree = _exact_share(len(plan), 0.5, rng)
+    out = []
+    for i, ((person, attr), true_claim) in enumerate(zip(plan, agree)):
+        others = [a for a in bios.ATTRIBUTES if a != attr]
+        dropped = set(rng.permutation(others)[:rng.integers(cfg.drop_max + 1)]) if cfg.drop_max else set()
+        context = bios_context(person, [a for a in bios.ATTRIBUTES if a not in dropped], rng, cfg.num_templates)
+        value = person.attribute(attr)
+        if not true_claim:
+            wrong = [v for v in values[attr] if v != value]
+            if not wrong:
+                raise UserInputError(f"bios_pair: no other value of {attr!r} to make a false claim")
+            value = wrong[rng.integers(len(wrong))]
+        templates = bios.RICH_TEMPLATES[attr]
+        claim = _fill(templates[rng.integers(len(templates))], person, value, use_name=True)
+        out.append(PairExample(id=f"bios_pair-{split}-{i}", text_a=context, text_b=claim, label=int(true_claim)))
+    return out
+
+
+def builtin_tasks(people_by_split: dict[str, Sequence[bios.Person]], cfg: BiosTaskConfig) -> dict[str, dict]:
+    """{"bios_qa": {split: [SpanExample]}, "bios_pair": {split: [PairExample]}} for the given people splits."""
+    pool = [p for ps in people_by_split.values() for p in ps]
+    return {
+        "bios_qa": {s: bios_qa_examples(ps, cfg, s) for s, ps in people_by_split.items()},
+        "bios_pair": {s: bios_pair_examples(ps, cfg, s, pool) for s, ps in people_by_split.items()},
+    }
+
+
+# ----------------------------------------------------------------------------- encoded tasks
+
+
+@dataclasses.dataclass
+class Task:
+    """A downstream task, encoded: kind "span" (QA) or "pair" (classification; num_labels 1 = regression)."""
+
+    name: str
+    kind: str
+    num_labels: int
+    examples: dict[str, list]
+    arrays: dict[str, dict[str, np.ndarray]]
+    offsets: dict[str, np.ndarray]  # span tasks: [N, T, 2] character offsets per split
+
+
+def make_task(name: str, examples: dict[str, list], tokenizer, max_len: int, *, num_labels: int = 2,
+              on_overflow: str = "truncate") -> Task:
+    """Encodes every split; the kind follows the example type (SpanExample -> span, PairExample -> pair)."""
+    first = next((ex for exs in examples.values() for ex in exs), None)
+    if first is None:
+        raise UserInputError(f"task {name!r} has no examples")
+    kind = "span" if isinstance(first, SpanExample) else "pair"
+    arrays, offsets = {}, {}
+    for split, exs in examples.items():
+        if kind == "span":
+            arrays[split], offsets[split] = encode_span_examples(tokenizer, exs, max_len, on_overflow=on_overflow)
+        else:
+            arrays[split] = encode_pair_examples(tokenizer, exs, max_len, on_overflow=on_overflow,
+                                                 regression=num_labels == 1)
+    return Task(name, kind, 1 if kind == "span" else num_labels, dict(examples), arrays, offsets)
+
+
+# ----------------------------------------------------------------------------- models and objectives
+
+
+class SpanQAModel(nnx.Module):
+    """Encoder + span head -> (start, end) logits [B, T] each."""
+
+    def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.encoder = Encoder(cfg, rngs)
+        self.head = SpanQAHead(cfg, rngs)
+
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, *, dropout_key=None):
+        return self.head(self.encoder(input_ids, attention_mask, token_type_ids, dropout_key=dropout_key))
+
+
+class SequenceClassifier(nnx.Module):
+    """Encoder + ELECTRA's classification head on [CLS] -> logits [B, num_labels]."""
+
+    def __init__(self, cfg: EncoderConfig, num_labels: int, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.encoder = Encoder(cfg, rngs)
+        self.head = ClassificationHead(cfg, num_labels, rngs)
+
+    def __call__(self, input_ids, attention_mask, token_type_ids=None, *, dropout_key=None):
+        k1, k2 = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
+        return self.head(self.encoder(input_ids, attention_mask, token_type_ids, dropout_key=k1), dropout_key=k2)
+
+
+def finetune_model(task: Task, encoder: Encoder, seed: int) -> nnx.Module:
+    """A copy of `encoder` under a fresh head for `task` (head initialised from `seed`)."""
+    cfg = encoder.cfg
+    rngs = nnx.Rngs(seed)
+    if task.kind == "span":
+        model = nnx.eval_shape(lambda: SpanQAModel(cfg, nnx.Rngs(0)))
+        model.head = SpanQAHead(cfg, rngs)
+    else:
+        model = nnx.eval_shape(lambda: SequenceClassifier(cfg, task.num_labels, nnx.Rngs(0)))
+        model.head = ClassificationHead(cfg, task.num_labels, rngs)
+    model.encoder = nnx.clone(encoder)
+    return model
+
+
+def span_qa_objective(model, batch, rng):
+    """Mean span cross-entropy; "correct" = share of examples with both ends right (logged as accuracy)."""
+    start, end = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], dropout_key=rng)
+    loss = span_qa_loss(start, end, batch["start_positions"], batch["end_positions"], batch["attention_mask"])
+    hit = (jnp.argmax(start, -1) == batch["start_positions"]) & (jnp.argmax(end, -1) == batch["end_positions"])
+    return loss, {"weight": jnp.float32(1.0), "correct": jnp.mean(hit.astype(jnp.float32))}
+
+
+def classification_objective(model, batch, rng):
+    """Mean cross-entropy (squared error for one output); "correct" = accuracy (0 for regression)."""
+    logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], dropout_key=rng)
+    loss = classification_loss(logits, batch["labels"])
+    if logits.shape[-1] == 1:
+        correct = jnp.float32(0.0)
+    else:
+        correct = jnp.mean((jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32))
+    return loss, {"weight": jnp.float32(1.0), "correct": correct}
+
+
+# ----------------------------------------------------------------------------- prediction
+
+
+@nnx.jit(static_argnames=("max_answer_tokens",))
+def _span_scores(model, ids, mask, types, ctx_mask, max_answer_tokens: int):
+    start, end = model(ids, mask, types)
+    t = ids.shape[1]
+    i = jnp.arange(t)
+    ok = (i[:, None] <= i[None, :]) & (i[None, :] - i[:, None] < max_answer_tokens)
+    in_ctx = ctx_mask > 0
+    ok = ok[None] & in_ctx[:, :, None] & in_ctx[:, None, :]
+    score = jnp.where(ok, start[:, :, None] + end[:, None, :], -jnp.inf)
+    flat = jnp.argmax(score.reshape(score.shape[0], -1), axis=-1)
+    best = jnp.max(score.reshape(score.shape[0], -1), axis=-1)
+    return flat // t, flat % t, best, start[:, 0] + end[:, 0]
+
+
+@nnx.jit
+def _class_logits(model, ids, mask, types):
+    return model(ids, mask, types)
+
+
+def _batches(arrays: dict[str, np.ndarray], keys: Sequence[str], batch_size: int):
+    n = len(arrays[keys[0]])
+    for lo in range(0, n, batch_size):
+        chunk = {k: arrays[k][lo:lo + batch_size] for k in keys}
+        short = batch_size - len(chunk[keys[0]])
+        if short:  # pad to a fixed shape: one compile for every batch
+            chunk = {k: np.concatenate([v, np.repeat(v[-1:], short, axis=0)]) for k, v in chunk.items()}
+        yield chunk, batch_size - short
+
+
+def predict_spans(model, arrays: dict[str, np.ndarray], batch_size: int = 64,
+                  max_answer_tokens: int = 30) -> dict[str, np.ndarray]:
+    """Per example: best span start/end (token positions), its score and the null ([CLS]) score."""
+    out = {"start": [], "end": [], "best": [], "null": []}
+    keys = ("input_ids", "attention_mask", "token_type_ids", "context_mask")
+    for chunk, real in _batches(arrays, keys, batch_size):
+        s, e, b, n = _span_scores(model, *(jnp.asarray(chunk[k]) for k in keys), max_answer_tokens=max_answer_tokens)
+        for key, value in zip(("start", "end", "best", "null"), (s, e, b, n)):
+            out[key].append(np.asarray(value)[:real])
+    return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in out.items()}
+
+
+def _span_text(example: SpanExample, offsets: np.ndarray, start: int, end: int) -> str:
+    a, b = int(offsets[start, 0]), int(offsets[end, 1])
+    if a < 0 or b < 0:
+        return _NO_ANSWER
+    return example.context[a:b].strip()
+
+
+def _golds(example: SpanExample) -> list[str]:
+    return list(example.answers) or [_NO_ANSWER]
+
+
+def best_null_threshold(diffs: np.ndarray, span_em: np.ndarray, span_f1: np.ndarray,
+                        impossible: np.ndarray) -> float:
+    """The threshold t (predict no answer when null - best > t) with the best mean F1 (ties: best EM).
+
+    Candidates are the observed differences and -inf (always "no answer");
+    a no-answer prediction scores 1 exactly on the unanswerable questions.
+    """
+    candidates = np.concatenate([[-np.inf], np.sort(diffs)])
+    no_ans = impossible.astype(np.float64)
+    best_t, best_key = 0.0, (-1.0, -1.0)
+    for t in candidates:
+        abstain = diffs > t
+        f1 = np.where(abstain, no_ans, span_f1).mean()
+        em = np.where(abstain, no_ans, span_em).mean()
+        if (f1, em) > best_key:
+            best_t, best_key = float(t), (f1, em)
+    return best_t
+
+
+def evaluate_span_task(model, task: Task, split: str, threshold: float | None = None, batch_size: int = 64,
+                       max_answer_tokens: int = 30) -> dict:
+    """SQuAD 2.0 metrics on `split` (fractions): exact_match, f1, has_ans_f1, no_ans_accuracy, threshold.
+
+    threshold None: chosen on this split (use on dev, then pass it for test).
+    """
+    exs, offsets = task.examples[split], task.offsets[split]
+    pred = predict_spans(model, task.arrays[split], batch_size, max_answer_tokens)
+    texts = [_span_text(ex, offsets[i], int(pred["start"][i]), int(pred["end"][i])) for i, ex in enumerate(exs)]
+    span_em = np.array([qa_metrics.exact_match(t, _golds(ex)) for t, ex in zip(texts, exs)])
+    span_f1 = np.array([qa_metrics.token_f1(t, _golds(ex)) for t, ex in zip(texts, exs)])
+    impossible = np.array([ex.is_impossible for ex in exs])
+    diffs = np.asarray(pred["null"], np.float64) - np.asarray(pred["best"], np.float64)
+    if threshold is None:
+        threshold = best_null_threshold(diffs, span_em, span_f1, impossible)
+    abstain = diffs > threshold
+    records = [{"prediction": _NO_ANSWER if a else t, "answer": _golds(ex), "has_answer": not ex.is_impossible}
+               for t, a, ex in zip(texts, abstain, exs)]
+    groups = qa_metrics.aggregate(records, key_fn=lambda r: "has_ans" if r["has_answer"] else "no_ans")
+    overall = qa_metrics.aggregate(records)["all"]
+    return {
+        "exact_match": overall["exact_match"], "f1": overall["f1"], "count": overall["count"],
+        "has_ans_f1": groups.get("has_ans", qa_metrics.empty_group())["f1"],
+        "no_ans_accuracy": groups.get("no_ans", qa_metrics.empty_group())["exact_match"],
+        "threshold": float(threshold),
+    }
+
+
+def evaluate_pair_task(model, task: Task, split: str, batch_size: int = 64) -> dict:
+    """accuracy (and binary f1 / matthews; pearson and spearman for regression), as fractions."""
+    keys = ("input_ids", "attention_mask", "token_type_ids")
+    arrays = task.arrays[split]
+    logits = [np.asarray(_class_logits(model, *(jnp.asarray(c[k]) for k in keys)))[:real]
+              for c, real in _batches(arrays, keys, batch_size)]
+    logits = np.concatenate(logits) if logits else np.zeros((0, task.num_labels))
+    labels = arrays["labels"]
+    if task.num_labels == 1:
+        from scipy import stats
+
+        pred = logits[:, 0]
+        return {"pearson": float(stats.pearsonr(pred, labels)[0]), "spearman": float(stats.spearmanr(pred, labels)[0]),
+                "count": int(len(labels))}
+    pred = logits.argmax(-1)
+    out = {"accuracy": float(np.mean(pred == labels)) if len(labels) else math.nan, "count": int(len(labels))}
+    if task.num_labels == 2 and len(labels):
+        tp = float(np.sum((pred == 1) & (labels == 1)))
+        fp = float(np.sum((pred == 1) & (labels == 0)))
+        fn = float(np.sum((pred == 0) & (labels == 1)))
+        tn = float(np.sum((pred == 0) & (labels == 0)))
+        out["f1"] = 2 * tp / max(2 * tp + fp + fn, 1.0)
+        denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
+        out["matthews"] = (tp * tn - fp * fn) / denom if denom else 0.0
+    return out
+
+
+def task_score(task_kind: str, result: dict) -> float:
+    """One number per task, in percent: F1 for QA, accuracy for classification, Pearson for regression."""
+    if task_kind == "span":
+        return 100.0 * result["f1"]
+    return 100.0 * result.get("accuracy", result.get("pearson", math.nan))
+
+
+# ----------------------------------------------------------------------------- fine-tuning
+
+
+def finetune(task: Task, encoder: Encoder, train_cfg, mesh, workdir: str, *, seed: int = 0,
+             keep_checkpoints: bool = False) -> nnx.Module:
+    """Fine-tunes a copy of `encoder` with a fresh head on task.arrays["train"] using the Trainer.
+
+    The Trainer checkpoints into workdir/checkpoints (a rerun resumes);
+    `keep_checkpoints=False` deletes them once training is done.
+    """
+    if "train" not in task.arrays:
+        raise UserInputError(f"task {task.name!r} has no train split")
+    model = finetune_model(task, encoder, seed)
+    objective = span_qa_objective if task.kind == "span" else classification_objective
+    meta = {"model": {"encoder": encoder.cfg.to_dict(), "task": task.name, "num_labels": task.num_labels}}
+    trainer = Trainer(model, objective, train_cfg, mesh, workdir, meta=meta, stage=f"finetune_{task.name}")
+    source = ArrayBatchSource(task.arrays["train"], train_cfg.batch_size, seed=seed)
+    result = trainer.run(source)
+    if result.status != "done":
+        log.warning("fine-tuning %s preempted at step %d; rerun the same command to resume", task.name, result.step)
+        raise SystemExit(0)
+    if not keep_checkpoints and jax.process_index() == 0:
+        shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
+    return result.model
+
+
+def evaluate(model, task: Task, splits: Sequence[str] = ("dev", "test"), batch_size: int = 64,
+             max_answer_tokens: int = 30) -> dict[str, dict]:
+    """Metrics per split; for QA the null threshold comes from the first split (dev) and is reused."""
+    out = {}
+    threshold = None
+    for split in splits:
+        if split not in task.arrays:
+            continue
+        if task.kind == "span":
+            res = evaluate_span_task(model, task, split, threshold, batch_size, max_answer_tokens)
+            threshold = res["threshold"] if threshold is None else threshold
+        else:
+            res = evaluate_pair_task(model, task, split, batch_size)
+        res["score"] = task_score(task.kind, res)
+        out[split] = res
+    return out

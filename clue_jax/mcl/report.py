@@ -1,0 +1,278 @@
+"""The MCL report: table (mean ± std over seeds), the two measured claims, and the figures.
+
+Everything is computed from the pipeline's summary dict, so the report can be
+rebuilt from summary.json alone. The claims are stated as measured, whichever
+way they go:
+- "the courses beat ELECTRA at equal steps": per arm, the mean over seeds of
+  the paired (same seed) difference in downstream test score against ELECTRA,
+  with the number of seeds where the arm is ahead;
+- "the soup reaches the mean of its ingredients": per seed, the uniform (and
+  greedy) soup's test score against the mean of its ingredients' scores.
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Sequence
+
+import numpy as np
+
+from clue_jax.pipelines.common import format_table
+
+__all__ = ["mean_std", "claims", "write_figures", "render_table", "render"]
+
+COURSE_NAMES = ("rtd", "std", "itd")
+
+
+def mean_std(values: Sequence[float], digits: int = 1) -> str:
+    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
+    if not values:
+        return "n/a"
+    text = f"{np.mean(values):.{digits}f}"
+    return text + (f" ± {np.std(values, ddof=1):.{digits}f}" if len(values) > 1 else "")
+
+
+def _seed_scores(per_seed: dict, key: str = "score_test") -> dict[str, float]:
+    return {seed: res[key] for seed, res in per_seed.items()}
+
+
+def claims(summary: dict, arms: Sequence[str]) -> dict:
+    """The two claims as numbers (see the module docstring)."""
+    out: dict = {"courses_vs_electra": {}, "soups": {}}
+    base = _seed_scores(summary["arms"].get("electra", {}))
+    for arm in arms:
+        if arm == "electra" or not base:
+            continue
+        mine = _seed_scores(summary["arms"].get(arm, {}))
+        seeds = sorted(set(mine) & set(base))
+        diffs = [mine[s] - base[s] for s in seeds]
+        if not diffs:
+            continue
+        out["courses_vs_electra"][arm] = {
+            "mean_diff": float(np.mean(diffs)), "std_diff": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0,
+            "seeds_ahead": int(sum(d > 0 for d in diffs)), "seeds": len(diffs),
+            "beats": bool(np.mean(diffs) > 0),
+        }
+    for seed, soup in summary.get("soups", {}).items():
+        ing = {n: r["score_test"] for n, r in soup["ingredients"].items()}
+        entry = {"ingredient_mean": float(np.mean(list(ing.values()))), "best_ingredient": max(ing.values())}
+        for kind in ("uniform", "greedy", "weighted"):
+            if kind in soup:
+                entry[kind] = soup[kind]["score_test"]
+                entry[f"{kind}_reaches_mean"] = bool(soup[kind]["score_test"] >= entry["ingredient_mean"])
+        out["soups"][seed] = entry
+    if out["soups"]:
+        rows = list(out["soups"].values())
+        for kind in ("uniform", "greedy", "weighted"):
+            if all(kind in r for r in rows):
+                out[f"{kind}_soup_reaches_mean"] = {
+                    "seeds": len(rows), "seeds_reaching": int(sum(r[f"{kind}_reaches_mean"] for r in rows)),
+                    "mean_gap": float(np.mean([r[kind] - r["ingredient_mean"] for r in rows])),
+                }
+    return out
+
+
+# ----------------------------------------------------------------------------- figures
+
+
+def _probe_series(per_seed: dict, key: str) -> tuple[list[int], list[float]]:
+    by_step: dict[int, list[float]] = {}
+    for records in per_seed.values():
+        for rec in records:
+            if key in rec:
+                by_step.setdefault(int(rec["step"]), []).append(rec[key])
+    steps = sorted(by_step)
+    return steps, [float(np.mean(by_step[s])) for s in steps]
+
+
+def write_figures(summary: dict, workdir: str, arms: Sequence[str]) -> list[str]:
+    """replaced_share.png (per course, per arm, over steps) and score_vs_steps.png; returns the paths."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    paths = []
+    probes = summary.get("probes", {})
+    if probes:
+        fig, axes = plt.subplots(1, 3, figsize=(13, 3.6), sharey=True)
+        for ax, course in zip(axes, COURSE_NAMES):
+            for arm in [a for a in arms if a in probes] + [a for a in probes if a.startswith("ing_")]:
+                steps, values = _probe_series(probes[arm], f"{course}/replaced_share")
+                if steps:
+                    ax.plot(steps, values, marker=".", label=arm, linestyle="--" if arm.startswith("ing_") else "-")
+            ax.set_title(f"{course.upper()} course: share of 'replaced' labels")
+            ax.set_xlabel("pre-training step")
+            ax.grid(alpha=0.3)
+        axes[0].set_ylabel("share of real tokens (probe batch)")
+        axes[-1].legend(fontsize=7)
+        fig.tight_layout()
+        path = os.path.join(workdir, "replaced_share.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    curves = summary.get("curves", {})
+    if curves:
+        fig, ax = plt.subplots(figsize=(5.5, 3.8))
+        for arm, per_seed in curves.items():
+            steps = sorted({int(s) for pts in per_seed.values() for s in pts})
+            means = [np.mean([pts[str(s)] for pts in per_seed.values() if str(s) in pts]) for s in steps]
+            stds = [np.std([pts[str(s)] for pts in per_seed.values() if str(s) in pts]) for s in steps]
+            ax.errorbar(steps, means, yerr=stds, marker="o", capsize=3, label=arm)
+        ax.set_xlabel("pre-training steps")
+        ax.set_ylabel("downstream score (test, %)")
+        ax.set_title("downstream score against pre-training steps")
+        ax.grid(alpha=0.3)
+        ax.legend()
+        fig.tight_layout()
+        path = os.path.join(workdir, "score_vs_steps.png")
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------------------- tables
+
+
+def _task_columns(summary: dict) -> list[tuple[str, str, str]]:
+    """(header, task, metric) for every task in the results."""
+    example = None
+    for per_seed in summary["arms"].values():
+        example = next(iter(per_seed.values()), None)
+        if example:
+            break
+    if example is None:
+        return []
+    cols = []
+    for task, res in example["tasks"].items():
+        test = res["test"]
+        if "f1" in test and "no_ans_accuracy" in test:
+            cols += [(f"{task} EM", task, "exact_match"), (f"{task} F1", task, "f1"),
+                     (f"{task} NoAns acc", task, "no_ans_accuracy")]
+        elif "accuracy" in test:
+            cols.append((f"{task} acc", task, "accuracy"))
+        else:
+            cols.append((f"{task} pearson", task, "pearson"))
+    return cols
+
+
+def _row(label: str, results: list[dict], cols) -> list[str]:
+    row = [label]
+    for _, task, metric in cols:
+        row.append(mean_std([100.0 * r["tasks"][task]["test"][metric] for r in results if task in r["tasks"]]))
+    row.append(mean_std([r["score_test"] for r in results]))
+    row.append(mean_std([r["score_dev"] for r in results]))
+    row.append(str(len(results)))
+    return row
+
+
+def render_table(summary: dict, arms: Sequence[str], labels: dict | None = None) -> str:
+    labels = labels or {}
+    cols = _task_columns(summary)
+    header = ["model"] + [c[0] for c in cols] + ["score (test)", "score (dev)", "seeds"]
+    rows = []
+    for arm in arms:
+        per_seed = summary["arms"].get(arm, {})
+        if per_seed:
+            rows.append(_row(labels.get(arm, arm), list(per_seed.values()), cols))
+    soups = summary.get("soups", {})
+    if soups:
+        names = sorted({n for s in soups.values() for n in s["ingredients"]})
+        for name in names:
+            rows.append(_row(f"ingredient {name}", [s["ingredients"][name] for s in soups.values()
+                                                    if name in s["ingredients"]], cols))
+        ing_mean = [float(np.mean([r["score_test"] for r in s["ingredients"].values()])) for s in soups.values()]
+        rows.append(["ingredient mean"] + [""] * len(cols) + [mean_std(ing_mean), "", str(len(ing_mean))])
+        for kind in ("uniform", "greedy", "weighted"):
+            res = [s[kind] for s in soups.values() if kind in s]
+            if res:
+                rows.append(_row(f"{kind} soup", res, cols))
+    return ("Downstream test scores in %, mean ± std over seeds (score = mean over tasks of QA F1 / accuracy):\n"
+            + format_table(rows, header))
+
+
+def _claim_lines(summary: dict, arms: Sequence[str], labels: dict) -> list[str]:
+    c = summary.get("claims", {})
+    lines = []
+    steps = summary.get("setup", {}).get("pretrain_steps")
+    for arm, r in c.get("courses_vs_electra", {}).items():
+        verdict = "beats" if r["beats"] else "does not beat"
+        lines.append(f"- {labels.get(arm, arm)} {verdict} ELECTRA at equal steps ({steps}): mean paired difference "
+                     f"{r['mean_diff']:+.2f} ± {r['std_diff']:.2f} points, ahead on {r['seeds_ahead']} of "
+                     f"{r['seeds']} seeds.")
+    for kind in ("uniform", "greedy", "weighted"):
+        r = c.get(f"{kind}_soup_reaches_mean")
+        if r:
+            verdict = "reaches" if r["seeds_reaching"] == r["seeds"] else (
+                "does not reach" if r["seeds_reaching"] == 0 else "reaches on some seeds")
+            lines.append(f"- The {kind} soup {verdict} the mean of its ingredients: on {r['seeds_reaching']} of "
+                         f"{r['seeds']} seeds, mean gap {r['mean_gap']:+.2f} points.")
+    return lines
+
+
+def _probe_table(summary: dict, arms: Sequence[str], labels: dict) -> str:
+    probes = summary.get("probes", {})
+    header = ["model"] + [f"{c.upper()} first -> last" for c in COURSE_NAMES]
+    rows = []
+    for arm in [a for a in arms if a in probes] + [a for a in probes if a.startswith("ing_")]:
+        row = [labels.get(arm, arm)]
+        for course in COURSE_NAMES:
+            steps, values = _probe_series(probes[arm], f"{course}/replaced_share")
+            row.append(f"{values[0]:.3f} (step {steps[0]}) -> {values[-1]:.3f} (step {steps[-1]})" if steps else "")
+        rows.append(row)
+    return format_table(rows, header) if rows else ""
+
+
+def render(summary: dict, arms: Sequence[str], labels: dict | None = None) -> str:
+    labels = labels or {}
+    setup = summary.get("setup", {})
+    rt = summary.get("runtime", {})
+    lines = ["# MCL report", ""]
+    lines += [
+        f"Pre-training: {setup.get('pretrain_steps')} steps for every model (batch {setup.get('batch_size')}, "
+        f"sequence length {setup.get('seq_len')}, {setup.get('corpus_docs')} biographies), seeds "
+        f"{setup.get('seeds')}. Discriminator hidden {setup.get('discriminator', {}).get('hidden_size')} x "
+        f"{setup.get('discriminator', {}).get('num_layers')} layers, generator hidden "
+        f"{setup.get('generator', {}).get('hidden_size')}. Soup ingredients branch from the "
+        f"{labels.get('all3', 'all3')} run at step {setup.get('warmup_step')}.",
+        f"Downstream: {', '.join(summary.get('tasks', []))}; sizes {setup.get('task_sizes')}; "
+        f"{setup.get('finetune_steps')} fine-tuning steps per task.", "",
+        "## Results", "", render_table(summary, arms, labels), "",
+        "## Claims, as measured", "", *(_claim_lines(summary, arms, labels) or ["- (no comparisons available)"]), "",
+    ]
+    soups = summary.get("soups", {})
+    if soups:
+        lines += ["### Soups per seed", ""]
+        header = ["seed", "ingredients (test)", "ingredient mean", "uniform", "greedy (chosen)"]
+        rows = []
+        for seed, s in soups.items():
+            ing = ", ".join(f"{n} {r['score_test']:.1f}" for n, r in s["ingredients"].items())
+            mean = np.mean([r["score_test"] for r in s["ingredients"].values()])
+            uni = f"{s['uniform']['score_test']:.1f}" if "uniform" in s else ""
+            gre = f"{s['greedy']['score_test']:.1f} ({'+'.join(s['greedy']['chosen'])})" if "greedy" in s else ""
+            rows.append([seed, ing, f"{mean:.1f}", uni, gre])
+        lines += [format_table(rows, header), ""]
+    curves = summary.get("curves", {})
+    if curves:
+        lines += ["## Downstream score against pre-training steps", ""]
+        steps = sorted({int(s) for per in curves.values() for pts in per.values() for s in pts})
+        header = ["model"] + [f"step {s}" for s in steps]
+        rows = [[labels.get(arm, arm)] + [mean_std([pts[str(s)] for pts in per.values() if str(s) in pts])
+                                          for s in steps] for arm, per in curves.items()]
+        lines += [format_table(rows, header), "", "![score against steps](score_vs_steps.png)", ""]
+    probe = _probe_table(summary, arms, labels)
+    if probe:
+        lines += ["## Share of 'replaced' labels over training, per course", "",
+                  "Measured on a fixed probe batch with fixed corruption draws (only G changes), for every course "
+                  "whether or not the model trains with it; mean over seeds.", "", probe, "",
+                  "![replaced share](replaced_share.png)", ""]
+    if summary.get("notes"):
+        lines += ["## Notes", "", *[f"- {n}" for n in summary["notes"]], ""]
+    if rt:
+        lines += ["## Runtime", "",
+                  f"Wall {rt.get('wall_s')} s, CPU (user+sys) {rt.get('cpu_s')} s on {rt.get('cpu_count')} cores; "
+                  f"load average at start {rt.get('load_avg_start')}, at end {rt.get('load_avg_end')} "
+                  "(other processes share the machine)."
+                  + (" All stages were reused from an earlier run." if rt.get("all_stages_reused") else ""), ""]
+    return "\n".join(lines)

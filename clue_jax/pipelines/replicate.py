@@ -1,0 +1,139 @@
+"""Replication of the clue-dropout paper's Table 2 on the biography world.
+
+The four arms (plain, random, attention, contrast) train a small and a large
+student (each from its own base model; the contrast always comes from the
+large - small teacher pair) with several seeds. alpha/beta are chosen per
+method on held-out dev people with the small student, then fixed for the
+test people. Writes replication.md (mean ± std EM/F1 per attribute, the grid,
+the clue analysis) and em_vs_distance.png.
+"""
+from __future__ import annotations
+
+import itertools
+import os
+
+import jax
+import numpy as np
+
+from clue_jax.pipelines import common, knowledge
+
+DROP_ARMS = {"random": ("alpha",), "attention": ("alpha", "beta"), "contrast": ("alpha", "beta")}
+
+
+def grid_search(ctx, arm: str) -> tuple[dict, list[dict]]:
+    """Best (alpha, beta) for `arm` by dev-people QA exact match (all attributes)."""
+    grid = ctx.config.grid
+    names = DROP_ARMS[arm]
+    values = [tuple(grid.alphas)] + ([tuple(grid.betas)] if "beta" in names else [])
+    trials = []
+    for combo in itertools.product(*values):
+        drop = dict(zip(names, combo))
+        tag = "_" + "_".join(f"{k}{v}" for k, v in drop.items())
+        res = knowledge.train_and_evaluate(ctx, "small", arm, ctx.config.grid.seed, split="dev", drop=drop, tag=tag)
+        trials.append({**drop, "dev_em": res["qa"]["all"]["exact_match"]})
+    best = max(trials, key=lambda t: t["dev_em"])
+    return {k: best[k] for k in names}, trials
+
+
+def run(config, workdir: str) -> dict:
+    arms = list(config.clues.arms)
+    ctx = knowledge.prepare(config, workdir, need_scores=True)
+    chosen, trials = {}, {}
+    for arm in arms:
+        if arm in DROP_ARMS:
+            chosen[arm], trials[arm] = grid_search(ctx, arm) if config.grid.enabled else ({}, [])
+    results: dict[str, dict[str, list[dict]]] = {}
+    for student in config.students:
+        results[student] = {"base": [knowledge.evaluate(ctx, f"base_{student}", ctx.bases[student])]}
+        for arm in arms:
+            results[student][arm] = [
+                knowledge.train_and_evaluate(ctx, student, arm, seed, drop=chosen.get(arm, {}))
+                for seed in config.seeds
+            ]
+    distances = knowledge.name_distances(ctx)
+    summary = {
+        "chosen": chosen, "grid": trials, "results": results, "distance_from_name": distances,
+        "clue_analysis": knowledge.clue_analysis(ctx),
+        "clue_views": knowledge.render_clue_examples(ctx, config.clues.render_examples),
+        "stages_reused": ctx.stages.reused, "stages_ran": ctx.stages.ran,
+    }
+    common.write_json(os.path.join(workdir, "summary.json"), summary)
+    if jax.process_index() == 0:
+        report = render_report(summary, config)
+        with open(os.path.join(workdir, "replication.md"), "w") as f:
+            f.write(report)
+        plot_em_vs_distance(summary, os.path.join(workdir, "em_vs_distance.png"))
+        print(report)
+    return summary
+
+
+def _attrs(summary):
+    dist = summary["distance_from_name"]
+    first = next(iter(summary["results"].values()))["base"][0]["qa"]
+    return sorted((a for a in first if a != "all"), key=lambda a: dist.get(a, 0.0))
+
+
+def _cell(runs, attr, metric):
+    return knowledge.mean_std([r["qa"][attr][metric] for r in runs])
+
+
+def render_report(summary: dict, config) -> str:
+    attrs = _attrs(summary)
+    dist = summary["distance_from_name"]
+    lines = ["# Clue dropout on the biography world", "",
+             f"Students: {', '.join(config.students)}; seeds: {list(config.seeds)}; "
+             f"{config.world.num_new - config.data.num_dev} test people, {config.data.num_dev} dev people; "
+             f"dropout mode: {config.clues.mode}. Mean ± std over seeds; "
+             "`base` is the student before continual pre-training.", ""]
+    header = ["arm"] + [f"{a} ({dist.get(a, 0):.0f} tok)" for a in attrs] + ["all"]
+    for metric, title in (("exact_match", "Exact match"), ("f1", "Token F1")):
+        for student, arms in summary["results"].items():
+            rows = [[arm] + [_cell(runs, a, metric) for a in attrs + ["all"]] for arm, runs in arms.items()]
+            lines += [f"## {title}, {student} student", "", common.format_table(rows, header), ""]
+    lines += ["## Dropout settings chosen on dev people (small student, QA exact match)", ""]
+    for arm, trials in summary["grid"].items():
+        tried = ", ".join(f"{ {k: v for k, v in t.items() if k != 'dev_em'} } -> {t['dev_em']:.3f}" for t in trials)
+        lines.append(f"- {arm}: chose {summary['chosen'][arm]} ({tried})")
+    lines += ["", "## Which tokens are clues", ""]
+    for key, value in summary["clue_analysis"].items():
+        lines.append(f"- {key}: {value:.3f}" if value is not None else f"- {key}: n/a")
+    lines += ["", verdict(summary), ""]
+    return "\n".join(lines)
+
+
+def verdict(summary: dict) -> str:
+    """One sentence per student: does contrast beat each baseline on the far attributes, as measured?"""
+    out = []
+    far = [a for a in ("university", "major", "company") if a in _attrs(summary)]
+    for student, arms in summary["results"].items():
+        if "contrast" not in arms:
+            continue
+        mean = lambda runs: float(np.mean([np.mean([r["qa"][a]["exact_match"] for a in far]) for r in runs]))
+        c = mean(arms["contrast"])
+        parts = [f"{arm} {mean(runs):.3f}" for arm, runs in arms.items() if arm not in ("contrast", "base")]
+        beaten = [arm for arm, runs in arms.items() if arm not in ("contrast", "base") and mean(runs) < c]
+        out.append(f"{student} student, mean EM on far attributes ({', '.join(far)}): contrast {c:.3f} vs "
+                   f"{', '.join(parts)}; contrast is ahead of {', '.join(beaten) if beaten else 'none'}.")
+    return "Measured: " + " ".join(out)
+
+
+def plot_em_vs_distance(summary: dict, path: str) -> None:
+    from matplotlib.figure import Figure
+
+    attrs = _attrs(summary)
+    dist = summary["distance_from_name"]
+    students = list(summary["results"])
+    fig = Figure(figsize=(5 * len(students), 4))
+    for i, student in enumerate(students):
+        ax = fig.add_subplot(1, len(students), i + 1)
+        for arm, runs in summary["results"][student].items():
+            means = [np.mean([r["qa"][a]["exact_match"] for r in runs]) for a in attrs]
+            stds = [np.std([r["qa"][a]["exact_match"] for r in runs]) for a in attrs]
+            ax.errorbar([dist.get(a, 0) for a in attrs], means, yerr=stds, marker="o", capsize=3, label=arm)
+        ax.set_xlabel("tokens between the name and the attribute value")
+        ax.set_ylabel("QA exact match")
+        ax.set_title(f"{student} student")
+        ax.set_ylim(-0.02, 1.02)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)

@@ -1,0 +1,197 @@
+"""Multi-host: 2 processes x 2 devices train exactly like 1 process x 4 devices; checkpoints move
+between mesh shapes and process counts; the local launcher starts, reports and stops its processes.
+
+The 2-process run goes through `launch/local_multiprocess.sh` (jax.distributed
+over loopback, gloo collectives): each process reads its own half of every
+global batch, the teachers score on a mesh spanning both processes, only
+process 0 writes metrics and summaries, and orbax saves from both processes.
+To keep the test short the 2-process run reuses the single-process run's
+world, tokenizer, pre-trained base models and their evaluation (stage
+caching); everything the student needs (teacher scores, clue dropout,
+continual pre-training, evaluation) runs again in 2 processes and must agree
+with one process.
+"""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+from clue_jax.data.batching import ArrayBatchSource
+from clue_jax.models import config as model_config
+from clue_jax.models import factory
+from clue_jax.models.causal_lm import CausalLM
+from clue_jax.train import defaults, loop, mesh, objectives
+from clue_jax.train.checkpoint import Checkpointer
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
+from train_worker import tiny_data  # noqa: E402
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+LAUNCHER = os.path.join(ROOT, "launch", "local_multiprocess.sh")
+QUICKSTART = os.path.join(ROOT, "configs", "quickstart.py") + ":tiny"
+# The quickstart's student with clue dropout (contrast arm: both teachers score, the student drops tokens).
+OVERRIDES = ["--config.clues.arms=('contrast',)", "--config.clues.render_examples=0", "--config.eval.cloze=False"]
+REUSED = ("world", "tokenizer", "pretrain_small", "pretrain_large", "eval_base_small")
+
+
+def _env(**extra):
+    env = dict(os.environ, CI="1", JAX_PLATFORMS="cpu", PYTHON=sys.executable)
+    env.pop("XLA_FLAGS", None)  # each run below sets its own device count
+    env.update(extra)
+    return env
+
+
+def _launch(n, *args, timeout=600, **env):
+    return subprocess.run(["bash", LAUNCHER, str(n), *args], capture_output=True, text=True, timeout=timeout,
+                          cwd=ROOT, env=_env(**env))
+
+
+def _cpt_dir(workdir):
+    (name,) = [d for d in os.listdir(workdir / "stages") if d.startswith("cpt_") and "contrast" in d]
+    return workdir / "stages" / name
+
+
+def _metrics(workdir):
+    return [json.loads(line) for line in (_cpt_dir(workdir) / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """(single-process workdir, 2-process workdir, 2-process launcher result)."""
+    base = tmp_path_factory.mktemp("multihost")
+    one, two = base / "one", base / "two"
+    proc = subprocess.run([sys.executable, "-m", "clue_jax.main", "--config", QUICKSTART, "--workdir", str(one),
+                           *OVERRIDES], capture_output=True, text=True, timeout=600, cwd=ROOT,
+                          env=_env(XLA_FLAGS="--xla_force_host_platform_device_count=4"))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for stage in REUSED:
+        shutil.copytree(one / "stages" / stage, two / "stages" / stage)
+    multi = _launch(2, "--", "--config", QUICKSTART, "--workdir", str(two), *OVERRIDES,
+                    DEVICES_PER_PROCESS="2", LOG_DIR=str(base / "logs"))
+    assert multi.returncode == 0, multi.stderr[-4000:]
+    return one, two, multi, base / "logs"
+
+
+@pytest.mark.slow
+def test_two_processes_train_like_one(runs):
+    one, two, multi, logs = runs
+    summary1 = json.loads((one / "summary.json").read_text())
+    summary2 = json.loads((two / "summary.json").read_text())
+    assert set(REUSED) <= set(summary2["stages_reused"])
+    assert "scores_test" in summary2["stages_ran"] and "eval_small_contrast_s0" in summary2["stages_ran"]
+    m1, m2 = _metrics(one), _metrics(two)
+    assert [m["step"] for m in m1] == [m["step"] for m in m2]  # process 1 wrote no second copy
+    for key in ("loss", "grad_norm", "input_tokens"):
+        np.testing.assert_allclose([m[key] for m in m2], [m[key] for m in m1], rtol=1e-5, err_msg=key)
+    final1 = summary1["models"]["contrast_s0"]["train"]["final_loss"]
+    final2 = summary2["models"]["contrast_s0"]["train"]["final_loss"]
+    np.testing.assert_allclose(final2, final1, rtol=1e-5)
+    s1, s2 = (np.load(w / "stages" / "scores_test" / "scores.npz") for w in (one, two))
+    for size in ("large", "small"):
+        np.testing.assert_allclose(s2[size], s1[size], atol=1e-6)
+    for name in ("base_small", "contrast_s0"):
+        assert summary2["models"][name]["qa"] == summary1["models"][name]["qa"]
+    # Only process 0 reports: one result table, on the launcher's own output.
+    assert multi.stdout.count("QA exact match") == 1
+    assert "QA exact match" not in (logs / "process_1.log").read_text()
+
+
+@pytest.mark.slow
+def test_checkpoint_written_by_two_processes_loads_on_other_meshes(runs):
+    one, two, _, _ = runs
+    loaded = {}
+    for shape in ((2, 2, 2), (1, 1, 1)):
+        m = mesh.make_mesh(shape, jax.devices()[: int(np.prod(shape))])
+        model, _ = factory.load_params(str(_cpt_dir(two) / "model"), m)
+        loaded[shape] = jax.tree.map(np.asarray, nnx.state(model, nnx.Param))
+    reference, _ = factory.load_params(str(_cpt_dir(one) / "model"), mesh.make_mesh((1, 1, 1), jax.devices()[:1]))
+    reference = jax.tree.map(np.asarray, nnx.state(reference, nnx.Param))
+    for a, b, r in zip(jax.tree.leaves(loaded[(2, 2, 2)]), jax.tree.leaves(loaded[(1, 1, 1)]), jax.tree.leaves(reference)):
+        np.testing.assert_array_equal(a, b)
+        np.testing.assert_allclose(a, r, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- mesh changes, one process
+def _trainer(workdir, shape, steps=4):
+    cfg = model_config.llama(vocab_size=64, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, mlp_dim=64)
+    tcfg = defaults.train_config(steps=steps, batch_size=8, lr=3e-3, warmup_steps=1, log_every=1, checkpoint_every=2,
+                                 keep_checkpoints=3)
+    m = mesh.make_mesh(shape, jax.devices()[: int(np.prod(shape))])
+    return loop.Trainer(CausalLM(cfg, rngs=nnx.Rngs(0)), objectives.causal_lm, tcfg, m, str(workdir),
+                        meta={"model": cfg.to_dict()})
+
+
+def _params(trainer):
+    return jax.tree.map(np.asarray, trainer.state["params"])
+
+
+def test_checkpoint_restores_onto_another_mesh_shape_and_training_continues(tmp_path):
+    data = ArrayBatchSource(tiny_data(), batch_size=8, seed=0)
+    full = _trainer(tmp_path / "a", (2, 2, 2))
+    full.run(data)  # 4 steps on (data 2, fsdp 2, tensor 2); checkpoints at steps 2 and 4
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    shutil.rmtree(tmp_path / "b" / "checkpoints" / "4")  # as if stopped after step 2
+
+    restored = {}
+    for shape in ((2, 2, 2), (8, 1, 1), (1, 1, 1)):
+        trainer = _trainer(tmp_path / "b", shape)
+        checkpointer = Checkpointer(str(tmp_path / "b" / "checkpoints"))
+        assert trainer.restore(checkpointer) == 2
+        checkpointer.close()
+        leaf = jax.tree.leaves(trainer.state["params"])[0]
+        assert leaf.sharding.mesh.devices.shape == shape
+        restored[shape] = _params(trainer)
+    for shape in ((8, 1, 1), (1, 1, 1)):
+        for a, b in zip(jax.tree.leaves(restored[(2, 2, 2)]), jax.tree.leaves(restored[shape])):
+            np.testing.assert_array_equal(a, b)  # bit-identical on the new mesh
+    assert any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(restored[(2, 2, 2)]), jax.tree.leaves(_params(full))))
+
+    resumed = _trainer(tmp_path / "b", (8, 1, 1))
+    result = resumed.run(data)  # steps 3 and 4 on the new mesh
+    assert result.step == 4
+    for a, b in zip(jax.tree.leaves(_params(resumed)), jax.tree.leaves(_params(full))):
+        np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- the launcher itself
+def test_dry_run_prints_one_loopback_command_per_process():
+    proc = _launch(3, "--dry-run", "--", "--config", QUICKSTART, "--workdir", "/tmp/some where",
+                   DEVICES_PER_PROCESS="4", PORT="12345")
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 3
+    for i, line in enumerate(lines):
+        assert f"JAX_PROCESS_ID={i} " in line and "JAX_NUM_PROCESSES=3 " in line
+        assert "JAX_COORDINATOR_ADDRESS=127.0.0.1:12345 " in line
+        assert "--xla_force_host_platform_device_count=4 " in line
+        assert "-m clue_jax.main --config" in line and "some\\ where" in line
+
+
+def test_bad_usage_is_refused():
+    assert _launch(0).returncode == 2
+    assert _launch(2, "--bogus").returncode == 2
+
+
+def test_one_failing_process_stops_the_others(tmp_path):
+    """A process that dies must not leave the others waiting forever in a collective."""
+    fake = tmp_path / "fake_python"
+    fake.write_text('#!/usr/bin/env bash\n'
+                    'if [[ "$JAX_PROCESS_ID" == "1" ]]; then echo boom >&2; exit 3; fi\n'
+                    f'echo $$ > {tmp_path}/pid0; exec sleep 300\n')
+    fake.chmod(0o755)
+    t0 = time.time()
+    proc = _launch(2, "--", "--config", QUICKSTART, "--workdir", str(tmp_path / "w"), timeout=60,
+                   PYTHON=str(fake), LOG_DIR=str(tmp_path / "logs"), PORT="12345")
+    assert proc.returncode == 3
+    assert time.time() - t0 < 30
+    assert "process 1 exited with status 3" in proc.stderr and "boom" in proc.stderr
+    pid0 = int((tmp_path / "pid0").read_text())
+    time.sleep(0.5)
+    assert not os.path.exists(f"/proc/{pid0}") or "zombie" in open(f"/proc/{pid0}/status").read().lower()
