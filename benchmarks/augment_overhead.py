@@ -52,6 +52,7 @@ def main():
     parser.add_argument("--smoke", action="store_true", help="tiny sizes, a few steps (tests)")
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--steps", type=int, default=5, help="steps per round")
+    parser.add_argument("--results-dir", default=None, help="where the JSON goes (default benchmarks/results)")
     args = parser.parse_args()
     if args.smoke:
         args.rounds, args.steps = 2, 2
@@ -109,7 +110,7 @@ def main():
         "smoke": args.smoke,
         "machine": common.machine_info(),
     }
-    common.write_result("augment_overhead_smoke" if args.smoke else "augment_overhead", result)
+    common.write_result("augment_overhead_smoke" if args.smoke else "augment_overhead", result, args.results_dir)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,11 @@ Why one process, interleaved: the two frameworks run in this one process in
 alternating rounds (clue_jax k steps, then PyTorch k steps, the order
 swapped every round), so a change in machine load during the run hits both
 sides alike; the per-step time of each side is the median over its rounds.
-Neither side keeps threads busy while the other runs (XLA's and PyTorch's
-thread pools both go to sleep when idle).
+Neither side keeps threads busy while the other runs (XLA's thread pool
+sleeps when idle; PyTorch's OpenMP threads do too, with OMP_WAIT_POLICY=PASSIVE,
+set here unless the environment says otherwise). Process CPU seconds per step
+are reported beside wall time: on a shared machine they show the work each
+side does, which wall time alone hides.
 
 clue_jax side: `Trainer._step_fn`, the jitted step `Trainer.run` uses (one
 CPU device, mesh (1, 1, 1), donated state), fed by `Trainer.global_batch`
@@ -39,6 +42,11 @@ from pathlib import Path
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # a CPU comparison, even on a machine with an accelerator
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+# PyTorch's OpenMP threads otherwise spin after every op; on a busy machine a
+# spinning thread waits for a descheduled peer and PyTorch's steps slow down
+# several-fold (measured here: 4.8-7.2 s vs 4.2 s per step). Passive waiting
+# gives the baseline its better setting. Must be set before torch is imported.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # The repository root, so `python benchmarks/train_throughput.py` finds clue_jax and benchmarks.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -104,9 +112,10 @@ class ClueJaxSide:
         self.losses: list[float] = []
 
     def run(self, k: int) -> float:
-        """Wall seconds for k steps; blocks only once, at the end."""
+        """Wall seconds for k steps; blocks only once, at the end. Also records CPU seconds."""
         tr = self.trainer
         state, metrics = tr.state, None
+        c0 = time.process_time()
         t0 = time.perf_counter()
         for _ in range(k):
             batch = tr.global_batch(self.batches[self.steps_done % len(self.batches)])
@@ -114,6 +123,7 @@ class ClueJaxSide:
             self.steps_done += 1
         jax.block_until_ready((state, metrics))
         seconds = time.perf_counter() - t0
+        self.last_cpu_s = time.process_time() - c0
         tr.state = state
         self.losses.append(float(metrics["loss"]))
         return seconds
@@ -162,6 +172,7 @@ class TorchSide:
     def run(self, k: int) -> float:
         torch = self.torch
         loss = None
+        c0 = time.process_time()
         t0 = time.perf_counter()
         for _ in range(k):
             ids = self.batches[self.steps_done % len(self.batches)]
@@ -172,11 +183,12 @@ class TorchSide:
             self.opt.zero_grad(set_to_none=True)
             self.steps_done += 1
         seconds = time.perf_counter() - t0
+        self.last_cpu_s = time.process_time() - c0
         self.losses.append(float(loss.detach()))
         return seconds
 
 
-def run_benchmark(size: dict, steps: int, warmup: int, round_steps: int, peak_n: int) -> dict:
+def run_benchmark(size: dict, steps: int, warmup: int, round_steps: int, peak_n: int, max_seconds: float) -> dict:
     import torch
 
     threads = common.cpu_count()
@@ -199,17 +211,25 @@ def run_benchmark(size: dict, steps: int, warmup: int, round_steps: int, peak_n:
         pt.run(warmup)
 
         times: dict[str, list[float]] = {"clue_jax": [], "torch": []}
-        rounds = max(1, -(-steps // round_steps))
-        done = 0
-        for r in range(rounds):
+        cpu: dict[str, list[float]] = {"clue_jax": [], "torch": []}
+        done, r, stopped_early = 0, 0, False
+        while done < steps:
             k = min(round_steps, steps - done)
+            # A busy machine must not push the run past its time budget: stop
+            # before a round that would overrun (both sides keep equal steps).
+            if r >= 2 and time.perf_counter() - t_start + k * sum(statistics.median(t) for t in times.values()) > max_seconds:
+                stopped_early = True
+                break
             order = (cj, pt) if r % 2 == 0 else (pt, cj)
             for side in order:
                 times[side.name].append(side.run(k) / k)
+                cpu[side.name].append(side.last_cpu_s / k)
             done += k
+            r += 1
         compilations = cj.compilations()
 
     step_s = {name: statistics.median(ts) for name, ts in times.items()}
+    cpu_s = {name: statistics.median(cs) for name, cs in cpu.items()}
     tps = {name: tokens_per_step / s for name, s in step_s.items()}
     if cj.n_params != pt.n_params:
         print(f"warning: parameter counts differ: clue_jax {cj.n_params}, torch {pt.n_params}", file=sys.stderr)
@@ -228,6 +248,9 @@ def run_benchmark(size: dict, steps: int, warmup: int, round_steps: int, peak_n:
         "torch_step_s": step_s["torch"],
         "clue_jax_step_s_all": times["clue_jax"],
         "torch_step_s_all": times["torch"],
+        "clue_jax_cpu_s_per_step": cpu_s["clue_jax"],
+        "torch_cpu_s_per_step": cpu_s["torch"],
+        "cpu_time_ratio": cpu_s["torch"] / cpu_s["clue_jax"],
         "clue_jax_mfu": tps["clue_jax"] * fpt / peak,
         "torch_mfu": tps["torch"] * fpt / peak,
         "peak_flops": peak,
@@ -240,13 +263,17 @@ def run_benchmark(size: dict, steps: int, warmup: int, round_steps: int, peak_n:
         "clue_jax_step_compilations": compilations,
         "clue_jax_losses": cj.losses,
         "torch_losses": pt.losses,
-        "timed_steps": steps,
+        "timed_steps": done,
+        "requested_steps": steps,
+        "stopped_early": stopped_early,
+        "max_seconds": max_seconds,
         "warmup_steps": warmup,
         "steps_per_round": round_steps,
         "tokens_per_step": tokens_per_step,
         "model": {k: size[k] for k in ("vocab", "d_model", "layers", "heads", "mlp", "seq", "batch")},
         "optimizer": dict(OPT),
         "torch_threads": torch.get_num_threads(),
+        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY", ""),
         "torch_attn_implementation": pt.attn_implementation,
         "versions": {"jax": jax.__version__, "torch": torch.__version__,
                      "transformers": __import__("transformers").__version__},
@@ -264,19 +291,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per side (clue_jax's first compiles)")
     parser.add_argument("--round-steps", type=int, default=None, help="steps per side per interleaved round")
+    parser.add_argument("--max-seconds", type=float, default=270.0,
+                        help="stop timing rounds early rather than run past this wall time (busy machines)")
     parser.add_argument("--results-dir", default=None, help="where <name>.json goes (default benchmarks/results)")
     args = parser.parse_args(argv)
     size = SIZES["smoke" if args.smoke else "full"]
     steps = args.steps or size["steps"]
     warmup = args.warmup or size["warmup"]
     round_steps = args.round_steps or size["round_steps"]
-    result = run_benchmark(size, steps, warmup, round_steps, size["peak_n"])
+    result = run_benchmark(size, steps, warmup, round_steps, size["peak_n"], args.max_seconds)
     result["smoke"] = bool(args.smoke)
     print(
         f"clue_jax {result['clue_jax_tokens_per_s']:.0f} tok/s, torch {result['torch_tokens_per_s']:.0f} tok/s, "
         f"ratio {result['ratio']:.2f} (target {TARGET_RATIO}), compile {result['compile_s']:.1f} s, "
         f"MFU clue_jax {result['clue_jax_mfu']:.1%} torch {result['torch_mfu']:.1%} "
-        f"of {result['peak_flops'] / 1e9:.1f} GFLOP/s",
+        f"of {result['peak_flops'] / 1e9:.1f} GFLOP/s; CPU s/step clue_jax {result['clue_jax_cpu_s_per_step']:.2f} "
+        f"torch {result['torch_cpu_s_per_step']:.2f}; {result['timed_steps']} timed steps, "
+        f"load {result['load_average_before']} -> {result['machine']['load_average']}",
         flush=True,
     )
     common.write_result(NAME + ("_smoke" if args.smoke else ""), result, args.results_dir)

@@ -89,8 +89,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.seeds = (0,)
         c.lora.rank = 4
         c.data.update(source="bios", corpus="", qa_file="")
-        c.cpt.update(steps=4, seq_len=160, log_every=2, checkpoint_every=4)
-        c.clues.update(arms=("plain", "contrast"), teacher_dtype="float32", render_examples=0)
-        c.eval.update(k_shot=1, max_new_tokens=4, batch_size=16)
+        c.cpt.update(steps=4, seq_len=256, log_every=2, checkpoint_every=4)
+        c.clues.update(arms=("contrast",), teacher_dtype="float32", render_examples=0)
+        c.eval.update(k_shot=1, max_new_tokens=4, batch_size=16, cloze=False)
         c.mesh.shape = (-1, 1, 1)
     return c

@@ -19,18 +19,21 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.seed = 0
     c.seeds = (0,)
     c.world = dict(seed=0, num_background=200, num_new=100, zipf_exponent=0.0)
-    c.data = dict(source="bios", corpus="", qa_file="", num_dev=0, bios_per_person=4, pretrain_qa=True)
+    # cpt_replay_rows: rows of background text (rich bios + QA) in every continual-pre-training batch;
+    # 0 is the paper's protocol (new documents only).
+    c.data = dict(source="bios", corpus="", qa_file="", num_dev=0, bios_per_person=4, pretrain_qa=True,
+                  cpt_replay_rows=0)
     c.tokenizer = dict(path="", vocab_size=1024)
     small = dict(flavour="llama", d_model=96, num_layers=3, num_heads=4, num_kv_heads=2, mlp_dim=256,
                  max_len=256, tie_embeddings=True, rope_theta=10000.0)
-    large = dict(small, d_model=160, num_layers=4, num_heads=5, num_kv_heads=5, mlp_dim=448)
+    large = dict(small, d_model=128, num_layers=4, num_heads=4, num_kv_heads=4, mlp_dim=384)
     c.models = dict(small=small, large=large)
     # HF checkpoint directories to use instead of pre-training the base models (e.g. LLaMA-3 8B / 70B).
     c.base_models = dict(small="", large="")
     # LoRA for the continual pre-training student (the paper: rank 16 on all projections); rank 0 = full.
     c.lora = dict(rank=0, alpha=32.0, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                "down_proj"))
-    c.pretrain = train_config(steps=600, batch_size=32, seq_len=128, lr=3e-3, warmup_steps=50,
+    c.pretrain = train_config(steps=500, batch_size=32, seq_len=128, lr=3e-3, warmup_steps=50,
                               weight_decay=0.1, log_every=50, checkpoint_every=200)
     c.cpt = train_config(steps=240, batch_size=16, seq_len=96, lr=1e-3, warmup_steps=24, schedule="linear",
                          weight_decay=0.0, log_every=40, checkpoint_every=240)
@@ -39,7 +42,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.clues = dict(arms=("plain", "random", "contrast"), alpha=0.7, beta=0.03, original_fraction=1 / 11,
                    mode="cached", copies=10, protected_extra=(), teacher_dtype="float32", query_block=64,
                    score_batch=32, render_examples=4)
-    c.eval = dict(k_shot=5, max_new_tokens=10, batch_size=100, cloze=True)
+    # primary: the probe reports and dev choices rank by. "cloze" ('{name} had a professional role at') tests
+    # whether a fact is tied to the name; k-shot "qa" additionally needs extraction skill, which models
+    # this small lack for people they met only after pre-training (QA is reported too).
+    c.eval = dict(k_shot=5, max_new_tokens=10, batch_size=100, cloze=True, primary="cloze")
     c.mesh = dict(shape=(-1, 1, 1))
 
     if variant == "tiny":

@@ -31,7 +31,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
         assert 0.0 <= run["exact_match"] <= 1.0 and 0.0 <= run["f1"] <= 1.0
         assert set(run["buckets"]) == set(BUCKETS)
         assert sum(b["count"] for b in run["buckets"].values()) == summary["data"]["test_items"] == 6 * 5
-        assert set(run["shock"]) == {"rho", "p_value", "n"}
+        assert set(run["shock"]) == {"rho", "p_value", "n"} and set(run["pred_over_gold"]) == {"dropped", "oversampled"}
         assert set(run["per_relation"]) == set(summary["data"]["relations"])
     for arm in ("mixing/interpolate", "both/log_linear", "rank:mixing/log_linear"):
         assert summary["arms"][arm]["per_seed"]["0"]["lambda"] in (0.0, 0.5, 1.0)
@@ -94,3 +94,18 @@ def test_findings_state_the_measured_direction():
     assert stats["mean"]["shock"]["rho"] == 0.1 and stats["std"]["shock"]["rho"] == 0.0
     table = report.arm_table(shocked)
     assert "| mixing/interpolate | 3 | 0.410 ± 0.010 |" in table and "| 0.5, 0.5, 0.5 |" in table
+
+
+def test_skew_ratios_count_per_relation():
+    from clue_jax.data.bios import QAItem
+    from clue_jax.pipelines.extraction import skew_ratios
+
+    items = [QAItem("A", "major", "q", "Botany"), QAItem("B", "major", "q", "Botany"),
+             QAItem("C", "major", "q", "Geology"), QAItem("D", "birth_city", "q", "Oakmouth")]
+    skew = {"dropped_objects": {"major": ["Botany"], "birth_city": []},
+            "rare_objects": {"major": ["Geology"], "birth_city": ["Oakmouth"]}}
+    # Botany (left out) predicted once for two golds; the rare objects predicted 3 times for 2 golds, but
+    # "Geology" given for a birth city does not count.
+    out = skew_ratios(items, ["Botany", "Geology", "Geology", "Geology"], skew)
+    assert out == {"dropped": 0.5, "oversampled": 1.0}
+    assert math.isnan(skew_ratios(items, ["", "", "", ""], {"dropped_objects": {}, "rare_objects": {}})["dropped"])

@@ -54,3 +54,22 @@ class ArrayBatchSource:
 
     def steps_per_epoch(self) -> int:
         return max(1, self.num_examples // self.batch_size)
+
+
+class ConcatBatchSource:
+    """Each batch = rows from several sources side by side (e.g. new documents + replay).
+
+    parts: [(source, rows)], each source built with its own batch_size=rows. The
+    first part's rows come first, so a step can treat them differently (clue
+    dropout acts on the new documents only). Deterministic like its parts.
+    """
+
+    def __init__(self, parts):
+        self.parts = list(parts)
+        keys = [set(src.arrays) for src, _ in self.parts]
+        if any(k != keys[0] for k in keys):
+            raise UserInputError(f"batch sources have different keys: {[sorted(k) for k in keys]}")
+
+    def batch(self, step: int) -> dict[str, np.ndarray]:
+        batches = [src.batch(step) for src, _ in self.parts]
+        return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}

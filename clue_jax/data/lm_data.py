@@ -30,9 +30,10 @@ def pack_documents(tokenizer, texts: Sequence[str], seq_len: int) -> dict[str, n
     return {"input_ids": ids, "attention_mask": np.ones_like(ids)}
 
 
-def one_per_row(tokenizer, texts: Sequence[str], seq_len: int) -> dict[str, np.ndarray]:
-    """`<bos> text <eos>` per row, right-padded; a text longer than seq_len is an error."""
+def one_per_row(tokenizer, texts: Sequence[str], seq_len: int, on_overflow: str = "error") -> dict[str, np.ndarray]:
+    """`<bos> text <eos>` per row, right-padded; a text longer than seq_len is an error
+    (documents to learn must fit whole) unless on_overflow="truncate"."""
     if not texts:
         raise UserInputError("empty corpus: no documents to learn")
-    ids, mask = encode_batch(tokenizer, texts, seq_len, add_bos=True, add_eos=True, on_overflow="error")
+    ids, mask = encode_batch(tokenizer, texts, seq_len, add_bos=True, add_eos=True, on_overflow=on_overflow)
     return {"input_ids": ids, "attention_mask": mask}

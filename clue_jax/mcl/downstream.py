@@ -248,26 +248,35 @@ def finetune_model(task: Task, encoder: Encoder, seed: int) -> nnx.Module:
     else:
         model = nnx.eval_shape(lambda: SequenceClassifier(cfg, task.num_labels, nnx.Rngs(0)))
         model.head = ClassificationHead(cfg, task.num_labels, rngs)
-    model.encoder = nnx.clone(encoder)
+    # Fresh buffers: the Trainer donates the model's arrays, and `encoder` must survive for the next task.
+    graphdef, state = nnx.split(encoder)
+    model.encoder = nnx.merge(graphdef, jax.tree.map(lambda x: jnp.array(x, copy=True), state))
     return model
+
+
+def _per_example(x):
+    """[B] from a per-example array stored as [B] or [B, 1] (the Trainer shards batch leaves of rank >= 2)."""
+    return x.reshape(x.shape[0])
 
 
 def span_qa_objective(model, batch, rng):
     """Mean span cross-entropy; "correct" = share of examples with both ends right (logged as accuracy)."""
     start, end = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], dropout_key=rng)
-    loss = span_qa_loss(start, end, batch["start_positions"], batch["end_positions"], batch["attention_mask"])
-    hit = (jnp.argmax(start, -1) == batch["start_positions"]) & (jnp.argmax(end, -1) == batch["end_positions"])
+    s_pos, e_pos = _per_example(batch["start_positions"]), _per_example(batch["end_positions"])
+    loss = span_qa_loss(start, end, s_pos, e_pos, batch["attention_mask"])
+    hit = (jnp.argmax(start, -1) == s_pos) & (jnp.argmax(end, -1) == e_pos)
     return loss, {"weight": jnp.float32(1.0), "correct": jnp.mean(hit.astype(jnp.float32))}
 
 
 def classification_objective(model, batch, rng):
     """Mean cross-entropy (squared error for one output); "correct" = accuracy (0 for regression)."""
     logits = model(batch["input_ids"], batch["attention_mask"], batch["token_type_ids"], dropout_key=rng)
-    loss = classification_loss(logits, batch["labels"])
+    labels = _per_example(batch["labels"])
+    loss = classification_loss(logits, labels)
     if logits.shape[-1] == 1:
         correct = jnp.float32(0.0)
     else:
-        correct = jnp.mean((jnp.argmax(logits, -1) == batch["labels"]).astype(jnp.float32))
+        correct = jnp.mean((jnp.argmax(logits, -1) == labels).astype(jnp.float32))
     return loss, {"weight": jnp.float32(1.0), "correct": correct}
 
 
@@ -423,7 +432,9 @@ def finetune(task: Task, encoder: Encoder, train_cfg, mesh, workdir: str, *, see
     objective = span_qa_objective if task.kind == "span" else classification_objective
     meta = {"model": {"encoder": encoder.cfg.to_dict(), "task": task.name, "num_labels": task.num_labels}}
     trainer = Trainer(model, objective, train_cfg, mesh, workdir, meta=meta, stage=f"finetune_{task.name}")
-    source = ArrayBatchSource(task.arrays["train"], train_cfg.batch_size, seed=seed)
+    # Per-example arrays as [N, 1]: the Trainer's batch sharding needs rank >= 2 for every leaf.
+    arrays = {k: v.reshape(len(v), -1) if v.ndim == 1 else v for k, v in task.arrays["train"].items()}
+    source = ArrayBatchSource(arrays, train_cfg.batch_size, seed=seed)
     result = trainer.run(source)
     if result.status != "done":
         log.warning("fine-tuning %s preempted at step %d; rerun the same command to resume", task.name, result.step)

@@ -1,46 +1,53 @@
 """ELECTRA and MCL pre-training objectives for the shared Trainer (METHODS.md section 3).
 
-One objective function `fn(model, batch, rng) -> (loss_mean, aux)` covers every
-arm: ELECTRA (RTD alone), any mix of the self-supervision courses RTD, STD and
-ITD, and any subset of the four self-correction losses of the correction
-notebook. `model` is an `ElectraPair` (generator and discriminator over one
-shared embedding module); everything runs inside the Trainer's one jitted,
-sharded step.
+One objective `fn(pair, batch, rng) -> (loss_mean, aux)` covers every arm:
+ELECTRA (RTD alone), any mix of the self-supervision courses RTD, STD and
+ITD, and any subset of the four self-correction losses. `pair` is an
+`ElectraPair` (generator G and discriminator D over one shared embedding
+module); everything runs inside the Trainer's one jitted, sharded step.
 
-Per course (G = generator, D = discriminator, w_g / w_d = gen_weight / disc_weight):
+Courses (each row of the batch follows one course):
   rtd: mask `mask_rate` of the tokens; G's MLM loss at the masks; G's samples
-       (stop_gradient, `courses.sample_tokens`) fill the masks; D labels a
-       token replaced where it differs from the original.
-  std: permute the tokens at `swap_rate` of the positions; G's swapped-LM loss
-       restores the originals at the changed positions; D labels the changed
-       positions. G's output does not feed D (D's input needs no G).
+       (no gradient, `courses.sample_tokens`) fill them; D labels a token
+       replaced where it differs from the original.
+  std: permute the tokens at `swap_rate` of the positions; G's swapped-LM
+       loss restores the originals at the changed positions; D labels the
+       changed positions (D's input needs no G).
   itd: insert [MASK] at `insert_rate` new gaps; G fills them (no G loss: no
        ground truth); D labels the inserted positions.
-Loss of one course: w_g * gen + w_d * disc (+ the correction terms below).
+All three corruptions are computed for every row (integer ops, cheap) and
+each row keeps its own course's, so ONE G pass and ONE D pass serve any mix
+of courses. G's vocabulary head runs only at the gathered positions that
+need it (`max_positions`, ELECTRA's max_predictions_per_seq).
 
-Self-correction (only after rtd and std; the notebook needs an original
-token per position, which an insertion lacks): D's verdicts on its course
-input (logits > 0, no gradient) against the truth give
-`correction.correction_targets`; then
+Self-correction (rtd and std rows; an inserted token has no original, so ITD
+has no notebook): D's verdicts (logits > 0, no gradient) against the truth
+give `correction.correction_targets`;
   re_<c>_gen:  G's MLM loss on the re-generation input (caught positions
-               re-masked, everything else original), at the caught positions;
+               re-masked, the rest original), at the caught positions;
   re_<c>_disc: D's loss on the re-discrimination input (caught positions
-               restored, misjudged tokens kept), over every real token,
-weighted by regen_weight / redisc_weight.
+               restored, misjudged tokens kept), over every real token.
+One extra G pass and one extra D pass serve both courses; each is skipped
+(`lax.cond`) when no row of the batch needs it.
 
-Choices where METHODS.md is silent (all settings in `ObjectiveConfig`):
-- Course sampling, `sampling="step"` (default): ONE enabled course per step
-  (per micro-batch with gradient accumulation), drawn with probabilities
-  `course_weights` (uniform by default) inside the jitted step through
-  `lax.switch`, so an MCL step costs the same G + D passes as an ELECTRA step
-  (plus the correction passes) and "equal steps" is also equal compute for the
-  self-supervision courses. `sampling="all"` runs every enabled course on the
-  whole batch each step and averages their losses (k times the compute).
-- Rates 0.15 for all three corruptions; loss weights: gen 1, disc 50 (ELECTRA),
+Loss: gen_weight * gen + disc_weight * disc + regen_weight * re_gen +
+redisc_weight * re_disc, each term a mean over the positions it counts,
+pooled over the rows that have it.
+
+Choices where METHODS.md is silent (settings in `ObjectiveConfig`):
+- `sampling="step"` (default): one course per step for the whole batch (per
+  micro-batch under accumulation), drawn with probabilities `course_weights`
+  (uniform over the enabled courses by default); `"example"`: one course per
+  row. Either way a step costs one G + one D pass (plus the correction
+  passes), so at equal steps the course arms spend the compute of ELECTRA.
+- Rates 0.15 for all three corruptions; weights gen 1, disc 50 (ELECTRA),
   regen 1, redisc 50 (a correction loss is weighted like the loss it repeats).
 - D's loss counts every real token (ELECTRA's input mask), [CLS]/[SEP] included.
-- The correction terms of a disabled course are 0; with `sampling="step"` the
-  correction losses of rtd run only on the steps that drew rtd.
+
+`make_objective(cfg, dynamic=True)` reads the courses and corrections from
+the pair's `mcl_settings` state (`attach_settings`) instead of compiling them
+in: every arm then runs the same compiled step (one compile per process, and
+the persistent compilation cache serves every later run).
 """
 from __future__ import annotations
 
@@ -50,6 +57,7 @@ from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from clue_jax.errors import UserInputError
@@ -58,11 +66,12 @@ from clue_jax.models.encoder import mlm_loss, rtd_loss
 
 COURSES = ("rtd", "std", "itd")
 CORRECTIONS = ("re_rtd_gen", "re_rtd_disc", "re_std_gen", "re_std_disc")
-TERMS = ("gen", "disc", "re_gen", "re_disc")  # the loss terms of one course, always all present
-SAMPLING = ("step", "all")
+TERMS = ("gen", "disc", "re_gen", "re_disc")
+SAMPLING = ("step", "example")
 
-__all__ = ["COURSES", "CORRECTIONS", "ObjectiveConfig", "CourseOutput", "run_course", "make_objective",
-           "probe_courses", "max_positions", "generator_logits_at"]
+__all__ = ["COURSES", "CORRECTIONS", "TERMS", "ObjectiveConfig", "CourseOutput", "run_courses", "run_course",
+           "make_objective", "probe_courses", "max_positions", "generator_logits_at", "CourseSettings",
+           "settings_array", "attach_settings"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,13 +96,13 @@ class ObjectiveConfig:
     dropout: bool = True  # pass dropout keys to the models (active only when the encoder's dropout > 0)
 
     def __post_init__(self):
-        object.__setattr__(self, "courses", tuple(self.courses))
-        object.__setattr__(self, "corrections", tuple(self.corrections))
+        for name in ("courses", "corrections"):
+            object.__setattr__(self, name, tuple(getattr(self, name)))
         object.__setattr__(self, "course_weights", tuple(float(w) for w in self.course_weights))
         object.__setattr__(self, "protected_ids", tuple(int(i) for i in self.protected_ids))
         object.__setattr__(self, "banned_ids", tuple(int(i) for i in self.banned_ids))
         if not self.courses:
-            raise UserInputError("objective.courses is empty; use a subset of ('rtd', 'std', 'itd')")
+            raise UserInputError(f"objective.courses is empty; use a subset of {COURSES}")
         for c in self.courses:
             if c not in COURSES:
                 raise UserInputError(f"objective.courses contains {c!r}; valid courses: {COURSES}")
@@ -133,31 +142,27 @@ class ObjectiveConfig:
         return cls(**values)
 
     def probabilities(self) -> list[float]:
+        """Sampling probability of each of COURSES (0 for the courses that are off)."""
         w = list(self.course_weights) or [1.0] * len(self.courses)
-        return [x / sum(w) for x in w]
+        probs = dict(zip(self.courses, w))
+        total = sum(w)
+        return [probs.get(c, 0.0) / total for c in COURSES]
 
 
 @dataclasses.dataclass
 class CourseOutput:
-    """One course on one batch: its loss terms (scalars), statistics and the tensors it built."""
+    """The courses on one batch: loss terms (unweighted means), statistics and the tensors built."""
 
-    losses: dict[str, jax.Array]  # TERMS, unweighted means (0 where the course has no such term)
-    stats: dict[str, jax.Array]  # replaced_share, disc_accuracy, caught_share (float32 scalars)
-    tensors: dict[str, jax.Array]  # gen_input, disc_input, disc_labels, attention_mask, (regen_/redisc_...)
+    losses: dict[str, jax.Array]  # TERMS (0 where no row has the term)
+    stats: dict[str, jax.Array]  # replaced_share, disc_accuracy, caught_share, n_<course> (rows)
+    tensors: dict[str, jax.Array]  # gen_input, disc_input, disc_labels, attention_mask, disc_logits, regen_*, redisc_*
 
     def total(self, cfg: ObjectiveConfig) -> jax.Array:
         return (cfg.gen_weight * self.losses["gen"] + cfg.disc_weight * self.losses["disc"]
                 + cfg.regen_weight * self.losses["re_gen"] + cfg.redisc_weight * self.losses["re_disc"])
 
 
-def _keys(rng, n: int, use: bool) -> list:
-    keys = list(jax.random.split(rng, n))
-    return keys if use else [None] * n
-
-
-def _mean(x, mask):
-    m = mask.astype(jnp.float32)
-    return jnp.sum(x.astype(jnp.float32) * m) / jnp.maximum(jnp.sum(m), 1.0)
+# ----------------------------------------------------------------------------- pieces
 
 
 def max_positions(rate: float, length: int, minimum: int = 1) -> int:
@@ -165,165 +170,209 @@ def max_positions(rate: float, length: int, minimum: int = 1) -> int:
 
     The courses corrupt round(rate * n) (at least `minimum`) of n <= length
     free tokens, so G's vocabulary head is evaluated at this many gathered
-    positions per row instead of all `length` (ELECTRA's max_predictions_per_seq).
+    positions per row instead of all `length`.
     """
     return min(length, max(minimum, math.ceil(rate * length)) + 1)
 
 
 def generator_logits_at(model, input_ids, attention_mask, positions, dropout_key=None):
-    """G's MLM logits [B, P, V] at `positions` [B, P] only: the same as
-    `model.generator_logits(...)` gathered at `positions`, without the V-wide head elsewhere."""
+    """G's MLM logits [B, P, V] at `positions` [B, P] only: `model.generator_logits(...)`
+    gathered at `positions`, without running the V-wide head elsewhere."""
     k1, k2 = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
-    x = model.embeddings(input_ids, None, k1)
-    hidden = model.generator(x, attention_mask, k2)
+    hidden = model.generator(model.embeddings(input_ids, None, k1), attention_mask, k2)
     hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
     return model.mlm_head(hidden, model.embeddings.word_embeddings)
 
 
-def _top_positions(weights, p: int):
-    """The p positions of each row with the largest weight (weighted ones first), [B, p] int32."""
-    return jax.lax.top_k(weights.astype(jnp.float32), p)[1]
-
-
-def _gen_loss_and_fill(model, cfg, gen_input, mask, targets, weights, p, key_sample, key_drop, fill: bool):
-    """G at the weighted positions: its loss there, and (fill) gen_input with samples at those positions."""
-    pos = _top_positions(weights, p)
+def _gen_at(model, cfg, gen_input, mask, targets, weights, p, key_sample, key_drop, fill: bool):
+    """G at the p most-weighted positions per row: its loss there and (fill) gen_input with samples there."""
+    pos = jax.lax.top_k(weights.astype(jnp.float32), p)[1]
     take = lambda x: jnp.take_along_axis(x, pos, axis=1)
     logits = generator_logits_at(model, gen_input, mask, pos, key_drop)
     loss = mlm_loss(logits, take(targets), take(weights))
-    filled = None
-    if fill:
-        sampled = courses.sample_tokens(key_sample, take(gen_input), logits, take(weights) > 0, cfg.temperature,
-                                        cfg.banned_ids)
-        filled = jnp.put_along_axis(gen_input, pos, sampled, axis=1, inplace=False)
-    return loss, filled
+    if not fill:
+        return loss, None
+    sampled = courses.sample_tokens(key_sample, take(gen_input), logits, take(weights) > 0, cfg.temperature,
+                                    cfg.banned_ids)
+    return loss, jnp.put_along_axis(gen_input, pos, sampled, axis=1, inplace=False)
 
 
-def run_course(model, batch: dict, rng: jax.Array, cfg: ObjectiveConfig, course: str,
-               corrections: Sequence[str] | None = None, *, train: bool = True) -> CourseOutput:
-    """Runs `course` (rtd | std | itd) on `batch` (input_ids, attention_mask [B, T]) with the pair `model`.
+def _gated(flag, fn, model, *args):
+    """fn(model, *args) (a float32 scalar) when `flag`, else 0.
 
-    corrections: the correction losses to compute (default: cfg.corrections);
-    those of another course are ignored. train=False: no dropout (probes).
-    G's head runs only at the positions that need it (see `max_positions`).
+    A Python bool decides at trace time; a traced one becomes `lax.cond`, so
+    only the taken branch runs.
     """
-    if course not in COURSES:
-        raise UserInputError(f"course={course!r} is not one of {COURSES}")
-    corrections = cfg.corrections if corrections is None else tuple(corrections)
+    if isinstance(flag, bool):
+        return fn(model, *args) if flag else jnp.zeros((), jnp.float32)
+    graphdef, state = nnx.split(model)
+    return jax.lax.cond(flag, lambda st, *a: fn(nnx.merge(graphdef, st), *a),
+                        lambda st, *a: jnp.zeros((), jnp.float32), state, *args)
+
+
+def _mean(x, mask):
+    m = mask.astype(jnp.float32)
+    return jnp.sum(x.astype(jnp.float32) * m) / jnp.maximum(jnp.sum(m), 1.0)
+
+
+def _rows(cond_b, x_true, x_false):
+    return jnp.where(cond_b.reshape((-1,) + (1,) * (x_true.ndim - 1)), x_true, x_false)
+
+
+# ----------------------------------------------------------------------------- the courses
+
+
+def run_courses(model, batch: dict, rng: jax.Array, cfg: ObjectiveConfig, row_course: jax.Array,
+                switches=None, *, train: bool = True) -> CourseOutput:
+    """Runs each row's course (row_course [B] int: index into COURSES) on `batch` with the pair `model`.
+
+    switches: the correction losses, a [4] bool/float array over CORRECTIONS
+    (traced: gated at run time) or None = cfg.corrections (compiled in).
+    train=False: no dropout (probes).
+    """
     ids, mask = batch["input_ids"], batch["attention_mask"]
     length = ids.shape[1]
-    k_corrupt, k_sample = jax.random.split(jax.random.fold_in(rng, COURSES.index(course)))
+    k_rtd, k_std, k_itd, k_sample, k_drop = jax.random.split(rng, 5)
     use_drop = train and cfg.dropout
-    d_gen, d_disc, d_regen, d_redisc = _keys(jax.random.fold_in(rng, 7), 4, use_drop)
-    zero = jnp.zeros((), jnp.float32)
+    d_gen, d_disc, d_regen, d_redisc = list(jax.random.split(k_drop, 4)) if use_drop else [None] * 4
     protected = cfg.protected_ids or None
+    is_rtd, is_std, is_itd = (row_course == 0), (row_course == 1), (row_course == 2)
 
-    if course == "rtd":
-        p = max_positions(cfg.mask_rate, length)
-        c = courses.rtd_corrupt(k_corrupt, ids, mask, cfg.mask_id, cfg.mask_rate, protected)
-        gen, disc_input = _gen_loss_and_fill(model, cfg, c["gen_input"], mask, ids, c["gen_weights"], p, k_sample,
-                                             d_gen, fill=True)
-        labels = (disc_input != ids).astype(jnp.int32)  # a sample equal to the original counts as original
-        d_mask, gen_input = mask, c["gen_input"]
-    elif course == "std":
-        p = max_positions(cfg.swap_rate, length, 2)
-        s = courses.std_corrupt(k_corrupt, ids, mask, cfg.swap_rate, protected)
-        gen, _ = _gen_loss_and_fill(model, cfg, s["gen_input"], mask, ids, s["gen_weights"], p, k_sample, d_gen,
-                                    fill=False)
-        disc_input, labels, d_mask, gen_input = s["disc_input"], s["disc_labels"], mask, s["gen_input"]
-    else:  # itd
-        p = max_positions(cfg.insert_rate, length)
-        i = courses.itd_corrupt(k_corrupt, ids, mask, cfg.mask_id, cfg.insert_rate, protected)
-        d_mask, gen_input = i["attention_mask"], i["gen_input"]
-        inserted = i["inserted"].astype(jnp.float32)
-        _, disc_input = _gen_loss_and_fill(model, cfg, gen_input, d_mask, gen_input, inserted, p, k_sample, d_gen,
-                                           fill=True)
-        gen = zero  # no ground truth for an inserted token
-        labels = i["inserted"].astype(jnp.int32)
+    r = courses.rtd_corrupt(k_rtd, ids, mask, cfg.mask_id, cfg.mask_rate, protected)
+    s = courses.std_corrupt(k_std, ids, mask, cfg.swap_rate, protected)
+    i = courses.itd_corrupt(k_itd, ids, mask, cfg.mask_id, cfg.insert_rate, protected)
+    inserted = i["inserted"].astype(jnp.float32)
+    gen_input = _rows(is_rtd, r["gen_input"], _rows(is_std, s["gen_input"], i["gen_input"]))
+    d_mask = _rows(is_itd, i["attention_mask"], mask)
+    # G's loss positions (rtd: masks, std: changed positions) and its fill positions (rtd: masks, itd: inserts)
+    gen_weights = _rows(is_rtd, r["gen_weights"], _rows(is_std, s["gen_weights"], jnp.zeros_like(inserted)))
+    targets = _rows(is_itd, i["gen_input"], ids)
+    fill_weights = _rows(is_rtd, r["gen_weights"], _rows(is_itd, inserted, jnp.zeros_like(inserted)))
+    p = max(max_positions(cfg.mask_rate, length), max_positions(cfg.swap_rate, length, 2),
+            max_positions(cfg.insert_rate, length))
+    # One G pass: the loss counts gen_weights, the samples fill fill_weights (both among the p gathered).
+    pos = jax.lax.top_k(gen_weights + fill_weights, p)[1]
+    take = lambda x: jnp.take_along_axis(x, pos, axis=1)
+    g_logits = generator_logits_at(model, gen_input, d_mask, pos, d_gen)
+    gen = mlm_loss(g_logits, take(targets), take(gen_weights))
+    sampled = courses.sample_tokens(k_sample, take(gen_input), g_logits, take(fill_weights) > 0, cfg.temperature,
+                                    cfg.banned_ids)
+    filled = jnp.put_along_axis(gen_input, pos, sampled, axis=1, inplace=False)
+    disc_input = _rows(is_std, s["disc_input"], filled)
+    labels = _rows(is_itd, i["inserted"].astype(jnp.int32), (disc_input != ids).astype(jnp.int32))
 
     d_logits = model.discriminator_logits(disc_input, d_mask, dropout_key=d_disc)
     disc = rtd_loss(d_logits, labels, d_mask)
     predicted = jax.lax.stop_gradient(d_logits) > 0
     real = d_mask > 0
-    stats = {
-        "replaced_share": _mean(labels, real),
-        "disc_accuracy": _mean(predicted == (labels > 0), real),
-        "caught_share": zero,
-    }
+    stats = {"replaced_share": _mean(labels, real), "disc_accuracy": _mean(predicted == (labels > 0), real)}
+    for k, c in enumerate(COURSES):
+        stats[f"n_{c}"] = jnp.sum((row_course == k).astype(jnp.float32))
+
+    # Correction notebook, for the rtd and std rows.
+    if switches is None:
+        switches = tuple(c in cfg.corrections for c in CORRECTIONS)
+    on = [bool(x) if isinstance(x, (bool, np.bool_)) else jnp.asarray(x) > 0 for x in switches]
+    regen_rows = (is_rtd & on[0]) | (is_std & on[2])
+    redisc_rows = (is_rtd & on[1]) | (is_std & on[3])
+    static = all(isinstance(x, bool) for x in on)
+    want_gen = (on[0] or on[2]) if static else jnp.any(regen_rows)
+    want_disc = (on[1] or on[3]) if static else jnp.any(redisc_rows)
+    t = correction.correction_targets(ids, disc_input, predicted, cfg.mask_id, mask)
+    regen_w = t["regen_weights"] * regen_rows[:, None]
+    redisc_w = t["redisc_weights"] * redisc_rows[:, None]
+    p_fix = max(max_positions(cfg.mask_rate, length), max_positions(cfg.swap_rate, length, 2))
+    re_gen = _gated(want_gen, lambda m, x, w, k: _gen_at(m, cfg, x, mask, ids, w, p_fix, k_sample, k, False)[0],
+                    model, t["regen_input"], regen_w, d_regen)
+    re_disc = _gated(want_disc, lambda m, x, y, w, k: rtd_loss(m.discriminator_logits(x, mask, dropout_key=k), y, w),
+                     model, t["redisc_input"], t["redisc_labels"], redisc_w, d_redisc)
+    stats["caught_share"] = _mean(t["replaced_judged_replaced"], real & ~is_itd[:, None])
     tensors = {"gen_input": gen_input, "disc_input": disc_input, "disc_labels": labels, "attention_mask": d_mask,
-               "disc_logits": d_logits}
-    re_gen, re_disc = zero, zero
-    if course in ("rtd", "std"):
-        want_gen, want_disc = f"re_{course}_gen" in corrections, f"re_{course}_disc" in corrections
-        if want_gen or want_disc:
-            t = correction.correction_targets(ids, disc_input, predicted, cfg.mask_id, mask)
-            stats["caught_share"] = _mean(t["replaced_judged_replaced"], real)
-            tensors.update({k: t[k] for k in ("regen_input", "regen_weights", "redisc_input", "redisc_labels",
-                                              "redisc_weights")})
-            if want_gen:  # caught positions are a subset of the corrupted ones: p positions suffice
-                re_gen, _ = _gen_loss_and_fill(model, cfg, t["regen_input"], mask, ids, t["regen_weights"], p,
-                                               k_sample, d_regen, fill=False)
-            if want_disc:
-                rd_logits = model.discriminator_logits(t["redisc_input"], mask, dropout_key=d_redisc)
-                re_disc = rtd_loss(rd_logits, t["redisc_labels"], t["redisc_weights"])
+               "disc_logits": d_logits, "gen_weights": gen_weights, "regen_input": t["regen_input"],
+               "regen_weights": regen_w, "redisc_input": t["redisc_input"], "redisc_labels": t["redisc_labels"],
+               "redisc_weights": redisc_w}
     losses = {"gen": gen, "disc": disc, "re_gen": re_gen, "re_disc": re_disc}
     return CourseOutput(losses=losses, stats=stats, tensors=tensors)
 
 
-def _scalars(out: CourseOutput, cfg: ObjectiveConfig, course_index: int) -> tuple[jax.Array, dict]:
-    """The fixed-structure (loss, aux) one course contributes; aux has per-course indicator counts."""
-    aux = {f"loss_{k}": v for k, v in out.losses.items()}
-    aux.update(out.stats)
-    aux.update({f"n_{c}": jnp.float32(i == course_index) for i, c in enumerate(COURSES)})
-    return out.total(cfg), aux
+def run_course(model, batch: dict, rng: jax.Array, cfg: ObjectiveConfig, course: str,
+               corrections: Sequence[str] | None = None, *, train: bool = True) -> CourseOutput:
+    """`run_courses` with every row on `course`; corrections default to cfg.corrections."""
+    if course not in COURSES:
+        raise UserInputError(f"course={course!r} is not one of {COURSES}")
+    corrections = cfg.corrections if corrections is None else tuple(corrections)
+    rows = jnp.full((batch["input_ids"].shape[0],), COURSES.index(course), jnp.int32)
+    return run_courses(model, batch, rng, cfg, rows, tuple(c in corrections for c in CORRECTIONS), train=train)
 
 
-def make_objective(cfg: ObjectiveConfig) -> Callable:
+# ----------------------------------------------------------------------------- the objective
+
+
+class CourseSettings(nnx.Variable):
+    """An arm's course probabilities [3] and correction switches [4] (float32 [7]) as model state.
+
+    Not a Param: the Trainer hands it to the jitted step as a frozen argument,
+    so every arm runs the same compiled step.
+    """
+
+
+def settings_array(cfg: ObjectiveConfig) -> np.ndarray:
+    """[p_rtd, p_std, p_itd, re_rtd_gen, re_rtd_disc, re_std_gen, re_std_disc] for cfg."""
+    return np.asarray(cfg.probabilities() + [float(c in cfg.corrections) for c in CORRECTIONS], np.float32)
+
+
+def attach_settings(pair, cfg: ObjectiveConfig):
+    """Stores cfg's courses and corrections on the pair (`pair.mcl_settings`) for `make_objective(dynamic=True)`."""
+    pair.mcl_settings = CourseSettings(jnp.asarray(settings_array(cfg)))
+    return pair
+
+
+def make_objective(cfg: ObjectiveConfig, dynamic: bool = False) -> Callable:
     """The Trainer objective: `fn(pair, batch, rng) -> (loss_mean, aux)`.
 
-    aux["weight"] = 1 (the loss is already a mean; the loop sums weights over
-    micro-batches and divides), aux["correct"] = D's token accuracy (so the
-    loop logs it as "accuracy"), plus the unweighted terms loss_gen,
-    loss_disc, loss_re_gen, loss_re_disc, replaced_share, caught_share and
-    n_rtd / n_std / n_itd (which course ran), all summed over micro-batches.
+    dynamic=False: cfg.courses and cfg.corrections are compiled in (passes an
+    arm never needs are not built). dynamic=True: they come from
+    `pair.mcl_settings` at run time (see the module docstring).
+
+    aux: weight = 1 (the loss is already a mean; the loop sums weights over
+    micro-batches and divides), correct = D's token accuracy (logged as
+    "accuracy"), the unweighted terms loss_gen, loss_disc, loss_re_gen,
+    loss_re_disc, replaced_share, caught_share and n_rtd / n_std / n_itd
+    (rows per course), all summed over micro-batches by the loop.
     """
-    probs = jnp.asarray(cfg.probabilities(), jnp.float32)
+    fixed = jnp.asarray(cfg.probabilities(), jnp.float32)
 
     def objective(model, batch, rng):
-        k_choice, k_course = jax.random.split(rng)
-        if cfg.sampling == "all" or len(cfg.courses) == 1:
-            outs = [_scalars(run_course(model, batch, k_course, cfg, c), cfg, COURSES.index(c)) for c in cfg.courses]
-            n = len(outs)
-            loss = sum(o[0] for o in outs) / n
-            aux = jax.tree.map(lambda *xs: sum(xs) / n, *[o[1] for o in outs])
-            if n > 1:  # indicator counts: every course ran once
-                aux.update({f"n_{c}": jnp.float32(c in cfg.courses) for c in COURSES})
+        k_course, k_run = jax.random.split(rng)
+        if dynamic:
+            settings = jnp.asarray(model.mcl_settings[...], jnp.float32)
+            probs, switches = settings[:3], settings[3:]
         else:
-            graphdef, state = nnx.split(model)
-            branches = [
-                (lambda c: lambda st, b, r: _scalars(run_course(nnx.merge(graphdef, st), b, r, cfg, c), cfg,
-                                                     COURSES.index(c)))(c)
-                for c in cfg.courses
-            ]
-            index = jax.random.choice(k_choice, len(cfg.courses), p=probs)
-            loss, aux = jax.lax.switch(index, branches, state, batch, k_course)
-        aux = dict(aux, weight=jnp.float32(1.0), correct=aux["disc_accuracy"])
-        return loss, aux
+            probs, switches = fixed, None
+        b = batch["input_ids"].shape[0]
+        shape = (1,) if cfg.sampling == "step" else (b,)
+        rows = jnp.broadcast_to(jax.random.categorical(k_course, jnp.log(probs), shape=shape), (b,))
+        out = run_courses(model, batch, k_run, cfg, rows, switches)
+        aux = {f"loss_{k}": v for k, v in out.losses.items()}
+        aux.update(out.stats)
+        aux.update(weight=jnp.float32(1.0), correct=out.stats["disc_accuracy"])
+        return out.total(cfg), aux
 
     return objective
 
 
 def probe_courses(model, batch: dict, rng: jax.Array, cfg: ObjectiveConfig,
                   course_names: Sequence[str] = COURSES) -> dict[str, dict[str, jax.Array]]:
-    """Without dropout or gradient: per course, the share of "replaced" labels, D's accuracy and the caught share.
+    """Per course, without dropout or gradient: share of "replaced" labels, D's accuracy and loss, caught share.
 
-    Used at eval points to follow the label share of every course over
-    training, including courses the arm does not train with. Jit it with the
-    model as an argument: `jax.jit(lambda m, b, r: probe_courses(m, b, r, cfg))`.
+    Used at eval points to follow every course's label share over training,
+    including courses the arm does not train with. Jit it with the model as
+    an argument: `nnx.jit(lambda m, b, r: probe_courses(m, b, r, cfg))`.
     """
     out = {}
     for c in course_names:
-        res = run_course(model, batch, rng, cfg, c, corrections=(f"re_{c}_gen",) if c != "itd" else (), train=False)
-        out[c] = {k: jax.lax.stop_gradient(v) for k, v in res.stats.items()}
-        out[c]["disc_loss"] = jax.lax.stop_gradient(res.losses["disc"])
+        res = run_course(model, batch, rng, cfg, c, corrections=(), train=False)
+        stats = {k: res.stats[k] for k in ("replaced_share", "disc_accuracy", "caught_share")}
+        stats["disc_loss"] = res.losses["disc"]
+        out[c] = jax.tree.map(jax.lax.stop_gradient, stats)
     return out

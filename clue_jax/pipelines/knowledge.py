@@ -20,12 +20,13 @@ import logging
 import os
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from clue_jax.clues import analysis, dropout, render, scoring
 from clue_jax.data import bios, corpus, lm_data
-from clue_jax.data.batching import ArrayBatchSource
+from clue_jax.data.batching import ArrayBatchSource, ConcatBatchSource
 from clue_jax.data.tokenizer import load_tokenizer, protected_token_ids, train_bpe_tokenizer
 from clue_jax.errors import UserInputError
 from clue_jax.eval import qa_eval
@@ -231,7 +232,11 @@ def cpt_stage(ctx, student: str, arm: str, seed: int, knowledge_name: str, drop:
     elif arm != "plain":
         transform = lambda rng, batch, extras: dropout.augment_batch(rng, batch, None, drop_cfg)
     data = {k: v for k, v in data.items() if transform is not None or not k.startswith("scores_")}
-    source = ArrayBatchSource(data, train_cfg.batch_size, seed=seed)
+    replay_rows = int(config.data.get("cpt_replay_rows", 0))
+    if replay_rows:
+        source, transform = with_replay(ctx, data, train_cfg, replay_rows, seed, transform)
+    else:
+        source = ArrayBatchSource(data, train_cfg.batch_size, seed=seed)
     use_lora = config.lora.rank > 0
     if use_lora:  # the paper's students: LoRA on all projections, base frozen, merged on export
         lora.apply_lora(model, config.lora.rank, config.lora.alpha, tuple(config.lora.targets), rngs=nnx.Rngs(seed))
@@ -239,6 +244,33 @@ def cpt_stage(ctx, student: str, arm: str, seed: int, knowledge_name: str, drop:
         stage_dir, model, cfg, source, train_cfg, mesh, transform=transform, extras=extras,
         stage=os.path.basename(stage_dir), extra_meta={"arm": arm, "lora": config.lora.to_dict()},
         trainable=lora.trainable_filter(use_lora), export=lora.merge_lora if use_lora else None)
+
+
+def with_replay(ctx, data: dict, train_cfg, replay_rows: int, seed: int, transform):
+    """Mixes `replay_rows` rows of background text (rich bios + QA) into every batch.
+
+    Replay keeps the base model's QA habits alive while it learns the new
+    documents (a common continual-pre-training practice; the paper's protocol
+    is replay 0). Dropout acts on the new-document rows only: they come first.
+    """
+    new_rows = train_cfg.batch_size - replay_rows
+    if new_rows <= 0:
+        raise UserInputError(f"data.cpt_replay_rows={replay_rows} leaves no room in cpt.batch_size={train_cfg.batch_size}")
+    texts = pretraining_texts(load_people(ctx.world_dir, "background"), 1, ctx.config.seed, True)
+    replay = lm_data.one_per_row(ctx.tokenizer, texts, ctx.config.cpt.seq_len, on_overflow="truncate")
+    for key, value in data.items():
+        if key not in replay:
+            replay[key] = np.zeros((len(texts),) + value.shape[1:], value.dtype)
+    source = ConcatBatchSource([(ArrayBatchSource(data, new_rows, seed=seed), new_rows),
+                                (ArrayBatchSource(replay, replay_rows, seed=seed + 7919), replay_rows)])
+    if transform is None:
+        return source, None
+
+    def first_rows_only(rng, batch, extras):
+        head = transform(rng, {k: v[:new_rows] for k, v in batch.items()}, extras)
+        return {k: jnp.concatenate([head[k], batch[k][new_rows:]]) for k in batch}
+
+    return source, first_rows_only
 
 
 def eval_stage(ctx, model_dir, knowledge: Knowledge, stage_dir):
@@ -289,8 +321,11 @@ def path_fingerprint(path: str) -> str:
                               for f in os.listdir(path)))
 
 
-def prepare(config, workdir: str, need_scores: bool) -> Context:
-    """Everything before the students train: world, tokenizer, base models, documents, teacher scores."""
+def prepare(config, workdir: str, need_scores: bool, sizes: tuple[str, ...] = ("small", "large")) -> Context:
+    """Everything before the students train: world, tokenizer, base models, documents, teacher scores.
+
+    Both teachers are needed for scores; otherwise only the base models in `sizes`.
+    """
     for arm in config.clues.arms:
         if arm not in ARMS:
             raise UserInputError(f"clues.arms contains {arm!r}; valid arms: {ARMS}")
@@ -301,19 +336,20 @@ def prepare(config, workdir: str, need_scores: bool) -> Context:
     world = stages.run("world", {"world": config.world.to_dict()}, lambda d: world_stage(config, d))
     world_dir = stages.path("world")
     tok_res = stages.run("tokenizer", {"world": world["_fingerprint"], "tokenizer": config.tokenizer.to_dict(),
-                                       "data": config.data.to_dict(), "seed": config.seed,
+                                       "data": [config.data.source, config.data.corpus], "seed": config.seed,
                                        "base_models": config.base_models.to_dict()},
                          lambda d: tokenizer_stage(config, world_dir, d))
     tokenizer = load_tokenizer(tok_res["path"])
 
     bases = {}
-    for size in ("small", "large"):
+    for size in ("small", "large") if need_scores else sizes:
         if config.base_models[size]:  # a pretrained checkpoint (HF directory) replaces pre-training
             path = os.path.abspath(config.base_models[size])
             bases[size] = {"model_dir": path, "_fingerprint": path_fingerprint(path)}
             continue
         inputs = {"tokenizer": tok_res["_fingerprint"], "model": config.models[size].to_dict(),
-                  "train": config.pretrain.to_dict(), "data": config.data.to_dict(), "seed": config.seed}
+                  "train": config.pretrain.to_dict(), "seed": config.seed,
+                  "data": [config.data.bios_per_person, config.data.pretrain_qa]}
         bases[size] = stages.run(f"pretrain_{size}", inputs,
                                  lambda d, s=size: pretrain_stage(config, s, world_dir, tokenizer, mesh, d))
 
@@ -339,7 +375,8 @@ def train_and_evaluate(ctx: Context, student: str, arm: str, seed: int, split: s
     name = f"{student}_{arm}{tag}_s{seed}" + ("" if split == "test" else f"_{split}")
     inputs = {"base": ctx.bases[student]["_fingerprint"], "scores": ctx.scores.get(split, {}).get("_fingerprint"),
               "arm": arm, "seed": seed, "train": config.cpt.to_dict(), "clues": config.clues.to_dict(),
-              "drop": drop, "lora": config.lora.to_dict(), "docs": array_fingerprint(ctx.docs_data[split])}
+              "drop": drop, "lora": config.lora.to_dict(), "docs": array_fingerprint(ctx.docs_data[split]),
+              "replay": config.data.cpt_replay_rows}
     stage = ctx.stages.run(f"cpt_{name}", inputs, lambda d: cpt_stage(ctx, student, arm, seed, split, drop, d))
     result = evaluate(ctx, name, stage, split)
     result["train"] = _public(stage)
@@ -430,7 +467,7 @@ def render_clue_examples(ctx: Context, n: int, split: str = "test") -> list[str]
 def run(config, workdir: str) -> dict:
     arms = list(config.clues.arms)
     ctx = prepare(config, workdir, need_scores=any(a in ("attention", "contrast") for a in arms)
-                  or config.clues.render_examples > 0)
+                  or config.clues.render_examples > 0, sizes=("small",))
     summary = {"models": {}, "stages": {}}
     summary["models"]["base_small"] = evaluate(ctx, "base_small", ctx.bases["small"])
     for seed in config.seeds:
@@ -455,18 +492,25 @@ def name_distances(ctx: Context, split: str = "test") -> dict[str, float]:
 
 
 def render_table(summary: dict, arms: list[str], seeds: list[int]) -> str:
-    """EM per attribute (ordered by distance from the name) for each model, mean (± std) over seeds."""
+    """EM per attribute (ordered by distance from the name) for each model, mean (± std) over seeds:
+    one table for the cloze probes and one for k-shot QA."""
     dist = summary.get("distance_from_name") or {}
-    any_model = next(iter(summary["models"].values()))
-    attrs = sorted((a for a in any_model["qa"] if a != "all"), key=lambda a: dist.get(a, 0.0))
-    header = ["model"] + [f"{a} ({dist[a]:.0f} tok)" if a in dist else a for a in attrs] + ["all"]
-    rows = []
-    for name in ["base_small"] + arms:
-        keys = [name] if name == "base_small" else [f"{name}_s{s}" for s in seeds]
-        tables = [summary["models"][k]["qa"] for k in keys if k in summary["models"]]
-        if tables:
-            rows.append([name] + [mean_std([t[a]["exact_match"] for t in tables]) for a in attrs + ["all"]])
-    return "QA exact match on the new people (k-shot):\n" + common.format_table(rows, header)
+    out = []
+    for probe, title in (("cloze", "Cloze exact match ('{name} had a professional role at')"),
+                         ("qa", "QA exact match (k-shot 'What is the company of {name}?')")):
+        any_model = next(iter(summary["models"].values()))
+        if probe not in any_model:
+            continue
+        attrs = sorted((a for a in any_model[probe] if a != "all"), key=lambda a: dist.get(a, 0.0))
+        header = ["model"] + [f"{a} ({dist[a]:.0f} tok)" if a in dist else a for a in attrs] + ["all"]
+        rows = []
+        for name in ["base_small"] + arms:
+            keys = [name] if name == "base_small" else [f"{name}_s{s}" for s in seeds]
+            tables = [summary["models"][k][probe] for k in keys if k in summary["models"]]
+            if tables:
+                rows.append([name] + [mean_std([t[a]["exact_match"] for t in tables]) for a in attrs + ["all"]])
+        out.append(f"{title}, new people:\n" + common.format_table(rows, header))
+    return "\n\n".join(out)
 
 
 def mean_std(values) -> str:

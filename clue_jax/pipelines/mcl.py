@@ -310,10 +310,11 @@ def pretrain(ctx: Context, name: str, courses, corrections, seed: int, stage_dir
         return {f"{c}/{k}": float(v) for c, stats in res.items() for k, v in stats.items()}
 
     t0 = time.time()
-    pair = create_pair(ctx.disc_cfg, ctx.gen_cfg, seed, ctx.mesh)
+    pair = mcl_objective.attach_settings(create_pair(ctx.disc_cfg, ctx.gen_cfg, seed, ctx.mesh), obj_cfg)
     meta = {"model": {"discriminator": ctx.disc_cfg.to_dict(), "generator": ctx.gen_cfg.to_dict()}}
-    trainer = loop.Trainer(pair, mcl_objective.make_objective(obj_cfg), train_cfg, ctx.mesh, stage_dir, meta=meta,
-                           stage=name)
+    # dynamic: the arm's courses/corrections are a step argument, so all arms share one compiled step
+    trainer = loop.Trainer(pair, mcl_objective.make_objective(obj_cfg, dynamic=True), train_cfg, ctx.mesh,
+                           stage_dir, meta=meta, stage=name)
     result = trainer.run(ArrayBatchSource(ctx.corpus, train_cfg.batch_size, seed=seed), eval_fn=eval_fn)
     if result.status != "done":
         log.warning("%s preempted at step %d; rerun the same command to resume", name, result.step)

@@ -30,7 +30,7 @@ def grid_search(ctx, arm: str) -> tuple[dict, list[dict]]:
         drop = dict(zip(names, combo))
         tag = "_" + "_".join(f"{k}{v}" for k, v in drop.items())
         res = knowledge.train_and_evaluate(ctx, "small", arm, ctx.config.grid.seed, split="dev", drop=drop, tag=tag)
-        trials.append({**drop, "dev_em": res["qa"]["all"]["exact_match"]})
+        trials.append({**drop, "dev_em": res[ctx.config.eval.primary]["all"]["exact_match"]})
     best = max(trials, key=lambda t: t["dev_em"])
     return {k: best[k] for k in names}, trials
 
@@ -52,6 +52,7 @@ def run(config, workdir: str) -> dict:
             ]
     distances = knowledge.name_distances(ctx)
     summary = {
+        "primary": config.eval.primary,
         "chosen": chosen, "grid": trials, "results": results, "distance_from_name": distances,
         "clue_analysis": knowledge.clue_analysis(ctx),
         "clue_views": knowledge.render_clue_examples(ctx, config.clues.render_examples),
@@ -69,12 +70,12 @@ def run(config, workdir: str) -> dict:
 
 def _attrs(summary):
     dist = summary["distance_from_name"]
-    first = next(iter(summary["results"].values()))["base"][0]["qa"]
+    first = next(iter(summary["results"].values()))["base"][0][summary["primary"]]
     return sorted((a for a in first if a != "all"), key=lambda a: dist.get(a, 0.0))
 
 
-def _cell(runs, attr, metric):
-    return knowledge.mean_std([r["qa"][attr][metric] for r in runs])
+def _cell(runs, probe, attr, metric):
+    return knowledge.mean_std([r[probe][attr][metric] for r in runs])
 
 
 def render_report(summary: dict, config) -> str:
@@ -86,11 +87,15 @@ def render_report(summary: dict, config) -> str:
              f"dropout mode: {config.clues.mode}. Mean ± std over seeds; "
              "`base` is the student before continual pre-training.", ""]
     header = ["arm"] + [f"{a} ({dist.get(a, 0):.0f} tok)" for a in attrs] + ["all"]
-    for metric, title in (("exact_match", "Exact match"), ("f1", "Token F1")):
-        for student, arms in summary["results"].items():
-            rows = [[arm] + [_cell(runs, a, metric) for a in attrs + ["all"]] for arm, runs in arms.items()]
-            lines += [f"## {title}, {student} student", "", common.format_table(rows, header), ""]
-    lines += ["## Dropout settings chosen on dev people (small student, QA exact match)", ""]
+    probes = [summary["primary"]] + [p for p in ("cloze", "qa") if p != summary["primary"]]
+    for probe in probes:
+        for metric, title in (("exact_match", "exact match"), ("f1", "token F1")):
+            for student, arms in summary["results"].items():
+                if probe not in arms["base"][0]:
+                    continue
+                rows = [[arm] + [_cell(runs, probe, a, metric) for a in attrs + ["all"]] for arm, runs in arms.items()]
+                lines += [f"## {probe}: {title}, {student} student", "", common.format_table(rows, header), ""]
+    lines += [f"## Dropout settings chosen on dev people (small student, {summary['primary']} exact match)", ""]
     for arm, trials in summary["grid"].items():
         tried = ", ".join(f"{ {k: v for k, v in t.items() if k != 'dev_em'} } -> {t['dev_em']:.3f}" for t in trials)
         lines.append(f"- {arm}: chose {summary['chosen'][arm]} ({tried})")
@@ -108,11 +113,12 @@ def verdict(summary: dict) -> str:
     for student, arms in summary["results"].items():
         if "contrast" not in arms:
             continue
-        mean = lambda runs: float(np.mean([np.mean([r["qa"][a]["exact_match"] for a in far]) for r in runs]))
+        probe = summary["primary"]
+        mean = lambda runs: float(np.mean([np.mean([r[probe][a]["exact_match"] for a in far]) for r in runs]))
         c = mean(arms["contrast"])
         parts = [f"{arm} {mean(runs):.3f}" for arm, runs in arms.items() if arm not in ("contrast", "base")]
         beaten = [arm for arm, runs in arms.items() if arm not in ("contrast", "base") and mean(runs) < c]
-        out.append(f"{student} student, mean EM on far attributes ({', '.join(far)}): contrast {c:.3f} vs "
+        out.append(f"{student} student, mean {probe} EM on far attributes ({', '.join(far)}): contrast {c:.3f} vs "
                    f"{', '.join(parts)}; contrast is ahead of {', '.join(beaten) if beaten else 'none'}.")
     return "Measured: " + " ".join(out)
 
@@ -127,11 +133,11 @@ def plot_em_vs_distance(summary: dict, path: str) -> None:
     for i, student in enumerate(students):
         ax = fig.add_subplot(1, len(students), i + 1)
         for arm, runs in summary["results"][student].items():
-            means = [np.mean([r["qa"][a]["exact_match"] for r in runs]) for a in attrs]
-            stds = [np.std([r["qa"][a]["exact_match"] for r in runs]) for a in attrs]
+            means = [np.mean([r[summary["primary"]][a]["exact_match"] for r in runs]) for a in attrs]
+            stds = [np.std([r[summary["primary"]][a]["exact_match"] for r in runs]) for a in attrs]
             ax.errorbar([dist.get(a, 0) for a in attrs], means, yerr=stds, marker="o", capsize=3, label=arm)
         ax.set_xlabel("tokens between the name and the attribute value")
-        ax.set_ylabel("QA exact match")
+        ax.set_ylabel(f"{summary['primary']} exact match")
         ax.set_title(f"{student} student")
         ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize=8)
