@@ -50,18 +50,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 # The repository root, so `python benchmarks/train_throughput.py` finds clue_jax and benchmarks.
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from benchmarks import common  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks import common  # noqa: E402
 from clue_jax.models import config as model_config  # noqa: E402
 from clue_jax.models.causal_lm import CausalLM  # noqa: E402
 from clue_jax.train import defaults, objectives  # noqa: E402
-from clue_jax.train.mesh import make_mesh  # noqa: E402
 from clue_jax.train.loop import Trainer  # noqa: E402
+from clue_jax.train.mesh import make_mesh  # noqa: E402
 
 NAME = "train_throughput"
 TARGET_RATIO = 1.5
@@ -110,6 +109,7 @@ class ClueJaxSide:
         self.batches = [{"input_ids": b, "attention_mask": np.ones_like(b)} for b in batches]
         self.steps_done = 0
         self.losses: list[float] = []
+        self.last_cpu_s = 0.0
 
     def run(self, k: int) -> float:
         """Wall seconds for k steps; blocks only once, at the end. Also records CPU seconds."""
@@ -168,6 +168,7 @@ class TorchSide:
         self.mask = torch.ones_like(self.batches[0])
         self.steps_done = 0
         self.losses: list[float] = []
+        self.last_cpu_s = 0.0
 
     def run(self, k: int) -> float:
         torch = self.torch
@@ -291,7 +292,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=None, help="timed steps per side")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps per side (clue_jax's first compiles)")
     parser.add_argument("--round-steps", type=int, default=None, help="steps per side per interleaved round")
-    parser.add_argument("--max-seconds", type=float, default=270.0,
+    parser.add_argument("--max-seconds", type=float, default=240.0,
                         help="stop timing rounds early rather than run past this wall time (busy machines)")
     parser.add_argument("--results-dir", default=None, help="where <name>.json goes (default benchmarks/results)")
     args = parser.parse_args(argv)

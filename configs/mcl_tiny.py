@@ -52,6 +52,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
 
     if variant == "tiny":
         c.seeds = (0,)
+        c.arms = ("electra", "all3", "mcl")  # the other arms run the same code; all3 is the soups' warm-up
+        c.curve.arms = ("mcl",)
         c.world.update(num_background=24, num_new=30)
         c.corpus.update(bios_per_person=1, num_probe=8)
         c.tokenizer.vocab_size = 1024

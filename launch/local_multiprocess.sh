@@ -47,16 +47,16 @@ if [[ -z "${PORT:-}" ]]; then
 fi
 ADDRESS="127.0.0.1:$PORT"
 
-env_for() {  # the environment of process $1, as NAME=VALUE words
-  echo "JAX_COORDINATOR_ADDRESS=$ADDRESS JAX_NUM_PROCESSES=$NUM JAX_PROCESS_ID=$1" \
-       "JAX_PLATFORMS=${JAX_PLATFORMS:-cpu} XLA_FLAGS=--xla_force_host_platform_device_count=$DEVICES" \
-       "PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+env_for() {  # the environment of process $1, as NAME=VALUE words in the array ENV_WORDS
+  ENV_WORDS=("JAX_COORDINATOR_ADDRESS=$ADDRESS" "JAX_NUM_PROCESSES=$NUM" "JAX_PROCESS_ID=$1"
+             "JAX_PLATFORMS=${JAX_PLATFORMS:-cpu}" "XLA_FLAGS=--xla_force_host_platform_device_count=$DEVICES"
+             "PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}")
 }
 
 if [[ $DRY_RUN -eq 1 ]]; then
   for ((i = 0; i < NUM; i++)); do
-    printf '%s %s -m clue_jax.main' "$(env_for "$i")" "$PYTHON"
-    printf ' %q' "${ARGS[@]}"
+    env_for "$i"
+    printf '%q ' "${ENV_WORDS[@]}" "$PYTHON" -m clue_jax.main "${ARGS[@]}"
     printf '\n'
   done
   exit 0
@@ -71,11 +71,11 @@ cleanup() {  # stop only the processes this script started
 trap cleanup EXIT INT TERM
 
 for ((i = 0; i < NUM; i++)); do
-  # shellcheck disable=SC2046  # env_for's words are NAME=VALUE pairs without spaces
+  env_for "$i"
   if [[ $i -eq 0 ]]; then
-    env $(env_for "$i") "$PYTHON" -m clue_jax.main "${ARGS[@]}" &
+    env "${ENV_WORDS[@]}" "$PYTHON" -m clue_jax.main "${ARGS[@]}" &
   else
-    env $(env_for "$i") "$PYTHON" -m clue_jax.main "${ARGS[@]}" >"$LOG_DIR/process_$i.log" 2>&1 &
+    env "${ENV_WORDS[@]}" "$PYTHON" -m clue_jax.main "${ARGS[@]}" >"$LOG_DIR/process_$i.log" 2>&1 &
   fi
   PIDS+=($!)
 done
@@ -88,7 +88,9 @@ while [[ ${#REMAINING[@]} -gt 0 ]]; do
   code=0
   wait -n -p finished "${REMAINING[@]}" || code=$?
   NEXT=()
-  for pid in "${REMAINING[@]}"; do [[ "$pid" != "$finished" ]] && NEXT+=("$pid"); done
+  for pid in "${REMAINING[@]}"; do
+    if [[ "$pid" != "$finished" ]]; then NEXT+=("$pid"); fi
+  done
   REMAINING=("${NEXT[@]+"${NEXT[@]}"}")
   if [[ $code -ne 0 ]]; then
     status=$code

@@ -2,8 +2,10 @@
 between mesh shapes and process counts; the local launcher starts, reports and stops its processes.
 
 The 2-process run goes through `launch/local_multiprocess.sh` (jax.distributed
-over loopback, gloo collectives): each process reads its own half of every
-global batch, the teachers score on a mesh spanning both processes, only
+over loopback, gloo collectives) on a (data 1, fsdp 2, tensor 2) mesh, so the
+parameters are sharded across the processes as on a pod: each process reads
+its own half of every global batch, the teachers score on a mesh spanning both
+processes, only
 process 0 writes metrics and summaries, and orbax saves from both processes.
 To keep the test short the 2-process run reuses the single-process run's
 world, tokenizer, pre-trained base models and their evaluation (stage
@@ -73,7 +75,8 @@ def runs(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-4000:]
     for stage in REUSED:
         shutil.copytree(one / "stages" / stage, two / "stages" / stage)
-    multi = _launch(2, "--", "--config", QUICKSTART, "--workdir", str(two), *OVERRIDES,
+    # fsdp over the two processes, tensor within each: parameters are sharded across hosts, as on a pod.
+    multi = _launch(2, "--", "--config", QUICKSTART, "--workdir", str(two), *OVERRIDES, "--config.mesh.shape=(1,2,2)",
                     DEVICES_PER_PROCESS="2", LOG_DIR=str(base / "logs"))
     assert multi.returncode == 0, multi.stderr[-4000:]
     return one, two, multi, base / "logs"

@@ -189,4 +189,13 @@ def score_corpus(scorer, input_ids, attention_mask=None, batch_size: int = 8) ->
     ids = np.concatenate([input_ids, np.zeros((pad, t), input_ids.dtype)]).astype(np.int32)
     msk = np.concatenate([mask, np.zeros((pad, t), mask.dtype)]).astype(np.int32)
     outs = [scorer(ids[i:i + batch_size], msk[i:i + batch_size]) for i in range(0, n + pad, batch_size)]
-    return np.concatenate([np.asarray(o) for o in outs])[:n].astype(np.float32)
+    return np.concatenate([_fetch(o) for o in outs])[:n].astype(np.float32)
+
+
+def _fetch(x: jax.Array) -> np.ndarray:
+    """The whole array on this host; a batch sharded over several processes is all-gathered."""
+    if getattr(x, "is_fully_addressable", True):
+        return np.asarray(x)
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))

@@ -57,19 +57,27 @@ class ArrayBatchSource:
 
 
 class ConcatBatchSource:
-    """Each batch = rows from several sources side by side (e.g. new documents + replay).
+    """Each global batch = rows from several sources side by side (e.g. new documents + replay).
 
-    parts: [(source, rows)], each source built with its own batch_size=rows. The
-    first part's rows come first, so a step can treat them differently (clue
-    dropout acts on the new documents only). Deterministic like its parts.
+    parts: [(arrays, rows)]. The first part's rows come first in the *global*
+    batch, so a step can treat them differently (clue dropout acts on the new
+    documents only); each process then takes its contiguous share.
     """
 
-    def __init__(self, parts):
-        self.parts = list(parts)
-        keys = [set(src.arrays) for src, _ in self.parts]
+    def __init__(self, parts, seed: int = 0, process_index: int | None = None, process_count: int | None = None):
+        self.sources = [ArrayBatchSource(arrays, rows, seed=seed + 7919 * i, process_index=0, process_count=1)
+                        for i, (arrays, rows) in enumerate(parts)]
+        keys = [set(src.arrays) for src in self.sources]
         if any(k != keys[0] for k in keys):
             raise UserInputError(f"batch sources have different keys: {[sorted(k) for k in keys]}")
+        self.batch_size = sum(rows for _, rows in parts)
+        self.process_index = jax.process_index() if process_index is None else process_index
+        self.process_count = jax.process_count() if process_count is None else process_count
+        if self.batch_size % self.process_count:
+            raise UserInputError(f"batch_size={self.batch_size} is not divisible by the {self.process_count} processes")
 
     def batch(self, step: int) -> dict[str, np.ndarray]:
-        batches = [src.batch(step) for src, _ in self.parts]
-        return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+        batches = [src.batch(step) for src in self.sources]
+        per_host = self.batch_size // self.process_count
+        lo = self.process_index * per_host
+        return {k: np.concatenate([b[k] for b in batches])[lo:lo + per_host] for k in batches[0]}

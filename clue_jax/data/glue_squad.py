@@ -218,7 +218,7 @@ def encode_span_examples(tokenizer, examples: Sequence[SpanExample], max_len: in
     start_positions, end_positions ([N]; 0 = [CLS] = no answer) and truncated
     ([N] 1 where the answer was cut off); offsets [N, max_len, 2] int32 are the
     character span in the context of each context token, -1 elsewhere. The
-    first answer that lies inside its context is the training target.
+    first answer found at its offset in the context is the training target.
     """
     _check_overflow(on_overflow)
     cls_id, sep_id, pad_id = _special_ids(tokenizer)
@@ -255,8 +255,8 @@ def encode_span_examples(tokenizer, examples: Sequence[SpanExample], max_len: in
             offsets[i, base:base + kept] = np.asarray(full_off[:kept], np.int32)
         for text, start in zip(ex.answers, ex.answer_starts):
             end = start + len(text)
-            if not text or start < 0 or end > len(ex.context):
-                continue  # not inside this context (only seen in mock data)
+            if not text or start < 0 or ex.context[start:end] != text:
+                continue  # not at its offset in this context (only seen in mock data)
             first = next((j for j, (a, b) in enumerate(full_off) if b > start), None)
             last = next((j for j in range(len(full_off) - 1, -1, -1) if full_off[j][0] < end), None)
             if first is None or last is None or last < first:

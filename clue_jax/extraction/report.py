@@ -239,9 +239,18 @@ def render_report(summary: Mapping) -> str:
                   f"This invocation: {rt.get('seconds')} s wall, {rt.get('cpu_seconds')} s CPU time (all threads) on "
                   f"{rt.get('cpu_count')} CPU core(s), {rt.get('devices')}; "
                   f"load average at start {_load(rt.get('loadavg_start'))}, at end {_load(rt.get('loadavg_end'))} "
-                  "(other processes on the machine inflate the time). Stages reused from an earlier run count 0 here; "
-                  f"per-stage training seconds: {rt.get('stage_seconds')}.", ""]
+                  "(other processes on the machine inflate the time). Summed over the stages of this workdir "
+                  f"(reused stages keep the time they took when they ran): {_sum(rt.get('stage_seconds'))} s wall, "
+                  f"{_sum(rt.get('stage_cpu_seconds'))} s CPU.", "",
+                  "| stage | wall s | CPU s |", "|---|---|---|",
+                  *[f"| {k} | {v} | {(rt.get('stage_cpu_seconds') or {}).get(k, '')} |"
+                    for k, v in (rt.get("stage_seconds") or {}).items()], ""]
     return "\n".join(lines)
+
+
+def _sum(values) -> str:
+    vals = [v for v in (values or {}).values() if isinstance(v, (int, float))]
+    return f"{sum(vals):.0f}" if vals else "n/a"
 
 
 def _load(values) -> str:

@@ -366,13 +366,26 @@ def probe_courses(model, batch: dict, rng: jax.Array, cfg: ObjectiveConfig,
     """Per course, without dropout or gradient: share of "replaced" labels, D's accuracy and loss, caught share.
 
     Used at eval points to follow every course's label share over training,
-    including courses the arm does not train with. Jit it with the model as
-    an argument: `nnx.jit(lambda m, b, r: probe_courses(m, b, r, cfg))`.
+    including courses the arm does not train with. The batch is repeated once
+    per course and each copy follows one course, so a single G and D pass
+    (one compile) serves them all. "caught" = replaced (inserted) and judged
+    so. Jit it with the model as an argument:
+    `nnx.jit(lambda m, b, r: probe_courses(m, b, r, cfg))`.
     """
+    n, b = len(course_names), batch["input_ids"].shape[0]
+    tiled = {k: jnp.concatenate([batch[k]] * n) for k in ("input_ids", "attention_mask")}
+    rows = jnp.repeat(jnp.asarray([COURSES.index(c) for c in course_names], jnp.int32), b)
+    res = run_courses(model, tiled, rng, cfg, rows, (False,) * len(CORRECTIONS), train=False)
+    t = res.tensors
+    real = t["attention_mask"] > 0
+    labels = t["disc_labels"] > 0
+    predicted = t["disc_logits"] > 0
     out = {}
-    for c in course_names:
-        res = run_course(model, batch, rng, cfg, c, corrections=(), train=False)
-        stats = {k: res.stats[k] for k in ("replaced_share", "disc_accuracy", "caught_share")}
-        stats["disc_loss"] = res.losses["disc"]
+    for g, c in enumerate(course_names):
+        sl = slice(g * b, (g + 1) * b)
+        stats = {"replaced_share": _mean(labels[sl], real[sl]),
+                 "disc_accuracy": _mean(predicted[sl] == labels[sl], real[sl]),
+                 "caught_share": _mean(labels[sl] & predicted[sl], real[sl]),
+                 "disc_loss": rtd_loss(t["disc_logits"][sl], t["disc_labels"][sl], t["attention_mask"][sl])}
         out[c] = jax.tree.map(jax.lax.stop_gradient, stats)
     return out

@@ -245,7 +245,6 @@ def finetune_stage(config, kind, seed, base_dir, ft_data, mix_data, mesh, stage_
 
 
 def eval_base_stage(config, ctx, base_dir, mesh, stage_dir):
-    t0 = time.time()
     model, _ = load_model(base_dir, mesh)
     e, res, preds = config.eval, {}, {}
     scores = {}
@@ -263,19 +262,20 @@ def eval_base_stage(config, ctx, base_dir, mesh, stage_dir):
         np.savez(os.path.join(stage_dir, "scores.npz"),
                  **{f"{s}__{rel}": m for s, by_rel in scores.items() for rel, m in by_rel.items()})
     return {"metrics": res, "predictions": os.path.join(stage_dir, "predictions.json"),
-            "scores": os.path.join(stage_dir, "scores.npz") if e.ranking else "", "seconds": round(time.time() - t0, 1)}
+            "scores": os.path.join(stage_dir, "scores.npz") if e.ranking else ""}
 
 
 def eval_ft_stage(config, ctx, kind, ft_dir, base_dir, base_eval, mesh, stage_dir):
     """The fine-tuned model alone, and mixed with the base model (decoding and ranking), lambda on dev."""
-    t0 = time.time()
     ft_model, _ = load_model(ft_dir, mesh)
     base_model, _ = load_model(base_dir, mesh)
     e, tok = config.eval, ctx["tokenizer"]
     items, ft_pad, base_pad = ctx["items"], ctx["ft_pad"], ctx["base_pad"]
     base_preds = _read_predictions(base_eval["predictions"])
     mix_name = MIX_NAME[kind]
+    t0 = time.time()
     preds = {s: {kind: _decode(ft_model, tok, ft_pad[s], e)} for s in SPLITS}
+    log.info("eval_%s: zero-shot decoding %.0f s", kind, time.time() - t0)
     sweeps, lambdas = {"decode": {}, "rank": {}}, {}
 
     def mixed_decode(split, lam, mode):
@@ -292,6 +292,7 @@ def eval_ft_stage(config, ctx, kind, ft_dir, base_dir, base_eval, mesh, stage_di
         sweeps["decode"][mode] = {str(k): v for k, v in scores.items()}
         lambdas[arm] = lam
         preds["test"][arm] = mixed_decode("test", lam, mode)
+        log.info("eval_%s: %s decoding sweep done (lambda %g) at %.0f s", kind, mode, lam, time.time() - t0)
 
     if e.ranking:
         base_scores = np.load(base_eval["scores"])
@@ -308,14 +309,14 @@ def eval_ft_stage(config, ctx, kind, ft_dir, base_dir, base_eval, mesh, stage_di
             sweeps["rank"][mode] = {str(k): v for k, v in scores.items()}
             lambdas[arm] = lam
             preds["test"][arm] = mixed_ranking(items["test"], ctx["candidates"], ft["test"], pt["test"], lam, mode)
+        log.info("eval_%s: candidate ranking done at %.0f s", kind, time.time() - t0)
 
     res = {arm: measure(ctx, items["test"], p) for arm, p in preds["test"].items()}
     res[kind]["dev_exact_match"] = _em(items["dev"], preds["dev"][kind])
     for arm, lam in lambdas.items():
         res[arm]["lambda"] = lam
     _write_predictions(os.path.join(stage_dir, "predictions.json"), preds["test"])
-    return {"metrics": res, "sweeps": sweeps, "predictions": os.path.join(stage_dir, "predictions.json"),
-            "seconds": round(time.time() - t0, 1)}
+    return {"metrics": res, "sweeps": sweeps, "predictions": os.path.join(stage_dir, "predictions.json")}
 
 
 # ------------------------------------------------------------------ pipeline
@@ -395,7 +396,7 @@ def run(config, workdir: str) -> dict:
     else:
         inputs = {"tokenizer": tok_res["_fingerprint"], "model": config.models.small.to_dict(),
                   "train": config.pretrain.to_dict(), "texts": _fp(texts), "seed": config.seed}
-        base = stages.run("pretrain", inputs, lambda d: pretrain_stage(config, texts, tokenizer, mesh, d))
+        base = stages.run("pretrain", inputs, _timed(lambda d: pretrain_stage(config, texts, tokenizer, mesh, d)))
 
     ft_data = finetune_data.qa_examples(tokenizer, ft_items, config.ft.seq_len)
     mix_data = with_loss_mask(lm_data.pack_documents(tokenizer, texts, config.ft.seq_len))
@@ -404,10 +405,10 @@ def run(config, workdir: str) -> dict:
                "items": _fp([items[s] for s in SPLITS]), "freqs": _fp(sorted(freqs.items())),
                "base_prompts": _fp([ctx["base_seqs"][s] for s in SPLITS]), "candidates": _fp(sorted(candidates.items()))}
     base_eval = stages.run("eval_base", {"base": base["_fingerprint"], **eval_fp},
-                           lambda d: eval_base_stage(config, ctx, base["model_dir"], mesh, d))
+                           _timed(lambda d: eval_base_stage(config, ctx, base["model_dir"], mesh, d)))
 
     per_seed: dict[str, dict[str, dict]] = {}  # arm -> seed -> metrics (test)
-    stage_info = {"eval_base": {"seconds": base_eval["seconds"]}}
+    stage_info = {"eval_base": {k: base_eval[k] for k in ("seconds", "cpu_seconds")}}
     for arm, m in base_eval["metrics"]["test"].items():
         per_seed.setdefault(arm, {})["-"] = m
     sweeps = {}
@@ -416,17 +417,17 @@ def run(config, workdir: str) -> dict:
             name = f"ft_{kind}_s{seed}"
             inputs = {"base": base["_fingerprint"], "kind": kind, "seed": seed, "train": config.ft.to_dict(),
                       "data": data_fp, "mixture": config.mixture.to_dict() if kind == "mixture" else None}
-            ft = stages.run(name, inputs, lambda d, k=kind, sd=seed: finetune_stage(
-                config, k, sd, base["model_dir"], ft_data, mix_data, mesh, d))
+            ft = stages.run(name, inputs, _timed(lambda d, k=kind, sd=seed: finetune_stage(
+                config, k, sd, base["model_dir"], ft_data, mix_data, mesh, d)))
             stage_info[name] = _public(ft)
             ev = stages.run(f"eval_{kind}_s{seed}", {"ft": ft["_fingerprint"], "base_eval": base_eval["_fingerprint"],
                                                      **eval_fp},
-                            lambda d, k=kind, f=ft: eval_ft_stage(config, ctx, k, f["model_dir"], base["model_dir"],
-                                                                  base_eval, mesh, d))
+                            _timed(lambda d, k=kind, f=ft: eval_ft_stage(config, ctx, k, f["model_dir"],
+                                                                         base["model_dir"], base_eval, mesh, d)))
             for arm, m in ev["metrics"].items():
                 per_seed.setdefault(arm, {})[str(seed)] = m
             sweeps.setdefault(kind, {})[str(seed)] = ev["sweeps"]
-            stage_info[f"eval_{kind}_s{seed}"] = {"predictions": ev["predictions"], "seconds": ev["seconds"]}
+            stage_info[f"eval_{kind}_s{seed}"] = {k: ev[k] for k in ("predictions", "seconds", "cpu_seconds")}
     if "pretrain" in stages.ran or "pretrain" in stages.reused:
         stage_info["pretrain"] = _public(base)
 
@@ -449,7 +450,8 @@ def run(config, workdir: str) -> dict:
                     "cpu_count": os.cpu_count(),
                     "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
                     "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
-                    "stage_seconds": {k: v.get("seconds") for k, v in stage_info.items() if "seconds" in v}},
+                    "stage_seconds": {k: v.get("seconds") for k, v in stage_info.items() if "seconds" in v},
+                    "stage_cpu_seconds": {k: v.get("cpu_seconds") for k, v in stage_info.items() if "cpu_seconds" in v}},
     }
     if jax.process_index() == 0:
         plots = _plots(workdir, per_seed, stage_info, base_eval, items["test"], freqs, ctx["smoothing"],
@@ -487,6 +489,18 @@ def _plots(workdir, per_seed, stage_info, base_eval, test_items, freqs, smoothin
     report.plot_sweep(sweeps, sweep_path)
     paths["lambda_sweep"] = os.path.relpath(sweep_path, workdir)
     return paths
+
+
+def _timed(fn):
+    """Wraps a stage function so its result records its wall and CPU seconds (kept when the stage is reused, so the
+    cost of a whole run can be summed even when its stages ran in different invocations)."""
+    def run(stage_dir):
+        t0, c0 = time.time(), _cpu_seconds()
+        result = fn(stage_dir)
+        result.update(seconds=round(time.time() - t0, 1), cpu_seconds=round(_cpu_seconds() - c0, 1))
+        return result
+
+    return run
 
 
 def _cpu_seconds() -> float:

@@ -34,7 +34,6 @@ from clue_jax.models import factory, lora
 from clue_jax.models.config import ModelConfig
 from clue_jax.pipelines import common
 from clue_jax.pipelines.stages import Stages, fingerprint
-from clue_jax.train import sharding as shard_lib
 
 log = logging.getLogger("clue_jax")
 
@@ -129,6 +128,9 @@ def shot_pool(world_dir):
 
 # ------------------------------------------------------------------ stages
 def tokenizer_stage(config, world_dir, stage_dir):
+    """Process 0 writes the tokenizer (the Stages barrier then lets the others read it)."""
+    if jax.process_index() != 0:
+        return {"path": stage_dir}
     path = config.tokenizer.path or config.base_models.small
     if path:
         tok = load_tokenizer(path)
@@ -261,8 +263,7 @@ def with_replay(ctx, data: dict, train_cfg, replay_rows: int, seed: int, transfo
     for key, value in data.items():
         if key not in replay:
             replay[key] = np.zeros((len(texts),) + value.shape[1:], value.dtype)
-    source = ConcatBatchSource([(ArrayBatchSource(data, new_rows, seed=seed), new_rows),
-                                (ArrayBatchSource(replay, replay_rows, seed=seed + 7919), replay_rows)])
+    source = ConcatBatchSource([(data, new_rows), (replay, replay_rows)], seed=seed)
     if transform is None:
         return source, None
 

@@ -57,6 +57,7 @@ class Stages:
                 shutil.rmtree(previous, ignore_errors=True)
                 os.replace(stage_dir, previous)
                 log.info("stage %s: inputs changed, previous outputs moved to %s", name, previous)
+            _sync(f"{name}:moved")
         os.makedirs(stage_dir, exist_ok=True)
         log.info("stage %s: running", name)
         result = fn(stage_dir)
@@ -65,5 +66,14 @@ class Stages:
             with open(tmp, "w") as f:
                 json.dump({"fingerprint": fp, "inputs": inputs, "result": result}, f, indent=1, default=str)
             os.replace(tmp, done_path)
+        _sync(f"{name}:done")  # other processes read what process 0 wrote only after this
         self.ran.append(name)
         return {**result, "_fingerprint": fp}
+
+
+def _sync(tag: str) -> None:
+    """Barrier across processes (no-op with one): process 0 writes, the others then read."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        multihost_utils.sync_global_devices(tag)

@@ -12,7 +12,6 @@ a pod.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
 import signal
@@ -187,7 +186,7 @@ class Trainer:
                 "step": state["step"] + 1,
                 "rng": state["rng"],
             }
-            metrics = {"loss": loss_sum / weight, "grad_norm": optax.global_norm(grads), "weight": aux["weight"]}
+            metrics = {"loss": loss_sum / weight, "grad_norm": optax.tree.norm(grads), "weight": aux["weight"]}
             if "correct" in aux:
                 metrics["accuracy"] = aux["correct"] / weight
             metrics["input_tokens"] = jnp.sum(batch["attention_mask"])
