@@ -27,7 +27,7 @@ _DISTRIBUTED = flags.DEFINE_enum(
 def main(argv: list[str]) -> int:
     try:
         flags.FLAGS(argv)
-    except flags.Error as err:
+    except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as err:  # ml_collections raises these
         raise UserInputError(config_check.explain_flag_error(err, argv)) from None
     if _CONFIG.value is None or not _WORKDIR.value:
         raise UserInputError("usage: python -m clue_jax.main --config configs/<name>.py[:variant] --workdir DIR")

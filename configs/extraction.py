@@ -49,7 +49,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.mixture = dict(ratio=1.0, match_ft_batches=True)
     c.mixing = dict(modes=("interpolate", "log_linear"), grid=(0.0, 0.25, 0.5, 0.75, 1.0),
                     rank_grid=tuple(round(0.05 * i, 2) for i in range(21)))
-    c.eval = dict(k_shot=2, max_new_tokens=8, batch_size=128, ranking=True, score_batch=256)
+    c.eval = dict(k_shot=2, max_new_tokens=12, batch_size=128, ranking=True, score_batch=256)
     c.shock = dict(smoothing=1.0)
     c.mesh = dict(shape=(-1, 1, 1))
 

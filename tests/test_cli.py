@@ -29,7 +29,7 @@ def test_tiny_quickstart_outputs_and_rerun_reuses_every_stage(tmp_path):
     workdir = tmp_path / "qs"
     first = _cli("--config", TINY, "--workdir", str(workdir))
     assert first.returncode == 0, first.stderr[-3000:]
-    assert "QA exact match" in first.stdout
+    assert "Cloze exact match" in first.stdout and "QA exact match" in first.stdout
     for name in ("config.json", "summary.json", "metrics.jsonl"):
         assert (workdir / name).exists(), name
     assert any(f.startswith("events") for _, _, files in os.walk(workdir / "tensorboard") for f in files)
@@ -39,13 +39,13 @@ def test_tiny_quickstart_outputs_and_rerun_reuses_every_stage(tmp_path):
     assert {"birth_date", "birth_city", "university", "major", "company", "all"} <= set(qa)
     assert summary["distance_from_name"]["company"] > summary["distance_from_name"]["birth_date"]
     metrics = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert {m["stage"] for m in metrics} >= {"pretrain_small", "cpt_plain_s0"}
+    assert {m["stage"] for m in metrics} >= {"pretrain_small", "cpt_small_plain_s0"}
 
     second = _cli("--config", TINY, "--workdir", str(workdir))
     assert second.returncode == 0, second.stderr[-3000:]
     summary2 = json.loads((workdir / "summary.json").read_text())
     assert summary2["stages_ran"] == []
-    assert "pretrain_large" in summary2["stages_reused"] and "cpt_contrast_s0" in summary2["stages_reused"]
+    assert "pretrain_large" in summary2["stages_reused"] and "cpt_small_contrast_s0" in summary2["stages_reused"]
     assert summary2["models"] == summary["models"]
 
 

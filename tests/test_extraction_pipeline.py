@@ -109,3 +109,42 @@ def test_skew_ratios_count_per_relation():
     out = skew_ratios(items, ["Botany", "Geology", "Geology", "Geology"], skew)
     assert out == {"dropped": 0.5, "oversampled": 1.0}
     assert math.isnan(skew_ratios(items, ["", "", "", ""], {"dropped_objects": {}, "rare_objects": {}})["dropped"])
+
+
+class _CharTokenizer:
+    bos_token_id, eos_token_id, pad_token_id = 0, 1, 2
+
+    def __call__(self, texts, add_special_tokens=False):
+        return {"input_ids": [[3 + (ord(c) % 100) for c in t] for t in texts]}
+
+
+def test_candidate_scores_bucketed_equal_row_by_row_scoring():
+    import numpy as np
+
+    from clue_jax.data.bios import QAItem
+    from clue_jax.eval import decode
+    from clue_jax.models import factory
+    from clue_jax.models.config import ModelConfig
+    from clue_jax.pipelines.extraction import candidate_scores, ranked_predictions
+    from clue_jax.train import mesh as mesh_lib
+
+    mesh = mesh_lib.make_mesh((-1, 1, 1))
+    model = factory.create(ModelConfig(flavour="llama", vocab_size=128, d_model=16, num_layers=1, num_heads=2,
+                                       mlp_dim=32, max_len=64), 0, mesh)
+    tok = _CharTokenizer()
+    items = [QAItem("A", "major", "Q major A?", "x"), QAItem("B", "birth_city", "Q city of B, please?", "y"),
+             QAItem("C", "major", "Q?", "z")]
+    candidates = {"major": ["Botany", "Law", "Art History of Europe"], "birth_city": ["Oakmouth", "Fen"]}
+    seqs = [[tok.bos_token_id, *tok([it.question])["input_ids"][0]] for it in items]
+    got = candidate_scores(model, tok, seqs, items, candidates, batch_size=4, bucket=8)
+    fn = decode.model_logits_fn(model)
+    for rel, rows in (("major", [0, 2]), ("birth_city", [1])):
+        assert got[rel].shape == (len(rows), len(candidates[rel]))
+        for r, i in enumerate(rows):
+            for c, cand in enumerate(candidates[rel]):
+                cont = tok([" " + cand])["input_ids"][0]
+                want = decode.score_continuations(fn, [seqs[i]], [cont], tok.pad_token_id)[0]
+                np.testing.assert_allclose(got[rel][r, c], want, rtol=1e-4, atol=1e-4)
+    preds = ranked_predictions(items, candidates, got)
+    assert preds[0] == candidates["major"][int(np.argmax(got["major"][0]))]
+    assert preds[1] in candidates["birth_city"]

@@ -250,8 +250,13 @@ def finetune_model(task: Task, encoder: Encoder, seed: int) -> nnx.Module:
         model.head = ClassificationHead(cfg, task.num_labels, rngs)
     # Fresh buffers: the Trainer donates the model's arrays, and `encoder` must survive for the next task.
     graphdef, state = nnx.split(encoder)
-    model.encoder = nnx.merge(graphdef, jax.tree.map(lambda x: jnp.array(x, copy=True), state))
+    model.encoder = nnx.merge(graphdef, _copy(state))
     return model
+
+
+@jax.jit
+def _copy(state):
+    return jax.tree.map(jnp.copy, state)
 
 
 def _per_example(x):

@@ -32,8 +32,10 @@ def train_model(stage_dir: str, model: nnx.Module, model_cfg: ModelConfig, data,
     t0 = time.time()
     meta = {"model": model_cfg.to_dict(), **(extra_meta or {})}
     extras_shardings = None if extras is None else shard_lib.state_shardings(extras, mesh)
+    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(stage_dir)))  # WORKDIR/stages/<stage>
     trainer = loop.Trainer(model, objective, train_cfg, mesh, stage_dir, transform=transform, meta=meta,
-                           stage=stage, trainable=trainable, extras=extras, extras_shardings=extras_shardings)
+                           stage=stage, trainable=trainable, extras=extras, extras_shardings=extras_shardings,
+                           log_dir=run_dir)
     result = trainer.run(data)
     if result.status != "done":
         log.warning("%s preempted at step %d; rerun the same command to resume", stage, result.step)

@@ -35,6 +35,7 @@ Choices where the spec is silent (all settings):
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
@@ -79,12 +80,12 @@ def load_model(model_dir: str, mesh):
 
 
 def _encode_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Prompt token ids with BOS (unpadded; `_pad` left-pads a batch to a multiple of 16 for few compiles)."""
+    """Prompt token ids with BOS (unpadded; `padded_prompts` left-pads them)."""
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     return [[tokenizer.bos_token_id, *e] for e in encoded]
 
 
-def _round_up(n: int, bucket: int = 16) -> int:
+def _round_up(n: int, bucket: int = 8) -> int:
     return bucket * math.ceil(n / bucket)
 
 
@@ -92,13 +93,6 @@ def padded_prompts(tokenizer, seqs_by_split: dict[str, list[list[int]]]) -> dict
     """Left-padded (ids, mask) per split, one common length: dev and test share one compiled decode."""
     length = _round_up(max(len(s) for seqs in seqs_by_split.values() for s in seqs))
     return {sp: decode.left_pad(seqs, tokenizer.pad_token_id, length) for sp, seqs in seqs_by_split.items()}
-
-
-def score_length(tokenizer, seqs_by_split: dict[str, list[list[int]]], candidates: dict) -> int:
-    """One row length for every candidate-scoring call of a prompt set (one compile)."""
-    longest_answer = max(len(c) for cands in candidates.values()
-                         for c in tokenizer([" " + x for x in cands], add_special_tokens=False)["input_ids"])
-    return _round_up(max(len(s) for seqs in seqs_by_split.values() for s in seqs) + longest_answer)
 
 
 def base_prompt_texts(items, shots: dict, k: int, seed: int, split_index: int) -> list[str]:
@@ -110,37 +104,52 @@ def base_prompt_texts(items, shots: dict, k: int, seed: int, split_index: int) -
 
 
 # ------------------------------------------------------------------ decoding and scoring
-def _decode(model, tokenizer, prompt, e) -> list[str]:
+def newline_ids(tokenizer) -> tuple[int, ...]:
+    """Ids of the tokens whose text holds a newline: an answer ends there (decode_to_text cuts at it), so
+    decoding may stop there too instead of running on to max_new_tokens."""
+    vocab = len(tokenizer)
+    return tuple(i for i in range(vocab) if "\n" in tokenizer.decode([i]))
+
+
+def _decode(model, tokenizer, prompt, e, stops=()) -> list[str]:
     ids, mask = prompt
     out = decode.greedy_decode(decode.model_logits_fn(model), ids, mask, max_new_tokens=e.max_new_tokens,
-                               eos_id=tokenizer.eos_token_id, batch_size=e.batch_size)
+                               eos_id=tokenizer.eos_token_id, stop_ids=stops, batch_size=e.batch_size)
     return decode.decode_to_text(tokenizer, out)
 
 
-def _decode_mixture(ft_model, base_model, tokenizer, ft_prompt, base_prompt, lam, mode, e) -> list[str]:
+def _decode_mixture(ft_model, base_model, tokenizer, ft_prompt, base_prompt, lam, mode, e, stops=()) -> list[str]:
     out = mixing.greedy_decode_mixture(decode.model_logits_fn(ft_model), decode.model_logits_fn(base_model),
                                        *ft_prompt, *base_prompt, lam, mode, max_new_tokens=e.max_new_tokens,
-                                       eos_id=tokenizer.eos_token_id, batch_size=e.batch_size)
+                                       eos_id=tokenizer.eos_token_id, stop_ids=stops,
+                                       batch_size=e.batch_size)
     return decode.decode_to_text(tokenizer, out)
 
 
 def candidate_scores(model, tokenizer, seqs, items, candidates: dict, batch_size: int,
-                     length: int) -> dict[str, np.ndarray]:
+                     bucket: int = 8) -> dict[str, np.ndarray]:
     """Per relation, [n_items_of_relation, n_candidates] summed log-probs of each candidate answer.
 
-    Rows are left-padded to `length` and run in chunks of `batch_size` (fixed shapes, one compile)."""
+    Every (question, candidate) row of every relation is scored once; rows are grouped by their length rounded
+    up to `bucket` and each group runs in chunks of `batch_size`, so padding costs little and the number of
+    compiled shapes stays small (one per length bucket, shared by all models of one architecture)."""
     fn = decode.model_logits_fn(model)
+    rows = []  # (relation, item row within the relation, candidate index, prompt, continuation)
     out = {}
     for rel, cands in candidates.items():
         idx = [i for i, it in enumerate(items) if it.attribute == rel]
         if not idx:
             continue
         conts = tokenizer([" " + c for c in cands], add_special_tokens=False)["input_ids"]
-        p_list = [seqs[i] for i in idx for _ in cands]
-        c_list = [c for _ in idx for c in conts]
-        flat = decode.score_continuations(fn, p_list, c_list, tokenizer.pad_token_id, batch_size=batch_size,
-                                          length=length)
-        out[rel] = np.asarray(flat, np.float32).reshape(len(idx), len(cands))
+        rows += [(rel, r, c, seqs[i], conts[c]) for r, i in enumerate(idx) for c in range(len(cands))]
+        out[rel] = np.zeros((len(idx), len(cands)), np.float32)
+    lengths = np.array([_round_up(len(p) + len(c), bucket) for _, _, _, p, c in rows])
+    for length in np.unique(lengths):
+        group = [rows[j] for j in np.flatnonzero(lengths == length)]
+        scores = decode.score_continuations(fn, [g[3] for g in group], [g[4] for g in group],
+                                            tokenizer.pad_token_id, batch_size=batch_size, length=int(length))
+        for (rel, r, c, _, _), value in zip(group, np.asarray(scores, np.float32)):
+            out[rel][r, c] = value
     return out
 
 
@@ -250,13 +259,13 @@ def eval_base_stage(config, ctx, base_dir, mesh, stage_dir):
     scores = {}
     for split in SPLITS:
         items, seqs = ctx["items"][split], ctx["base_seqs"][split]
-        preds[split] = _decode(model, ctx["tokenizer"], ctx["base_pad"][split], e)
-        res[split] = {"base": measure(ctx, items, preds[split])}
+        preds[split] = _decode(model, ctx["tokenizer"], ctx["base_pad"][split], e, ctx["stops"])
+        res[split] = {"base": {**measure(ctx, items, preds[split]), "dev_exact_match": _em(ctx["items"]["dev"], preds["dev"])}}
         if e.ranking:
-            scores[split] = candidate_scores(model, ctx["tokenizer"], seqs, items, ctx["candidates"], e.score_batch,
-                                             ctx["score_len"]["base"])
+            scores[split] = candidate_scores(model, ctx["tokenizer"], seqs, items, ctx["candidates"], e.score_batch)
             preds[f"rank_{split}"] = ranked_predictions(items, ctx["candidates"], scores[split])
-            res[split]["rank:base"] = measure(ctx, items, preds[f"rank_{split}"])
+            res[split]["rank:base"] = {**measure(ctx, items, preds[f"rank_{split}"]),
+                                       "dev_exact_match": _em(ctx["items"]["dev"], preds["rank_dev"])}
     _write_predictions(os.path.join(stage_dir, "predictions.json"), preds)
     if e.ranking and jax.process_index() == 0:
         np.savez(os.path.join(stage_dir, "scores.npz"),
@@ -274,23 +283,25 @@ def eval_ft_stage(config, ctx, kind, ft_dir, base_dir, base_eval, mesh, stage_di
     base_preds = _read_predictions(base_eval["predictions"])
     mix_name = MIX_NAME[kind]
     t0 = time.time()
-    preds = {s: {kind: _decode(ft_model, tok, ft_pad[s], e)} for s in SPLITS}
+    preds = {s: {kind: _decode(ft_model, tok, ft_pad[s], e, ctx["stops"])} for s in SPLITS}
     log.info("eval_%s: zero-shot decoding %.0f s", kind, time.time() - t0)
     sweeps, lambdas = {"decode": {}, "rank": {}}, {}
+    dev_em = {kind: _em(items["dev"], preds["dev"][kind])}
 
     def mixed_decode(split, lam, mode):
         if lam == 1.0:
             return preds[split][kind]
         if lam == 0.0:
             return base_preds[split]
-        return _decode_mixture(ft_model, base_model, tok, ft_pad[split], base_pad[split], lam, mode, e)
+        return _decode_mixture(ft_model, base_model, tok, ft_pad[split], base_pad[split], lam, mode, e,
+                               ctx["stops"])
 
     for mode in config.mixing.modes:
         arm = f"{mix_name}/{mode}"
         lam, scores = mixing.choose_lambda(lambda l: _em(items["dev"], mixed_decode("dev", l, mode)),
                                            tuple(config.mixing.grid))
         sweeps["decode"][mode] = {str(k): v for k, v in scores.items()}
-        lambdas[arm] = lam
+        lambdas[arm], dev_em[arm] = lam, scores[lam]
         preds["test"][arm] = mixed_decode("test", lam, mode)
         log.info("eval_%s: %s decoding sweep done (lambda %g) at %.0f s", kind, mode, lam, time.time() - t0)
 
@@ -298,21 +309,23 @@ def eval_ft_stage(config, ctx, kind, ft_dir, base_dir, base_eval, mesh, stage_di
         base_scores = np.load(base_eval["scores"])
         pt = {s: {rel: base_scores[f"{s}__{rel}"] for rel in ctx["candidates"] if f"{s}__{rel}" in base_scores}
               for s in SPLITS}
-        ft = {s: candidate_scores(ft_model, tok, ctx["ft_seqs"][s], items[s], ctx["candidates"], e.score_batch,
-                                  ctx["score_len"]["ft"]) for s in SPLITS}
+        ft = {s: candidate_scores(ft_model, tok, ctx["ft_seqs"][s], items[s], ctx["candidates"], e.score_batch)
+              for s in SPLITS}
         preds["test"][f"rank:{kind}"] = ranked_predictions(items["test"], ctx["candidates"], ft["test"])
+        dev_em[f"rank:{kind}"] = _em(items["dev"], ranked_predictions(items["dev"], ctx["candidates"], ft["dev"]))
         for mode in config.mixing.modes:
             arm = f"rank:{mix_name}/{mode}"
             lam, scores = mixing.choose_lambda(
                 lambda l: _em(items["dev"], mixed_ranking(items["dev"], ctx["candidates"], ft["dev"], pt["dev"], l,
                                                           mode)), tuple(config.mixing.rank_grid))
             sweeps["rank"][mode] = {str(k): v for k, v in scores.items()}
-            lambdas[arm] = lam
+            lambdas[arm], dev_em[arm] = lam, scores[lam]
             preds["test"][arm] = mixed_ranking(items["test"], ctx["candidates"], ft["test"], pt["test"], lam, mode)
         log.info("eval_%s: candidate ranking done at %.0f s", kind, time.time() - t0)
 
     res = {arm: measure(ctx, items["test"], p) for arm, p in preds["test"].items()}
-    res[kind]["dev_exact_match"] = _em(items["dev"], preds["dev"][kind])
+    for arm, value in dev_em.items():
+        res[arm]["dev_exact_match"] = value
     for arm, lam in lambdas.items():
         res[arm]["lambda"] = lam
     _write_predictions(os.path.join(stage_dir, "predictions.json"), preds["test"])
@@ -336,7 +349,16 @@ def _check_config(config) -> None:
 
 
 def _fp(value) -> str:
-    return knowledge._docs_fingerprint(value)
+    """Content hash of token arrays (a dict of arrays) or of a list of items, so changed data reruns its readers."""
+    digest = hashlib.sha256()
+    if isinstance(value, dict):
+        for key in sorted(value):
+            digest.update(key.encode())
+            digest.update(np.ascontiguousarray(value[key]).tobytes())
+    else:
+        for item in value:
+            digest.update(repr(item).encode())
+    return digest.hexdigest()[:16]
 
 
 def run(config, workdir: str) -> dict:
@@ -378,6 +400,7 @@ def run(config, workdir: str) -> dict:
     ctx = {
         "tokenizer": tokenizer, "items": items, "freqs": freqs, "threshold": threshold,
         "smoothing": float(config.shock.smoothing), "candidates": candidates, "skew": skew_info,
+        "stops": newline_ids(tokenizer),
         "ft_seqs": {sp: _encode_prompts(tokenizer, [it.question for it in items[sp]]) for sp in SPLITS},
         "base_seqs": {sp: _encode_prompts(tokenizer, base_prompt_texts(items[sp], shots, config.eval.k_shot,
                                                                        config.seed, i))
@@ -385,13 +408,11 @@ def run(config, workdir: str) -> dict:
     }
     for which in ("ft", "base"):
         ctx[f"{which}_pad"] = padded_prompts(tokenizer, ctx[f"{which}_seqs"])
-        ctx["score_len"] = {**ctx.get("score_len", {}),
-                            which: score_length(tokenizer, ctx[f"{which}_seqs"], candidates)}
 
     # Base model: pre-trained here, or given.
     if base_path:
         base_dir = os.path.abspath(base_path)
-        base = {"model_dir": base_dir, "_fingerprint": knowledge._path_fingerprint(base_dir)}
+        base = {"model_dir": base_dir, "_fingerprint": knowledge.path_fingerprint(base_dir)}
         load_model(base_dir, mesh)  # fail early on an unreadable checkpoint
     else:
         inputs = {"tokenizer": tok_res["_fingerprint"], "model": config.models.small.to_dict(),
@@ -457,7 +478,7 @@ def run(config, workdir: str) -> dict:
         plots = _plots(workdir, per_seed, stage_info, base_eval, items["test"], freqs, ctx["smoothing"],
                        list(config.seeds), sweeps)
         summary["plots"] = plots
-    common.write_json(os.path.join(workdir, "summary.json"), summary)
+    common.write_json(os.path.join(workdir, "summary.json"), _json_safe(summary))
     if jax.process_index() == 0:
         text = report.render_report(summary)
         with open(os.path.join(workdir, "extraction_report.md"), "w") as f:
@@ -489,6 +510,17 @@ def _plots(workdir, per_seed, stage_info, base_eval, test_items, freqs, smoothin
     report.plot_sweep(sweeps, sweep_path)
     paths["lambda_sweep"] = os.path.relpath(sweep_path, workdir)
     return paths
+
+
+def _json_safe(value):
+    """NaN (an empty bucket, an undefined rho) becomes null, so summary.json is strict JSON."""
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _timed(fn):

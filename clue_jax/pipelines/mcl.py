@@ -76,26 +76,39 @@ def model_configs(config, vocab_size: int) -> tuple[EncoderConfig, EncoderConfig
     return disc, generator_config(disc, float(config.generator.width_fraction))
 
 
+_INITS: dict = {}
+_PAIRS: dict[str, ElectraPair] = {}  # model_dir -> pair, so a stage that reads what this process wrote skips orbax
+
+
 def create_pair(disc_cfg, gen_cfg, seed: int, mesh) -> ElectraPair:
-    """Initialised under jit straight onto the mesh (as factory.create does for causal LMs)."""
-    build = lambda: ElectraPair(disc_cfg, gen_cfg, nnx.Rngs(seed))
-    graphdef, abstract = nnx.split(nnx.eval_shape(build))
-    state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shard_lib.state_shardings(abstract, mesh))()
-    return nnx.merge(graphdef, state)
+    """Initialised under jit straight onto the mesh; the seed is traced, so every seed reuses one compile."""
+    key = (disc_cfg, gen_cfg, id(mesh))
+    if key not in _INITS:
+        build = lambda s: ElectraPair(disc_cfg, gen_cfg, nnx.Rngs(jax.random.key(s)))
+        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(0)))
+        init = jax.jit(lambda s: nnx.split(build(s))[1], out_shardings=shard_lib.state_shardings(abstract, mesh))
+        _INITS[key] = (graphdef, init)
+    graphdef, init = _INITS[key]
+    return nnx.merge(graphdef, init(jax.numpy.asarray(seed, jax.numpy.uint32)))
 
 
 def save_pair(pair: ElectraPair, directory: str) -> None:
     directory = os.path.abspath(directory)
+    params = nnx.state(pair, nnx.Param)
     with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(os.path.join(directory, "params"), nnx.state(pair, nnx.Param), force=True)
+        ckpt.save(os.path.join(directory, "params"), params, force=True)
     if jax.process_index() == 0:
         with open(os.path.join(directory, "pair_config.json"), "w") as f:
             json.dump({"discriminator": pair.disc_cfg.to_dict(), "generator": pair.gen_cfg.to_dict()}, f, indent=1)
+    graphdef, _, rest = nnx.split(pair, nnx.Param, ...)
+    _PAIRS[directory] = nnx.merge(graphdef, params, rest)
 
 
 def load_pair(directory: str, mesh) -> ElectraPair:
-    """An ElectraPair saved by `save_pair`, placed on `mesh`."""
+    """An ElectraPair saved by `save_pair`, placed on `mesh` (from memory when this process saved it)."""
     directory = os.path.abspath(directory)
+    if directory in _PAIRS:
+        return _PAIRS[directory]
     path = os.path.join(directory, "pair_config.json")
     try:
         with open(path) as f:
@@ -109,7 +122,8 @@ def load_pair(directory: str, mesh) -> ElectraPair:
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
     with ocp.StandardCheckpointer() as ckpt:
         restored = ckpt.restore(os.path.join(directory, "params"), target)
-    return nnx.merge(graphdef, restored)
+    _PAIRS[directory] = nnx.merge(graphdef, restored)
+    return _PAIRS[directory]
 
 
 def params_hash(state) -> str:

@@ -103,8 +103,10 @@ class Trainer:
 
     def __init__(self, model: nnx.Module, objective: Callable, cfg, mesh, workdir: str, *,
                  trainable=nnx.Param, transform: Callable | None = None, extras: Any = None,
-                 extras_shardings: Any = None, meta: dict | None = None, stage: str = "train"):
+                 extras_shardings: Any = None, meta: dict | None = None, stage: str = "train",
+                 log_dir: str | None = None):
         self.cfg, self.mesh, self.workdir, self.stage = cfg, mesh, workdir, stage
+        self.log_dir = log_dir or workdir  # the run's metrics.jsonl and TensorBoard events go here
         self.objective, self.transform = objective, transform
         self.meta = dict(meta or {})
         self.graphdef, params, frozen = nnx.split(model, trainable, ...)
@@ -227,7 +229,7 @@ class Trainer:
     def run(self, data: BatchSource, eval_fn: Callable | None = None) -> TrainResult:
         cfg = self.cfg
         checkpointer = Checkpointer(f"{self.workdir}/checkpoints", keep=cfg.keep_checkpoints)
-        writer = MetricsWriter(self.workdir, self.stage)
+        writer = MetricsWriter(self.log_dir, self.stage)
         start = self.restore(checkpointer)
         progress = Progress(cfg.steps, start, self.stage, cfg.log_every)
         last_metrics: dict = {}
