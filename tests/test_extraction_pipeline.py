@@ -77,14 +77,17 @@ def test_findings_state_the_measured_direction():
         "base": {"-": _run(0.30, 0.10)},
         "vanilla": {s: _run(0.35 + 0.01 * i, 0.50 + 0.02 * i) for i, s in enumerate(seeds)},
         "mixing/interpolate": {s: _run(0.40 + 0.01 * i, 0.20, lam=0.5) for i, s in enumerate(seeds)},
+        "mixing/log_linear": {s: _run(em, 0.3, lam=0.5) for s, em in zip(seeds, (0.40, 0.30, 0.39))},
         "mixture": {s: _run(0.33, 0.45) for s in seeds},
         "both/interpolate": {s: _run(0.45, 0.15, lam=0.25) for s in seeds},
     })
     text = " ".join(report.findings(shocked))
     assert "produces the frequency shock" in text
-    assert "mixing/interpolate vs vanilla: EM +0.050 ± 0.000" in text and "lowers the shock" in text
-    assert "mixture vs vanilla: EM -0.030" in text and "does not help accuracy" in text
-    assert "both together is best" in text
+    assert "mixing/interpolate vs vanilla: EM +0.050 ± 0.000" in text and "shock: lowered" in text
+    assert "mixture vs vanilla: EM -0.030" in text and "accuracy: hurts" in text
+    assert "both together: better" in text
+    # A mean difference inside the seed spread is called no clear change, not a gain.
+    assert "mixing/log_linear vs vanilla: EM +0.003 ± 0.057" in text and "(accuracy: no clear change" in text
 
     # Vanilla's rho no higher than the base model's: not the shock, even though rho > 0.
     flat = _summary({"base": {"-": _run(0.3, 0.6)}, "vanilla": {s: _run(0.3, 0.55) for s in seeds}})

@@ -20,9 +20,11 @@ def tokenizer(tmp_path_factory):
     return train_bpe_tokenizer(texts, 600, tmp_path_factory.mktemp("tok"))
 
 
-def test_qa_examples_well_formed_and_unanswerable_share():
+@pytest.mark.parametrize("style", ["paper", "rich"])
+def test_qa_examples_well_formed_and_unanswerable_share(style):
+    cfg = D.BiosTaskConfig(qa_per_person=2, unanswerable_rate=0.25, drop_max=1, seed=3, style=style)
     people = WORLD.new[:30]
-    exs = D.bios_qa_examples(people, CFG, "train")
+    exs = D.bios_qa_examples(people, cfg, "train")
     assert len(exs) == 60
     impossible = [ex for ex in exs if ex.is_impossible]
     assert len(impossible) == round(0.25 * 60)
@@ -41,8 +43,11 @@ def test_qa_examples_well_formed_and_unanswerable_share():
             assert ex.answers == (person.attribute(attr),)
             assert ex.context[start:start + len(ex.answers[0])] == ex.answers[0] and spans[attr][0] == start
     # deterministic in (seed, split); another split draws differently
-    assert D.bios_qa_examples(people, CFG, "train") == exs
-    assert D.bios_qa_examples(people, CFG, "dev") != exs
+    assert D.bios_qa_examples(people, cfg, "train") == exs
+    assert D.bios_qa_examples(people, cfg, "dev") != exs
+    if style == "paper":  # the paper's fixed sentence order: birth date first when present
+        full = [ex for ex in exs if "born on" in ex.context]
+        assert full and all(" was born on " in ex.context.split(".")[0] for ex in full)
 
 
 def test_pair_examples_half_agree_and_labels_are_true():
@@ -125,6 +130,11 @@ def test_null_threshold_is_chosen_for_f1():
 
 
 def test_task_config_errors():
+    with pytest.raises(UserInputError, match="style 'fancy'"):
+        D.BiosTaskConfig(style="fancy")
+    with pytest.raises(UserInputError, match="unknown biography style"):
+        D.bio_style({"colour": 1})
+    assert D.bio_style({"name": "rich", "fullname_prob": 0.0}) == dict(num_templates=5, shuffle=True, fullname_prob=0.0)
     with pytest.raises(UserInputError, match="unanswerable_rate"):
         D.BiosTaskConfig(unanswerable_rate=1.5)
     with pytest.raises(UserInputError, match="has no examples"):

@@ -61,7 +61,10 @@ def _cpt_dir(workdir):
 
 
 def _metrics(workdir):
-    return [json.loads(line) for line in (_cpt_dir(workdir) / "metrics.jsonl").read_text().splitlines()]
+    """The contrast student's training records from the run's metrics.jsonl."""
+    stage = _cpt_dir(workdir).name
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [r for r in records if r["stage"] == stage]
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +93,7 @@ def test_two_processes_train_like_one(runs):
     assert set(REUSED) <= set(summary2["stages_reused"])
     assert "scores_test" in summary2["stages_ran"] and "eval_small_contrast_s0" in summary2["stages_ran"]
     m1, m2 = _metrics(one), _metrics(two)
+    assert m1, "no training records for the contrast student"
     assert [m["step"] for m in m1] == [m["step"] for m in m2]  # process 1 wrote no second copy
     for key in ("loss", "grad_norm", "input_tokens"):
         np.testing.assert_allclose([m[key] for m in m2], [m[key] for m in m1], rtol=1e-5, err_msg=key)

@@ -2,17 +2,19 @@
 
 Built in, from the biography world (`clue_jax.data.bios`), so the pipeline
 needs no download:
-- `bios_qa`: SQuAD 2.0-style extractive QA over one biography. The context
-  is a rich biography (one paraphrase per attribute, sentences shuffled, the
-  name in the first sentence and sometimes later); the question asks for one
+- `bios_qa`: SQuAD 2.0-style extractive QA over one biography, written in a
+  `BIO_STYLES` style: "paper" (default; the paper's single template per
+  attribute, fixed order, the name once), "single_template" (the same with
+  the name repeated now and then) or "rich" (bioS: paraphrases, shuffled
+  sentences, the name now and then); the question asks for one
   attribute ("What is the company of Ann Lee?"). An unanswerable question
   asks for an attribute whose sentence is left out of the context, so the
   context still holds values of the same type (the company city when the
   birth city is asked): SQuAD 2.0's "plausible but absent" answers. Exactly
   round(unanswerable_rate * N) questions of each split are unanswerable.
 - `bios_pair`: sentence-pair classification, "does this sentence agree with
-  this biography?": (biography, one claim about the same person in another
-  paraphrase), label 1 = the claim's value is the person's, 0 = it is
+  this biography?": (biography, one claim about the same person, in one of
+  the style's paraphrases), label 1 = the claim's value is the person's, 0 = it is
   another person's value of the same attribute. Exactly half agree.
 `drop_max` leaves up to that many other attributes out of each context, for
 varied lengths and positions.
@@ -59,7 +61,7 @@ from clue_jax.train.loop import Trainer
 
 log = logging.getLogger("clue_jax")
 
-__all__ = ["BiosTaskConfig", "bios_context", "bios_qa_examples", "bios_pair_examples", "builtin_tasks", "Task",
+__all__ = ["BiosTaskConfig", "BIO_STYLES", "bio_style", "bios_context", "bios_qa_examples", "bios_pair_examples", "builtin_tasks", "Task",
            "make_task", "SpanQAModel", "SequenceClassifier", "finetune_model", "span_qa_objective",
            "classification_objective", "predict_spans", "evaluate_span_task", "evaluate_pair_task", "finetune",
            "evaluate", "task_score"]
@@ -76,7 +78,7 @@ class BiosTaskConfig:
     pair_per_person: int = 2
     unanswerable_rate: float = 1 / 3  # SQuAD 2.0 has about a third unanswerable
     drop_max: int = 1  # up to this many other attributes left out of a context
-    num_templates: int = 5  # paraphrases per attribute in contexts (the pre-training corpus's rich form)
+    style: dict = dataclasses.field(default_factory=dict)  # bios_context keywords (see BIO_STYLES)
     seed: int = 0
 
     def __post_init__(self):
@@ -86,8 +88,7 @@ class BiosTaskConfig:
             raise UserInputError("downstream.qa_per_person and pair_per_person must be >= 0")
         if not 0 <= self.drop_max <= len(bios.ATTRIBUTES) - 1:
             raise UserInputError(f"downstream.drop_max={self.drop_max} must be in [0, {len(bios.ATTRIBUTES) - 1}]")
-        if not 1 <= self.num_templates <= min(len(t) for t in bios.RICH_TEMPLATES.values()):
-            raise UserInputError(f"downstream.num_templates={self.num_templates} is out of range")
+        object.__setattr__(self, "style", bio_style(self.style))
 
 
 def _fill(template: str, person: bios.Person, value: str, use_name: bool) -> str:
@@ -96,10 +97,47 @@ def _fill(template: str, person: bios.Person, value: str, use_name: bool) -> str
     return template.format(S=subject, P=poss, p=person.possessive_pronoun, v=value)
 
 
+BIO_STYLES = {
+    # the paper's biography: one fixed template per attribute, fixed order, the name once then pronouns
+    "paper": dict(num_templates=1, shuffle=False, fullname_prob=0.0),
+    # the paper's templates and order, the full name repeated in about half the sentences (so a replaced
+    # name token is detectable in pre-training: the cross-mention consistency the pair task needs)
+    "single_template": dict(num_templates=1, shuffle=False, fullname_prob=0.5),
+    # bioS "rich": one of five paraphrases per attribute, sentences shuffled, the name now and then
+    "rich": dict(num_templates=5, shuffle=True, fullname_prob=0.5),
+}
+
+
+def bio_style(style) -> dict:
+    """A style name from BIO_STYLES or a dict of bios_context keywords -> the keywords, checked."""
+    if isinstance(style, str):
+        if style not in BIO_STYLES:
+            raise UserInputError(f"biography style {style!r} is not one of {sorted(BIO_STYLES)}")
+        style = BIO_STYLES[style]
+    values = dict(style or {})
+    if "name" in values:
+        values = {**BIO_STYLES[values.pop("name")], **values}
+    unknown = sorted(set(values) - {"num_templates", "shuffle", "fullname_prob"})
+    if unknown:
+        raise UserInputError(f"unknown biography style key(s) {unknown}; valid: num_templates, shuffle, fullname_prob")
+    values = {**BIO_STYLES["paper"], **values}
+    if not 1 <= int(values["num_templates"]) <= min(len(t) for t in bios.RICH_TEMPLATES.values()):
+        raise UserInputError(f"biography style num_templates={values['num_templates']} is out of range")
+    if not 0.0 <= float(values["fullname_prob"]) <= 1.0:
+        raise UserInputError(f"biography style fullname_prob={values['fullname_prob']} must be in [0, 1]")
+    return {"num_templates": int(values["num_templates"]), "shuffle": bool(values["shuffle"]),
+            "fullname_prob": float(values["fullname_prob"])}
+
+
 def bios_context(person: bios.Person, attributes: Sequence[str], rng: np.random.Generator,
-                 num_templates: int = 5, fullname_prob: float = 0.5) -> str:
-    """A rich biography with only `attributes`, shuffled; the first sentence names the person."""
-    order = [attributes[i] for i in rng.permutation(len(attributes))]
+                 num_templates: int = 1, shuffle: bool = False, fullname_prob: float = 0.0) -> str:
+    """A biography stating only `attributes` (in ATTRIBUTES order unless `shuffle`).
+
+    Sentence templates are drawn from the first `num_templates` paraphrases;
+    the first sentence names the person, later ones with `fullname_prob`
+    (else a pronoun). The default is the paper's single-template form.
+    """
+    order = [attributes[i] for i in rng.permutation(len(attributes))] if shuffle else list(attributes)
     sentences = []
     for pos, attr in enumerate(order):
         template = bios.RICH_TEMPLATES[attr][rng.integers(num_templates)]
@@ -129,7 +167,7 @@ def bios_qa_examples(people: Sequence[bios.Person], cfg: BiosTaskConfig, split: 
         others = [a for a in bios.ATTRIBUTES if a != attr]
         dropped = set(rng.permutation(others)[:rng.integers(cfg.drop_max + 1)]) if cfg.drop_max else set()
         keep = [a for a in bios.ATTRIBUTES if a not in dropped and not (no_answer and a == attr)]
-        context = bios_context(person, keep, rng, cfg.num_templates)
+        context = bios_context(person, keep, rng, **cfg.style)
         if no_answer:
             answers, starts = (), ()
         else:
@@ -156,14 +194,14 @@ def bios_pair_examples(people: Sequence[bios.Person], cfg: BiosTaskConfig, split
     for i, ((person, attr), true_claim) in enumerate(zip(plan, agree)):
         others = [a for a in bios.ATTRIBUTES if a != attr]
         dropped = set(rng.permutation(others)[:rng.integers(cfg.drop_max + 1)]) if cfg.drop_max else set()
-        context = bios_context(person, [a for a in bios.ATTRIBUTES if a not in dropped], rng, cfg.num_templates)
+        context = bios_context(person, [a for a in bios.ATTRIBUTES if a not in dropped], rng, **cfg.style)
         value = person.attribute(attr)
         if not true_claim:
             wrong = [v for v in values[attr] if v != value]
             if not wrong:
                 raise UserInputError(f"bios_pair: no other value of {attr!r} to make a false claim")
             value = wrong[rng.integers(len(wrong))]
-        templates = bios.RICH_TEMPLATES[attr]
+        templates = bios.RICH_TEMPLATES[attr][:cfg.style["num_templates"]]  # the contexts' paraphrases
         claim = _fill(templates[rng.integers(len(templates))], person, value, use_name=True)
         out.append(PairExample(id=f"bios_pair-{split}-{i}", text_a=context, text_b=claim, label=int(true_claim)))
     return out
@@ -250,12 +288,13 @@ def finetune_model(task: Task, encoder: Encoder, seed: int) -> nnx.Module:
         model.head = ClassificationHead(cfg, task.num_labels, rngs)
     # Fresh buffers: the Trainer donates the model's arrays, and `encoder` must survive for the next task.
     graphdef, state = nnx.split(encoder)
-    model.encoder = nnx.merge(graphdef, _copy(state))
+    model.encoder = nnx.merge(graphdef, copy_state(state))
     return model
 
 
 @jax.jit
-def _copy(state):
+def copy_state(state):
+    """Fresh device buffers for every array of `state` (safe from another computation's donation)."""
     return jax.tree.map(jnp.copy, state)
 
 

@@ -270,9 +270,12 @@ def render(summary: dict, arms: Sequence[str], labels: dict | None = None) -> st
     if summary.get("notes"):
         lines += ["## Notes", "", *[f"- {n}" for n in summary["notes"]], ""]
     if rt:
+        sampled = rt.get("load_avg_sampled") or {}
+        during = (f"; 1-minute load average during the run: mean {sampled['mean']}, max {sampled['max']} "
+                  f"({sampled['samples']} samples)") if sampled else ""
         lines += ["## Runtime", "",
                   f"Wall {rt.get('wall_s')} s, CPU (user+sys) {rt.get('cpu_s')} s on {rt.get('cpu_count')} cores; "
-                  f"load average at start {rt.get('load_avg_start')}, at end {rt.get('load_avg_end')} "
-                  "(other processes share the machine)."
+                  f"load average at start {rt.get('load_avg_start')}, at end {rt.get('load_avg_end')}{during} "
+                  "(other processes may share the machine; a load above the core count slows the wall time)."
                   + (" All stages were reused from an earlier run." if rt.get("all_stages_reused") else ""), ""]
     return "\n".join(lines)

@@ -77,6 +77,7 @@ def model_configs(config, vocab_size: int) -> tuple[EncoderConfig, EncoderConfig
 
 
 _INITS: dict = {}
+_LOAD: list[float] = []  # 1-minute load averages sampled during the run (the machine may be shared)
 _PAIRS: dict[str, ElectraPair] = {}  # model_dir -> pair, so a stage that reads what this process wrote skips orbax
 
 
@@ -100,8 +101,9 @@ def save_pair(pair: ElectraPair, directory: str) -> None:
     if jax.process_index() == 0:
         with open(os.path.join(directory, "pair_config.json"), "w") as f:
             json.dump({"discriminator": pair.disc_cfg.to_dict(), "generator": pair.gen_cfg.to_dict()}, f, indent=1)
+    # A copy: a Trainer's model (e.g. at a snapshot) has its buffers donated by the next step.
     graphdef, _, rest = nnx.split(pair, nnx.Param, ...)
-    _PAIRS[directory] = nnx.merge(graphdef, params, rest)
+    _PAIRS[directory] = nnx.merge(graphdef, downstream.copy_state(params), rest)
 
 
 def load_pair(directory: str, mesh) -> ElectraPair:
@@ -148,11 +150,12 @@ def world_people(config) -> dict[str, list[bios.Person]]:
             "test": new[d.train_people + d.dev_people:need]}
 
 
-def pretraining_texts(people, bios_per_person: int, seed: int, num_templates: int) -> list[str]:
+def pretraining_texts(people, bios_per_person: int, seed: int, style: dict) -> list[str]:
+    """`bios_per_person` biographies per person in `style` (all six attributes), in person order."""
     texts = []
     for i, person in enumerate(people):
         rng = np.random.default_rng([seed, 31, i])
-        texts.extend(bios.rich_bio(person, rng, num_templates=num_templates) for _ in range(bios_per_person))
+        texts.extend(downstream.bios_context(person, bios.ATTRIBUTES, rng, **style) for _ in range(bios_per_person))
     return texts
 
 
@@ -217,8 +220,8 @@ def prepare(config, workdir: str) -> Context:
     stages = Stages(workdir)
     people = world_people(config)
     c = config.corpus
-    templates = int(config.world.get("rich_templates_per_attribute", 5))
-    texts = pretraining_texts(people["background"], c.bios_per_person, config.seed, templates)
+    style = downstream.bio_style(c.style.to_dict() if hasattr(c.style, "to_dict") else c.style)
+    texts = pretraining_texts(people["background"], c.bios_per_person, config.seed, style)
     tok_inputs = {"world": config.world.to_dict(), "corpus": c.to_dict(), "tokenizer": config.tokenizer.to_dict(),
                   "seed": config.seed}
 
@@ -234,7 +237,8 @@ def prepare(config, workdir: str) -> Context:
     if c.seq_len > disc_cfg.max_len or config.downstream.max_len > disc_cfg.max_len:
         raise UserInputError(f"corpus.seq_len={c.seq_len} and downstream.max_len={config.downstream.max_len} must be "
                              f"<= model.max_len={disc_cfg.max_len}")
-    ids, mask = encode_batch(tokenizer, texts, c.seq_len, add_bos=True, add_eos=True)
+    # Over-long documents are cut (pre-training only; a cut one loses its [SEP]).
+    ids, mask = encode_batch(tokenizer, texts, c.seq_len, add_bos=True, add_eos=True, on_overflow="truncate")
     order = np.random.default_rng([config.seed, 41]).permutation(len(ids))
     corpus = {"input_ids": ids[order], "attention_mask": mask[order]}
     probe_n = min(c.num_probe, len(ids))
@@ -242,7 +246,7 @@ def prepare(config, workdir: str) -> Context:
     d = config.downstream
     task_cfg = downstream.BiosTaskConfig(qa_per_person=d.qa_per_person, pair_per_person=d.pair_per_person,
                                          unanswerable_rate=d.unanswerable_rate, drop_max=d.drop_max,
-                                         num_templates=templates, seed=config.seed)
+                                         style=style, seed=config.seed)
     examples = downstream.builtin_tasks({s: people[s] for s in ("train", "dev", "test")}, task_cfg)
     tasks = [downstream.make_task(name, exs, tokenizer, d.max_len, on_overflow="error")
              for name, exs in examples.items()]
@@ -318,6 +322,7 @@ def pretrain(ctx: Context, name: str, courses, corrections, seed: int, stage_dir
     probe_key = jax.random.key(config.seed + 12345)  # the same corruptions at every probe: only G changes
 
     def eval_fn(model, step):
+        _LOAD.append(os.getloadavg()[0])
         if step in snaps:
             save_pair(model, os.path.join(stage_dir, "snapshots", str(step)))
         res = jax.device_get(probe(model, probe_batch, probe_key))
@@ -351,7 +356,6 @@ def _pretrain_inputs(ctx: Context, courses, corrections, seed: int) -> dict:
 
 
 def warmup_step(config) -> int:
-    every = max(1, int(config.probe_every))
     w = int(round(config.soups.warmup_fraction * config.pretrain.steps))
     return max(1, min(int(config.pretrain.steps) - 1, w))
 
@@ -390,6 +394,7 @@ def finetune_and_evaluate(ctx: Context, name: str, model_dir: str, model_fp: str
               "max_answer_tokens": config.downstream.max_answer_tokens}
 
     def run(stage_dir):
+        _LOAD.append(os.getloadavg()[0])
         encoder = load_pair(model_dir, ctx.mesh).discriminator_model().encoder
         out = {}
         for task in ctx.tasks:
@@ -418,18 +423,26 @@ def soup_arms(ctx: Context, seed: int, ingredients: dict[str, dict]) -> dict:
     states = [nnx.state(p, nnx.Param) for p in pairs]
     scored = {n: finetune_and_evaluate(ctx, f"ing_{n}_s{seed}", ingredients[n]["model_dir"],
                                        ingredients[n]["_fingerprint"], seed) for n in names}
-    known = {params_hash(s): scored[n] for n, s in zip(names, states)}
+    # Evaluated models by parameters: a soup equal (to 1e-6) to an ingredient or an earlier soup reuses its
+    # scores (the greedy soup's candidates average in another order than the uniform soup: last-bit noise).
+    known: list[tuple[object, dict]] = [(s, scored[n]) for n, s in zip(names, states)]
     out = {"ingredients": {n: scored[n] for n in names}}
 
+    def same(a, b) -> bool:
+        return all(jax.tree.leaves(jax.tree.map(lambda x, y: bool(jax.numpy.max(jax.numpy.abs(x - y)) <= 1e-6),
+                                                a, b)))
+
     def evaluate_soup(state, tag):
+        for other, result in known:
+            if same(state, other):
+                return result
         h = params_hash(state)
-        if h in known:
-            return known[h]
         model_dir = os.path.join(ctx.stages.path("soups"), f"{tag}_{h}_s{seed}")
         if not os.path.exists(os.path.join(model_dir, "pair_config.json")):
             save_pair(nnx.merge(graphdef, state, rest), model_dir)
-        known[h] = finetune_and_evaluate(ctx, f"soup_{tag}_{h}_s{seed}", model_dir, h, seed)
-        return known[h]
+        result = finetune_and_evaluate(ctx, f"soup_{tag}_{h}_s{seed}", model_dir, h, seed)
+        known.append((state, result))
+        return result
 
     if "uniform" in config.soups.kinds:
         out["uniform"] = evaluate_soup(soups.uniform_soup(states), "uniform")
@@ -520,6 +533,8 @@ def run(config, workdir: str) -> dict:
         "wall_s": round(time.time() - t_start, 1), "cpu_s": round(_cpu_seconds() - cpu_start, 1),
         "load_avg_start": [round(x, 2) for x in load_start], "load_avg_end": [round(x, 2) for x in os.getloadavg()],
         "cpu_count": os.cpu_count(), "all_stages_reused": not ctx.stages.ran,
+        "load_avg_sampled": {"mean": round(float(np.mean(_LOAD)), 2), "max": round(float(np.max(_LOAD)), 2),
+                             "samples": len(_LOAD)} if _LOAD else None,
     }
     summary["claims"] = report.claims(summary, arms)
     if jax.process_index() == 0:
