@@ -3,7 +3,7 @@
     python -m clue_jax.main --config configs/quickstart.py --workdir runs/qs
     python -m clue_jax.main --config configs/quickstart.py:tiny --workdir /tmp/qs_tiny   # seconds, for tests
 
-A small and a large LLaMA-style base model are pre-trained on 400 background
+A small and a large LLaMA-style base model are pre-trained on 200 background
 people (rich bios + QA), then the small one learns 100 new people's bios
 (plain continual pre-training, plus the random and contrast clue-dropout
 arms) and is asked about them 5-shot.
@@ -33,8 +33,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # LoRA for the continual pre-training student (the paper: rank 16 on all projections); rank 0 = full.
     c.lora = dict(rank=0, alpha=32.0, targets=("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                                "down_proj"))
-    c.pretrain = train_config(steps=500, batch_size=32, seq_len=128, lr=3e-3, warmup_steps=50,
-                              weight_decay=0.1, log_every=50, checkpoint_every=200)
+    c.pretrain = train_config(steps=320, batch_size=32, seq_len=128, lr=3e-3, warmup_steps=32,
+                              weight_decay=0.1, log_every=40, checkpoint_every=160)
     c.cpt = train_config(steps=240, batch_size=16, seq_len=96, lr=1e-3, warmup_steps=24, schedule="linear",
                          weight_decay=0.0, log_every=40, checkpoint_every=240)
     # mode: cached (teachers score the corpus once), live (inside every step), fixed_copies (the paper's

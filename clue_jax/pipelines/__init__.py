@@ -6,7 +6,6 @@ import importlib
 from clue_jax.errors import UserInputError
 
 PIPELINES = {
-    "train_lm": "clue_jax.pipelines.train_lm",
     "knowledge": "clue_jax.pipelines.knowledge",
     "replicate": "clue_jax.pipelines.replicate",
     "extraction": "clue_jax.pipelines.extraction",
