@@ -38,6 +38,11 @@ import os
 
 import ml_collections
 
+_spec = importlib.util.spec_from_file_location(
+    "clue_jax_config_hf_recipe", os.path.join(os.path.dirname(os.path.abspath(__file__)), "_hf_recipe.py"))
+_recipe = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(_recipe)
+
 FAMILY = "gpt2"
 CHECKPOINTS = dict(small="/shared/ckpt/gpt2", large="/shared/ckpt/gpt2-xl")
 # Published shapes (openai-community/gpt2 / gpt2-xl config.json), for the record and for pre-training from scratch.
@@ -49,47 +54,9 @@ TINY_MODELS = dict(small=dict(_TINY, d_model=32, num_layers=2, num_heads=4, mlp_
                    large=dict(_TINY, d_model=48, num_layers=2, num_heads=4, mlp_dim=192))
 
 
-def _base_config(variant: str) -> ml_collections.ConfigDict:
-    """The knowledge pipeline's full set of keys, from configs/quickstart.py."""
-    path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "quickstart.py")
-    spec = importlib.util.spec_from_file_location("clue_jax_config_quickstart", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module.get_config(variant)
-
-
-def _paper_recipe(c: ml_collections.ConfigDict) -> None:
-    """LoRA 16, lr 5e-4 linear with 10% warm-up, clip 1.0, batch 8 (METHODS.md, section 1)."""
-    c.lora.rank = 16
-    c.cpt.update(batch_size=8, lr=5e-4, schedule="linear", clip_norm=1.0, weight_decay=0.0)
-    c.cpt.warmup_steps = c.cpt.get_ref("steps") // 10
-
-
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
-    if variant not in ("", "tiny"):
-        raise ValueError(f"unknown variant {variant!r} for configs/gpt2_gpu.py (have: tiny)")
-    c = _base_config(variant)
-    c.seeds = (0, 1, 2)
-    c.models = MODELS
-    c.base_models = CHECKPOINTS
-    c.tokenizer.path = ""  # the small checkpoint's tokenizer
-    c.data.update(source="corpus", corpus="/shared/data/corpus.jsonl", qa_file="/shared/data/qa.jsonl")
-    c.cpt.update(steps=250, seq_len=512, log_every=10, checkpoint_every=50)  # 100 documents x 20 epochs / 8
-    _paper_recipe(c)
-    c.clues.update(arms=("plain", "random", "attention", "contrast"), teacher_dtype="bfloat16", score_batch=8,
-                   query_block=128)
-    c.eval.update(k_shot=5, max_new_tokens=10, batch_size=64)
-    c.mesh.shape = (-1, 1, 1)  # data parallel over every GPU
-
-    if variant == "tiny":
-        root = os.environ.get("CLUE_JAX_TINY_CKPTS", "")
-        c.base_models = {s: os.path.join(root, f"{FAMILY}_{s}") if root else "" for s in ("small", "large")}
-        c.models = TINY_MODELS
-        c.seeds = (0,)
-        c.lora.rank = 4
-        c.data.update(source="bios", corpus="", qa_file="")
-        c.cpt.update(steps=4, seq_len=256, log_every=2, checkpoint_every=4)
-        c.clues.update(arms=("contrast",), teacher_dtype="float32", render_examples=0)
-        c.eval.update(k_shot=1, max_new_tokens=4, batch_size=16, cloze=False)
-        c.mesh.shape = (-1, 1, 1)
-    return c
+    return _recipe.hf_family_config(
+        variant, config_file="gpt2_gpu.py", family=FAMILY, checkpoints=CHECKPOINTS, models=MODELS,
+        tiny_models=TINY_MODELS, data_dir="/shared/data",
+        # data parallel over every GPU
+        mesh_shape=(-1, 1, 1))

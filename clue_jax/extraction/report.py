@@ -213,7 +213,7 @@ def _direction(diff: float, std: float, n: int, good: str, bad: str) -> str:
         return "not measured"
     word = good if diff > 0 else bad
     if n > 1 and abs(diff) <= std:
-        return f"no clear change (mean {'+' if diff > 0 else '-'}, within the seed spread)"
+        return "no clear change (within the seed spread)"
     return word + (" (beyond the seed spread)" if n > 1 else " (one seed)")
 
 

@@ -198,6 +198,8 @@ def _claim_lines(summary: dict, arms: Sequence[str], labels: dict) -> list[str]:
     steps = summary.get("setup", {}).get("pretrain_steps")
     for arm, r in c.get("courses_vs_electra", {}).items():
         verdict = "beats" if r["beats"] else "does not beat"
+        if r["seeds"] > 1 and abs(r["mean_diff"]) <= r["std_diff"]:
+            verdict += " (a difference within the seed spread)"
         lines.append(f"- {labels.get(arm, arm)} {verdict} ELECTRA at equal steps ({steps}): mean paired difference "
                      f"{r['mean_diff']:+.2f} ± {r['std_diff']:.2f} points, ahead on {r['seeds_ahead']} of "
                      f"{r['seeds']} seeds.")
