@@ -190,8 +190,10 @@ def test_one_failing_process_stops_the_others(tmp_path):
     """A process that dies must not leave the others waiting forever in a collective."""
     fake = tmp_path / "fake_python"
     fake.write_text('#!/usr/bin/env bash\n'
-                    'if [[ "$JAX_PROCESS_ID" == "1" ]]; then echo boom >&2; exit 3; fi\n'
-                    f'echo $$ > {tmp_path}/pid0; exec sleep 300\n')
+                    # process 1 fails once process 0 is up (no race with process 0 writing its pid)
+                    f'if [[ "$JAX_PROCESS_ID" == "1" ]]; then while [[ ! -s {tmp_path}/pid0 ]]; do sleep 0.1; done; '
+                    'echo boom >&2; exit 3; fi\n'
+                    f'echo $$ > {tmp_path}/pid0.tmp; mv {tmp_path}/pid0.tmp {tmp_path}/pid0; exec sleep 300\n')
     fake.chmod(0o755)
     t0 = time.time()
     proc = _launch(2, "--", "--config", QUICKSTART, "--workdir", str(tmp_path / "w"), timeout=60,

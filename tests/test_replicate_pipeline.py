@@ -47,3 +47,14 @@ def test_tiny_replication_end_to_end(tmp_path):
     assert (workdir / "em_vs_distance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # The table is what the pipeline printed, once.
     assert proc.stdout.count("# Clue dropout on the biography world") == 1
+
+
+def test_grid_on_a_user_corpus_is_a_one_line_error(tmp_path):
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"text": "Ann Lee was born on May 1, 1990."}\n')
+    cmd = [sys.executable, "-m", "clue_jax.main", "--config", "configs/replicate_bios.py:tiny",
+           "--workdir", str(tmp_path / "rep"), "--config.data.source=corpus", f"--config.data.corpus={corpus}"]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 2
+    assert "grid.enabled needs dev people" in proc.stderr and "--config.grid.enabled=False" in proc.stderr
+    assert not (tmp_path / "rep" / "stages").exists()  # refused before any work

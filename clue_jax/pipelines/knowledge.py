@@ -515,4 +515,5 @@ def render_table(summary: dict, arms: list[str], seeds: list[int]) -> str:
 
 
 def mean_std(values) -> str:
-    return f"{np.mean(values):.2f}" + (f" ± {np.std(values):.2f}" if len(values) > 1 else "")
+    """'mean ± sample std' (ddof=1, as over seeds); the mean alone for one value."""
+    return f"{np.mean(values):.2f}" + (f" ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else "")

@@ -15,6 +15,7 @@ import os
 import jax
 import numpy as np
 
+from clue_jax.errors import UserInputError
 from clue_jax.pipelines import common, knowledge
 
 DROP_ARMS = {"random": ("alpha",), "attention": ("alpha", "beta"), "contrast": ("alpha", "beta")}
@@ -35,7 +36,17 @@ def grid_search(ctx, arm: str) -> tuple[dict, list[dict]]:
     return {k: best[k] for k in names}, trials
 
 
+def check_grid_has_dev_people(config) -> None:
+    """The grid chooses alpha/beta on held-out people, which only the built-in world provides."""
+    if config.grid.enabled and (config.data.source != "bios" or int(config.data.get("num_dev", 0)) <= 0):
+        raise UserInputError(
+            f"grid.enabled needs dev people (data.source='bios' with data.num_dev > 0; got source="
+            f"{config.data.source!r}, num_dev={config.data.get('num_dev', 0)}); on your own corpus set "
+            "--config.grid.enabled=False and choose --config.clues.alpha / --config.clues.beta")
+
+
 def run(config, workdir: str) -> dict:
+    check_grid_has_dev_people(config)
     arms = list(config.clues.arms)
     ctx = knowledge.prepare(config, workdir, need_scores=True)
     chosen, trials = {}, {}
@@ -84,7 +95,7 @@ def render_report(summary: dict, config) -> str:
     lines = ["# Clue dropout on the biography world", "",
              f"Students: {', '.join(config.students)}; seeds: {list(config.seeds)}; "
              f"{config.world.num_new - config.data.num_dev} test people, {config.data.num_dev} dev people; "
-             f"dropout mode: {config.clues.mode}. Mean ± std over seeds; "
+             f"dropout mode: {config.clues.mode}. Mean ± sample std over seeds; "
              "`base` is the student before continual pre-training.", "", protocol_note(config), ""]
     header = ["arm"] + [f"{a} ({dist.get(a, 0):.0f} tok)" for a in attrs] + ["all"]
     probes = [summary["primary"]] + [p for p in ("cloze", "qa") if p != summary["primary"]]
@@ -146,7 +157,8 @@ def plot_em_vs_distance(summary: dict, path: str) -> None:
         ax = fig.add_subplot(1, len(students), i + 1)
         for arm, runs in summary["results"][student].items():
             means = [np.mean([r[summary["primary"]][a]["exact_match"] for r in runs]) for a in attrs]
-            stds = [np.std([r[summary["primary"]][a]["exact_match"] for r in runs]) for a in attrs]
+            stds = [np.std([r[summary["primary"]][a]["exact_match"] for r in runs], ddof=1) if len(runs) > 1 else 0.0
+                    for a in attrs]
             ax.errorbar([dist.get(a, 0) for a in attrs], means, yerr=stds, marker="o", capsize=3, label=arm)
         ax.set_xlabel("tokens between the name and the attribute value")
         ax.set_ylabel(f"{summary['primary']} exact match")
