@@ -491,6 +491,7 @@ def _enable_compile_cache(config, workdir: str) -> None:
 
 def run(config, workdir: str) -> dict:
     t_start, cpu_start, load_start = time.time(), _cpu_seconds(), os.getloadavg()
+    _LOAD.clear()  # this run's samples only
     _check(config)
     _enable_compile_cache(config, workdir)
     ctx = prepare(config, workdir)
