@@ -58,3 +58,24 @@ def test_grid_on_a_user_corpus_is_a_one_line_error(tmp_path):
     assert proc.returncode == 2
     assert "grid.enabled needs dev people" in proc.stderr and "--config.grid.enabled=False" in proc.stderr
     assert not (tmp_path / "rep" / "stages").exists()  # refused before any work
+
+
+def test_tiny_replication_on_a_user_corpus(tmp_path):
+    """Your own documents and QA pairs, no dev people: the grid off, alpha/beta given, QA is the reported probe."""
+    from clue_jax.data import bios
+
+    world = bios.build_world(bios.WorldConfig(seed=5, num_background=4, num_new=6))
+    docs, qa = tmp_path / "docs.jsonl", tmp_path / "qa.jsonl"
+    docs.write_text("".join(json.dumps({"text": bios.paper_bio(p)}) + "\n" for p in world.new))
+    qa.write_text("".join(json.dumps({"question": q.question, "answer": q.answer, "attribute": q.attribute}) + "\n"
+                          for p in world.new for q in bios.qa_items(p)))
+    cmd = [sys.executable, "-m", "clue_jax.main", "--config", "configs/replicate_bios.py:tiny",
+           "--workdir", str(tmp_path / "rep"), "--config.data.source=corpus", f"--config.data.corpus={docs}",
+           f"--config.data.qa_file={qa}", "--config.grid.enabled=False", "--config.clues.alpha=0.6",
+           "--config.clues.beta=0.01", "--config.seeds=(0,)", "--config.students=('small',)"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, CI="1"), capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    assert summary["primary"] == "qa" and not any(summary["grid"].values())
+    assert set(summary["results"]["small"]) == {"base", *ARMS}
+    assert "## qa: exact match, small student" in (tmp_path / "rep" / "replication.md").read_text()
