@@ -362,7 +362,7 @@ def _fp(value) -> str:
 
 
 def run(config, workdir: str) -> dict:
-    t_start, load_start, cpu_start = time.time(), os.getloadavg(), _cpu_seconds()
+    t_start, load_start, cpu_start = time.time(), os.getloadavg(), common.cpu_seconds()
     _check_config(config)
     relations = finetune_data.check_relations(config.relations)
     mesh = common.make_mesh(config)
@@ -467,7 +467,8 @@ def run(config, workdir: str) -> dict:
         "stages": stage_info,
         "stages_ran": stages.ran,
         "stages_reused": stages.reused,
-        "runtime": {"seconds": round(time.time() - t_start, 1), "cpu_seconds": round(_cpu_seconds() - cpu_start, 1),
+        "runtime": {"seconds": round(time.time() - t_start, 1),
+                    "cpu_seconds": round(common.cpu_seconds() - cpu_start, 1),
                     "cpu_count": os.cpu_count(),
                     "loadavg_start": list(load_start), "loadavg_end": list(os.getloadavg()),
                     "devices": f"{jax.device_count()} x {jax.devices()[0].platform}",
@@ -527,20 +528,12 @@ def _timed(fn):
     """Wraps a stage function so its result records its wall and CPU seconds (kept when the stage is reused, so the
     cost of a whole run can be summed even when its stages ran in different invocations)."""
     def run(stage_dir):
-        t0, c0 = time.time(), _cpu_seconds()
+        t0, c0 = time.time(), common.cpu_seconds()
         result = fn(stage_dir)
-        result.update(seconds=round(time.time() - t0, 1), cpu_seconds=round(_cpu_seconds() - c0, 1))
+        result.update(seconds=round(time.time() - t0, 1), cpu_seconds=round(common.cpu_seconds() - c0, 1))
         return result
 
     return run
-
-
-def _cpu_seconds() -> float:
-    """CPU time of this process (all threads): on a loaded machine a fairer measure of the work than wall time."""
-    import resource
-
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
 
 
 def _public(result: dict) -> dict:

@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import os
-import resource
 import shutil
 import time
 
@@ -490,7 +489,7 @@ def _enable_compile_cache(config, workdir: str) -> None:
 
 
 def run(config, workdir: str) -> dict:
-    t_start, cpu_start, load_start = time.time(), _cpu_seconds(), os.getloadavg()
+    t_start, cpu_start, load_start = time.time(), common.cpu_seconds(), os.getloadavg()
     _LOAD.clear()  # this run's samples only
     _check(config)
     _enable_compile_cache(config, workdir)
@@ -531,7 +530,7 @@ def run(config, workdir: str) -> dict:
         "objective": config.objective.to_dict(), "finetune_steps": int(config.finetune.steps),
     }
     summary["runtime"] = {
-        "wall_s": round(time.time() - t_start, 1), "cpu_s": round(_cpu_seconds() - cpu_start, 1),
+        "wall_s": round(time.time() - t_start, 1), "cpu_s": round(common.cpu_seconds() - cpu_start, 1),
         "load_avg_start": [round(x, 2) for x in load_start], "load_avg_end": [round(x, 2) for x in os.getloadavg()],
         "cpu_count": os.cpu_count(), "all_stages_reused": not ctx.stages.ran,
         "load_avg_sampled": {"mean": round(float(np.mean(_LOAD)), 2), "max": round(float(np.max(_LOAD)), 2),
@@ -546,8 +545,3 @@ def run(config, workdir: str) -> dict:
         print(report.render_table(summary, arms, ARM_LABELS))
     common.write_json(os.path.join(workdir, "summary.json"), summary)
     return summary
-
-
-def _cpu_seconds() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
