@@ -33,6 +33,7 @@ N counts every parameter that enters a matmul: the tied token embedding once
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import statistics
 import sys
@@ -55,7 +56,7 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from benchmarks import common  # noqa: E402
+from benchmarks import common, step_profile  # noqa: E402
 from clue_jax.models import config as model_config  # noqa: E402
 from clue_jax.models.causal_lm import CausalLM  # noqa: E402
 from clue_jax.train import defaults, objectives  # noqa: E402
@@ -64,6 +65,7 @@ from clue_jax.train.mesh import make_mesh  # noqa: E402
 
 NAME = "train_throughput"
 TARGET_RATIO = 1.5
+FLOOR_REPEATS = 3  # calls per matmul per round for the matmul floor (the fastest counts)
 
 SIZES = {
     "full": dict(vocab=2048, d_model=256, layers=4, heads=4, mlp=1024, seq=128, batch=32,
@@ -85,6 +87,78 @@ def make_batches(size: dict, count: int = 4, seed: int = 0) -> list[np.ndarray]:
 def flops_per_token(matmul_params: int, size: dict) -> float:
     """PaLM's model FLOPs per trained token: 6 N + 12 L d T (forward + backward)."""
     return 6.0 * matmul_params + 12.0 * size["layers"] * size["d_model"] * size["seq"]
+
+
+def step_matmuls(size: dict) -> list[tuple[int, tuple[int, int, int, int]]]:
+    """(count, (batch, m, k, n)) for every forward matmul of one training step of the model.
+
+    Per layer: the q, k, v and output projections, the MLP's two matmuls, and
+    attention's q k^T and probs v (batched over sequences x heads); once: the
+    tied LM head. Their forward + backward FLOPs are exactly the PaLM model
+    FLOPs of the matmul weights (6 N_matrices + 12 L d T per token).
+    """
+    bt, d, f, v, layers = size["batch"] * size["seq"], size["d_model"], size["mlp"], size["vocab"], size["layers"]
+    heads, t = size["heads"], size["seq"]
+    head_dim = d // heads
+    return [
+        (4 * layers, (1, bt, d, d)),
+        (layers, (1, bt, d, f)),
+        (layers, (1, bt, f, d)),
+        (1, (1, bt, d, v)),
+        (layers, (size["batch"] * heads, t, head_dim, t)),
+        (layers, (size["batch"] * heads, t, t, head_dim)),
+    ]
+
+
+class MatmulFloor:
+    """Seconds one step spends in its matmuls alone, each timed in isolation with XLA's float32 dots.
+
+    Every forward matmul C = A B needs two more in the backward pass (dA = dC
+    B^T, dB = A^T dC). Each of the three is jitted and timed alone (the
+    fastest of a few calls), so the sum is what the step would take if every
+    other op (norms, GELU, softmax, the loss, layout copies, AdamW) were
+    free. PyTorch's step time over this floor caps the ratio any JAX step
+    built on these dots could reach on this machine. It is measured once per
+    interleaved round (so it sees the machine load the two sides see), and
+    each matmul counts at its best time over all rounds: the floor is the
+    most favourable case for clue_jax.
+    """
+
+    def __init__(self, size: dict):
+        import jax.numpy as jnp
+
+        key = jax.random.key(0)
+        self.gemms, self.flops = [], 0.0
+        for count, (b, m, k, n) in step_matmuls(size):
+            a = jax.random.normal(key, (b, m, k), jnp.float32)
+            w = jax.random.normal(key, (b, k, n), jnp.float32)
+            dc = jax.random.normal(key, (b, m, n), jnp.float32)
+            self.gemms += [
+                (count, jax.jit(jnp.matmul), (a, w)),  # forward
+                (count, jax.jit(lambda g, w: jnp.matmul(g, w.swapaxes(-1, -2))), (dc, w)),  # input gradient
+                (count, jax.jit(lambda a, g: jnp.matmul(a.swapaxes(-1, -2), g)), (a, dc)),  # weight gradient
+            ]
+            self.flops += count * 3 * 2.0 * b * m * k * n
+        for _, fn, args in self.gemms:  # compile outside the timed rounds
+            fn(*args).block_until_ready()
+        self.best = [float("inf")] * len(self.gemms)
+
+    def measure(self, repeats: int) -> float:
+        """Times every matmul `repeats` times; returns this round's sum and keeps each matmul's best."""
+        total = 0.0
+        for i, (count, fn, args) in enumerate(self.gemms):
+            best = min(common.time_calls(functools.partial(_run_blocking, fn, args), repeats, warmup=0))
+            self.best[i] = min(self.best[i], best)
+            total += count * best
+        return total
+
+    def seconds(self) -> float:
+        """The floor: each matmul at its fastest over the whole run (the most favourable case)."""
+        return sum(count * best for (count, _, _), best in zip(self.gemms, self.best, strict=True))
+
+
+def _run_blocking(fn, args):
+    return fn(*args).block_until_ready()
 
 
 class ClueJaxSide:
@@ -127,6 +201,12 @@ class ClueJaxSide:
         tr.state = state
         self.losses.append(float(metrics["loss"]))
         return seconds
+
+    def compiled_hlo(self) -> str:
+        """The optimized HLO of the step, for naming the ops in a profile."""
+        tr = self.trainer
+        batch = tr.global_batch(self.batches[0])
+        return tr._step_fn.lower(tr.state, batch, tr.frozen, tr.extras).compile().as_text()
 
     def compilations(self) -> int:
         """How many executables the step has; 1 means it was never recompiled."""
@@ -189,7 +269,13 @@ class TorchSide:
         return seconds
 
 
-def run_benchmark(size: dict, steps: int, warmup: int, round_steps: int, peak_n: int, max_seconds: float) -> dict:
+def _round_seconds(k: int, times: dict[str, list[float]], floors: list[float]) -> float:
+    """Expected wall time of the next round: k steps per side plus one matmul-floor measurement."""
+    return k * sum(statistics.median(t) for t in times.values()) + FLOOR_REPEATS * statistics.median(floors)
+
+
+def run_benchmark(size: dict, steps: int, warmup: int, round_steps: int, peak_n: int, max_seconds: float,
+                  profile: bool = False) -> dict:
     import torch
 
     threads = common.cpu_count()
@@ -207,30 +293,35 @@ def run_benchmark(size: dict, steps: int, warmup: int, round_steps: int, peak_n:
         cj = ClueJaxSide(size, batches, workdir)
         first_step_s = cj.run(1)  # trace + compile + one step
         pt = TorchSide(size, batches)
+        floor = MatmulFloor(size)
         if warmup > 1:
             cj.run(warmup - 1)
         pt.run(warmup)
 
         times: dict[str, list[float]] = {"clue_jax": [], "torch": []}
         cpu: dict[str, list[float]] = {"clue_jax": [], "torch": []}
+        floors: list[float] = []
         done, r, stopped_early = 0, 0, False
         while done < steps:
             k = min(round_steps, steps - done)
             # A busy machine must not push the run past its time budget: stop
             # before a round that would overrun (both sides keep equal steps).
-            if r >= 2 and time.perf_counter() - t_start + k * sum(statistics.median(t) for t in times.values()) > max_seconds:
+            if r >= 2 and time.perf_counter() - t_start + _round_seconds(k, times, floors) > max_seconds:
                 stopped_early = True
                 break
             order = (cj, pt) if r % 2 == 0 else (pt, cj)
             for side in order:
                 times[side.name].append(side.run(k) / k)
                 cpu[side.name].append(side.last_cpu_s / k)
+            floors.append(floor.measure(FLOOR_REPEATS))
             done += k
             r += 1
         compilations = cj.compilations()
+        step_breakdown = step_profile.profile_step(cj.run, cj.compiled_hlo(), steps=2) if profile else None
 
     step_s = {name: statistics.median(ts) for name, ts in times.items()}
     cpu_s = {name: statistics.median(cs) for name, cs in cpu.items()}
+    floor_s = floor.seconds()
     tps = {name: tokens_per_step / s for name, s in step_s.items()}
     if cj.n_params != pt.n_params:
         print(f"warning: parameter counts differ: clue_jax {cj.n_params}, torch {pt.n_params}", file=sys.stderr)
@@ -252,6 +343,12 @@ def run_benchmark(size: dict, steps: int, warmup: int, round_steps: int, peak_n:
         "clue_jax_cpu_s_per_step": cpu_s["clue_jax"],
         "torch_cpu_s_per_step": cpu_s["torch"],
         "cpu_time_ratio": cpu_s["torch"] / cpu_s["clue_jax"],
+        "matmul_floor_s": floor_s,
+        "matmul_floor_s_per_round": floors,
+        "matmul_floor_flops": floor.flops,
+        "matmul_share_of_clue_jax_step": floor_s / step_s["clue_jax"],
+        "ratio_ceiling": step_s["torch"] / floor_s,
+        "clue_jax_step_profile": step_breakdown,
         "clue_jax_mfu": tps["clue_jax"] * fpt / peak,
         "torch_mfu": tps["torch"] * fpt / peak,
         "peak_flops": peak,
@@ -294,23 +391,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--round-steps", type=int, default=None, help="steps per side per interleaved round")
     parser.add_argument("--max-seconds", type=float, default=240.0,
                         help="stop timing rounds early rather than run past this wall time (busy machines)")
+    parser.add_argument("--profile", action="store_true",
+                        help="also trace two clue_jax steps and split their wall time: matmuls, other ops, rest")
     parser.add_argument("--results-dir", default=None, help="where <name>.json goes (default benchmarks/results)")
     args = parser.parse_args(argv)
     size = SIZES["smoke" if args.smoke else "full"]
     steps = args.steps or size["steps"]
     warmup = args.warmup or size["warmup"]
     round_steps = args.round_steps or size["round_steps"]
-    result = run_benchmark(size, steps, warmup, round_steps, size["peak_n"], args.max_seconds)
+    result = run_benchmark(size, steps, warmup, round_steps, size["peak_n"], args.max_seconds, args.profile)
     result["smoke"] = bool(args.smoke)
     print(
         f"clue_jax {result['clue_jax_tokens_per_s']:.0f} tok/s, torch {result['torch_tokens_per_s']:.0f} tok/s, "
         f"ratio {result['ratio']:.2f} (target {TARGET_RATIO}), compile {result['compile_s']:.1f} s, "
         f"MFU clue_jax {result['clue_jax_mfu']:.1%} torch {result['torch_mfu']:.1%} "
         f"of {result['peak_flops'] / 1e9:.1f} GFLOP/s; CPU s/step clue_jax {result['clue_jax_cpu_s_per_step']:.2f} "
-        f"torch {result['torch_cpu_s_per_step']:.2f}; {result['timed_steps']} timed steps, "
+        f"torch {result['torch_cpu_s_per_step']:.2f}; matmuls alone {result['matmul_floor_s']:.2f} s/step, "
+        f"so ratio <= {result['ratio_ceiling']:.2f}; {result['timed_steps']} timed steps, "
         f"load {result['load_average_before']} -> {result['machine']['load_average']}",
         flush=True,
     )
+    if result["clue_jax_step_profile"]:
+        prof = result["clue_jax_step_profile"]
+        print(f"clue_jax step profiled: {prof['window_s']:.2f} s = matmuls {prof['matmul_s']:.2f} s + other ops "
+              f"{prof['other_s']:.2f} s + neither {prof['rest_s']:.2f} s", flush=True)
     common.write_result(NAME + ("_smoke" if args.smoke else ""), result, args.results_dir)
     return result
 

@@ -16,13 +16,13 @@ SCRIPT = ROOT / "benchmarks" / "train_throughput.py"
 NUMBERS = (
     "clue_jax_tokens_per_s", "torch_tokens_per_s", "ratio", "compile_s", "first_step_s", "clue_jax_mfu",
     "torch_mfu", "peak_flops", "peak_flops_jax", "peak_flops_torch", "clue_jax_cpu_s_per_step",
-    "torch_cpu_s_per_step", "flops_per_token", "target_ratio",
+    "torch_cpu_s_per_step", "flops_per_token", "target_ratio", "matmul_floor_s", "ratio_ceiling",
 )
 
 
 def _run_smoke(tmp_path: Path) -> tuple[dict, dict]:
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--smoke", "--results-dir", str(tmp_path)],
+        [sys.executable, str(SCRIPT), "--smoke", "--profile", "--results-dir", str(tmp_path)],
         cwd=tmp_path,  # not the repo root: the script must find clue_jax and benchmarks by itself
         env=dict(os.environ),
         capture_output=True,
@@ -63,3 +63,16 @@ def test_train_throughput_smoke(tmp_path):
     # PaLM FLOPs: 6 N + 12 L d T, N without the position table.
     n = r["n_params"] - m["seq"] * m["d_model"]
     assert r["flops_per_token"] == 6 * n + 12 * m["layers"] * m["d_model"] * m["seq"]
+    # The matmul floor times exactly the step's matmul FLOPs: 6 x (matrices, the tied
+    # embedding once) + attention's 12 L d T, per token; each matmul counts at its best round.
+    d, f, layers = m["d_model"], m["mlp"], m["layers"]
+    matrices = 4 * layers * d * d + 2 * layers * d * f + m["vocab"] * d
+    tokens = m["batch"] * m["seq"]
+    assert r["matmul_floor_flops"] == tokens * (6 * matrices + 12 * layers * d * m["seq"])
+    assert 0 < r["matmul_floor_s"] <= min(r["matmul_floor_s_per_round"])
+    assert r["ratio_ceiling"] == r["torch_step_s"] / r["matmul_floor_s"]
+    # --profile: the traced step's wall time splits into matmuls, other ops and the rest.
+    prof = r["clue_jax_step_profile"]
+    assert prof["matmul_s"] > 0 and prof["other_s"] > 0 and prof["rest_s"] >= 0
+    assert math.isclose(prof["matmul_s"] + prof["other_s"] + prof["rest_s"], prof["window_s"], rel_tol=1e-6)
+    assert prof["top_ops_thread_s"]["matmul"] > 0

@@ -183,3 +183,30 @@ def test_batch_not_divisible_by_mesh_is_an_error():
     with pytest.raises(UserInputError, match="divisible"):
         loop.Trainer(model, objectives.causal_lm, defaults.train_config(batch_size=6),
                      mesh.make_mesh((4, 1, 2), jax.devices()), "/tmp/unused")
+
+
+def test_causal_lm_objective_matches_next_token_reference():
+    """Summed next-token cross entropy over real, unmasked targets, against a numpy reference."""
+    model, cfg = _model("gpt2")
+    rng = np.random.default_rng(0)
+    ids = rng.integers(1, cfg.vocab_size, (3, 10)).astype(np.int32)
+    mask = np.ones_like(ids)
+    mask[1, 7:] = 0  # right padding
+    loss_mask = np.ones_like(ids)
+    loss_mask[2, :4] = 0  # e.g. a prompt whose tokens do not count
+    batch = {"input_ids": ids, "attention_mask": mask, "loss_mask": loss_mask}
+    loss_sum, aux = objectives.causal_lm(model, batch)
+
+    logits = np.asarray(model(ids, mask), np.float64)
+    logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) \
+        - logits.max(-1, keepdims=True)
+    expected, count, correct = 0.0, 0, 0
+    for b in range(ids.shape[0]):
+        for t in range(ids.shape[1] - 1):  # position t predicts token t + 1
+            if mask[b, t + 1] and loss_mask[b, t + 1]:
+                expected -= logp[b, t, ids[b, t + 1]]
+                count += 1
+                correct += int(np.argmax(logits[b, t]) == ids[b, t + 1])
+    assert count == 9 + 6 + 6
+    np.testing.assert_allclose(float(loss_sum), expected, rtol=1e-5)
+    assert float(aux["weight"]) == count and float(aux["correct"]) == correct

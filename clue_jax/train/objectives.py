@@ -31,9 +31,17 @@ def causal_lm(model, batch, rng=None):
     """
     ids, mask = batch["input_ids"], batch["attention_mask"]
     logits = model(ids, mask)
-    weights = mask[:, 1:]
+    # Targets shifted left, the last position weighted 0: the loss reads the
+    # full [B, T, V] logits, so XLA need not slice them (and pad their gradient).
+    targets = _shift_left(ids)
+    weights = _shift_left(mask)
     if "loss_mask" in batch:
-        weights = weights * batch["loss_mask"][:, 1:]
-    loss_sum, count = token_cross_entropy(logits[:, :-1], ids[:, 1:], weights)
-    correct = jnp.sum((jnp.argmax(logits[:, :-1], -1) == ids[:, 1:]) * weights)
+        weights = weights * _shift_left(batch["loss_mask"])
+    loss_sum, count = token_cross_entropy(logits, targets, weights)
+    correct = jnp.sum((jnp.argmax(logits, -1) == targets) * weights)
     return loss_sum, {"weight": count, "correct": correct}
+
+
+def _shift_left(x):
+    """x[:, 1:] followed by a zero column: position t holds what position t predicts."""
+    return jnp.concatenate([x[:, 1:], jnp.zeros_like(x[:, :1])], axis=1)
