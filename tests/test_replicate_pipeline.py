@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from clue_jax.pipelines import replicate
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARMS = ("plain", "random", "attention", "contrast")
 
@@ -79,3 +81,28 @@ def test_tiny_replication_on_a_user_corpus(tmp_path):
     assert summary["primary"] == "qa" and not any(summary["grid"].values())
     assert set(summary["results"]["small"]) == {"base", *ARMS}
     assert "## qa: exact match, small student" in (tmp_path / "rep" / "replication.md").read_text()
+
+
+def _runs(far_em_per_seed):
+    """Synthetic evaluation results: every attribute of a run scores that seed's value."""
+    attrs = ("birth_date", "university", "major", "company")
+    return [{"cloze": {a: {"exact_match": v} for a in attrs + ("all",)}} for v in far_em_per_seed]
+
+
+def test_verdict_is_seed_paired_and_respects_the_spread():
+    summary = {
+        "primary": "cloze",
+        "distance_from_name": {"birth_date": 4, "university": 29, "major": 42, "company": 55},
+        "results": {"small": {
+            "base": _runs([0.0, 0.0, 0.0]),
+            "contrast": _runs([0.50, 0.30, 0.40]),
+            "plain": _runs([0.40, 0.20, 0.30]),  # behind contrast by exactly 0.1 on every seed
+            "attention": _runs([0.60, 0.20, 0.42]),  # differences -0.1, +0.1, -0.02: inside their spread
+        }},
+    }
+    text = replicate.verdict(summary)
+    assert "contrast 0.400" in text
+    assert "vs plain (0.300): +0.100 ± 0.000, contrast ahead (beyond the seed spread)" in text
+    assert "vs attention (0.407): -0.007 ± 0.101, no clear difference (within the seed spread)" in text
+    one_seed = {**summary, "results": {"small": {k: v[:1] for k, v in summary["results"]["small"].items()}}}
+    assert "contrast behind (one seed)" in replicate.verdict(one_seed)

@@ -136,20 +136,39 @@ def protocol_note(config) -> str:
 
 
 def verdict(summary: dict) -> str:
-    """One sentence per student: does contrast beat each baseline on the far attributes, as measured?"""
+    """Per student: is contrast ahead of each baseline on the far attributes, beyond the seed spread?
+
+    Runs of every arm are listed in the same seed order, so the comparison is
+    seed-paired: mean ± sample std of (contrast - baseline) per seed. A mean
+    inside its std is reported as no clear difference.
+    """
     out = []
     far = [a for a in ("university", "major", "company") if a in _attrs(summary)]
+    probe = summary["primary"]
     for student, arms in summary["results"].items():
         if "contrast" not in arms:
             continue
-        probe = summary["primary"]
-        mean = lambda runs: float(np.mean([np.mean([r[probe][a]["exact_match"] for a in far]) for r in runs]))
-        c = mean(arms["contrast"])
-        parts = [f"{arm} {mean(runs):.3f}" for arm, runs in arms.items() if arm not in ("contrast", "base")]
-        beaten = [arm for arm, runs in arms.items() if arm not in ("contrast", "base") and mean(runs) < c]
-        out.append(f"{student} student, mean {probe} EM on far attributes ({', '.join(far)}): contrast {c:.3f} vs "
-                   f"{', '.join(parts)}; contrast is ahead of {', '.join(beaten) if beaten else 'none'}.")
+        far_em = {arm: np.array([np.mean([r[probe][a]["exact_match"] for a in far]) for r in runs])
+                  for arm, runs in arms.items() if arm != "base"}
+        c = far_em["contrast"]
+        parts = []
+        for arm, em in far_em.items():
+            if arm == "contrast":
+                continue
+            diff = c - em
+            sd = float(np.std(diff, ddof=1)) if len(diff) > 1 else 0.0
+            parts.append(f"vs {arm} ({em.mean():.3f}): {diff.mean():+.3f} ± {sd:.3f}, "
+                         f"{_paired_word(float(diff.mean()), sd, len(diff))}")
+        out.append(f"{student} student, mean {probe} EM on far attributes ({', '.join(far)}), contrast {c.mean():.3f}; "
+                   f"seed-paired difference " + "; ".join(parts) + ".")
     return "Measured: " + " ".join(out)
+
+
+def _paired_word(mean_diff: float, std: float, seeds: int) -> str:
+    if seeds > 1 and abs(mean_diff) <= std:
+        return "no clear difference (within the seed spread)"
+    word = "contrast ahead" if mean_diff > 0 else "contrast behind"
+    return word + (" (beyond the seed spread)" if seeds > 1 else " (one seed)")
 
 
 def plot_em_vs_distance(summary: dict, path: str) -> None:
