@@ -27,7 +27,15 @@ the faster of a float32 jnp.dot and torch.mm (n x n) measured in this run.
 N counts every parameter that enters a matmul: the tied token embedding once
 (it is the LM head), not the position table (a lookup).
 
+Matmul floor: each round also times the step's 99 matmuls one by one
+(`MatmulFloor`); the sum of their best times is what a step would take if
+nothing but matmuls cost time, and PyTorch's step over it (`ratio_ceiling`)
+bounds what any JAX step on these dots could reach here. `--profile` splits
+a traced clue_jax step into matmuls, other ops and dispatch
+(`benchmarks/step_profile.py`).
+
     python benchmarks/train_throughput.py            # full size (minutes)
+    python benchmarks/train_throughput.py --profile  # the same, plus the step's profile
     python benchmarks/train_throughput.py --smoke    # tiny, seconds (tests)
 """
 from __future__ import annotations
@@ -317,6 +325,7 @@ def run_benchmark(size: dict, steps: int, warmup: int, round_steps: int, peak_n:
             done += k
             r += 1
         compilations = cj.compilations()
+        clue_jax_losses = list(cj.losses)  # the profiled steps below are not timed rounds
         step_breakdown = step_profile.profile_step(cj.run, cj.compiled_hlo(), steps=2) if profile else None
 
     step_s = {name: statistics.median(ts) for name, ts in times.items()}
@@ -359,7 +368,7 @@ def run_benchmark(size: dict, steps: int, warmup: int, round_steps: int, peak_n:
         "n_params": cj.n_params,
         "torch_n_params": pt.n_params,
         "clue_jax_step_compilations": compilations,
-        "clue_jax_losses": cj.losses,
+        "clue_jax_losses": clue_jax_losses,
         "torch_losses": pt.losses,
         "timed_steps": done,
         "requested_steps": steps,
