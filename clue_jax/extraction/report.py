@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from clue_jax.eval.seeds import direction
 from clue_jax.extraction.shock import BUCKETS
 
 ARM_ORDER = ("base", "vanilla", "mixing/interpolate", "mixing/log_linear", "mixture", "both/interpolate",
@@ -190,8 +191,8 @@ def remedy_findings(summary: Mapping, prefix: str = "") -> list[str]:
         rho_d, rho_s, _ = paired_difference(summary, arm, vanilla, "shock.rho")
         if n:
             out.append(f"{arm} vs {vanilla}: EM {em_d:+.3f} ± {em_s:.3f}, shock rho {rho_d:+.3f} ± {rho_s:.3f} "
-                       f"(accuracy: {_direction(em_d, em_s, n, 'helps', 'hurts')}; "
-                       f"shock: {_direction(-rho_d, rho_s, n, 'lowered', 'raised')}).")
+                       f"(accuracy: {direction(em_d, em_s, n, 'helps', 'hurts')}; "
+                       f"shock: {direction(-rho_d, rho_s, n, 'lowered', 'raised')}).")
     singles = [prefix + a for a in ("mixing/interpolate", "mixing/log_linear", "mixture") if prefix + a in arms]
     boths = [prefix + a for a in ("both/interpolate", "both/log_linear") if prefix + a in arms]
     if singles and boths:
@@ -203,18 +204,8 @@ def remedy_findings(summary: Mapping, prefix: str = "") -> list[str]:
         d, sd, n = paired_difference(summary, best_both, best_single, "exact_match")
         out.append(f"Both remedies together ({best_both}) vs the best single remedy ({best_single}), each picked "
                    f"by dev exact match: test EM {d:+.3f} ± {sd:.3f} "
-                   f"(both together: {_direction(d, sd, n, 'better', 'worse')}).")
+                   f"(both together: {direction(d, sd, n, 'better', 'worse')}).")
     return out
-
-
-def _direction(diff: float, std: float, n: int, good: str, bad: str) -> str:
-    """'good'/'bad' when the seed-paired mean difference exceeds its spread, else 'no clear change'."""
-    if not math.isfinite(diff):
-        return "not measured"
-    word = good if diff > 0 else bad
-    if n > 1 and abs(diff) <= std:
-        return "no clear change (within the seed spread)"
-    return word + (" (beyond the seed spread)" if n > 1 else " (one seed)")
 
 
 def render_report(summary: Mapping) -> str:

@@ -17,6 +17,7 @@ from typing import Sequence
 
 import numpy as np
 
+from clue_jax.eval.seeds import within_seed_spread
 from clue_jax.pipelines.common import format_table
 
 __all__ = ["mean_std", "claims", "write_figures", "render_table", "render"]
@@ -197,7 +198,7 @@ def _claim_lines(summary: dict, arms: Sequence[str], labels: dict) -> list[str]:
     lines = []
     steps = summary.get("setup", {}).get("pretrain_steps")
     for arm, r in c.get("courses_vs_electra", {}).items():
-        if r["seeds"] > 1 and abs(r["mean_diff"]) <= r["std_diff"]:
+        if within_seed_spread(r["mean_diff"], r["std_diff"], r["seeds"]):
             verdict = "is not clearly different from (the mean difference is within the seed spread)"
         else:
             verdict = "beats" if r["beats"] else "does not beat"

@@ -16,6 +16,7 @@ import jax
 import numpy as np
 
 from clue_jax.errors import UserInputError
+from clue_jax.eval.seeds import direction
 from clue_jax.pipelines import common, knowledge
 
 DROP_ARMS = {"random": ("alpha",), "attention": ("alpha", "beta"), "contrast": ("alpha", "beta")}
@@ -157,18 +158,12 @@ def verdict(summary: dict) -> str:
                 continue
             diff = c - em
             sd = float(np.std(diff, ddof=1)) if len(diff) > 1 else 0.0
-            parts.append(f"vs {arm} ({em.mean():.3f}): {diff.mean():+.3f} ± {sd:.3f}, "
-                         f"{_paired_word(float(diff.mean()), sd, len(diff))}")
+            word = direction(float(diff.mean()), sd, len(diff), "contrast ahead", "contrast behind",
+                             unclear="no clear difference")
+            parts.append(f"vs {arm} ({em.mean():.3f}): {diff.mean():+.3f} ± {sd:.3f}, {word}")
         out.append(f"{student} student, mean {probe} EM on far attributes ({', '.join(far)}), contrast {c.mean():.3f}; "
                    f"seed-paired difference " + "; ".join(parts) + ".")
     return "Measured: " + " ".join(out)
-
-
-def _paired_word(mean_diff: float, std: float, seeds: int) -> str:
-    if seeds > 1 and abs(mean_diff) <= std:
-        return "no clear difference (within the seed spread)"
-    word = "contrast ahead" if mean_diff > 0 else "contrast behind"
-    return word + (" (beyond the seed spread)" if seeds > 1 else " (one seed)")
 
 
 def plot_em_vs_distance(summary: dict, path: str) -> None:
