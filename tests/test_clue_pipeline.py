@@ -3,10 +3,12 @@ import json
 
 import jax
 import numpy as np
+import pytest
 from flax import nnx
 
 from clue_jax.clues import dropout, scoring
 from clue_jax.data.batching import ArrayBatchSource
+from clue_jax.errors import UserInputError
 from clue_jax.models import config as model_config
 from clue_jax.models.causal_lm import CausalLM
 from clue_jax.pipelines.knowledge import live_transform
@@ -36,6 +38,28 @@ def test_live_scores_equal_cached_scores():
     np.testing.assert_allclose(out["scores_large"], cached["large"], atol=1e-6)
     np.testing.assert_allclose(out["scores_small"], cached["small"], atol=1e-6)
     np.testing.assert_array_equal(out["input_ids"], docs["input_ids"])
+
+
+def test_live_scores_use_the_teacher_dtype_like_cached_scores():
+    teachers = {"large": CausalLM(LARGE, rngs=nnx.Rngs(1)), "small": CausalLM(SMALL, rngs=nnx.Rngs(2))}
+    docs = _docs()
+    keep_all = dropout.DropoutConfig(method="contrast", original_fraction=1.0, pad_id=2)
+    outs = {}
+    for dtype in (None, "bfloat16"):
+        transform, states = live_transform(teachers, keep_all, query_block=8, teacher_dtype=dtype)
+        outs[dtype] = jax.jit(transform)(jax.random.key(0), {k: np.asarray(v) for k, v in docs.items()}, states)
+    bf16 = scoring.score_corpus(scoring.make_scorer(teachers["large"], dtype="bfloat16", query_block=8),
+                                docs["input_ids"], docs["attention_mask"], batch_size=8)
+    np.testing.assert_allclose(outs["bfloat16"]["scores_large"], bf16, atol=1e-6)
+    assert not np.allclose(outs["bfloat16"]["scores_large"], outs[None]["scores_large"], atol=1e-6)
+
+
+def test_non_finite_scores_are_refused_naming_the_stage():
+    scores = np.ones((3, 4), np.float32)
+    assert scoring.check_finite(scores, "scores_test") is scores
+    scores[1, 2] = np.nan
+    with pytest.raises(UserInputError, match=r"scores_test.*1 of 12 .*not finite.*documents \[1\]"):
+        scoring.check_finite(scores, "scores_test")
 
 
 def _run(workdir, steps, data):

@@ -163,13 +163,3 @@ def test_fixed_copies():
     for row in range(5, 8):
         assert out_ids[row, 0] == 6 and set(np.asarray(out_ids[row])) <= {0, 6, 7, 8}
     assert len({tuple(np.asarray(out_ids[r])) for r in range(1, 4)}) > 1
-
-
-def test_protected_ids_from_tokenizer():
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-
-    tok = Tokenizer(WordLevel({"<s>": 0, "a": 1, ",": 2, ".": 3, "[UNK]": 4}, unk_token="[UNK]"))
-    assert D.protected_ids_from_tokenizer(tok, extra=(0,)) == (0, 2, 3)
-    with pytest.raises(UserInputError, match="';'"):
-        D.protected_ids_from_tokenizer(tok, marks=(";",))

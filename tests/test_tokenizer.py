@@ -71,8 +71,7 @@ def test_encode_batch_padding_masks_overflow(trained):
 def test_protected_ids_cover_every_comma_and_period(trained, texts):
     tok, _ = trained
     protected = tk.protected_token_ids(tok)
-    assert {tok.bos_token_id, tok.pad_token_id} <= set(protected)
-    assert tok.eos_token_id not in protected
+    assert {tok.bos_token_id, tok.pad_token_id, tok.eos_token_id} <= set(protected)
     for text in texts[:10]:
         ids = tok.encode(text, add_special_tokens=False)
         hits = sum(i in protected for i in ids)
@@ -97,3 +96,37 @@ def test_load_tokenizer_errors_and_pad_fallback(tmp_path, trained):
     loaded = tk.load_tokenizer(bare_dir)
     assert loaded.pad_token_id == loaded.eos_token_id == tok.eos_token_id
     assert loaded.bos_token_id == tok.eos_token_id
+
+
+def test_protection_rule_on_a_byte_level_vocabulary_with_merged_pieces():
+    """LLaMA-3-style byte-level BPE: ".\n" and " ," are merged pieces; ")." is not punctuation alone."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    alphabet = pre_tokenizers.ByteLevel.alphabet()
+    vocab = {ch: i for i, ch in enumerate(sorted(alphabet))}
+    merges = [(".", "Ċ"), ("Ġ", ","), (")", "."), ("Ġ", "a")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    for special in ("<|begin_of_text|>", "<|end_of_text|>"):
+        vocab[special] = len(vocab)
+    backend = Tokenizer(models.BPE(vocab, merges))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    backend.decoder = decoders.ByteLevel()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<|begin_of_text|>",
+                                               eos_token="<|end_of_text|>", pad_token="<|end_of_text|>")
+    protected = set(tk.protected_token_ids(tok))
+    expected = {vocab["."], vocab[","], vocab[".Ċ"], vocab["Ġ,"], tok.bos_token_id, tok.eos_token_id}
+    assert protected == expected
+    assert vocab[")."] in tok.encode("a). a ,", add_special_tokens=False)
+    assert tok.encode(".\n", add_special_tokens=False) == [vocab[".Ċ"]]
+
+
+def test_teachers_with_different_tokenizers_are_refused(tmp_path, trained, texts):
+    tok, _ = trained
+    same, other = tmp_path / "same", tmp_path / "other"
+    tok.save_pretrained(str(same))
+    tk.train_bpe_tokenizer(texts[::-1][:40], 300, other)
+    tk.require_same_tokenizer({"base_models.small": str(same), "base_models.large": str(same), "tokenizer.path": ""})
+    tk.require_same_tokenizer({"base_models.small": str(same), "base_models.large": str(tmp_path / "no_files")})
+    with pytest.raises(UserInputError, match=r"base_models.large .* and base_models.small .* different tokenizers"):
+        tk.require_same_tokenizer({"base_models.small": str(same), "base_models.large": str(other)})

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Sequence
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -44,8 +44,8 @@ class DropoutConfig:
     alpha, beta: p(r) = alpha * (1 - exp(-beta * r)); published alpha in
       {0.6, 0.7}, beta in {0.005, 0.01, 0.03, 0.05}. "random" drops with alpha.
     original_fraction: share of examples left un-dropped (per example, random).
-    protected_ids: token ids never dropped (BOS, PAD, "," and "." and any
-      extra ids); see `protected_ids_from_tokenizer`.
+    protected_ids: token ids never dropped; the pipelines take them from
+      `clue_jax.data.tokenizer.protected_token_ids` (one rule for every vocabulary).
     pad_id: id written into the slots freed by deleted tokens.
     """
 
@@ -82,31 +82,6 @@ class DropoutConfig:
         if unknown:
             raise UserInputError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
         return cls(**values)
-
-
-def protected_ids_from_tokenizer(tokenizer, marks: Sequence[str] = (",", "."), extra: Sequence[int] = ()) -> tuple:
-    """Ids of BOS, PAD (when the tokenizer has them), the vocabulary entries `marks` and `extra`.
-
-    Accepts a `tokenizers.Tokenizer` (token_to_id) or a transformers tokenizer
-    (convert_tokens_to_ids, bos_token_id, pad_token_id). A mark missing from
-    the vocabulary raises, since silently not protecting it changes the method.
-    """
-    ids = set(int(i) for i in extra)
-    for attr in ("bos_token_id", "pad_token_id"):
-        value = getattr(tokenizer, attr, None)
-        if isinstance(value, int):
-            ids.add(value)
-    for mark in marks:
-        if hasattr(tokenizer, "token_to_id"):
-            tid = tokenizer.token_to_id(mark)
-        else:
-            tid = tokenizer.convert_tokens_to_ids(mark)
-            if tid == getattr(tokenizer, "unk_token_id", None):
-                tid = None
-        if tid is None:
-            raise UserInputError(f"dropout: protected mark {mark!r} is not a single token of the tokenizer")
-        ids.add(int(tid))
-    return tuple(sorted(ids))
 
 
 @jax.jit

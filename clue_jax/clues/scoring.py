@@ -93,15 +93,36 @@ def _graphdef_for_dtype(model, graphdef, dtype):
     return nnx.split(abstract, nnx.Param, ...)[0]
 
 
+def in_dtype(model, dtype):
+    """The same teacher with its weights and compute in `dtype` (None: unchanged).
+
+    Cached scoring and live scoring (inside the student's step) both go
+    through here, so `clues.teacher_dtype` means the same in every mode.
+    """
+    if dtype is None:
+        return model
+    dtype = jnp.dtype(dtype)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+    params = jax.tree.map(lambda x: x.astype(dtype) if _is_float(x) else x, params)
+    return nnx.merge(_graphdef_for_dtype(model, graphdef, dtype), params, rest)
+
+
+def check_finite(scores: np.ndarray, where: str) -> np.ndarray:
+    """Refuses NaN/Inf scores (e.g. a teacher fed token ids beyond its vocabulary) before they are saved."""
+    bad = ~np.isfinite(scores)
+    if bad.any():
+        rows = np.unique(np.nonzero(bad)[0])
+        raise UserInputError(f"{where}: {int(bad.sum())} of {scores.size} attention scores are not finite "
+                             f"(documents {rows[:5].tolist()}...); check the teacher and its tokenizer")
+    return scores
+
+
 class Scorer:
     """Jitted, optionally sharded `score(input_ids, attention_mask) -> [B, T]` (see make_scorer)."""
 
     def __init__(self, model, mesh=None, dtype=None, query_block: int = 128):
+        model = in_dtype(model, dtype)
         graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-        if dtype is not None:
-            dtype = jnp.dtype(dtype)
-            params = jax.tree.map(lambda x: x.astype(dtype) if _is_float(x) else x, params)
-            graphdef = _graphdef_for_dtype(model, graphdef, dtype)
         self.cfg = model.cfg
         self.mesh = mesh
         self.query_block = query_block

@@ -23,6 +23,7 @@ from clue_jax.errors import UserInputError
 BOS, EOS, PAD, MASK = "<bos>", "<eos>", "<pad>", "<mask>"
 SPECIAL_TOKENS = (BOS, EOS, PAD, MASK)  # ids 0, 1, 2, 3 in a trained tokenizer
 PROTECTED_PUNCTUATION = (",", ".")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
 def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int,
@@ -57,9 +58,7 @@ def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerB
     gets EOS as BOS (GPT-2's convention). A tokenizer with no EOS is refused.
     """
     path = os.fspath(path)
-    if not os.path.isdir(path) or not any(
-            os.path.exists(os.path.join(path, f))
-            for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")):
+    if not _has_tokenizer_files(path):
         raise UserInputError(f"not a tokenizer directory: {path} (no tokenizer.json or "
                              "tokenizer_config.json)")
     try:
@@ -108,20 +107,46 @@ def encode_batch(tokenizer, texts: Sequence[str], max_len: int, add_bos: bool = 
     return ids, mask
 
 
-def protected_token_ids(tokenizer, extra: Iterable[int | str] = ()) -> list[int]:
-    """Ids that clue dropout never drops: BOS, PAD and the tokens for "," and ".".
+def require_same_tokenizer(paths: dict[str, str]) -> None:
+    """Refuses teachers (and a student) whose tokenizers differ: the contrast d = s_large - s_small
+    compares two models token by token, which means nothing if they cut the text differently.
 
-    For each punctuation mark, the id of the mark alone and of the mark with a
-    leading space are included when either is a single token (SentencePiece
-    vocabularies keep "▁." apart from "."). `extra` adds ids, or strings that
-    must encode to a single token.
+    paths: {config key: directory}; entries without tokenizer files are skipped
+    (their vocabulary size is checked against the tokenizer elsewhere).
     """
-    ids = {tokenizer.bos_token_id, tokenizer.pad_token_id}
-    for text in PROTECTED_PUNCTUATION:
-        for variant in (text, " " + text):
-            pieces = tokenizer.encode(variant, add_special_tokens=False)
-            if len(pieces) == 1:
-                ids.add(pieces[0])
+    loaded = {key: load_tokenizer(path) for key, path in paths.items() if path and _has_tokenizer_files(path)}
+    if len(loaded) < 2:
+        return
+    (first_key, first), *rest = loaded.items()
+    reference = first.get_vocab()
+    for key, tok in rest:
+        vocab = tok.get_vocab()
+        if vocab == reference and tok.bos_token_id == first.bos_token_id and tok.eos_token_id == first.eos_token_id:
+            continue
+        differ = sorted(set(vocab.items()) ^ set(reference.items()))[:1]
+        what = f"first difference: {differ[0]!r}" if differ else "their BOS/EOS ids differ"
+        raise UserInputError(f"{key} ({paths[key]}) and {first_key} ({paths[first_key]}) have different tokenizers "
+                             f"({len(vocab)} vs {len(reference)} entries, {what}); teachers and student must share one")
+
+
+def _has_tokenizer_files(path: str | os.PathLike) -> bool:
+    return os.path.isdir(path) and any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES)
+
+
+def protected_token_ids(tokenizer, extra: Iterable[int | str] = ()) -> list[int]:
+    """Ids that clue dropout never drops: one rule for every vocabulary.
+
+    - every vocabulary entry whose text without whitespace is "," or "." (so
+      " .", ".\n" and "\u2581," count; merged pieces such as ")." do not);
+    - BOS, PAD and EOS. EOS is protected always, not only where it doubles as
+      PAD (GPT-2, LLaMA-3): it closes the document, and a tokenizer-dependent
+      choice would make the method differ between families.
+    `extra` adds ids, or strings that must encode to a single token.
+    """
+    texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False,
+                                   clean_up_tokenization_spaces=False)
+    ids = {i for i, text in enumerate(texts) if "".join(text.split()) in PROTECTED_PUNCTUATION}
+    ids |= {tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id}
     for item in extra:
         if isinstance(item, str):
             pieces = tokenizer.encode(item, add_special_tokens=False)

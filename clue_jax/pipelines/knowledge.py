@@ -27,7 +27,7 @@ from flax import nnx
 from clue_jax.clues import analysis, dropout, render, scoring
 from clue_jax.data import bios, corpus, lm_data
 from clue_jax.data.batching import ArrayBatchSource, ConcatBatchSource
-from clue_jax.data.tokenizer import load_tokenizer, protected_token_ids, train_bpe_tokenizer
+from clue_jax.data.tokenizer import load_tokenizer, protected_token_ids, require_same_tokenizer, train_bpe_tokenizer
 from clue_jax.errors import UserInputError
 from clue_jax.eval import qa_eval
 from clue_jax.models import factory, lora
@@ -170,8 +170,9 @@ def scores_stage(config, docs_data, teachers, mesh, stage_dir):
         model, _ = factory.load_params(model_dir, mesh)
         scorer = scoring.make_scorer(model, mesh=mesh, dtype=config.clues.teacher_dtype,
                                      query_block=config.clues.query_block)
-        out[size] = scoring.score_corpus(scorer, docs_data["input_ids"], docs_data["attention_mask"],
-                                         batch_size=config.clues.score_batch)
+        out[size] = scoring.check_finite(
+            scoring.score_corpus(scorer, docs_data["input_ids"], docs_data["attention_mask"],
+                                 batch_size=config.clues.score_batch), f"{os.path.basename(stage_dir)} ({size} teacher)")
     if jax.process_index() == 0:
         np.savez(os.path.join(stage_dir, "scores.npz"), large=out["large"], small=out["small"])
     return {"path": os.path.join(stage_dir, "scores.npz")}
@@ -187,15 +188,16 @@ def dropout_config(config, arm, tokenizer, alpha=None, beta=None) -> dropout.Dro
     )
 
 
-def live_transform(teachers: dict, drop_cfg: dropout.DropoutConfig, query_block: int):
+def live_transform(teachers: dict, drop_cfg: dropout.DropoutConfig, query_block: int, teacher_dtype=None):
     """Live mode: the frozen teachers score each batch inside the jitted step.
 
-    Returns (transform, extras, extras_shardings) for the Trainer; the teacher
-    states travel as jit arguments (sharded like any model), under stop_gradient.
+    Returns (transform, extras) for the Trainer; the teacher states travel as
+    jit arguments (sharded like any model), under stop_gradient, in
+    `teacher_dtype` as in cached mode.
     """
     graphdefs, states = {}, {}
     for size, model in teachers.items():
-        graphdefs[size], states[size] = nnx.split(model)
+        graphdefs[size], states[size] = nnx.split(scoring.in_dtype(model, teacher_dtype))
 
     def transform(rng, batch, extras):
         scores = {}
@@ -230,7 +232,7 @@ def cpt_stage(ctx, student: str, arm: str, seed: int, knowledge_name: str, drop:
         data = {"input_ids": np.asarray(ids), "attention_mask": np.asarray(mask)}
     elif arm != "plain" and mode == "live" and needs_scores:
         teachers = {s: factory.load_params(ctx.bases[s]["model_dir"], mesh)[0] for s in ("large", "small")}
-        transform, extras = live_transform(teachers, drop_cfg, config.clues.query_block)
+        transform, extras = live_transform(teachers, drop_cfg, config.clues.query_block, config.clues.teacher_dtype)
     elif arm != "plain":
         transform = lambda rng, batch, extras: dropout.augment_batch(rng, batch, None, drop_cfg)
     data = {k: v for k, v in data.items() if transform is not None or not k.startswith("scores_")}
@@ -332,6 +334,8 @@ def prepare(config, workdir: str, need_scores: bool, sizes: tuple[str, ...] = ("
             raise UserInputError(f"clues.arms contains {arm!r}; valid arms: {ARMS}")
     if config.clues.mode not in MODES:
         raise UserInputError(f"clues.mode={config.clues.mode!r} is not one of {MODES}")
+    require_same_tokenizer({"tokenizer.path": config.tokenizer.path, "base_models.small": config.base_models.small,
+                            "base_models.large": config.base_models.large if need_scores else ""})
     mesh = common.make_mesh(config)
     stages = Stages(workdir)
     world = stages.run("world", {"world": config.world.to_dict()}, lambda d: world_stage(config, d))
