@@ -138,15 +138,16 @@ def protected_token_ids(tokenizer, extra: Iterable[int | str] = ()) -> list[int]
 
     - every vocabulary entry whose text without whitespace is "," or "." (so
       " .", ".\n" and "\u2581," count; merged pieces such as ")." do not);
-    - BOS, PAD and EOS. EOS is protected always, not only where it doubles as
-      PAD (GPT-2, LLaMA-3): it closes the document, and a tokenizer-dependent
-      choice would make the method differ between families.
+    - BOS, as the paper says. EOS is not protected (the paper names only BOS
+      and the two marks), also where a tokenizer pads with EOS: padding is
+      protected by the attention mask, not by its id, so the rule does not
+      depend on the family. Where BOS and EOS are one id (GPT-2), it is kept.
     `extra` adds ids, or strings that must encode to a single token.
     """
     texts = tokenizer.batch_decode([[i] for i in range(len(tokenizer))], skip_special_tokens=False,
                                    clean_up_tokenization_spaces=False)
     ids = {i for i, text in enumerate(texts) if "".join(text.split()) in PROTECTED_PUNCTUATION}
-    ids |= {tokenizer.bos_token_id, tokenizer.pad_token_id, tokenizer.eos_token_id}
+    ids.add(tokenizer.bos_token_id)
     for item in extra:
         if isinstance(item, str):
             pieces = tokenizer.encode(item, add_special_tokens=False)
