@@ -106,3 +106,12 @@ def test_verdict_is_seed_paired_and_respects_the_spread():
     assert "vs attention (0.407): -0.007 ± 0.101, no clear difference (within the seed spread)" in text
     one_seed = {**summary, "results": {"small": {k: v[:1] for k, v in summary["results"]["small"].items()}}}
     assert "contrast behind (one seed)" in replicate.verdict(one_seed)
+
+
+def test_protocol_note_counts_views_over_the_test_people_only():
+    from configs.replicate_bios import get_config
+
+    config = get_config()
+    test_people = config.world.num_new - config.data.num_dev
+    expected = config.cpt.steps * config.cpt.batch_size / test_people
+    assert f"about {expected:.0f} times" in replicate.protocol_note(config)

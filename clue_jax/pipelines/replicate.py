@@ -126,7 +126,8 @@ def render_report(summary: dict, config) -> str:
 
 def protocol_note(config) -> str:
     """How the training budget compares with the paper's, so a reader can weigh the table."""
-    views = config.cpt.steps * config.cpt.batch_size / max(1, config.world.num_new)
+    test_people = config.world.num_new - int(config.data.get("num_dev", 0))  # the students learn the test people only
+    views = config.cpt.steps * config.cpt.batch_size / max(1, test_people)
     c = config.clues
     intact = 1.0 / (c.copies + 1) if c.mode == "fixed_copies" else c.original_fraction
     return (f"Protocol: every arm trains {config.cpt.steps} steps of {config.cpt.batch_size} biographies (equal "
