@@ -62,6 +62,12 @@ def test_data_goes_across_nodes_and_fsdp_stays_inside_one(shape):
         assert {d.slice_index for d in array[d_index].flat} == {d_index}
 
 
+def test_batch_8_on_16_gpus_spreads_fsdp_over_both_nodes_half_each():
+    array = mesh_lib.device_array((1, 8, 2), gpu_cluster(2, 8))
+    fsdp = array[0, :, 0]
+    assert [d.slice_index for d in fsdp] == [0, 0, 0, 0, 1, 1, 1, 1]
+
+
 def test_dcn_shape_puts_fsdp_across_nodes_instead():
     array = mesh_lib.device_array((2, 4, 2), gpu_cluster(2, 8), dcn_shape=(1, 2, 1))
     assert all(len(g) == 1 for g in groups(array, "data", "slice_index"))  # data inside a node now
@@ -85,8 +91,9 @@ def test_tpu_slices_are_granules():
     assert all(len(g) == 1 for g in groups(array, "tensor", "process_index"))
 
 
-def test_processes_are_granules_where_devices_have_no_slice_index():
-    devices = [FakeDevice(id=i, process_index=i // 2, platform="cpu", device_kind="cpu") for i in range(8)]
+@pytest.mark.parametrize("kind", [FakeDevice, FakeSliceDevice])  # multi-process CPU devices say slice_index 0
+def test_processes_are_granules_on_cpus(kind):
+    devices = [kind(id=i, process_index=i // 2, platform="cpu", device_kind="cpu") for i in range(8)]
     for shape in [(2, 2, 2), (1, 4, 2), (4, 2, 1), (1, 1, 8), (8, 1, 1)]:
         array = mesh_lib.device_array(shape, devices)
         inner = "tensor" if shape[2] > 1 else "fsdp" if shape[1] > 1 else "data"
@@ -160,3 +167,32 @@ def test_cli_refuses_a_bad_mesh_with_exit_2_before_writing(tmp_path, override, m
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith(message), proc.stderr[-2000:]
     assert not (workdir / "stages").exists()
+
+
+_TWO_PROCESS = """
+import sys, jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+from clue_jax.train import mesh
+for shape in [(1, 2, 2), (4, 1, 1), (1, 1, 4)]:
+    print(shape, [d.process_index for d in mesh.make_mesh(shape).devices.flat], flush=True)
+"""
+
+
+def test_two_real_processes_are_the_granules():
+    """2 processes x 2 CPU devices through jax.distributed: the hybrid mesh over processes, tensor pairs local."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2", PYTHONPATH=ROOT)
+    procs = [subprocess.Popen([sys.executable, "-c", _TWO_PROCESS, f"127.0.0.1:{port}", str(i)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    try:
+        outs = [p.communicate(timeout=120) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-2000:]
+        assert out.splitlines() == ["(1, 2, 2) [0, 0, 1, 1]", "(4, 1, 1) [0, 0, 1, 1]", "(1, 1, 4) [0, 0, 1, 1]"]

@@ -48,8 +48,9 @@ def resolve_shape(shape: Sequence[int], num_devices: int, key: str = "mesh.shape
 
 
 def _granules(devices) -> tuple[str, list[list]]:
-    """The devices grouped by slice (TPU slice, GPU node) or, without slice indices, by process."""
-    attr = "slice_index" if all(hasattr(d, "slice_index") for d in devices) else "process_index"
+    """The devices grouped by slice (TPU slice, GPU node) or, on CPUs and without slice indices, by process."""
+    by_slice = all(hasattr(d, "slice_index") for d in devices) and devices[0].platform != "cpu"
+    attr = "slice_index" if by_slice else "process_index"
     groups: dict[int, list] = {}
     for d in devices:
         groups.setdefault(getattr(d, attr), []).append(d)
