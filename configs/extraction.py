@@ -51,7 +51,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                     rank_grid=tuple(round(0.05 * i, 2) for i in range(21)))
     c.eval = dict(k_shot=2, max_new_tokens=12, batch_size=128, ranking=True, score_batch=256)
     c.shock = dict(smoothing=1.0)
-    c.mesh = dict(shape=(-1, 1, 1))
+    c.mesh = dict(shape=(-1, 1, 1), dcn_shape=())  # dcn_shape: slices/nodes per axis, () = data first
 
     if variant == "tiny":
         c.seeds = (0,)

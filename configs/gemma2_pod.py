@@ -59,4 +59,5 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         variant, config_file="gemma2_pod.py", family=FAMILY, checkpoints=CHECKPOINTS, models=MODELS,
         tiny_models=TINY_MODELS, data_dir="/mnt/data",
         # Pod mesh: batch over 8 fsdp ways (batch 8), heads/MLP over the rest (tensor = devices / 8, e.g. 4 on a v4-64).
+        # Several slices: e.g. --config.mesh.shape="(2,4,-1)" --config.mesh.dcn_shape="(2,1,1)" (data across them).
         mesh_shape=(1, 8, -1))

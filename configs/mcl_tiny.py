@@ -50,7 +50,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                               weight_decay=0.01, log_every=50, checkpoint_every=100000)
     # Real tasks, used when their tfds data is prepared in data_dir (else noted in the report and skipped).
     c.real_tasks = dict(glue=(), squad=False, data_dir="", limit_train=2000, dev_size=200, limit_eval=1000)
-    c.mesh = dict(shape=(-1, 1, 1))
+    c.mesh = dict(shape=(-1, 1, 1), dcn_shape=())  # dcn_shape: slices/nodes per axis, () = data first
     c.compile_cache_dir = ""  # persistent XLA cache; "" = workdir/jax_cache, "off" = none
 
     if variant == "tiny":

@@ -46,7 +46,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # whether a fact is tied to the name; k-shot "qa" additionally needs extraction skill, which models
     # this small lack for people they met only after pre-training (QA is reported too).
     c.eval = dict(k_shot=5, max_new_tokens=10, batch_size=100, cloze=True, primary="cloze")
-    c.mesh = dict(shape=(-1, 1, 1))
+    c.mesh = dict(shape=(-1, 1, 1), dcn_shape=())  # dcn_shape: slices/nodes per axis, () = data first
 
     if variant == "tiny":
         c.world.update(num_background=24, num_new=8)

@@ -18,7 +18,7 @@ log = logging.getLogger("clue_jax")
 
 
 def make_mesh(config):
-    return mesh_lib.make_mesh(tuple(config.mesh.shape))
+    return mesh_lib.from_config(config)
 
 
 def train_model(stage_dir: str, model: nnx.Module, model_cfg: ModelConfig, data, train_cfg, mesh, *,
