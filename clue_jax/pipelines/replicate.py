@@ -15,9 +15,8 @@ import os
 import jax
 import numpy as np
 
-from clue_jax.errors import UserInputError
 from clue_jax.eval.seeds import direction
-from clue_jax.pipelines import common, knowledge
+from clue_jax.pipelines import common, knowledge, validate
 
 DROP_ARMS = {"random": ("alpha",), "attention": ("alpha", "beta"), "contrast": ("alpha", "beta")}
 
@@ -37,17 +36,8 @@ def grid_search(ctx, arm: str) -> tuple[dict, list[dict]]:
     return {k: best[k] for k in names}, trials
 
 
-def check_grid_has_dev_people(config) -> None:
-    """The grid chooses alpha/beta on held-out people, which only the built-in world provides."""
-    if config.grid.enabled and (config.data.source != "bios" or int(config.data.get("num_dev", 0)) <= 0):
-        raise UserInputError(
-            f"grid.enabled needs dev people (data.source='bios' with data.num_dev > 0; got source="
-            f"{config.data.source!r}, num_dev={config.data.get('num_dev', 0)}); on your own corpus set "
-            "--config.grid.enabled=False and choose --config.clues.alpha / --config.clues.beta")
-
-
 def run(config, workdir: str) -> dict:
-    check_grid_has_dev_people(config)
+    validate.check_config(config)  # incl. the grid's need for dev people, before any stage runs
     arms = list(config.clues.arms)
     ctx = knowledge.prepare(config, workdir, need_scores=True)
     chosen, trials = {}, {}

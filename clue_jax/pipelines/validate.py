@@ -198,6 +198,14 @@ def cross_errors(config: ml_collections.ConfigDict) -> list[str]:
         num_dev, num_new = data.get("num_dev", 0), _get(config, "world.num_new")
         if data.get("source") == "bios" and _is_int(num_dev) and _is_int(num_new) and num_dev >= num_new:
             errors.append(f"--config.data.num_dev={num_dev} leaves no test people out of world.num_new={num_new}")
+    grid = config.get("grid")
+    if config.get("pipeline") == "replicate" and grid is not None and grid.get("enabled") and data is not None and (
+            data.get("source") != "bios" or not data.get("num_dev", 0)):
+        # the grid chooses alpha/beta on held-out people, which only the built-in world provides
+        errors.append(
+            f"grid.enabled needs dev people (data.source='bios' with data.num_dev > 0; got source="
+            f"{data.get('source')!r}, num_dev={data.get('num_dev', 0)}); on your own corpus set "
+            "--config.grid.enabled=False and choose --config.clues.alpha / --config.clues.beta")
     for section in TRAIN_SECTIONS:
         steps, warm = _get(config, f"{section}.steps"), _get(config, f"{section}.warmup_steps")
         if _is_int(steps) and _is_int(warm) and warm > steps > 0:
