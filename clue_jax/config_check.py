@@ -41,9 +41,46 @@ def _load_config_for_hint(argv: list[str]):
     return None
 
 
+_TYPE_NAMES = {bool: "True or False", int: "an integer", float: "a number", str: "a string",
+               tuple: "a tuple, e.g. \"('a','b')\"", list: "a list"}
+
+
+def _config_spec(argv: list[str]) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg.startswith("--config="):
+            return arg.split("=", 1)[1]
+        if arg == "--config" and i + 1 < len(argv):
+            return argv[i + 1]
+    return None
+
+
+def _explain_config_file_error(text: str, spec: str) -> str:
+    """A config file that failed to load: its last exception line, not ml_collections' flattened traceback."""
+    last = [line.strip() for line in text.splitlines() if line.strip()][-1]
+    variant = re.search(r"unknown variant '([^']*)' for (\S+) \(have: ([^)]*)\)", last)
+    if variant:
+        name, path, have = variant.groups()
+        return f"unknown variant {name!r} for {path} (--config {spec}); valid variants: {have}"
+    return f"cannot load --config {spec}: {last}"
+
+
+def _explain_value_error(key: str, value: str, config) -> str:
+    """A key that exists but whose value does not parse as the key's type."""
+    current = config
+    for part in key.split("."):
+        current = current[part]
+    expected = _TYPE_NAMES.get(type(current), type(current).__name__)
+    return f"--config.{key}={value}: config key {key!r} expects {expected} (now {current!r})"
+
+
 def explain_flag_error(err: Exception, argv: list[str]) -> str:
-    """Turns an absl/ml_collections flag error into one line with the nearest valid keys."""
-    text = " ".join(str(err).split())
+    """Turns an absl/ml_collections flag error into one line: a bad value, an unknown key with the nearest
+    valid keys, or a config file / variant that does not load."""
+    raw = str(err)
+    text = " ".join(raw.split())
+    spec = _config_spec(argv)
+    if "Error whilst parsing config file" in raw or (spec and f"--config={spec}:" in text):
+        return _explain_config_file_error(raw, spec or "")
     match = re.search(r"--config\.([\w.]+)", text) or re.search(r"[Kk]ey '?([\w.]+)'? does not exist", text)
     bad = None
     for arg in argv:
@@ -52,8 +89,11 @@ def explain_flag_error(err: Exception, argv: list[str]) -> str:
             if match and key.endswith(match.group(1).split(".")[-1]):
                 bad = key
     config = _load_config_for_hint(argv)
+    keys = set(all_keys(config)) if config is not None else set()
+    if bad is not None and bad in keys:  # the key exists: its value is what failed
+        value = next((a.split("=", 1)[1] for a in argv if a.startswith(f"--config.{bad}=")), "(no value)")
+        return _explain_value_error(bad, value, config)
     if config is not None and bad is None:
-        keys = set(all_keys(config))
         for arg in argv:
             if arg.startswith("--config."):
                 key = arg[len("--config."):].split("=", 1)[0]

@@ -31,6 +31,9 @@ def main(argv: list[str]) -> int:
         raise UserInputError(config_check.explain_flag_error(err, argv)) from None
     if _CONFIG.value is None or not _WORKDIR.value:
         raise UserInputError("usage: python -m clue_jax.main --config configs/<name>.py[:variant] --workdir DIR")
+    from clue_jax.pipelines.validate import check_config  # types, ranges, choices: before anything runs
+
+    check_config(_CONFIG.value)
     from clue_jax import distributed, pipelines  # heavy imports after the flags are known to be good
 
     distributed.maybe_initialize(_DISTRIBUTED.value)

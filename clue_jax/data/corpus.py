@@ -57,35 +57,46 @@ def _string_field(path, lineno: int, obj: dict[str, Any], field: str) -> str:
 
 def read_jsonl(path: str | os.PathLike, field: str = "text") -> list[str]:
     """The string `field` of each JSON object line (blank lines are skipped)."""
-    docs = [_string_field(path, n, obj, field) for n, obj in _json_objects(path)]
+    return [doc for _, doc in _jsonl_documents(path, field)]
+
+
+def _jsonl_documents(path, field: str) -> list[tuple[int, str]]:
+    docs = [(n, _string_field(path, n, obj, field)) for n, obj in _json_objects(path)]
     if not docs:
         raise UserInputError(f"empty corpus: {path}")
     return docs
 
 
 def read_text_corpus(path: str | os.PathLike, field: str = "text") -> list[str]:
-    """Documents of a `.txt` or `.jsonl` corpus.
+    """Documents of a `.txt` or `.jsonl` corpus (see `corpus_documents`)."""
+    return [doc for _, doc in corpus_documents(path, field)]
+
+
+def corpus_documents(path: str | os.PathLike, field: str = "text") -> list[tuple[int, str]]:
+    """(1-based first line, document) of a `.txt` or `.jsonl` corpus, so a later check can name the line.
 
     `.txt`: one document per paragraph, paragraphs separated by one or more blank
     lines (whitespace-only lines count as blank); a paragraph keeps its inner line
     breaks and loses surrounding whitespace. Paragraphs rather than lines because a
-    biography or article is usually several lines long. `.jsonl`: `read_jsonl(path, field)`.
+    biography or article is usually several lines long. `.jsonl`: the string `field`
+    of each JSON object line.
     """
     suffix = os.path.splitext(os.fspath(path))[1].lower()
     if suffix == ".jsonl":
-        return read_jsonl(path, field)
+        return _jsonl_documents(path, field)
     if suffix != ".txt":
         raise UserInputError(f"unsupported corpus format {suffix or '(none)'!r}: {path} "
                              "(expected .txt or .jsonl)")
-    docs, paragraph = [], []
-    for _, line in _lines(path):
+    docs, paragraph, start = [], [], 0
+    for lineno, line in _lines(path):
         if line.strip():
+            start = start or lineno
             paragraph.append(line.rstrip("\r\n"))
         elif paragraph:
-            docs.append("\n".join(paragraph).strip())
-            paragraph = []
+            docs.append((start, "\n".join(paragraph).strip()))
+            paragraph, start = [], 0
     if paragraph:
-        docs.append("\n".join(paragraph).strip())
+        docs.append((start, "\n".join(paragraph).strip()))
     if not docs:
         raise UserInputError(f"empty corpus: {path}")
     return docs

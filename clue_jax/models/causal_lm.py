@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from clue_jax.errors import UserInputError
 from clue_jax.models import attention as attn
 from clue_jax.models import layers
 from clue_jax.models.config import ModelConfig
@@ -117,6 +118,9 @@ class CausalLM(nnx.Module):
             self.lm_head = layers.linear(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
 
     def _embed(self, input_ids, positions):
+        if self.cfg.flavour == "gpt2" and input_ids.shape[-1] > self.cfg.max_len:  # learned positions end there
+            raise UserInputError(f"sequence length {input_ids.shape[-1]} exceeds the GPT-2 model's "
+                                 f"max_len={self.cfg.max_len} positions")
         x = self.embed_tokens(input_ids)
         if self.cfg.flavour == "gpt2":
             x = x + self.embed_positions(positions)

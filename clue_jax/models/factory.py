@@ -52,12 +52,7 @@ def load_params(directory: str, mesh, expected: ModelConfig | None = None) -> tu
         from clue_jax.models import hf
 
         return hf.load(directory, mesh=mesh)
-    config_path = os.path.join(directory, "model_config.json")
-    try:
-        with open(config_path) as f:
-            cfg = ModelConfig.from_dict(json.load(f), where=config_path)
-    except (OSError, json.JSONDecodeError) as err:
-        raise UserInputError(f"cannot read model config {config_path}: {' '.join(str(err).split())}") from None
+    cfg = read_config(directory)
     if expected is not None and cfg != expected:
         raise UserInputError(f"model in {directory} has another config than the one asked for")
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
@@ -71,6 +66,38 @@ def load_params(directory: str, mesh, expected: ModelConfig | None = None) -> tu
         raise UserInputError(f"unreadable model checkpoint {directory}/params: {str(err).splitlines()[0][:200]}") from None
     model = nnx.merge(graphdef, restored, _concrete_rest(cfg, mesh))
     return model, cfg
+
+
+def read_config(directory: str) -> ModelConfig:
+    """The architecture of a saved model (clue_jax or HF directory) without reading its weights."""
+    directory = os.path.abspath(directory)
+    if is_hf_directory(directory):
+        from pathlib import Path
+
+        from clue_jax.models import hf
+
+        return hf.config_from_hf(hf._read_config(Path(directory)), where=os.path.join(directory, "config.json"))
+    config_path = os.path.join(directory, "model_config.json")
+    try:
+        with open(config_path) as f:
+            return ModelConfig.from_dict(json.load(f), where=config_path)
+    except (OSError, json.JSONDecodeError) as err:
+        raise UserInputError(f"cannot read model config {config_path}: {' '.join(str(err).split())}") from None
+
+
+def check_fits(cfg: ModelConfig, *, tokens: int, seq_len: int, model: str, seq_key: str) -> None:
+    """A model must embed every token id of the tokenizer and every position of the rows it reads.
+
+    Past either end the embedding lookup reads out of range: NaN losses or silent garbage, not an error.
+    """
+    if cfg.vocab_size < tokens:
+        raise UserInputError(
+            f"{model} has vocab_size={cfg.vocab_size}, fewer than the tokenizer's {tokens} tokens: use the "
+            "model's own tokenizer (--config.tokenizer.path= empty, or its directory) or a model with a larger vocabulary")
+    if cfg.max_len < seq_len:
+        raise UserInputError(
+            f"{model} ({cfg.flavour}) has max_len={cfg.max_len} positions, fewer than {seq_key}={seq_len}: "
+            f"lower --config.{seq_key} to at most {cfg.max_len}")
 
 
 def _concrete_rest(cfg: ModelConfig, mesh):

@@ -32,13 +32,11 @@ from clue_jax.errors import UserInputError
 from clue_jax.eval import qa_eval
 from clue_jax.models import factory, lora
 from clue_jax.models.config import ModelConfig
-from clue_jax.pipelines import common
+from clue_jax.pipelines import common, validate
 from clue_jax.pipelines.stages import Stages, fingerprint
+from clue_jax.pipelines.validate import ARMS, MODES  # noqa: F401  (kept importable from here)
 
 log = logging.getLogger("clue_jax")
-
-ARMS = ("plain", "random", "attention", "contrast")
-MODES = ("cached", "live", "fixed_copies")
 
 
 # ------------------------------------------------------------------ documents
@@ -85,6 +83,7 @@ class Knowledge:
     probes: list[qa_eval.Probe]
     cloze: list[qa_eval.Probe]
     people: list | None  # bios.Person per doc for the built-in world, else None
+    where: list[str] | None = None  # "file:line" per doc of a user corpus, for error messages
 
 
 def people_knowledge(people) -> Knowledge:
@@ -99,15 +98,24 @@ def people_knowledge(people) -> Knowledge:
     )
 
 
+def user_knowledge(config) -> Knowledge:
+    """The user's documents and questions, read and checked whole (errors name file, line and config key)."""
+    try:
+        rows = corpus.corpus_documents(config.data.corpus)
+    except UserInputError as err:
+        raise UserInputError(f"{err} (--config.data.corpus)") from None
+    try:
+        qa = corpus.read_qa_jsonl(config.data.qa_file)
+    except UserInputError as err:
+        raise UserInputError(f"{err} (--config.data.qa_file)") from None
+    probes = [qa_eval.Probe(r["question"], r["answer"], r.get("attribute", "all"), r.get("name", "")) for r in qa]
+    return Knowledge([doc for _, doc in rows], probes, [], None, [f"{config.data.corpus}:{n}" for n, _ in rows])
+
+
 def knowledge_splits(config, world_dir) -> dict[str, Knowledge]:
     """'test' (and 'dev' for hyper-parameter choice): the new people, or the user's corpus + QA file."""
     if config.data.source == "corpus":
-        docs = corpus.read_text_corpus(config.data.corpus)
-        probes = [qa_eval.Probe(r["question"], r["answer"], r.get("attribute", "all"), r.get("name", ""))
-                  for r in corpus.read_qa_jsonl(config.data.qa_file)]
-        return {"test": Knowledge(docs, probes, [], None)}
-    if config.data.source != "bios":
-        raise UserInputError(f"data.source={config.data.source!r} is not 'bios' or 'corpus'")
+        return {"test": user_knowledge(config)}
     people = load_people(world_dir, "new")
     n_dev = int(config.data.get("num_dev", 0))
     if n_dev >= len(people):
@@ -135,13 +143,40 @@ def tokenizer_stage(config, world_dir, stage_dir):
     if path:
         tok = load_tokenizer(path)
         tok.save_pretrained(stage_dir)
-    else:
+    else:  # the built-in world only, also under a user corpus: see TOKENIZER_DATA
         texts = pretraining_texts(load_people(world_dir, "background"), 2, config.seed, True)
         texts += [bios.paper_bio(p) for p in load_people(world_dir, "new")]
-        if config.data.source == "corpus":
-            texts += corpus.read_text_corpus(config.data.corpus)
         tok = train_bpe_tokenizer(texts, config.tokenizer.vocab_size, stage_dir)
     return {"path": stage_dir, "vocab_size": len(tok)}
+
+
+# What a trained tokenizer learns from: the built-in world's text, whatever data.source is. The base models
+# pre-train on that world, so tokens merged only from a user's corpus would have embeddings no base model ever
+# trained; and a new corpus then leaves the tokenizer and both base models' fingerprints unchanged (reused).
+# (The value is the one bios runs always had, so their workdirs keep their stages.)
+TOKENIZER_DATA = ["bios", ""]
+
+
+def documents_data(tokenizer, knowledge: Knowledge, seq_len: int) -> dict[str, np.ndarray]:
+    """One document per row; a document longer than cpt.seq_len names its file and line and the longest one."""
+    lengths = [len(ids) + 2 for ids in tokenizer(knowledge.docs, add_special_tokens=False)["input_ids"]]  # bos, eos
+    too_long = [i for i, n in enumerate(lengths) if n > seq_len]
+    if too_long:
+        name = lambda i: knowledge.where[i] if knowledge.where else f"new person {i + 1}'s biography"
+        first, longest = too_long[0], int(np.argmax(lengths))
+        raise UserInputError(
+            f"{name(first)}: document has {lengths[first]} tokens (with <bos> and <eos>), more than "
+            f"cpt.seq_len={seq_len}; {len(too_long)} of {len(lengths)} documents are too long, the longest "
+            f"({name(longest)}) has {lengths[longest]}: raise --config.cpt.seq_len to at least {lengths[longest]}")
+    return lm_data.one_per_row(tokenizer, knowledge.docs, seq_len)
+
+
+def check_base_checkpoints(config, tokenizer) -> None:
+    """Checkpoints given as base_models must fit the tokenizer and cpt.seq_len (read from their config only)."""
+    for size, path in config.base_models.items():
+        if path:
+            factory.check_fits(factory.read_config(path), tokens=len(tokenizer), seq_len=config.cpt.seq_len,
+                               model=f"base_models.{size}={path}", seq_key="cpt.seq_len")
 
 
 def model_config(config, size: str, tokenizer) -> ModelConfig:
@@ -327,24 +362,26 @@ def path_fingerprint(path: str) -> str:
 def prepare(config, workdir: str, need_scores: bool, sizes: tuple[str, ...] = ("small", "large")) -> Context:
     """Everything before the students train: world, tokenizer, base models, documents, teacher scores.
 
-    Both teachers are needed for scores; otherwise only the base models in `sizes`.
+    Both teachers are needed for scores; otherwise only the base models in `sizes`. Every input is
+    checked before the first training step: config values, the user's files, the documents' lengths
+    (right after the cheap tokenizer stage) and the checkpoints' vocabulary and positions.
     """
-    for arm in config.clues.arms:
-        if arm not in ARMS:
-            raise UserInputError(f"clues.arms contains {arm!r}; valid arms: {ARMS}")
-    if config.clues.mode not in MODES:
-        raise UserInputError(f"clues.mode={config.clues.mode!r} is not one of {MODES}")
+    validate.check_config(config)
     require_same_tokenizer({"tokenizer.path": config.tokenizer.path, "base_models.small": config.base_models.small,
                             "base_models.large": config.base_models.large if need_scores else ""})
+    user = user_knowledge(config) if config.data.source == "corpus" else None
     mesh = common.make_mesh(config)
     stages = Stages(workdir)
     world = stages.run("world", {"world": config.world.to_dict()}, lambda d: world_stage(config, d))
     world_dir = stages.path("world")
     tok_res = stages.run("tokenizer", {"world": world["_fingerprint"], "tokenizer": config.tokenizer.to_dict(),
-                                       "data": [config.data.source, config.data.corpus], "seed": config.seed,
+                                       "data": TOKENIZER_DATA, "seed": config.seed,
                                        "base_models": config.base_models.to_dict()},
                          lambda d: tokenizer_stage(config, world_dir, d))
     tokenizer = load_tokenizer(tok_res["path"])
+    knowledge = {"test": user} if user is not None else knowledge_splits(config, world_dir)
+    docs_data = {k: documents_data(tokenizer, v, config.cpt.seq_len) for k, v in knowledge.items()}
+    check_base_checkpoints(config, tokenizer)
 
     bases = {}
     for size in ("small", "large") if need_scores else sizes:
@@ -358,8 +395,6 @@ def prepare(config, workdir: str, need_scores: bool, sizes: tuple[str, ...] = ("
         bases[size] = stages.run(f"pretrain_{size}", inputs,
                                  lambda d, s=size: pretrain_stage(config, s, world_dir, tokenizer, mesh, d))
 
-    knowledge = knowledge_splits(config, world_dir)
-    docs_data = {k: lm_data.one_per_row(tokenizer, v.docs, config.cpt.seq_len) for k, v in knowledge.items()}
     scores = {}
     if need_scores:
         teachers = {s: bases[s]["model_dir"] for s in ("small", "large")}
@@ -473,7 +508,7 @@ def run(config, workdir: str) -> dict:
     arms = list(config.clues.arms)
     ctx = prepare(config, workdir, need_scores=any(a in ("attention", "contrast") for a in arms)
                   or config.clues.render_examples > 0, sizes=("small",))
-    summary = {"models": {}, "stages": {}}
+    summary = {"models": {}, "stages": {}, "data": data_description(ctx)}
     summary["models"]["base_small"] = evaluate(ctx, "base_small", ctx.bases["small"])
     for seed in config.seeds:
         for arm in arms:
@@ -496,13 +531,32 @@ def name_distances(ctx: Context, split: str = "test") -> dict[str, float]:
     return qa_eval.token_distances(ctx.tokenizer, rows)
 
 
+def data_description(ctx: Context) -> dict:
+    """What the tables are about: the new people of the built-in world, or the user's files; and the shots.
+
+    A user corpus is asked zero-shot: its QA file has no separate examples to show, and the built-in
+    world's questions would teach another format.
+    """
+    config = ctx.config
+    test = ctx.knowledge["test"]
+    k = config.eval.k_shot if ctx.shots else 0
+    if config.data.source == "corpus":
+        corpus_name, qa_name = os.path.basename(config.data.corpus), os.path.basename(config.data.qa_file)
+        return {"source": "corpus", "k_shot": k, "documents": len(test.docs), "questions": len(test.probes),
+                "title": f"your documents ({corpus_name}, {len(test.docs)} documents)",
+                "qa": f"{k}-shot: the {len(test.probes)} questions of {qa_name}, asked as written"}
+    return {"source": "bios", "k_shot": k, "documents": len(test.docs), "questions": len(test.probes),
+            "title": "new people", "qa": f"{k}-shot 'What is the company of {{name}}?'"}
+
+
 def render_table(summary: dict, arms: list[str], seeds: list[int]) -> str:
     """EM per attribute (ordered by distance from the name) for each model, mean (± std) over seeds:
-    one table for the cloze probes and one for k-shot QA."""
+    one table for the cloze probes and one for k-shot QA, headed with the data they test."""
     dist = summary.get("distance_from_name") or {}
+    data = summary.get("data") or {"title": "new people", "qa": "k-shot 'What is the company of {name}?'"}
     out = []
     for probe, title in (("cloze", "Cloze exact match ('{name} had a professional role at')"),
-                         ("qa", "QA exact match (k-shot 'What is the company of {name}?')")):
+                         ("qa", f"QA exact match ({data['qa']})")):
         any_model = next(iter(summary["models"].values()))
         if probe not in any_model:
             continue
@@ -514,7 +568,7 @@ def render_table(summary: dict, arms: list[str], seeds: list[int]) -> str:
             tables = [summary["models"][k][probe] for k in keys if k in summary["models"]]
             if tables:
                 rows.append([name] + [mean_std([t[a]["exact_match"] for t in tables]) for a in attrs + ["all"]])
-        out.append(f"{title}, new people:\n" + common.format_table(rows, header))
+        out.append(f"{title}, {data['title']}:\n" + common.format_table(rows, header))
     return "\n\n".join(out)
 
 

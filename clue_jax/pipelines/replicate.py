@@ -15,9 +15,8 @@ import os
 import jax
 import numpy as np
 
-from clue_jax.errors import UserInputError
 from clue_jax.eval.seeds import direction
-from clue_jax.pipelines import common, knowledge
+from clue_jax.pipelines import common, knowledge, validate
 
 DROP_ARMS = {"random": ("alpha",), "attention": ("alpha", "beta"), "contrast": ("alpha", "beta")}
 
@@ -37,17 +36,8 @@ def grid_search(ctx, arm: str) -> tuple[dict, list[dict]]:
     return {k: best[k] for k in names}, trials
 
 
-def check_grid_has_dev_people(config) -> None:
-    """The grid chooses alpha/beta on held-out people, which only the built-in world provides."""
-    if config.grid.enabled and (config.data.source != "bios" or int(config.data.get("num_dev", 0)) <= 0):
-        raise UserInputError(
-            f"grid.enabled needs dev people (data.source='bios' with data.num_dev > 0; got source="
-            f"{config.data.source!r}, num_dev={config.data.get('num_dev', 0)}); on your own corpus set "
-            "--config.grid.enabled=False and choose --config.clues.alpha / --config.clues.beta")
-
-
 def run(config, workdir: str) -> dict:
-    check_grid_has_dev_people(config)
+    validate.check_config(config)  # incl. the grid's need for dev people, before any stage runs
     arms = list(config.clues.arms)
     ctx = knowledge.prepare(config, workdir, need_scores=True)
     chosen, trials = {}, {}
@@ -66,7 +56,7 @@ def run(config, workdir: str) -> dict:
     summary = {
         "primary": reported_probe(config, results),
         "chosen": chosen, "grid": trials, "results": results, "distance_from_name": distances,
-        "clue_analysis": knowledge.clue_analysis(ctx),
+        "clue_analysis": knowledge.clue_analysis(ctx), "data": knowledge.data_description(ctx),
         "clue_views": knowledge.render_clue_examples(ctx, config.clues.render_examples),
         "stages_reused": ctx.stages.reused, "stages_ran": ctx.stages.ran,
     }
@@ -99,11 +89,17 @@ def _cell(runs, probe, attr, metric):
 def render_report(summary: dict, config) -> str:
     attrs = _attrs(summary)
     dist = summary["distance_from_name"]
-    lines = ["# Clue dropout on the biography world", "",
-             f"Students: {', '.join(config.students)}; seeds: {list(config.seeds)}; "
-             f"{config.world.num_new - config.data.num_dev} test people, {config.data.num_dev} dev people; "
+    data = summary.get("data") or {"source": "bios"}
+    if data["source"] == "corpus":
+        title, what = data["title"], f"questions: {data['qa']}"
+    else:
+        title = "the biography world"
+        what = f"{config.world.num_new - config.data.num_dev} test people, {config.data.num_dev} dev people"
+    lines = [f"# Clue dropout on {title}", "",
+             f"Students: {', '.join(config.students)}; seeds: {list(config.seeds)}; {what}; "
              f"dropout mode: {config.clues.mode}. Mean ± sample std over seeds; "
-             "`base` is the student before continual pre-training.", "", protocol_note(config), ""]
+             "`base` is the student before continual pre-training.", "",
+             protocol_note(config, data.get("documents") if data["source"] == "corpus" else None), ""]
     header = ["arm"] + [f"{a} ({dist.get(a, 0):.0f} tok)" for a in attrs] + ["all"]
     probes = [summary["primary"]] + [p for p in ("cloze", "qa") if p != summary["primary"]]
     for probe in probes:
@@ -113,8 +109,12 @@ def render_report(summary: dict, config) -> str:
                     continue
                 rows = [[arm] + [_cell(runs, probe, a, metric) for a in attrs + ["all"]] for arm, runs in arms.items()]
                 lines += [f"## {probe}: {title}, {student} student", "", common.format_table(rows, header), ""]
-    lines += [f"## Dropout settings chosen on dev people (small student, {summary['primary']} exact match)", ""]
-    for arm, trials in summary["grid"].items():
+    if not config.grid.enabled:
+        lines += ["## Dropout settings (set, not chosen: grid.enabled is False)", "",
+                  f"- clues.alpha={config.clues.alpha}, clues.beta={config.clues.beta}"]
+    else:
+        lines += [f"## Dropout settings chosen on dev people (small student, {summary['primary']} exact match)", ""]
+    for arm, trials in summary["grid"].items() if config.grid.enabled else ():
         tried = ", ".join(f"{ {k: v for k, v in t.items() if k != 'dev_em'} } -> {t['dev_em']:.3f}" for t in trials)
         lines.append(f"- {arm}: chose {summary['chosen'][arm]} ({tried})")
     lines += ["", "## Which tokens are clues", ""]
@@ -124,14 +124,19 @@ def render_report(summary: dict, config) -> str:
     return "\n".join(lines)
 
 
-def protocol_note(config) -> str:
-    """How the training budget compares with the paper's, so a reader can weigh the table."""
-    test_people = config.world.num_new - int(config.data.get("num_dev", 0))  # the students learn the test people only
-    views = config.cpt.steps * config.cpt.batch_size / max(1, test_people)
+def protocol_note(config, documents: int | None = None) -> str:
+    """How the training budget compares with the paper's, so a reader can weigh the table.
+
+    documents: how many documents the students learn (a user corpus); else the world's test people
+    (the new people less the dev people).
+    """
+    test_people = config.world.num_new - int(config.data.get("num_dev", 0))
+    views = config.cpt.steps * config.cpt.batch_size / max(1, documents or test_people)
     c = config.clues
     intact = 1.0 / (c.copies + 1) if c.mode == "fixed_copies" else c.original_fraction
-    return (f"Protocol: every arm trains {config.cpt.steps} steps of {config.cpt.batch_size} biographies (equal "
-            f"compute), so plain sees each biography about {views:.0f} times and a dropout arm in `{c.mode}` mode "
+    doc, docs = ("document", "documents") if documents else ("biography", "biographies")
+    return (f"Protocol: every arm trains {config.cpt.steps} steps of {config.cpt.batch_size} {docs} (equal "
+            f"compute), so plain sees each {doc} about {views:.0f} times and a dropout arm in `{c.mode}` mode "
             f"sees it intact about {views * intact:.1f} times (a share of {intact:.3f}) and dropped the rest. "
             f"The paper instead trained every arm for the same epochs over its data set, which for the dropout arms holds 10 copies plus the original: 11 times "
             f"the steps of plain.")
@@ -145,7 +150,7 @@ def verdict(summary: dict) -> str:
     inside its std is reported as no clear difference.
     """
     out = []
-    far = [a for a in ("university", "major", "company") if a in _attrs(summary)]
+    far = [a for a in ("university", "major", "company") if a in _attrs(summary)] or ["all"]  # a user's QA file
     probe = summary["primary"]
     for student, arms in summary["results"].items():
         if "contrast" not in arms:

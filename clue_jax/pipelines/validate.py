@@ -1,0 +1,251 @@
+"""Config values checked before anything trains: types, ranges, choices, and keys that must agree.
+
+ml_collections checks that an override parses as the default's type; it does
+not know that a batch size must be positive, a probability in [0, 1] or an arm
+one of four names. `check_config` does, for every config this project ships,
+and raises one `UserInputError` line naming the key, the value and what is
+allowed -- before the first stage runs, so a bad value costs no pre-training.
+"""
+from __future__ import annotations
+
+import fnmatch
+import logging
+from typing import Any, Callable
+
+import ml_collections
+
+from clue_jax.errors import UserInputError
+from clue_jax.pipelines import PIPELINES
+
+log = logging.getLogger("clue_jax")
+
+ARMS = ("plain", "random", "attention", "contrast")
+MODES = ("cached", "live", "fixed_copies")
+SOURCES = ("bios", "corpus")
+SCHEDULES = ("cosine", "linear", "constant")
+DTYPES = ("float32", "bfloat16", "float16")
+FLAVOURS = ("gpt2", "llama", "gemma2")  # models/config.py FLAVOURS (not imported: it pulls in jax)
+TRAIN_SECTIONS = ("pretrain", "cpt", "ft", "finetune")
+CORPUS_PIPELINES = ("knowledge", "replicate")  # the pipelines that read data.corpus / data.qa_file
+
+Check = Callable[[Any], str | None]  # value -> what is allowed, or None when the value is fine
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def integer(minimum: int) -> Check:
+    what = {0: "an integer >= 0", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
+    return lambda v: None if _is_int(v) and v >= minimum else f"must be {what}"
+
+
+def number(minimum: float = 0.0, maximum: float | None = None, strict: bool = False) -> Check:
+    if maximum is not None:
+        what = f"a number in [{minimum:g}, {maximum:g}]"
+    else:
+        what = f"a number > {minimum:g}" if strict else f"a number >= {minimum:g}"
+
+    def check(v):
+        ok = _is_number(v) and (v > minimum if strict else v >= minimum) and (maximum is None or v <= maximum)
+        return None if ok else f"must be {what}"
+    return check
+
+
+def one_of(choices: tuple) -> Check:
+    return lambda v: None if v in choices else f"must be one of {', '.join(map(str, choices))}"
+
+
+def tuple_of(item: Check, *, non_empty: bool = True) -> Check:
+    """A tuple whose items each pass `item`; the message shows the tuple syntax of the command line."""
+    def check(v):
+        if not isinstance(v, (tuple, list)):
+            return "must be a tuple"
+        if non_empty and not v:
+            return "must not be empty"
+        for x in v:
+            problem = item(x)
+            if problem:
+                return f"item {x!r} {problem}"
+        return None
+    return check
+
+
+PROB = number(0.0, 1.0)
+POS = integer(1)
+NONNEG = integer(0)
+POS_NUM = number(0.0, strict=True)
+NONNEG_NUM = number(0.0)
+BETA: Check = lambda v: None if _is_number(v) and 0 <= v < 1 else "must be a number in [0, 1)"  # Adam's decays
+
+TRAIN_RULES: dict[str, Check] = {
+    "steps": POS, "batch_size": POS, "micro_batches": POS, "seq_len": POS, "lr": POS_NUM, "warmup_steps": NONNEG,
+    "schedule": one_of(SCHEDULES), "weight_decay": NONNEG_NUM, "clip_norm": NONNEG_NUM, "b1": BETA, "b2": BETA, "seed": NONNEG, "log_every": POS, "eval_every": POS, "checkpoint_every": POS,
+    "keep_checkpoints": POS,
+}
+
+# Glob pattern over the dotted key -> check; a key matches the first pattern that fits it.
+RULES: dict[str, Check] = {
+    **{f"{section}.{key}": check for section in TRAIN_SECTIONS for key, check in TRAIN_RULES.items()},
+    "seed": NONNEG, "seeds": tuple_of(NONNEG), "*.seed": NONNEG,
+    "world.zipf_exponent": NONNEG_NUM, "world.num_new": NONNEG, "world.num_background": POS, "world.num_*": POS,
+    "data.source": one_of(SOURCES), "data.num_dev": NONNEG, "data.bios_per_person": POS,
+    "data.cpt_replay_rows": NONNEG,
+    "tokenizer.vocab_size": integer(260),  # 256 bytes + 4 special tokens (data/tokenizer.py)
+    "models.*.flavour": one_of(FLAVOURS), "models.*.num_kv_heads": NONNEG, "models.*.head_dim": NONNEG,
+    "models.*.rope_theta": POS_NUM, "models.*.norm_eps": POS_NUM, "models.*.sliding_window": NONNEG,
+    "models.*.dtype": one_of(DTYPES), "models.*.param_dtype": one_of(DTYPES), "models.*.*_softcap": NONNEG_NUM,
+    "models.*.query_pre_attn_scalar": NONNEG_NUM, "pipeline": one_of(tuple(sorted(PIPELINES))),
+    **{f"models.*.{k}": POS for k in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim", "max_len")},
+    "lora.rank": NONNEG, "lora.alpha": POS_NUM,
+    "clues.arms": tuple_of(one_of(ARMS)), "clues.alpha": PROB, "clues.beta": PROB, "clues.original_fraction": PROB,
+    "clues.mode": one_of(MODES), "clues.copies": POS, "clues.teacher_dtype": one_of(DTYPES),
+    "clues.query_block": POS, "clues.score_batch": POS, "clues.render_examples": NONNEG,
+    "eval.k_shot": NONNEG, "eval.max_new_tokens": POS, "eval.batch_size": POS, "eval.score_batch": POS,
+    "eval.primary": one_of(("cloze", "qa")),
+    "grid.alphas": tuple_of(PROB), "grid.betas": tuple_of(PROB), "students": tuple_of(one_of(("small", "large"))),
+    # extraction
+    "splits.*": NONNEG, "skew.drop_top": NONNEG, "skew.rare_fraction": PROB, "skew.rare_repeat": POS,
+    "mixture.ratio": NONNEG_NUM, "mixing.modes": tuple_of(one_of(("interpolate", "log_linear"))),
+    "mixing.grid": tuple_of(PROB), "mixing.rank_grid": tuple_of(PROB), "shock.smoothing": NONNEG_NUM,
+    # mcl
+    "corpus.bios_per_person": POS, "corpus.seq_len": POS, "corpus.num_probe": POS,
+    "model.dropout": PROB, "model.*": POS, "generator.width_fraction": number(0.0, 1.0),
+    "objective.*_rate": PROB, "objective.temperature": POS_NUM, "objective.*_weight": NONNEG_NUM,
+    "probe_every": POS, "curve.fractions": tuple_of(PROB, non_empty=False), "soups.warmup_fraction": PROB,
+    "downstream.unanswerable_rate": PROB, "downstream.drop_max": NONNEG, "downstream.*": POS,
+    "real_tasks.limit_*": POS, "real_tasks.dev_size": POS,
+}
+
+
+def flat_items(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
+    out = []
+    for key, value in config.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, ml_collections.ConfigDict):
+            out.extend(flat_items(value, name + "."))
+        else:
+            out.append((name, value))
+    return out
+
+
+def rule_for(key: str) -> Check | None:
+    return next((check for pattern, check in RULES.items() if fnmatch.fnmatchcase(key, pattern)), None)
+
+
+def _show(value) -> str:
+    return repr(value) if isinstance(value, str) else str(value)
+
+
+def tuple_hint(key: str, value) -> str:
+    """How to write a tuple on the command line, from what the user wrote (('plain,contrast',) -> the tuple)."""
+    parts = [p.strip() for x in value for p in str(x).split(",") if p.strip()]
+    quoted = [p if p.lstrip("-").replace(".", "", 1).isdigit() else repr(p) for p in parts]
+    return f'; a tuple is written --config.{key}="({",".join(quoted)}{"," if len(quoted) == 1 else ""})"'
+
+
+def value_errors(config: ml_collections.ConfigDict) -> list[str]:
+    """One message per key whose value breaks its rule (keys without a rule are not checked)."""
+    errors = []
+    for key, value in flat_items(config):
+        check = rule_for(key)
+        problem = check(value) if check else None
+        if problem:
+            comma = isinstance(value, (tuple, list)) and any("," in str(x) for x in value)
+            errors.append(f"--config.{key}={_show(value)}: {problem}{tuple_hint(key, value) if comma else ''}")
+    return errors
+
+
+def _get(config, dotted: str, default=None):
+    node = config
+    for part in dotted.split("."):
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def resolve_corpus_source(config: ml_collections.ConfigDict) -> None:
+    """A corpus flag means the user's corpus: data.source follows data.corpus (logged), never silently ignored."""
+    if config.get("pipeline") not in CORPUS_PIPELINES or "data" not in config:
+        return
+    data = config.data
+    if data.get("source") == "bios" and data.get("corpus"):
+        log.info("data.corpus is set: data.source set to 'corpus' (the built-in biographies are not learned)")
+        data.source = "corpus"
+
+
+def cross_errors(config: ml_collections.ConfigDict) -> list[str]:
+    """Keys that are each fine but do not fit together."""
+    errors = []
+    data = config.get("data")
+    if config.get("pipeline") in CORPUS_PIPELINES and data is not None:
+        if data.get("source") == "corpus":
+            for key in ("corpus", "qa_file"):
+                if not data.get(key):
+                    errors.append(f"data.source='corpus' needs --config.data.{key}=FILE "
+                                  f"({'documents, .jsonl or .txt' if key == 'corpus' else 'questions, .jsonl'})")
+        elif data.get("qa_file"):
+            errors.append("--config.data.qa_file is set without --config.data.corpus: give the documents the "
+                          "questions ask about")
+        replay, batch = data.get("cpt_replay_rows", 0), _get(config, "cpt.batch_size")
+        if _is_int(replay) and _is_int(batch) and replay and replay >= batch:
+            errors.append(f"--config.data.cpt_replay_rows={replay} leaves no room in cpt.batch_size={batch}")
+        num_dev, num_new = data.get("num_dev", 0), _get(config, "world.num_new")
+        if data.get("source") == "bios" and _is_int(num_dev) and _is_int(num_new) and num_dev >= num_new:
+            errors.append(f"--config.data.num_dev={num_dev} leaves no test people out of world.num_new={num_new}")
+    grid = config.get("grid")
+    if config.get("pipeline") == "replicate" and grid is not None and grid.get("enabled") and data is not None and (
+            data.get("source") != "bios" or not data.get("num_dev", 0)):
+        # the grid chooses alpha/beta on held-out people, which only the built-in world provides
+        errors.append(
+            f"grid.enabled needs dev people (data.source='bios' with data.num_dev > 0; got source="
+            f"{data.get('source')!r}, num_dev={data.get('num_dev', 0)}); on your own corpus set "
+            "--config.grid.enabled=False and choose --config.clues.alpha / --config.clues.beta")
+    for section in TRAIN_SECTIONS:
+        steps, warm = _get(config, f"{section}.steps"), _get(config, f"{section}.warmup_steps")
+        if _is_int(steps) and _is_int(warm) and warm > steps > 0:
+            errors.append(f"--config.{section}.warmup_steps={warm} is more than {section}.steps={steps}")
+    errors += position_errors(config)
+    shape = _get(config, "mesh.shape")
+    if shape is not None and not (isinstance(shape, (tuple, list)) and len(shape) == 3 and all(
+            _is_int(s) and (s > 0 or s == -1) for s in shape) and list(shape).count(-1) <= 1):
+        errors.append(f"--config.mesh.shape={shape}: must be (data, fsdp, tensor), positive integers with at "
+                      'most one -1 (fills), e.g. --config.mesh.shape="(-1,1,1)"')
+    return errors
+
+
+def position_errors(config: ml_collections.ConfigDict) -> list[str]:
+    """A model pre-trained here must accept the longest training row (GPT-2's learned positions end at max_len).
+
+    Base models read from checkpoints are checked against their own config when the pipeline loads them.
+    """
+    errors = []
+    models = config.get("models")
+    if not isinstance(models, ml_collections.ConfigDict):
+        return errors
+    for size, model in models.items():
+        if not isinstance(model, ml_collections.ConfigDict) or _get(config, f"base_models.{size}"):
+            continue
+        max_len = model.get("max_len")
+        for section in TRAIN_SECTIONS:
+            seq_len = _get(config, f"{section}.seq_len")
+            if _is_int(max_len) and _is_int(seq_len) and seq_len > max_len:
+                errors.append(f"models.{size} ({model.get('flavour')}) has max_len={max_len} positions, fewer "
+                              f"than {section}.seq_len={seq_len}: raise --config.models.{size}.max_len or lower "
+                              f"--config.{section}.seq_len")
+    return errors
+
+
+def check_config(config: ml_collections.ConfigDict) -> None:
+    """Raises one UserInputError line listing every bad value; fills data.source from the corpus flags."""
+    resolve_corpus_source(config)
+    errors = value_errors(config)
+    if not errors:  # cross checks assume each value is of the right kind
+        errors = cross_errors(config)
+    if errors:
+        raise UserInputError("; ".join(errors))
