@@ -73,7 +73,8 @@ def run(tmp_path_factory):
     """A workdir with a tokenizer stage and one finished cpt stage per student; the students' logits."""
     workdir = str(tmp_path_factory.mktemp("run"))
     stages = Stages(workdir)
-    tok_res = stages.run("tokenizer", {"t": 1}, lambda d: {"path": d, "vocab_size": len(train_bpe_tokenizer(TEXTS, 300, d))})
+    tok_res = stages.run("tokenizer", {"t": 1},
+                         lambda d: {"path": d, "vocab_size": len(train_bpe_tokenizer(TEXTS, 300, d))})
     vocab = tok_res["vocab_size"]
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
     ids, mask = _inputs(vocab)
@@ -201,3 +202,39 @@ def test_parse_size():
     assert export.parse_size("1234") == 1234
     with pytest.raises(UserInputError):
         export.parse_size("0GB")
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_write_the_same_files_as_one(run, tmp_path):
+    """2 processes x 2 devices (gloo): the model is sharded across processes, each tensor is
+    all-gathered in turn, and process 0 alone writes -- the same bytes as a 1-process export."""
+    one = tmp_path / "one"
+    export.export(run["workdir"], "cpt_llama_lora", str(one), 20_000)
+    two = tmp_path / "two"
+    port = _free_port()
+    procs = []
+    for i in range(2):
+        env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+                   XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
+        procs.append(subprocess.Popen(
+            [sys.executable, "-m", "clue_jax.export", "--workdir", run["workdir"], "--stage", "cpt_llama_lora",
+             "--out", str(two), "--max_shard_size", "20KB"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT, text=True))
+    try:
+        outputs = [p.communicate(timeout=240)[0] for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    assert "process 1 of 2, 2 local / 4 global devices" in outputs[1], outputs[1]
+    assert sorted(os.listdir(one)) == sorted(os.listdir(two))
+    for name in os.listdir(one):
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    assert not [f for f in os.listdir(tmp_path) if f not in ("one", "two")]

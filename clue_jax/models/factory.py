@@ -70,7 +70,8 @@ def load_params(directory: str, mesh, expected: ModelConfig | None = None) -> tu
         with ocp.StandardCheckpointer() as ckpt:
             restored = ckpt.restore(paths.join(directory, "params"), target)
     except Exception as err:
-        raise UserInputError(f"unreadable model checkpoint {directory}/params: {str(err).splitlines()[0][:200]}") from None
+        raise UserInputError(
+            f"unreadable model checkpoint {directory}/params: {str(err).splitlines()[0][:200]}") from None
     model = nnx.merge(graphdef, restored, _concrete_rest(cfg, mesh))
     return model, cfg
 

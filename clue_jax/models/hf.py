@@ -598,7 +598,8 @@ class _SafetensorsStream:
         offset = 0
         for key, dtype, shape in entries:
             size = math.prod(shape) * dtype.itemsize
-            header[key] = {"dtype": _ST_DTYPES[dtype.name], "shape": list(shape), "data_offsets": [offset, offset + size]}
+            header[key] = {"dtype": _ST_DTYPES[dtype.name], "shape": list(shape),
+                           "data_offsets": [offset, offset + size]}
             offset += size
         if enabled:
             blob = json.dumps(header, separators=(",", ":")).encode()
@@ -612,7 +613,7 @@ class _SafetensorsStream:
             raise ValueError(f"tensor {key} {array.dtype}{list(array.shape)} out of order or not as planned")
         self.next += 1
         if self.file is not None:
-            self.file.write(np.ascontiguousarray(array).data)
+            self.file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)  # bf16 has no buffer format
 
     def __enter__(self):
         return self
