@@ -115,6 +115,20 @@ def write_text(path, content: str) -> None:
         fs.pipe_file(inner, content.encode())
 
 
+def _file_versions(fs, url: str, inner: str) -> list[tuple[str, str]]:
+    if not fs.isdir(inner):
+        raise UserInputError(f"{url}: not found (expected a directory)")
+    root = inner.rstrip("/")
+    return [(f[len(root):].lstrip("/"), fs.ukey(f)) for f in sorted(fs.find(inner))]
+
+
+def file_versions(url: str) -> list[tuple[str, str]]:
+    """(relative name, version key) of every file below a remote directory: changes when any file does."""
+    fs, inner = filesystem(url)
+    with remote_errors(url, "list"):
+        return _file_versions(fs, url, inner)
+
+
 def cache_root() -> str:
     return os.environ.get("CLUE_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "clue_jax")
 
@@ -127,10 +141,12 @@ def local_dir(path) -> str:
     written to a temporary name and renamed, so processes sharing a host and a
     cache never see half a file.
     """
-    text = os.fspath(path)
+    text = os.fspath(path).rstrip("/")
     if not is_remote(text):
         return absolute(text)
     fs, inner = filesystem(text)
+    with remote_errors(text, "read"):
+        versions = _file_versions(fs, text, inner)
     local = os.path.join(cache_root(), "remote", hashlib.sha256(text.encode()).hexdigest()[:20])
     os.makedirs(local, exist_ok=True)
     manifest_path = os.path.join(local, _MANIFEST)
@@ -139,15 +155,10 @@ def local_dir(path) -> str:
             manifest = json.load(f)
     except (OSError, json.JSONDecodeError):
         manifest = {}
+    seen = {rel for rel, _ in versions}
     with remote_errors(text, "read"):
-        if not fs.isdir(inner):
-            raise UserInputError(f"{text}: not found (expected a directory)")
-        root = inner.rstrip("/")
-        seen = set()
-        for remote_file in sorted(fs.find(inner)):
-            rel = remote_file[len(root):].lstrip("/")
-            seen.add(rel)
-            key = fs.ukey(remote_file)
+        for rel, key in versions:
+            remote_file = inner.rstrip("/") + "/" + rel
             target = os.path.join(local, rel)
             if manifest.get(rel) == key and os.path.exists(target):
                 continue
