@@ -164,9 +164,8 @@ def export(workdir: str, stage: str, out: str, max_shard_bytes: int | None = 5 *
                 if os.path.isdir(out):
                     os.rmdir(out)  # empty (check_out): replaced by the complete directory
                 os.replace(tmp, out)
-    finally:
-        if writer:
-            shutil.rmtree(tmp, ignore_errors=True)
+    finally:  # gone after a rename; else (an upload, an error) removed, as every process's own temporary
+        shutil.rmtree(tmp, ignore_errors=True)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 

@@ -14,6 +14,9 @@ torch is not needed: safetensors' numpy backend reads bf16 as ml_dtypes.bfloat16
 
 HF names map to NNX paths through a small table of templates (the bonsai
 style); the same table drives `save`, so the two directions cannot drift.
+`save` streams: each HF tensor in turn is gathered, appended to its shard
+file and dropped, so a host holds about one tensor, never the model. A
+checkpoint at a URL (gs://...) is loaded from a local cached copy.
 """
 from __future__ import annotations
 
