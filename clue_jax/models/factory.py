@@ -3,17 +3,19 @@
 `create` initialises under jit with out_shardings taken from the parameters'
 logical names, so a large model is born sharded instead of on one device.
 `save_params`/`load_params` store a finished model (a pipeline stage's output)
-with orbax; a load checks the saved config against the expected one.
+with orbax; a load checks the saved config against the expected one. Paths
+may be URLs (clue_jax.paths); HF checkpoint directories there are read
+through a local cache.
 """
 from __future__ import annotations
 
 import json
-import os
 
 import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from clue_jax import paths
 from clue_jax.errors import UserInputError
 from clue_jax.models.causal_lm import CausalLM
 from clue_jax.models.config import ModelConfig
@@ -32,22 +34,23 @@ def create(cfg: ModelConfig, seed: int, mesh) -> CausalLM:
 
 
 def save_params(model: nnx.Module, cfg: ModelConfig, directory: str) -> None:
-    directory = os.path.abspath(directory)
+    """Orbax params + model_config.json; `directory` may be a URL orbax's epath reaches (gs://)."""
+    directory = paths.absolute(directory)
     with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(os.path.join(directory, "params"), nnx.state(model, nnx.Param), force=True)
+        ckpt.save(paths.join(directory, "params"), nnx.state(model, nnx.Param), force=True)
     if jax.process_index() == 0:
-        with open(os.path.join(directory, "model_config.json"), "w") as f:
-            json.dump(cfg.to_dict(), f, indent=1)
+        paths.write_text(paths.join(directory, "model_config.json"), json.dumps(cfg.to_dict(), indent=1))
 
 
 def is_hf_directory(directory: str) -> bool:
-    return os.path.exists(os.path.join(directory, "config.json")) and not os.path.exists(
-        os.path.join(directory, "model_config.json"))
+    """An HF checkpoint (config.json, no model_config.json); local or a URL."""
+    return paths.exists(paths.join(directory, "config.json")) and not paths.exists(
+        paths.join(directory, "model_config.json"))
 
 
 def load_params(directory: str, mesh, expected: ModelConfig | None = None) -> tuple[CausalLM, ModelConfig]:
-    """Restores a model saved by `save_params` (or an HF checkpoint directory), placed on `mesh`."""
-    directory = os.path.abspath(directory)
+    """Restores a model saved by `save_params` (or an HF checkpoint directory, local or a URL), placed on `mesh`."""
+    directory = paths.absolute(directory)
     if is_hf_directory(directory):
         from clue_jax.models import hf
 
@@ -61,28 +64,31 @@ def load_params(directory: str, mesh, expected: ModelConfig | None = None) -> tu
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
     try:
         with ocp.StandardCheckpointer() as ckpt:
-            restored = ckpt.restore(os.path.join(directory, "params"), target)
+            restored = ckpt.restore(paths.join(directory, "params"), target)
     except Exception as err:
-        raise UserInputError(f"unreadable model checkpoint {directory}/params: {str(err).splitlines()[0][:200]}") from None
+        raise UserInputError(
+            f"unreadable model checkpoint {directory}/params: {str(err).splitlines()[0][:200]}") from None
     model = nnx.merge(graphdef, restored, _concrete_rest(cfg, mesh))
     return model, cfg
 
 
 def read_config(directory: str) -> ModelConfig:
-    """The architecture of a saved model (clue_jax or HF directory) without reading its weights."""
-    directory = os.path.abspath(directory)
+    """The architecture of a saved model (clue_jax or HF directory, local or a URL) without reading its weights."""
+    directory = paths.absolute(directory)
     if is_hf_directory(directory):
-        from pathlib import Path
-
         from clue_jax.models import hf
 
-        return hf.config_from_hf(hf._read_config(Path(directory)), where=os.path.join(directory, "config.json"))
-    config_path = os.path.join(directory, "model_config.json")
+        config_path = paths.join(directory, "config.json")
+        return hf.config_from_hf(_read_json(config_path), where=config_path)
+    config_path = paths.join(directory, "model_config.json")
+    return ModelConfig.from_dict(_read_json(config_path), where=config_path)
+
+
+def _read_json(path: str) -> dict:
     try:
-        with open(config_path) as f:
-            return ModelConfig.from_dict(json.load(f), where=config_path)
+        return json.loads(paths.read_text(path))
     except (OSError, json.JSONDecodeError) as err:
-        raise UserInputError(f"cannot read model config {config_path}: {' '.join(str(err).split())}") from None
+        raise UserInputError(f"cannot read model config {path}: {' '.join(str(err).split())}") from None
 
 
 def check_fits(cfg: ModelConfig, *, tokens: int, seq_len: int, model: str, seq_key: str) -> None:

@@ -14,6 +14,9 @@ torch is not needed: safetensors' numpy backend reads bf16 as ml_dtypes.bfloat16
 
 HF names map to NNX paths through a small table of templates (the bonsai
 style); the same table drives `save`, so the two directions cannot drift.
+`save` streams: each HF tensor in turn is gathered, appended to its shard
+file and dropped, so a host holds about one tensor, never the model. A
+checkpoint at a URL (gs://...) is loaded from a local cached copy.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ import contextlib
 import dataclasses
 import json
 import math
+import os
 import re
 import string
 from pathlib import Path
@@ -31,8 +35,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors import safe_open
-from safetensors.numpy import save_file
 
+from clue_jax import paths
 from clue_jax.errors import UserInputError
 from clue_jax.models.causal_lm import CausalLM
 from clue_jax.models.config import ModelConfig
@@ -483,13 +487,26 @@ def _fill(path: str, abstract, sharding, src: _Source, handle, params: dict) -> 
 
 
 def load(path: str | Path, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None):
-    """(CausalLM, ModelConfig) from a local HF directory, each param placed straight into its shard.
+    """(CausalLM, ModelConfig) from an HF directory, each param placed straight into its shard.
 
+    path: a local directory or a URL (gs://..., any fsspec filesystem), which
+    is first copied to a local cache (clue_jax.paths.local_dir): safetensors
+    memory-maps local files. Errors name the URL, not the cache.
     dtype: parameter and compute dtype (default: the checkpoint's dtype).
     mesh: shard by the logical-axis rules of clue_jax.train.sharding; None puts
     everything on the first local device.
     """
-    path = Path(path)
+    source = os.fspath(path)
+    local = paths.local_dir(source)
+    try:
+        return _load_local(Path(local), dtype, mesh)
+    except UserInputError as err:
+        if local == paths.absolute(source):
+            raise
+        raise UserInputError(str(err).replace(local, source.rstrip("/"))) from None
+
+
+def _load_local(path: Path, dtype: str | None, mesh):
     cfg = config_from_hf(_read_config(path), where=str(path / "config.json"))
     if dtype is not None:
         name = jnp.dtype(dtype).name
@@ -562,6 +579,75 @@ def _hf_tensors(cfg: ModelConfig, params: dict[str, Any]) -> dict[str, tuple[_Ru
     return out
 
 
+# safetensors' dtype names (numpy dtype name -> header code).
+_ST_DTYPES = {"float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64", "int32": "I32", "int64": "I64"}
+
+
+class _SafetensorsStream:
+    """Writes one safetensors file a tensor at a time.
+
+    safetensors' own writers (save_file, serialize_file) take every tensor of a
+    file in memory at once; a shard of a large model would then sit whole on
+    one host. The format is a little-endian u64 header length, a JSON header
+    (dtype, shape, byte offsets; padded to 8 bytes), then the raw tensors in
+    offset order, so the header can be written from the shapes before any
+    tensor exists, and each tensor is appended and released as it arrives.
+    enabled=False (processes other than 0) writes nothing.
+    """
+
+    def __init__(self, file: Path, entries: list[tuple[str, np.dtype, tuple]], enabled: bool):
+        self.entries, self.next, self.file = entries, 0, None
+        header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for key, dtype, shape in entries:
+            size = math.prod(shape) * dtype.itemsize
+            header[key] = {"dtype": _ST_DTYPES[dtype.name], "shape": list(shape),
+                           "data_offsets": [offset, offset + size]}
+            offset += size
+        if enabled:
+            blob = json.dumps(header, separators=(",", ":")).encode()
+            blob += b" " * (-len(blob) % 8)
+            self.file = open(file, "wb")
+            self.file.write(len(blob).to_bytes(8, "little") + blob)
+
+    def write(self, key: str, array: np.ndarray) -> None:
+        name, dtype, shape = self.entries[self.next]
+        if (key, np.dtype(array.dtype), tuple(array.shape)) != (name, dtype, shape):
+            raise ValueError(f"tensor {key} {array.dtype}{list(array.shape)} out of order or not as planned")
+        self.next += 1
+        if self.file is not None:
+            self.file.write(np.ascontiguousarray(array).reshape(-1).view(np.uint8).data)  # bf16 has no buffer format
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.file is not None:
+            self.file.close()
+        if exc[0] is None and self.next != len(self.entries):
+            raise ValueError(f"{len(self.entries) - self.next} planned tensors were not written")
+
+
+def _hf_layout(rule: _Rule, parts: list[tuple]) -> tuple:
+    """The HF tensor's shape from its NNX parts' shapes."""
+    if rule.kind == SPLIT:
+        return parts[0][:-1] + (sum(p[-1] for p in parts),)
+    return parts[0][::-1] if rule.kind == TRANSPOSE else parts[0]
+
+
+def _plan_shards(sizes: dict[str, int], max_shard_bytes: int | None) -> list[list[str]]:
+    """HF keys in name order, cut into shards of at most max_shard_bytes (a bigger tensor gets its own)."""
+    shards: list[list[str]] = [[]]
+    size = 0
+    for key in sorted(sizes):
+        if max_shard_bytes and shards[-1] and size + sizes[key] > max_shard_bytes:
+            shards.append([])
+            size = 0
+        shards[-1].append(key)
+        size += sizes[key]
+    return shards
+
+
 def save(model: CausalLM, model_config: ModelConfig, path: str | Path, *, max_shard_bytes: int | None = None,
          extra_config: dict | None = None) -> None:
     """Writes config.json and safetensors that `transformers.AutoModelForCausalLM.from_pretrained` loads.
@@ -569,27 +655,24 @@ def save(model: CausalLM, model_config: ModelConfig, path: str | Path, *, max_sh
     Tensors keep the params' dtype. Tied embeddings write no lm_head (HF ties it).
     max_shard_bytes: split into model-0000k-of-0000n.safetensors + index (None: one file).
     extra_config: extra config.json keys (e.g. bos_token_id, eos_token_id).
-    Every process must call it (multi-host arrays are all-gathered); process 0 writes.
+    Every process must call it: each HF tensor in turn is all-gathered
+    (`_to_host`), written by process 0 into the current shard file and
+    released, so no host ever holds more than about one tensor of the model.
     A LoRA-adapted model must be merged first (clue_jax.models.lora.merge_lora).
+    `path` is a local directory (clue_jax.export uploads to URLs).
     """
     path = Path(path)
     state = nnx.state(model, nnx.Param)
     params = {_path_str(p): v.get_value() for p, v in nnx.to_flat_state(state)}
     tensors = _hf_tensors(model_config, params)
+    layout = {}
+    for key, (rule, parts) in tensors.items():
+        dtypes = {np.dtype(params[p].dtype) for p in parts}
+        layout[key] = (dtypes.pop(), tuple(_hf_layout(rule, [tuple(params[p].shape) for p in parts])))
+    sizes = {key: math.prod(shape) * dtype.itemsize for key, (dtype, shape) in layout.items()}
+    shards = _plan_shards(sizes, max_shard_bytes)
     hf_config = config_to_hf(model_config)
     hf_config.update(extra_config or {})
-
-    def nbytes(key):
-        return sum(math.prod(params[p].shape) * params[p].dtype.itemsize for p in tensors[key][1])
-
-    shards: list[list[str]] = [[]]
-    size = 0
-    for key in sorted(tensors):
-        if max_shard_bytes and shards[-1] and size + nbytes(key) > max_shard_bytes:
-            shards.append([])
-            size = 0
-        shards[-1].append(key)
-        size += nbytes(key)
 
     writer = jax.process_index() == 0
     if writer:
@@ -598,25 +681,22 @@ def save(model: CausalLM, model_config: ModelConfig, path: str | Path, *, max_sh
     names = [SINGLE_FILE] if len(shards) == 1 else [
         f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))
     ]
-    weight_map = {}
     for name, keys in zip(names, shards):
-        out = {}
-        for key in keys:
-            rule, parts = tensors[key]
-            arrays = [_to_host(params[p]) for p in parts]
-            if rule.kind == SPLIT:
-                array = np.concatenate(arrays, axis=-1)
-            elif rule.kind == TRANSPOSE:
-                array = arrays[0].T
-            else:
-                array = arrays[0]
-            out[key] = np.ascontiguousarray(array)
-            weight_map[key] = name
-        if writer:
-            save_file(out, str(path / name), metadata={"format": "pt"})
+        with _SafetensorsStream(path / name, [(k, *layout[k]) for k in keys], enabled=writer) as out:
+            for key in keys:
+                rule, parts = tensors[key]
+                arrays = [_to_host(params[p]) for p in parts]
+                if rule.kind == SPLIT:
+                    array = np.concatenate(arrays, axis=-1)
+                elif rule.kind == TRANSPOSE:
+                    array = arrays[0].T
+                else:
+                    array = arrays[0]
+                out.write(key, array)
+                del arrays, array
     if writer and len(shards) > 1:
-        total = sum(nbytes(k) for k in tensors)
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+        weight_map = {key: name for name, keys in zip(names, shards) for key in keys}
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": dict(sorted(weight_map.items()))}
         (path / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
     if writer:  # files of an earlier save in the other layout would confuse readers
         stale = [path / INDEX_FILE] if len(shards) == 1 else [path / SINGLE_FILE]
@@ -626,7 +706,7 @@ def save(model: CausalLM, model_config: ModelConfig, path: str | Path, *, max_sh
 
 
 def load_tokenizer(path: str | Path):
-    """The HF tokenizer saved beside the weights.
+    """The HF tokenizer saved beside the weights (a local directory or a URL, read through the cache).
 
     Delegates to clue_jax.data.tokenizer.load_tokenizer (local files only, and
     BOS/PAD filled from EOS where a checkpoint lacks them), so every tokenizer
@@ -634,4 +714,4 @@ def load_tokenizer(path: str | Path):
     """
     from clue_jax.data.tokenizer import load_tokenizer as _load
 
-    return _load(path)
+    return _load(paths.local_dir(path))

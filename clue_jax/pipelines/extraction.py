@@ -45,6 +45,7 @@ import time
 import jax
 import numpy as np
 
+from clue_jax import paths
 from clue_jax.data import bios, lm_data
 from clue_jax.data.batching import ArrayBatchSource
 from clue_jax.data.mixture import MixtureBatchSource, with_loss_mask
@@ -411,7 +412,7 @@ def run(config, workdir: str) -> dict:
 
     # Base model: pre-trained here, or given.
     if base_path:
-        base_dir = os.path.abspath(base_path)
+        base_dir = paths.absolute(base_path)  # local, or a URL (gs://...)
         base = {"model_dir": base_dir, "_fingerprint": knowledge.path_fingerprint(base_dir)}
         load_model(base_dir, mesh)  # fail early on an unreadable checkpoint
     else:

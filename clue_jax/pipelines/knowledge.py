@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from clue_jax import paths
 from clue_jax.clues import analysis, dropout, render, scoring
 from clue_jax.data import bios, corpus, lm_data
 from clue_jax.data.batching import ArrayBatchSource, ConcatBatchSource
@@ -141,7 +142,7 @@ def tokenizer_stage(config, world_dir, stage_dir):
         return {"path": stage_dir}
     path = config.tokenizer.path or config.base_models.small
     if path:
-        tok = load_tokenizer(path)
+        tok = load_tokenizer(paths.local_dir(path))  # a URL (gs://...) is read through the local cache
         tok.save_pretrained(stage_dir)
     else:  # the built-in world only, also under a user corpus: see TOKENIZER_DATA
         texts = pretraining_texts(load_people(world_dir, "background"), 2, config.seed, True)
@@ -353,6 +354,8 @@ def array_fingerprint(arrays: dict) -> str:
 
 def path_fingerprint(path: str) -> str:
     """Names a user checkpoint by its files' sizes and times, so replacing it reruns what depends on it."""
+    if paths.is_remote(path):
+        return fingerprint(paths.file_versions(path))
     if not os.path.isdir(path):
         raise UserInputError(f"base model directory not found: {path}")
     return fingerprint(sorted((f, os.path.getsize(os.path.join(path, f)), int(os.path.getmtime(os.path.join(path, f))))
@@ -386,7 +389,7 @@ def prepare(config, workdir: str, need_scores: bool, sizes: tuple[str, ...] = ("
     bases = {}
     for size in ("small", "large") if need_scores else sizes:
         if config.base_models[size]:  # a pretrained checkpoint (HF directory) replaces pre-training
-            path = os.path.abspath(config.base_models[size])
+            path = paths.absolute(config.base_models[size])
             bases[size] = {"model_dir": path, "_fingerprint": path_fingerprint(path)}
             continue
         inputs = {"tokenizer": tok_res["_fingerprint"], "model": config.models[size].to_dict(),
