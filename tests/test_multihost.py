@@ -16,6 +16,7 @@ with one process.
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -33,6 +34,7 @@ from clue_jax.train import defaults, loop, mesh, objectives
 from clue_jax.train.checkpoint import Checkpointer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
+import mesh_worker  # noqa: E402
 from train_worker import tiny_data  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,6 +125,65 @@ def test_checkpoint_written_by_two_processes_loads_on_other_meshes(runs):
     for a, b, r in zip(jax.tree.leaves(loaded[(2, 2, 2)]), jax.tree.leaves(loaded[(1, 1, 1)]), jax.tree.leaves(reference)):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_allclose(a, r, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- 2 processes x 1 device
+MESH_WORKER = os.path.join(ROOT, "tests", "workers", "mesh_worker.py")
+# tensor across the processes (each needs the whole batch), fsdp across them, data across them.
+SHAPES = ("1,1,2", "1,2,1", "2,1,1")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(out, *args, timeout=300):
+    """Runs mesh_worker.py in 2 processes x 1 CPU device (jax.distributed over loopback, gloo); [(rc, stderr)]."""
+    address = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, MESH_WORKER, str(out), *args], cwd=ROOT, text=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              env=_env(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
+                                       XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=ROOT))
+             for i in range(2)]
+    try:
+        errs = [p.communicate(timeout=timeout)[1] for p in procs]
+        return [(p.returncode, err) for p, err in zip(procs, errs)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_two_processes_of_one_device_train_like_one_process_on_every_mesh(tmp_path):
+    """Pre-training and clue-dropout continual pre-training: same losses and weights as 1 process x 2 devices."""
+    results = _two_processes(tmp_path / "mp", *SHAPES)
+    for rc, err in results:
+        assert rc == 0, err[-3000:]
+    multi = json.loads((tmp_path / "mp" / "result.json").read_text())
+    for text in SHAPES:
+        shape = tuple(int(s) for s in text.split(","))
+        ref = mesh_worker.train_on_mesh(shape, jax.devices()[:2], str(tmp_path / "sp" / text))
+        for stage in ("pretrain", "cpt"):
+            got, want = np.asarray(multi[text][stage]), np.asarray(ref[stage])
+            assert got.shape == want.shape == (2, 3), (text, stage)  # log_every=2 over 4 steps
+            np.testing.assert_array_equal(got[:, 0], want[:, 0])
+            np.testing.assert_allclose(got[:, 1:], want[:, 1:], rtol=1e-5, err_msg=f"{text} {stage}")
+        full = mesh_worker.BATCH * mesh_worker.SEQ
+        assert (np.asarray(ref["cpt"])[:, 2] < full).all()  # clue dropout really deleted tokens
+        assert ref["params"].keys() == multi[text]["params"].keys()
+        for key, value in ref["params"].items():
+            np.testing.assert_allclose(multi[text]["params"][key], value, rtol=1e-5, atol=1e-6, err_msg=f"{text} {key}")
+
+
+def test_a_wrong_per_host_batch_is_refused_with_one_line(tmp_path):
+    """A source that splits rows by process index while the tensor axis spans the processes."""
+    for rc, err in _two_processes(tmp_path, "--wrong-batch", timeout=120):
+        assert rc == 2, err[-3000:]
+        (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+        assert "mesh" in line and "'tensor': 2" in line and "(2, 16)" in line and "(4, 16)" in line, line
 
 
 # ----------------------------------------------------------------------------- mesh changes, one process
