@@ -134,8 +134,8 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
     data["poison"] = np.zeros((64, 16), np.float32)
 
     class Source(ArrayBatchSource):
-        def batch(self, step):
-            b = super().batch(step)
+        def batch(self, step, rows=None):
+            b = super().batch(step, rows)
             if step >= 5:
                 b["poison"] = np.full_like(b["poison"], np.nan)
             return b
