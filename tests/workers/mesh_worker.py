@@ -6,7 +6,7 @@ usage: mesh_worker.py OUT SHAPE [SHAPE ...]     (SHAPE like 1,1,2)
 Started once per process with JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES /
 JAX_PROCESS_ID, or imported (`train_on_mesh`) for the 1-process reference.
 Process 0 writes OUT/result.json ({shape: {"pretrain": losses, "cpt": losses,
-"params": final parameters}}); a refused batch exits 2 with `error: ...`
+"scores": teacher scores of a corpus, "params": final parameters}}); a refused batch exits 2 with `error: ...`
 like `python -m clue_jax.main`.
 """
 import json
@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
-from clue_jax.clues import dropout
+from clue_jax.clues import dropout, scoring
 from clue_jax.data.batching import ArrayBatchSource, ConcatBatchSource
 from clue_jax.errors import UserInputError
 from clue_jax.models import config as model_config
@@ -61,13 +61,16 @@ def _host_params(model):
 
 
 def train_on_mesh(shape, devices, workdir):
-    """{"pretrain": [(step, loss, input_tokens)], "cpt": [...], "params": {name: values}} (losses None off process 0)."""
+    """{"pretrain": [(step, loss, input_tokens)], "cpt": [...], "scores": [N, T], "params": {name: values}} (losses None off process 0)."""
     m = mesh.make_mesh(shape, devices)
     cfg = model_config.llama(vocab_size=VOCAB, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, mlp_dim=64)
     pre = loop.Trainer(CausalLM(cfg, rngs=nnx.Rngs(0)), objectives.causal_lm, _train_cfg(4), m,
                        os.path.join(workdir, "pretrain"), meta={"model": cfg.to_dict()}, stage="pretrain",
                        log_dir=workdir)
     model = pre.run(ArrayBatchSource(_data(32, 0, scores=False), BATCH, seed=0)).model
+    docs = _data(6, 4, scores=False)  # the teacher's scores of a corpus that every process has whole
+    scores = scoring.score_corpus(scoring.make_scorer(model, mesh=m, query_block=8), docs["input_ids"],
+                                  docs["attention_mask"], batch_size=BATCH)
     # Continual pre-training: new documents (with teacher scores) + replay rows, clue dropout inside the step.
     source = ConcatBatchSource([(_data(16, 1, scores=True), BATCH // 2), (_data(16, 2, scores=False), BATCH // 2)],
                                seed=3)
@@ -76,7 +79,7 @@ def train_on_mesh(shape, devices, workdir):
                        meta={"model": cfg.to_dict()}, stage="cpt", log_dir=workdir)
     result = cpt.run(source)
     return {"pretrain": _losses(workdir, "pretrain"), "cpt": _losses(workdir, "cpt"),
-            "params": _host_params(result.model)}
+            "scores": scores.tolist(), "params": _host_params(result.model)}
 
 
 class PerProcessSource(ArrayBatchSource):
