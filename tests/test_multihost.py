@@ -1,11 +1,16 @@
-"""Multi-host: 2 processes x 2 devices train exactly like 1 process x 4 devices; checkpoints move
-between mesh shapes and process counts; the local launcher starts, reports and stops its processes.
+"""Multi-host: 2 processes train exactly like 1 process on every mesh; checkpoints move between mesh
+shapes and process counts; the local launcher starts, reports and stops its processes.
 
-The 2-process run goes through `launch/local_multiprocess.sh` (jax.distributed
+2 processes x 1 device (tests/workers/mesh_worker.py) on (1, 1, 2), (1, 2, 1)
+and (2, 1, 1) meshes: each process loads the rows of every global batch its
+device holds (all of them when `tensor` spans the processes), and pre-training,
+teacher scoring and clue-dropout continual pre-training agree with 1 process x
+2 devices; a per-process batch of the wrong size is refused with one line.
+
+The slow quickstart run goes through `launch/local_multiprocess.sh` (jax.distributed
 over loopback, gloo collectives) on a (data 1, fsdp 2, tensor 2) mesh, so the
-parameters are sharded across the processes as on a pod: each process reads
-its own half of every global batch, the teachers score on a mesh spanning both
-processes, only
+parameters are sharded across the processes as on a pod: the teachers score on
+a mesh spanning both processes, only
 process 0 writes metrics and summaries, and orbax saves from both processes.
 To keep the test short the 2-process run reuses the single-process run's
 world, tokenizer, pre-trained base models and their evaluation (stage
@@ -16,6 +21,7 @@ with one process.
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -25,14 +31,18 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from clue_jax.data import batching
 from clue_jax.data.batching import ArrayBatchSource
+from clue_jax.errors import UserInputError
 from clue_jax.models import config as model_config
 from clue_jax.models import factory
 from clue_jax.models.causal_lm import CausalLM
 from clue_jax.train import defaults, loop, mesh, objectives
+from clue_jax.train import sharding as shard_lib
 from clue_jax.train.checkpoint import Checkpointer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
+import mesh_worker  # noqa: E402
 from train_worker import tiny_data  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,6 +133,87 @@ def test_checkpoint_written_by_two_processes_loads_on_other_meshes(runs):
     for a, b, r in zip(jax.tree.leaves(loaded[(2, 2, 2)]), jax.tree.leaves(loaded[(1, 1, 1)]), jax.tree.leaves(reference)):
         np.testing.assert_array_equal(a, b)
         np.testing.assert_allclose(a, r, atol=1e-5, rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- 2 processes x 1 device
+MESH_WORKER = os.path.join(ROOT, "tests", "workers", "mesh_worker.py")
+# tensor across the processes (each needs the whole batch), fsdp across them, data across them.
+SHAPES = ("1,1,2", "1,2,1", "2,1,1")
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _two_processes(out, *args, timeout=300):
+    """Runs mesh_worker.py in 2 processes x 1 CPU device (jax.distributed over loopback, gloo); [(rc, stderr)]."""
+    address = f"127.0.0.1:{_free_port()}"
+    procs = [subprocess.Popen([sys.executable, MESH_WORKER, str(out), *args], cwd=ROOT, text=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                              env=_env(JAX_COORDINATOR_ADDRESS=address, JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i),
+                                       XLA_FLAGS="--xla_force_host_platform_device_count=1", PYTHONPATH=ROOT))
+             for i in range(2)]
+    try:
+        errs = [p.communicate(timeout=timeout)[1] for p in procs]
+        return [(p.returncode, err) for p, err in zip(procs, errs)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+
+
+def test_two_processes_of_one_device_train_like_one_process_on_every_mesh(tmp_path):
+    """Pre-training, teacher scoring and clue-dropout continual pre-training (new documents + replay rows):
+    the same losses, scores and weights as 1 process x 2 devices."""
+    results = _two_processes(tmp_path / "mp", *SHAPES)
+    for rc, err in results:
+        assert rc == 0, err[-3000:]
+    multi = json.loads((tmp_path / "mp" / "result.json").read_text())
+    for text in SHAPES:
+        shape = tuple(int(s) for s in text.split(","))
+        ref = mesh_worker.train_on_mesh(shape, jax.devices()[:2], str(tmp_path / "sp" / text))
+        for stage in ("pretrain", "cpt"):
+            got, want = np.asarray(multi[text][stage]), np.asarray(ref[stage])
+            assert got.shape == want.shape == (2, 3), (text, stage)  # log_every=2 over 4 steps
+            np.testing.assert_array_equal(got[:, 0], want[:, 0])
+            np.testing.assert_allclose(got[:, 1:], want[:, 1:], rtol=1e-5, err_msg=f"{text} {stage}")
+        np.testing.assert_allclose(multi[text]["scores"], ref["scores"], rtol=1e-5, atol=1e-7, err_msg=f"{text} scores")
+        full = mesh_worker.BATCH * mesh_worker.SEQ
+        assert (np.asarray(ref["cpt"])[:, 2] < full).all()  # clue dropout really deleted tokens
+        assert ref["params"].keys() == multi[text]["params"].keys()
+        for key, value in ref["params"].items():
+            np.testing.assert_allclose(multi[text]["params"][key], value, rtol=1e-5, atol=1e-6, err_msg=f"{text} {key}")
+
+
+def test_a_wrong_per_host_batch_is_refused_with_one_line(tmp_path):
+    """A source that splits rows by process index while the tensor axis spans the processes."""
+    for rc, err in _two_processes(tmp_path, "--wrong-batch", timeout=120):
+        assert rc == 2, err[-3000:]
+        (line,) = [line for line in err.splitlines() if line.startswith("error:")]
+        assert "mesh" in line and "'tensor': 2" in line and "(2, 16)" in line and "(4, 16)" in line, line
+
+
+def test_each_process_loads_the_rows_its_devices_hold():
+    """tensor across hosts: every replica loads the whole batch; data/fsdp across hosts: disjoint halves."""
+    devices = np.asarray(jax.devices()[:8])
+    for shape, want in (((1, 1, 8), [range(8)]), ((2, 1, 4), [range(4), range(4, 8)]),
+                        ((1, 4, 2), [range(2 * i, 2 * i + 2) for i in range(4)])):
+        m = mesh.make_mesh(shape, devices)
+        index_map = shard_lib.batch_sharding(m, 1).devices_indices_map((8,))
+        held = {tuple(range(*index_map[d][0].indices(8))) for d in devices}
+        assert held == {tuple(r) for r in want}, shape
+    m = mesh.make_mesh((2, 2, 2), devices)
+    np.testing.assert_array_equal(batching.process_rows(m, 8), np.arange(8))  # one process holds everything
+    parts = [({"x": np.arange(10)[:, None] + 100}, 3), ({"x": np.arange(10)[:, None] + 200}, 5)]
+    concat = batching.ConcatBatchSource(parts, seed=1)
+    whole = concat.batch(3)["x"]
+    for rows in ([0, 1, 2, 3], [2, 3, 6], [5, 6, 7]):
+        np.testing.assert_array_equal(concat.batch(3, np.asarray(rows))["x"], whole[rows])
+    with pytest.raises(UserInputError, match=r"needs shape \(8, 1\)"):
+        batching.global_batch({"x": whole[:4]}, m, 8, batching.process_rows(m, 8))
 
 
 # ----------------------------------------------------------------------------- mesh changes, one process

@@ -127,15 +127,18 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
 
 
 
-def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
+@pytest.mark.parametrize("log_every,checkpoint_every", [(1, 2), (5, 4)])
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, log_every, checkpoint_every):
+    """(5, 4): the NaN at step 6 lies between log boundaries and is still found before step 8 is saved."""
     model, cfg = _model()
-    tcfg = defaults.train_config(steps=10, batch_size=8, lr=3e-3, warmup_steps=1, log_every=1, checkpoint_every=2)
+    tcfg = defaults.train_config(steps=10, batch_size=8, lr=3e-3, warmup_steps=1, log_every=log_every,
+                                 checkpoint_every=checkpoint_every)
     data = tiny_data()
     data["poison"] = np.zeros((64, 16), np.float32)
 
     class Source(ArrayBatchSource):
-        def batch(self, step):
-            b = super().batch(step)
+        def batch(self, step, rows=None):
+            b = super().batch(step, rows)
             if step >= 5:
                 b["poison"] = np.full_like(b["poison"], np.nan)
             return b
@@ -150,6 +153,20 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path):
         trainer.run(Source(data, batch_size=8))
     saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
     assert saved and max(saved) == 4
+
+
+def test_metrics_leave_the_device_only_at_log_and_save_boundaries(tmp_path, monkeypatch):
+    fetched = []
+    log = loop.Trainer._log
+
+    def spy(self, pending, *args):
+        fetched.append([step for step, _ in pending])
+        return log(self, pending, *args)
+
+    monkeypatch.setattr(loop.Trainer, "_log", spy)
+    _, losses, _ = _train(tmp_path, (1, 1, 1), steps=10, log_every=4, checkpoint_every=6)
+    assert fetched == [[1, 2, 3, 4], [5, 6], [7, 8], [9, 10]]
+    assert len(losses) == 3  # records at steps 4, 8 and the last
 
 
 def test_corrupt_latest_checkpoint_falls_back(tmp_path):

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from clue_jax.data.batching import rows_of
 from clue_jax.errors import UserInputError
 from clue_jax.train.sharding import batch_sharding, state_shardings
 
@@ -164,10 +165,16 @@ class Scorer:
                 )
 
     def _args(self, input_ids, attention_mask):
+        """Every process passes the whole batch; with a mesh each one places only the rows its devices hold."""
         self._check(input_ids, attention_mask)
-        input_ids = jnp.asarray(input_ids, jnp.int32)
-        mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
-        return self._params, self._rest, input_ids, mask
+        if self.mesh is None:
+            input_ids = jnp.asarray(input_ids, jnp.int32)
+            mask = jnp.ones_like(input_ids) if attention_mask is None else jnp.asarray(attention_mask, jnp.int32)
+            return self._params, self._rest, input_ids, mask
+        ids = np.asarray(input_ids, np.int32)
+        mask = np.ones_like(ids) if attention_mask is None else np.asarray(attention_mask, np.int32)
+        batch = rows_of({"input_ids": ids, "attention_mask": mask}, self.mesh)
+        return self._params, self._rest, batch["input_ids"], batch["attention_mask"]
 
     def __call__(self, input_ids, attention_mask=None) -> jax.Array:
         return self._jitted(*self._args(input_ids, attention_mask))

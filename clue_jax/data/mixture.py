@@ -86,13 +86,13 @@ class MixtureBatchSource:
     def is_secondary(self, step: int) -> bool:
         return self.secondary_before(step + 1) > self.secondary_before(step)
 
-    def batch(self, step: int) -> dict[str, np.ndarray]:
+    def batch(self, step: int, rows=None) -> dict[str, np.ndarray]:
         if step < 0:
             raise ValueError(f"step must be >= 0, got {step}")
         k = self.secondary_before(step)
         if self.is_secondary(step):
-            return self.secondary.batch(k)
-        return self.primary.batch(step - k)
+            return self.secondary.batch(k, rows)
+        return self.primary.batch(step - k, rows)
 
     def steps_for_primary(self, primary_steps: int) -> int:
         """The fewest total steps that include `primary_steps` primary batches (so a mixture run

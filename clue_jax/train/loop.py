@@ -5,9 +5,16 @@ mesh from config. The step (1) derives its RNG from (seed key, step), so a
 resumed run replays exactly; (2) optionally transforms the batch inside jit
 (clue dropout, live teacher scoring) with frozen `extras` that never enter
 the gradient; (3) accumulates gradients over micro-batches with `lax.scan`;
-(4) applies AdamW. Host-local numpy batches become global arrays with
-`jax.make_array_from_process_local_data`, so the same code runs per host on
-a pod.
+(4) applies AdamW. Each process loads the rows of every global batch that
+its devices hold (`batching.process_rows`, from the batch sharding) and they
+become global arrays of the configured batch shape, so the same code runs per
+host on a pod, whichever mesh axes span the hosts.
+
+Metrics stay on the device between log boundaries (every `log_every` steps,
+and before every save, evaluation and preemption stop): they are fetched in
+one transfer there, every step's loss is checked for NaN/Inf before anything
+is saved, and only then is the cross-process preemption flag exchanged, so
+no step waits on the host.
 """
 from __future__ import annotations
 
@@ -16,6 +23,7 @@ import logging
 import math
 import signal
 import time
+import zlib
 from typing import Any, Callable, Protocol
 
 import jax
@@ -25,6 +33,7 @@ import optax
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from clue_jax.data import batching
 from clue_jax.errors import UserInputError
 from clue_jax.train import sharding as shard_lib
 from clue_jax.train.checkpoint import Checkpointer, abstract_like
@@ -35,13 +44,15 @@ log = logging.getLogger("clue_jax")
 
 
 class BatchSource(Protocol):
-    """Deterministic host-local batches: `batch(step)` is the same on every rerun.
+    """Deterministic batches: `batch(step, rows)` is the same on every rerun.
 
-    Making the data position a pure function of the step is what lets a
-    resumed run see exactly the batches an uninterrupted one would.
+    `rows` are the positions in the global batch this process's devices hold
+    (ascending); the source returns exactly those rows. Making the data
+    position a pure function of the step is what lets a resumed run see
+    exactly the batches an uninterrupted one would.
     """
 
-    def batch(self, step: int) -> dict[str, np.ndarray]: ...
+    def batch(self, step: int, rows: np.ndarray) -> dict[str, np.ndarray]: ...
 
 
 class NonFiniteLoss(UserInputError):
@@ -57,7 +68,12 @@ class TrainResult:
 
 
 class _Preemption:
-    """SIGTERM sets a flag; the loop saves at the next step boundary and stops."""
+    """SIGTERM sets a flag; the loop saves and stops at the next step (one process) or log boundary.
+
+    With several processes the flag is exchanged only at log boundaries (every
+    process stops at the same step); jax's own preemption notice
+    (`reached_preemption_sync_point`, a local check) is read every step.
+    """
 
     def __init__(self):
         self.requested = False
@@ -74,11 +90,13 @@ class _Preemption:
         log.warning("SIGTERM received: saving a checkpoint and stopping")
         self.requested = True
 
-    def should_stop(self, step: int) -> bool:
-        if jax.process_count() > 1:
-            stop = multihost_utils.process_allgather(np.int32(self.requested)).max() > 0
-            return bool(stop) or multihost_utils.reached_preemption_sync_point(step)
-        return self.requested
+    def should_stop(self, step: int, boundary: bool) -> bool:
+        if jax.process_count() == 1:
+            return self.requested
+        stop = multihost_utils.reached_preemption_sync_point(step)
+        if boundary:  # the same steps on every process, so every process joins this collective
+            stop |= bool(multihost_utils.process_allgather(np.int32(self.requested)).max() > 0)
+        return stop
 
     def __exit__(self, *exc):
         if self._previous is not None:
@@ -145,6 +163,7 @@ class Trainer:
         }
         self.state = jax.device_put(self.state, self.state_shardings)
         self.batch_sharding = shard_lib.batch_sharding(mesh)
+        self.rows = batching.process_rows(mesh, cfg.batch_size)  # what this process loads of each batch
         self._step_fn = self._build_step()
 
     # ----------------------------------------------------------------- step
@@ -203,11 +222,21 @@ class Trainer:
         )
 
     # ----------------------------------------------------------------- io
-    def global_batch(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        out = {}
-        for key, value in local.items():
-            sharding = shard_lib.batch_sharding(self.mesh, np.ndim(value))
-            out[key] = jax.make_array_from_process_local_data(sharding, np.asarray(value))
+    def global_batch(self, local: dict[str, np.ndarray], check_processes: bool = False) -> dict[str, jax.Array]:
+        """Global [batch_size, ...] arrays from this process's rows; a wrong per-host batch is refused.
+
+        check_processes (first step only, one small collective): every process
+        must agree on the batch's keys and per-row shapes, or the global
+        arrays would silently differ between hosts.
+        """
+        where = f"{self.stage} step batch"
+        out = batching.global_batch(local, self.mesh, self.cfg.batch_size, self.rows, where)
+        if check_processes and jax.process_count() > 1:
+            shapes = sorted((k, v.shape, str(v.dtype)) for k, v in out.items())
+            seen = multihost_utils.process_allgather(np.uint32(zlib.crc32(repr(shapes).encode())))
+            if len(set(np.ravel(seen).tolist())) > 1:
+                raise UserInputError(f"{where}: the processes disagree on the global batch on mesh "
+                                     f"{dict(self.mesh.shape)}; process {jax.process_index()} has {shapes}")
         return out
 
     def model(self) -> nnx.Module:
@@ -234,24 +263,24 @@ class Trainer:
         progress = Progress(cfg.steps, start, self.stage, cfg.log_every)
         last_metrics: dict = {}
         status = "done"
-        pending = None  # metrics of the previous step, read one step late to keep the device busy
+        pending: list = []  # (step, metrics on device) since the last log boundary
         self._t_prev = time.time()
         try:
             with _Preemption() as preempt:
                 step = start
                 while step < cfg.steps:
-                    batch = self.global_batch(data.batch(step))
+                    batch = self.global_batch(data.batch(step, self.rows), check_processes=step == start)
                     self.state, metrics = self._step_fn(self.state, batch, self.frozen, self.extras)
-                    if pending is not None:
-                        last_metrics = self._log(pending, writer, progress)
-                    pending = (step + 1, metrics)
                     step += 1
+                    pending.append((step, metrics))
                     must_save = step % cfg.checkpoint_every == 0 or step == cfg.steps
-                    stop = preempt.should_stop(step)
-                    if must_save or stop or (eval_fn and step % cfg.eval_every == 0):
-                        last_metrics = self._log(pending, writer, progress)  # checks NaN first
-                        pending = None
-                    if eval_fn is not None and (step % cfg.eval_every == 0 or step == cfg.steps):
+                    evaluate = eval_fn is not None and (step % cfg.eval_every == 0 or step == cfg.steps)
+                    boundary = must_save or evaluate or step % cfg.log_every == 0
+                    stop = preempt.should_stop(step, boundary)
+                    if boundary or stop:
+                        last_metrics = self._log(pending, writer, progress)  # NaN check before any save
+                        pending = []
+                    if evaluate:
                         evals = {f"eval/{k}": v for k, v in eval_fn(self.model(), step).items()}
                         writer.write(step, evals)
                         last_metrics.update(evals)
@@ -260,24 +289,26 @@ class Trainer:
                     if stop:
                         status = "preempted"
                         break
-                if pending is not None:
-                    last_metrics = self._log(pending, writer, progress)
         finally:
             progress.close()
             writer.close()
             checkpointer.close()
         return TrainResult(self.model(), int(self.state["step"]), status, last_metrics)
 
-    def _log(self, pending, writer: MetricsWriter, progress: Progress) -> dict:
-        step, metrics = pending
-        values = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        if not math.isfinite(values["loss"]):
-            raise NonFiniteLoss(
-                f"{self.stage}: loss is {values['loss']} at step {step}; stopped, the last good checkpoint in "
-                f"{self.workdir}/checkpoints is kept"
-            )
+    def _log(self, pending: list, writer: MetricsWriter, progress: Progress) -> dict:
+        """Fetches the pending steps' metrics in one transfer; refuses a NaN/Inf loss at any of them."""
+        fetched = jax.device_get([metrics for _, metrics in pending])
+        for (step, _), metrics in zip(pending, fetched):
+            if not math.isfinite(float(metrics["loss"])):
+                raise NonFiniteLoss(
+                    f"{self.stage}: loss is {float(metrics['loss'])} at step {step}; stopped, the last good "
+                    f"checkpoint in {self.workdir}/checkpoints is kept"
+                )
+        step = pending[-1][0]
+        values = {k: float(v) for k, v in fetched[-1].items()}
         now = time.time()
-        values["tokens_per_s"] = values["input_tokens"] / max(now - self._t_prev, 1e-9)
+        tokens = sum(float(m["input_tokens"]) for m in fetched)
+        values["tokens_per_s"] = tokens / max(now - self._t_prev, 1e-9)
         self._t_prev = now
         values["lr"] = float(self.schedule(step - 1))
         if step % self.cfg.log_every == 0 or step == self.cfg.steps:

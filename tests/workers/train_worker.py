@@ -24,9 +24,9 @@ class SlowSource(ArrayBatchSource):
         super().__init__(*args, **kwargs)
         self.sleep = sleep
 
-    def batch(self, step):
+    def batch(self, step, rows=None):
         time.sleep(self.sleep)
-        return super().batch(step)
+        return super().batch(step, rows)
 
 
 def tiny_data(n=64, t=16, vocab=64, seed=0):
