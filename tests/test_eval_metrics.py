@@ -2,6 +2,7 @@
 
 import math
 
+import numpy as np
 import pytest
 
 from clue_jax.errors import UserInputError
@@ -93,3 +94,69 @@ def test_qa_prompt_layout_and_shot_choice():
     assert sorted(picked) == sorted(shots)  # the asked question never appears among its shots
     with pytest.raises(UserInputError, match="only 2"):
         prompts.choose_shots(pool, 3, np.random.default_rng(0), exclude_question=q)
+
+
+# ----------------------------------------------------------------------------- GLUE metrics, detection AUC
+
+
+def test_binary_metrics_known_values():
+    # tp 2, fp 1, fn 1, tn 1: accuracy 3/5, F1 = 4 / 6, MCC = (2*1 - 1*1) / sqrt(3*3*2*2) = 1/6
+    pred, gold = [1, 1, 0, 0, 1], [1, 0, 0, 1, 1]
+    assert metrics.accuracy(pred, gold) == pytest.approx(0.6)
+    assert metrics.binary_f1(pred, gold) == pytest.approx(2 / 3)
+    assert metrics.matthews_corrcoef(pred, gold) == pytest.approx(1 / 6)
+    assert metrics.matthews_corrcoef(gold, gold) == pytest.approx(1.0)
+    assert metrics.matthews_corrcoef([1 - g for g in gold], gold) == pytest.approx(-1.0)
+    assert metrics.matthews_corrcoef([1] * 5, gold) == 0.0  # undefined (a constant predictor): 0, as sklearn
+
+
+def test_multiclass_matthews_is_the_correlation_of_one_hot_codes():
+    rng = np.random.default_rng(0)
+    gold, pred = rng.integers(0, 3, 200), rng.integers(0, 3, 200)
+    pred[:120] = gold[:120]
+    x, y = np.eye(3)[pred], np.eye(3)[gold]
+    x, y = x - x.mean(0), y - y.mean(0)
+    reference = (x * y).sum() / np.sqrt((x * x).sum() * (y * y).sum())
+    assert metrics.matthews_corrcoef(pred, gold) == pytest.approx(reference)
+
+
+def test_correlations_known_values():
+    # x = [1, 2, 3], y = [1, 2, 4]: sum dx*dy = 3, sum dx^2 = 2, sum dy^2 = 42/9
+    assert metrics.pearson([1, 2, 3], [1, 2, 4]) == pytest.approx(3 / math.sqrt(2 * 42 / 9))
+    assert metrics.spearman([1, 2, 3], [1, 2, 4]) == pytest.approx(1.0)
+    # ties: ranks [1, 2.5, 2.5, 4] against [1, 3, 2, 4]
+    assert metrics.spearman([1, 2, 2, 3], [1, 3, 2, 4]) == pytest.approx(
+        metrics.pearson([1, 2.5, 2.5, 4], [1, 3, 2, 4]))
+    from scipy import stats
+
+    rng = np.random.default_rng(1)
+    a, b = rng.normal(size=50), rng.normal(size=50)
+    assert metrics.pearson(a, b) == pytest.approx(stats.pearsonr(a, b)[0])
+    assert metrics.spearman(a, b) == pytest.approx(stats.spearmanr(a, b)[0])
+
+
+def test_glue_metrics_per_task_kind():
+    pred, gold = [1, 1, 0, 0, 1], [1, 0, 0, 1, 1]
+    assert metrics.glue_metrics("matthews", pred, gold) == {"matthews": pytest.approx(1 / 6),
+                                                            "score": pytest.approx(1 / 6)}
+    f1 = metrics.glue_metrics("f1", pred, gold)
+    assert f1["f1"] == pytest.approx(2 / 3) and f1["accuracy"] == pytest.approx(0.6)
+    assert f1["score"] == pytest.approx((2 / 3 + 0.6) / 2)
+    sts = metrics.glue_metrics("pearson", [1, 2, 3], [1, 2, 4])
+    assert set(sts) == {"pearson", "spearman", "score"} and sts["spearman"] == pytest.approx(1.0)
+    with pytest.raises(UserInputError, match="GLUE metric 'bleu'"):
+        metrics.glue_metrics("bleu", pred, gold)
+    with pytest.raises(UserInputError, match="5 predictions for 4 labels"):
+        metrics.accuracy(pred, gold[:4])
+
+
+def test_detection_auc():
+    labels = np.array([[0, 1, 0, 1], [1, 0, 0, 0]])
+    assert metrics.detection_auc(labels * 3.0 - 1.0, labels) == 1.0  # perfect
+    assert metrics.detection_auc(np.full(labels.shape, 0.7), labels) == 0.5  # constant
+    assert metrics.detection_auc(-labels, labels) == 0.0
+    # 2 positives (0.35, 0.8) against 2 negatives (0.1, 0.4): 3 of 4 pairs ordered right
+    assert metrics.detection_auc([0.1, 0.4, 0.35, 0.8], [0, 0, 1, 1]) == pytest.approx(0.75)
+    # the mask drops a negative that outscores every positive
+    assert metrics.detection_auc([9.0, 0.1, 0.8, 0.9], [0, 0, 1, 1], mask=[0, 1, 1, 1]) == 1.0
+    assert math.isnan(metrics.detection_auc([0.2, 0.3], [0, 0]))

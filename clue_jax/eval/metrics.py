@@ -1,4 +1,4 @@
-"""SQuAD-style answer metrics: exact match and token F1, averaged per group.
+"""Answer metrics: SQuAD exact match and token F1 per group; GLUE task metrics; token-detection AUC.
 
 The definitions mirror the official SQuAD evaluation scripts (Rajpurkar et al.
 2016, `evaluate-v1.1.py`; 2018, `evaluate-v2.0.py`) so numbers are comparable
@@ -23,6 +23,9 @@ import math
 import re
 import string
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+
+import numpy as np
+from scipy.stats import rankdata
 
 from clue_jax.errors import UserInputError
 
@@ -133,3 +136,94 @@ def aggregate(
 def empty_group() -> dict[str, float]:
     """The entry for a group with no records (NaN means, count 0), for fixed report layouts."""
     return {"exact_match": math.nan, "f1": math.nan, "count": 0}
+
+
+# ----------------------------------------------------------------------------- GLUE and detection metrics
+# GLUE scores each task with its own metric (Wang et al. 2019): CoLA Matthews correlation, MRPC and QQP F1
+# and accuracy, STS-B Pearson and Spearman, the others accuracy. The task's score is the mean of its
+# metrics (the GLUE leaderboard's convention for the two-metric tasks).
+
+GLUE_METRICS: dict[str, tuple[str, ...]] = {
+    "matthews": ("matthews",), "f1": ("f1", "accuracy"), "pearson": ("pearson", "spearman"),
+    "accuracy": ("accuracy",),
+}
+
+
+def _paired(predictions, labels, dtype) -> tuple:
+    p, y = np.asarray(predictions, dtype).reshape(-1), np.asarray(labels, dtype).reshape(-1)
+    if p.shape != y.shape:
+        raise UserInputError(f"metrics: {p.size} predictions for {y.size} labels")
+    return p, y
+
+
+def accuracy(predictions, labels) -> float:
+    p, y = _paired(predictions, labels, int)
+    return float((p == y).mean()) if p.size else math.nan
+
+
+def binary_f1(predictions, labels, positive: int = 1) -> float:
+    """F1 of the positive class; 0.0 when there are no positive predictions and no positive labels."""
+    p, y = _paired(predictions, labels, int)
+    tp = float(((p == positive) & (y == positive)).sum())
+    fp = float(((p == positive) & (y != positive)).sum())
+    fn = float(((p != positive) & (y == positive)).sum())
+    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+
+
+def matthews_corrcoef(predictions, labels) -> float:
+    """Matthews correlation (the K-class form of Gorodkin 2004; the usual MCC for 2 classes); 0 when undefined."""
+    p, y = _paired(predictions, labels, int)
+    classes = np.union1d(p, y)
+    c = np.zeros((classes.size, classes.size))
+    np.add.at(c, (np.searchsorted(classes, y), np.searchsorted(classes, p)), 1.0)
+    t, q, n, correct = c.sum(1), c.sum(0), c.sum(), np.trace(c)  # true / predicted counts per class
+    denom = math.sqrt((n * n - q @ q) * (n * n - t @ t))
+    return float((correct * n - t @ q) / denom) if denom else 0.0
+
+
+def pearson(predictions, labels) -> float:
+    p, y = _paired(predictions, labels, float)
+    p, y = p - p.mean(), y - y.mean()
+    denom = math.sqrt(float(p @ p) * float(y @ y))
+    return float(p @ y / denom) if denom else math.nan
+
+
+def spearman(predictions, labels) -> float:
+    """Pearson correlation of the ranks (ties get their average rank)."""
+    p, y = _paired(predictions, labels, float)
+    return pearson(rankdata(p), rankdata(y))
+
+
+_METRIC_FNS = {"accuracy": accuracy, "f1": binary_f1, "matthews": matthews_corrcoef, "pearson": pearson,
+               "spearman": spearman}
+
+
+def glue_metrics(metric: str, predictions, labels) -> dict[str, float]:
+    """The metrics GLUE reports for a task whose main metric is `metric`, plus "score" (their mean), fractions.
+
+    predictions: class indices (classification) or scores (regression, metric "pearson").
+    """
+    if metric not in GLUE_METRICS:
+        raise UserInputError(f"GLUE metric {metric!r} is not one of {sorted(GLUE_METRICS)}")
+    out = {name: _METRIC_FNS[name](predictions, labels) for name in GLUE_METRICS[metric]}
+    out["score"] = float(sum(out.values()) / len(out))
+    return out
+
+
+def detection_auc(scores, labels, mask=None) -> float:
+    """ROC AUC of per-token detection scores (higher = "replaced") against 0/1 labels, over mask > 0.
+
+    The Mann-Whitney form: the probability that a random replaced token scores
+    above a random original one, ties counting one half; a perfect detector
+    gets 1.0, a constant one 0.5. NaN when one of the classes is absent.
+    """
+    s, y = _paired(scores, labels, float)
+    keep = np.ones_like(y, bool) if mask is None else np.asarray(mask).reshape(-1) > 0
+    if keep.shape != y.shape:
+        raise UserInputError(f"detection_auc: mask has {keep.size} entries for {y.size} labels")
+    s, y = s[keep], y[keep] > 0
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if not n_pos or not n_neg:
+        return math.nan
+    ranks = rankdata(s)
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
