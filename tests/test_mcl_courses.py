@@ -208,15 +208,26 @@ def test_itd_inserts_inside_the_text_and_shifts_tokens():
         assert g[b, m[b].sum() - 1] == SEP
 
 
-def test_itd_full_row_drops_the_tail():
-    ids = jnp.arange(10, 18, dtype=jnp.int32)[None, :]  # 8 real words, no padding, nothing protected
-    mask = jnp.ones_like(ids)
-    out = courses.itd_corrupt(jax.random.key(1), ids, mask, MASK, insert_rate=0.25)
+def test_itd_never_cuts_sep():
+    """Insertions are capped by the free padding: every original token, the final [SEP] included, survives."""
+    ids, mask = _random_batch(3, B=64, T=24)  # many rows with little or no padding
+    ids, mask = np.array(ids), np.array(mask)
+    ids[:8], mask[:8] = np.concatenate([[CLS], np.arange(10, 32), [SEP]]), 1  # full rows: no room at all
+    out = courses.itd_corrupt(jax.random.key(4), jnp.asarray(ids), jnp.asarray(mask), MASK, insert_rate=0.34,
+                              protected=SPECIAL)
     _check_itd(ids, mask, out)
-    k = int(np.asarray(out["inserted"]).sum())
-    assert k == 2 and int(np.asarray(out["attention_mask"]).sum()) == 8  # round(.25 * 8)
-    # the last k words are pushed past T and dropped
-    assert set(np.asarray(out["gen_input"])[0]) - {MASK} == set(range(10, 18 - k))
+    g, ins, m = (np.asarray(out[k]) for k in ("gen_input", "inserted", "attention_mask"))
+    n_real, k = mask.sum(-1), ins.sum(-1)
+    np.testing.assert_array_equal(m.sum(-1), n_real + k)  # nothing dropped
+    np.testing.assert_array_equal(np.asarray(out["num_inserted"]), k)
+    for b in range(len(ids)):
+        kept = g[b, :m[b].sum()][ins[b, :m[b].sum()] == 0]
+        np.testing.assert_array_equal(kept, ids[b, :n_real[b]])  # every real token, in order
+        assert g[b, m[b].sum() - 1] == SEP
+    assert (k[:8] == 0).all() and np.asarray(out["capped"])[:8].all()
+    wanted = np.maximum(np.round(0.34 * _free(ids, mask).sum(-1)), 1)
+    assert (k <= ids.shape[1] - n_real).all() and (k[~np.asarray(out["capped"])] == wanted[~np.asarray(out["capped"])]).all()
+    assert (k > 0).sum() > 20
 
 
 def test_itd_rate_determinism_and_jit_on_large_batch():

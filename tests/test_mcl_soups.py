@@ -1,5 +1,7 @@
 """Course soups: uniform, weighted and greedy averaging of pytrees and nnx.State."""
 
+import math
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -114,3 +116,20 @@ def test_greedy_soup_picks_the_expected_set():
     assert res2.chosen == [0, 1] and len(calls) == 4
     with pytest.raises(UserInputError, match="order_by"):
         soups.greedy_soup(ing, score, order_by=own[:2])
+
+
+def test_score_weights_differ():
+    scores = [46.0, 48.0, 50.0]  # raw dev scores as weights would be ~uniform (0.32, 0.33, 0.35)
+    w = soups.score_weights(scores, "softmax", tau=1.0)
+    assert sum(w) == pytest.approx(1.0) and w[0] < w[1] < w[2]
+    assert w[2] / w[1] == pytest.approx(math.e ** 2) and w[2] > 0.85
+    assert soups.score_weights(scores, "softmax", tau=1e6) == pytest.approx([1 / 3] * 3, abs=1e-5)
+    assert soups.score_weights(scores, "min_subtracted") == pytest.approx([0.0, 1 / 3, 2 / 3])
+    assert soups.score_weights([5.0, 5.0], "min_subtracted") == [0.5, 0.5]
+    a, b = {"x": jnp.zeros(2)}, {"x": jnp.ones(2)}
+    soup = soups.weighted_soup([a, b], soups.score_weights([40.0, 42.0], "min_subtracted"))
+    np.testing.assert_allclose(soup["x"], [1.0, 1.0])
+    with pytest.raises(UserInputError, match="tau=0"):
+        soups.score_weights(scores, "softmax", tau=0)
+    with pytest.raises(UserInputError, match="weighting 'raw'"):
+        soups.score_weights(scores, "raw")

@@ -238,14 +238,16 @@ def itd_corrupt(
     side, so nothing goes before a leading [CLS] or after a trailing [SEP],
     and at most one [MASK] goes into each gap. Later tokens shift right.
 
-    Fixed shapes: the sequence stays length T; whatever is pushed past T is
-    dropped. When a row has fewer than k padding slots, its real tail is cut
-    (including a final [SEP]); the attention mask is updated to the new real
-    length min(n_real + k, T).
+    Fixed shapes: the sequence stays length T, so the insertions are capped
+    by the row's free padding (T - n_real): no real token, and no final
+    [SEP], is ever pushed out. A row with less padding than round(rate * n)
+    gets fewer insertions (none when it is full); give the corpus a longer
+    `seq_len` than its texts need. The attention mask grows to n_real + k.
 
     Returns gen_input (ids with the inserted masks), inserted (int32, 1 at
     inserted positions; also D's labels, disc_labels), attention_mask (the
-    new one), and source_index (int32, the original position each output
+    new one), num_inserted (int32 [B]), capped (bool [B]: fewer insertions
+    than the rate asks, for lack of padding), and source_index (int32, the original position each output
     token came from, -1 for an insertion). G fills the masks with
     fill_inserted; there is no G loss (no ground truth).
     """
@@ -254,7 +256,9 @@ def itd_corrupt(
     prev_free = jnp.pad(free[:, :-1], ((0, 0), (1, 0)))
     gap_ok = free | prev_free
     n = free.sum(-1)
-    k = _count(insert_rate, n, 1, gap_ok.sum(-1))
+    n_real = attention_mask.astype(jnp.int32).sum(-1)
+    wanted = _count(insert_rate, n, 1, gap_ok.sum(-1))
+    k = jnp.minimum(wanted, input_ids.shape[-1] - n_real)  # the free padding: nothing is pushed out
     _, rank = _random_order(rng, gap_ok)
     gap = (rank < k[:, None]) & gap_ok
     B, T = input_ids.shape
@@ -269,10 +273,10 @@ def itd_corrupt(
     source_index = jnp.full((B, T), -1, jnp.int32).at[rows, new_pos].set(
         jnp.broadcast_to(j, (B, T)).astype(jnp.int32), mode="drop"
     )
-    n_real = attention_mask.astype(jnp.int32).sum(-1)
-    new_len = jnp.minimum(n_real + k, T)
-    new_mask = (j < new_len[:, None]).astype(attention_mask.dtype)
+    new_mask = (j < (n_real + k)[:, None]).astype(attention_mask.dtype)
     return {
+        "num_inserted": k,
+        "capped": k < wanted,
         "gen_input": gen_input,
         "inserted": inserted,
         "disc_labels": inserted,

@@ -26,7 +26,7 @@ from clue_jax.errors import UserInputError
 
 PyTree = Any
 
-__all__ = ["check_compatible", "uniform_soup", "weighted_soup", "greedy_soup", "GreedySoup", "GreedyScores"]
+__all__ = ["check_compatible", "uniform_soup", "weighted_soup", "score_weights", "greedy_soup", "GreedySoup", "GreedyScores"]
 
 
 def _is_float(x: Any) -> bool:
@@ -100,6 +100,33 @@ def weighted_soup(param_trees: Sequence[PyTree], weights: Sequence[float]) -> Py
     """Leaf-wise weighted mean; weights (>= 0, e.g. dev scores) are normalised to sum to 1."""
     check_compatible(param_trees)
     return _mix(param_trees, _normalise(weights, len(param_trees)))
+
+
+WEIGHTINGS = ("softmax", "min_subtracted")
+
+
+def score_weights(scores: Sequence[float], mode: str = "softmax", tau: float = 1.0) -> list[float]:
+    """Soup weights (summing to 1) from the ingredients' dev scores, so that they differ.
+
+    Raw scores (e.g. 48 +- 2 points) would give nearly uniform weights.
+    "softmax": softmax(score / tau) (tau in score units: tau -> inf is the
+    uniform soup, tau -> 0 the best ingredient alone); "min_subtracted":
+    score - min(score) (the worst ingredient gets 0; all equal: uniform).
+    """
+    s = np.asarray(scores, dtype=np.float64).reshape(-1)
+    if s.size == 0 or not np.all(np.isfinite(s)):
+        raise UserInputError(f"soup: dev scores {s.tolist()} must be finite and not empty")
+    if mode == "softmax":
+        if not tau > 0:
+            raise UserInputError(f"soup: tau={tau} must be > 0")
+        w = np.exp((s - s.max()) / tau)
+    elif mode == "min_subtracted":
+        w = s - s.min()
+        if not w.sum() > 0:
+            w = np.ones_like(s)
+    else:
+        raise UserInputError(f"soup: weighting {mode!r} is not one of {WEIGHTINGS}")
+    return [float(x) for x in w / w.sum()]
 
 
 class GreedyScores(NamedTuple):
