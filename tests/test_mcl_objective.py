@@ -187,3 +187,49 @@ def test_a_few_steps_reduce_the_electra_loss():
 
     losses = [float(step(model, opt, jax.random.key(0))) for _ in range(12)]  # same corruption every step
     assert losses[-1] < 0.8 * losses[0]
+
+
+def test_sampling_all_runs_every_course_every_step(pair):
+    batch = _batch()
+    cfg = dataclasses.replace(OBJ, sampling="all")
+    for fn in (O.make_objective(cfg), O.make_objective(cfg, dynamic=True)):
+        model = O.attach_settings(nnx.clone(pair), cfg)
+        for seed in range(4):
+            loss, aux = fn(model, batch, jax.random.key(seed))
+            assert [float(aux[f"n_{c}"]) for c in O.COURSES] == [4.0, 4.0, 4.0]
+            assert np.isfinite(float(loss)) and float(aux["loss_gen"]) > 0 and float(aux["loss_re_disc"]) > 0
+    # the same as the courses run on a batch tiled once per course
+    _, k_run = jax.random.split(jax.random.key(0))
+    rows = jnp.repeat(jnp.arange(3, dtype=jnp.int32), 4)
+    ref = O.run_courses(pair, O.tile_batch(batch, 3), k_run, cfg, rows)
+    np.testing.assert_allclose(O.make_objective(cfg)(pair, batch, jax.random.key(0))[0], ref.total(cfg), rtol=1e-6)
+    two = dataclasses.replace(cfg, courses=("rtd", "itd"), corrections=())
+    _, aux = O.make_objective(two)(pair, batch, jax.random.key(0))
+    assert [float(aux[f"n_{c}"]) for c in O.COURSES] == [4.0, 0.0, 4.0]
+    # "step" draws one course for the whole batch
+    _, aux = O.make_objective(dataclasses.replace(OBJ, sampling="step"))(pair, batch, jax.random.key(0))
+    assert sorted(float(aux[f"n_{c}"]) for c in O.COURSES) == [0.0, 0.0, 4.0]
+
+
+def test_token_types_reach_the_models_and_follow_itd_insertions(pair):
+    batch = dict(_batch())
+    types = np.zeros((4, 12), np.int32)
+    types[:, 6:] = 1  # segment B
+    types[1, 9:] = 0  # padding
+    batch["token_type_ids"] = jnp.asarray(types)
+    cfg = dataclasses.replace(OBJ, corrections=())
+    with_types = O.run_course(pair, batch, jax.random.key(3), cfg, "rtd")
+    without = O.run_course(pair, _batch(), jax.random.key(3), cfg, "rtd")
+    np.testing.assert_array_equal(with_types.tensors["disc_input"] == MASK, without.tensors["disc_input"] == MASK)
+    assert not np.allclose(with_types.tensors["disc_logits"], without.tensors["disc_logits"])
+    d = pair.discriminator_logits(with_types.tensors["disc_input"], batch["attention_mask"], batch["token_type_ids"])
+    np.testing.assert_allclose(with_types.tensors["disc_logits"], d, rtol=1e-5, atol=1e-6)
+    t = {k: np.asarray(v) for k, v in O.run_course(pair, batch, jax.random.key(5), cfg, "itd").tensors.items()}
+    row, m = 1, t["attention_mask"][1]  # the padded row has room for insertions
+    ins = t["disc_labels"][row] == 1
+    assert ins.any()
+    kept = t["token_type_ids"][row][(m > 0) & ~ins]
+    np.testing.assert_array_equal(kept, types[row, :9])  # every original token keeps its type
+    for j in np.flatnonzero(ins):
+        assert t["token_type_ids"][row, j] == t["token_type_ids"][row, j + 1]
+    assert (t["token_type_ids"][row][m == 0] == 0).all()

@@ -40,9 +40,16 @@ Choices where METHODS.md is silent (settings in `ObjectiveConfig`):
   (uniform over the enabled courses by default); `"example"`: one course per
   row. Either way a step costs one G + one D pass (plus the correction
   passes), so at equal steps the course arms spend the compute of ELECTRA.
+  `"all"` (the published comparison): every enabled course on every step,
+  each on its own copy of the whole batch (the batch is tiled once per
+  course, `course_weights` unused), so RTD and its MLM loss see every step
+  and a step of a 3-course arm costs about 3 of ELECTRA's. Each loss term is
+  a mean over the positions of all courses that have it.
 - Rates 0.15 for all three corruptions; weights gen 1, disc 50 (ELECTRA),
   regen 1, redisc 50 (a correction loss is weighted like the loss it repeats).
 - D's loss counts every real token (ELECTRA's input mask), [CLS]/[SEP] included.
+- `batch["token_type_ids"]` (optional, default 0) reach both models as in
+  fine-tuning; ITD's inserted token takes the type of the token after it.
 
 `make_objective(cfg, dynamic=True)` reads the courses and corrections from
 the pair's `mcl_settings` state (`attach_settings`) instead of compiling them
@@ -67,10 +74,10 @@ from clue_jax.models.encoder import mlm_loss, rtd_loss
 COURSES = ("rtd", "std", "itd")
 CORRECTIONS = ("re_rtd_gen", "re_rtd_disc", "re_std_gen", "re_std_disc")
 TERMS = ("gen", "disc", "re_gen", "re_disc")
-SAMPLING = ("step", "example")
+SAMPLING = ("step", "example", "all")
 
 __all__ = ["COURSES", "CORRECTIONS", "TERMS", "ObjectiveConfig", "CourseOutput", "run_courses", "run_course",
-           "make_objective", "probe_courses", "max_positions", "generator_logits_at", "CourseSettings",
+           "make_objective", "probe_courses", "tile_batch", "max_positions", "generator_logits_at", "CourseSettings",
            "settings_array", "attach_settings"]
 
 
@@ -155,7 +162,7 @@ class CourseOutput:
 
     losses: dict[str, jax.Array]  # TERMS (0 where no row has the term)
     stats: dict[str, jax.Array]  # replaced_share, disc_accuracy, caught_share, n_<course> (rows)
-    tensors: dict[str, jax.Array]  # gen_input, disc_input, disc_labels, attention_mask, disc_logits, regen_*, redisc_*
+    tensors: dict[str, jax.Array]  # gen_input, disc_input, disc_labels, attention_mask, token_type_ids, disc_logits, regen_*, redisc_*
 
     def total(self, cfg: ObjectiveConfig) -> jax.Array:
         return (cfg.gen_weight * self.losses["gen"] + cfg.disc_weight * self.losses["disc"]
@@ -175,20 +182,20 @@ def max_positions(rate: float, length: int, minimum: int = 1) -> int:
     return min(length, max(minimum, math.ceil(rate * length)) + 1)
 
 
-def generator_logits_at(model, input_ids, attention_mask, positions, dropout_key=None):
+def generator_logits_at(model, input_ids, attention_mask, positions, dropout_key=None, token_type_ids=None):
     """G's MLM logits [B, P, V] at `positions` [B, P] only: `model.generator_logits(...)`
     gathered at `positions`, without running the V-wide head elsewhere."""
     k1, k2 = (None, None) if dropout_key is None else tuple(jax.random.split(dropout_key))
-    hidden = model.generator(model.embeddings(input_ids, None, k1), attention_mask, k2)
+    hidden = model.generator(model.embeddings(input_ids, token_type_ids, k1), attention_mask, k2)
     hidden = jnp.take_along_axis(hidden, positions[..., None], axis=1)
     return model.mlm_head(hidden, model.embeddings.word_embeddings)
 
 
-def _gen_at(model, cfg, gen_input, mask, targets, weights, p, key_sample, key_drop, fill: bool):
+def _gen_at(model, cfg, gen_input, mask, types, targets, weights, p, key_sample, key_drop, fill: bool):
     """G at the p most-weighted positions per row: its loss there and (fill) gen_input with samples there."""
     pos = jax.lax.top_k(weights.astype(jnp.float32), p)[1]
     take = lambda x: jnp.take_along_axis(x, pos, axis=1)
-    logits = generator_logits_at(model, gen_input, mask, pos, key_drop)
+    logits = generator_logits_at(model, gen_input, mask, pos, key_drop, types)
     loss = mlm_loss(logits, take(targets), take(weights))
     if not fill:
         return loss, None
@@ -231,6 +238,8 @@ def run_courses(model, batch: dict, rng: jax.Array, cfg: ObjectiveConfig, row_co
     train=False: no dropout (probes).
     """
     ids, mask = batch["input_ids"], batch["attention_mask"]
+    types = batch.get("token_type_ids")
+    types = jnp.zeros_like(ids) if types is None else types
     length = ids.shape[1]
     k_rtd, k_std, k_itd, k_sample, k_drop = jax.random.split(rng, 5)
     use_drop = train and cfg.dropout
@@ -244,6 +253,11 @@ def run_courses(model, batch: dict, rng: jax.Array, cfg: ObjectiveConfig, row_co
     inserted = i["inserted"].astype(jnp.float32)
     gen_input = _rows(is_rtd, r["gen_input"], _rows(is_std, s["gen_input"], i["gen_input"]))
     d_mask = _rows(is_itd, i["attention_mask"], mask)
+    # ITD shifts the tokens: each keeps its type; an insertion takes the type of the token after it.
+    src = i["source_index"]
+    src = jnp.where(src < 0, jnp.pad(src[:, 1:], ((0, 0), (0, 1)), constant_values=-1), src)
+    itd_types = jnp.where(i["attention_mask"] > 0, jnp.take_along_axis(types, jnp.maximum(src, 0), axis=1), 0)
+    d_types = _rows(is_itd, itd_types, types)
     # G's loss positions (rtd: masks, std: changed positions) and its fill positions (rtd: masks, itd: inserts)
     gen_weights = _rows(is_rtd, r["gen_weights"], _rows(is_std, s["gen_weights"], jnp.zeros_like(inserted)))
     targets = _rows(is_itd, i["gen_input"], ids)
@@ -253,7 +267,7 @@ def run_courses(model, batch: dict, rng: jax.Array, cfg: ObjectiveConfig, row_co
     # One G pass: the loss counts gen_weights, the samples fill fill_weights (both among the p gathered).
     pos = jax.lax.top_k(gen_weights + fill_weights, p)[1]
     take = lambda x: jnp.take_along_axis(x, pos, axis=1)
-    g_logits = generator_logits_at(model, gen_input, d_mask, pos, d_gen)
+    g_logits = generator_logits_at(model, gen_input, d_mask, pos, d_gen, d_types)
     gen = mlm_loss(g_logits, take(targets), take(gen_weights))
     sampled = courses.sample_tokens(k_sample, take(gen_input), g_logits, take(fill_weights) > 0, cfg.temperature,
                                     cfg.banned_ids)
@@ -261,7 +275,7 @@ def run_courses(model, batch: dict, rng: jax.Array, cfg: ObjectiveConfig, row_co
     disc_input = _rows(is_std, s["disc_input"], filled)
     labels = _rows(is_itd, i["inserted"].astype(jnp.int32), (disc_input != ids).astype(jnp.int32))
 
-    d_logits = model.discriminator_logits(disc_input, d_mask, dropout_key=d_disc)
+    d_logits = model.discriminator_logits(disc_input, d_mask, d_types, dropout_key=d_disc)
     disc = rtd_loss(d_logits, labels, d_mask)
     predicted = jax.lax.stop_gradient(d_logits) > 0
     real = d_mask > 0
@@ -282,12 +296,13 @@ def run_courses(model, batch: dict, rng: jax.Array, cfg: ObjectiveConfig, row_co
     regen_w = t["regen_weights"] * regen_rows[:, None]
     redisc_w = t["redisc_weights"] * redisc_rows[:, None]
     p_fix = max(max_positions(cfg.mask_rate, length), max_positions(cfg.swap_rate, length, 2))
-    re_gen = _gated(want_gen, lambda m, x, w, k: _gen_at(m, cfg, x, mask, ids, w, p_fix, k_sample, k, False)[0],
+    re_gen = _gated(want_gen, lambda m, x, w, k: _gen_at(m, cfg, x, mask, types, ids, w, p_fix, k_sample, k, False)[0],
                     model, t["regen_input"], regen_w, d_regen)
-    re_disc = _gated(want_disc, lambda m, x, y, w, k: rtd_loss(m.discriminator_logits(x, mask, dropout_key=k), y, w),
+    re_disc = _gated(want_disc, lambda m, x, y, w, k: rtd_loss(m.discriminator_logits(x, mask, types, dropout_key=k), y, w),
                      model, t["redisc_input"], t["redisc_labels"], redisc_w, d_redisc)
     stats["caught_share"] = _mean(t["replaced_judged_replaced"], real & ~is_itd[:, None])
     tensors = {"gen_input": gen_input, "disc_input": disc_input, "disc_labels": labels, "attention_mask": d_mask,
+               "token_type_ids": d_types,
                "disc_logits": d_logits, "gen_weights": gen_weights, "regen_input": t["regen_input"],
                "regen_weights": regen_w, "redisc_input": t["redisc_input"], "redisc_labels": t["redisc_labels"],
                "redisc_weights": redisc_w}
@@ -352,6 +367,9 @@ def make_objective(cfg: ObjectiveConfig, dynamic: bool = False) -> Callable:
         b = batch["input_ids"].shape[0]
         shape = (1,) if cfg.sampling == "step" else (b,)
         rows = jnp.broadcast_to(jax.random.categorical(k_course, jnp.log(probs), shape=shape), (b,))
+        if cfg.sampling == "all":  # every enabled course on its own copy of the batch
+            batch = tile_batch(batch, len(cfg.courses))
+            rows = jnp.repeat(jnp.asarray([COURSES.index(c) for c in cfg.courses], jnp.int32), b)
         out = run_courses(model, batch, k_run, cfg, rows, switches)
         aux = {f"loss_{k}": v for k, v in out.losses.items()}
         aux.update(out.stats)
@@ -359,6 +377,12 @@ def make_objective(cfg: ObjectiveConfig, dynamic: bool = False) -> Callable:
         return out.total(cfg), aux
 
     return objective
+
+
+def tile_batch(batch: dict, n: int) -> dict:
+    """The model inputs of `batch` (ids, mask, token types when present) repeated n times along the rows."""
+    keys = [k for k in ("input_ids", "attention_mask", "token_type_ids") if k in batch]
+    return {k: jnp.concatenate([batch[k]] * n) for k in keys}
 
 
 def probe_courses(model, batch: dict, rng: jax.Array, cfg: ObjectiveConfig,
@@ -373,7 +397,7 @@ def probe_courses(model, batch: dict, rng: jax.Array, cfg: ObjectiveConfig,
     `nnx.jit(lambda m, b, r: probe_courses(m, b, r, cfg))`.
     """
     n, b = len(course_names), batch["input_ids"].shape[0]
-    tiled = {k: jnp.concatenate([batch[k]] * n) for k in ("input_ids", "attention_mask")}
+    tiled = tile_batch(batch, n)
     rows = jnp.repeat(jnp.asarray([COURSES.index(c) for c in course_names], jnp.int32), b)
     res = run_courses(model, tiled, rng, cfg, rows, (False,) * len(CORRECTIONS), train=False)
     t = res.tensors
