@@ -139,3 +139,58 @@ def test_task_config_errors():
         D.BiosTaskConfig(unanswerable_rate=1.5)
     with pytest.raises(UserInputError, match="has no examples"):
         D.make_task("empty", {"train": []}, None, 16)
+
+
+def test_doc_stride_windows_recover_every_answer_span(tokenizer):
+    """Long contexts split into overlapping windows: every answer lies whole in some window, and that window's
+    target positions read back exactly the answer text; no context token is skipped."""
+    people = WORLD.new[:20]
+    exs = []
+    for i, p in enumerate(people):  # three biographies in a row: far longer than one window
+        own = bios.rich_bio(p, np.random.default_rng(i))
+        prefix = " ".join(bios.rich_bio(q, np.random.default_rng(i)) for q in (people[i - 1], people[i - 2])) + " "
+        context = prefix + own  # the asked person's biography last
+        for attr in bios.ATTRIBUTES[::2]:
+            start = len(prefix) + bios.attribute_spans(own, p)[attr][0]
+            exs.append(SpanExample(f"x{i}-{attr}", f"What is the {attr} of {p.name}?", context,
+                                   (p.attribute(attr),), (start,)))
+    exs.append(SpanExample("none", "Where?", exs[0].context))  # unanswerable
+    max_len, stride = 64, 20
+    arrays, offsets = encode_span_examples(tokenizer, exs, max_len, doc_stride=stride)
+    idx = arrays["example_index"]
+    assert len(idx) > 3 * len(exs) and set(idx.tolist()) == set(range(len(exs)))
+    for e, ex in enumerate(exs):
+        rows = np.flatnonzero(idx == e)
+        n_ctx = len(tokenizer(ex.context, add_special_tokens=False)["input_ids"])
+        covered = {(int(a), int(b)) for r in rows for a, b in offsets[r][arrays["context_mask"][r] > 0]}
+        assert len(covered) == n_ctx  # the windows cover the whole context
+        hits = [r for r in rows if arrays["start_positions"][r] > 0]
+        if ex.is_impossible:
+            assert not hits and not arrays["truncated"][rows].any()
+            continue
+        assert hits, ex.id
+        for r in hits:
+            assert D._span_text(ex, offsets[r], arrays["start_positions"][r], arrays["end_positions"][r]) == ex.answers[0]
+            assert arrays["token_type_ids"][r, arrays["start_positions"][r]] == 1
+        assert all(arrays["truncated"][r] == (r not in hits) for r in rows)
+    with pytest.raises(UserInputError, match="doc_stride=64 exceeds"):
+        encode_span_examples(tokenizer, exs[:1], max_len, doc_stride=64)
+
+
+def test_merge_windows_takes_the_best_span_and_lowest_null():
+    pred = {"start": np.array([5, 7, 9, 4]), "end": np.array([6, 8, 9, 4]), "best": np.array([1.0, 3.0, 2.0, 0.5]),
+            "null": np.array([2.0, 4.0, 1.5, 0.0])}
+    out = D.merge_windows(pred, np.array([0, 0, 0, 1]), 2)
+    assert out["window"].tolist() == [1, 3] and out["start"].tolist() == [7, 4] and out["end"].tolist() == [8, 4]
+    assert out["best"].tolist() == [3.0, 0.5] and out["null"].tolist() == [1.5, 0.0]
+    with pytest.raises(UserInputError, match="have no window"):
+        D.merge_windows(pred, np.array([0, 0, 0, 0]), 2)
+
+
+def test_pair_task_scored_with_its_glue_metric(tokenizer):
+    exs = {"train": [PairExample("a", "alpha", None, 1), PairExample("b", "beta", None, 0)]}
+    assert D.make_task("cola", exs, tokenizer, 16, metric="matthews").metric == "matthews"
+    assert D.make_task("bios_pair", exs, tokenizer, 16).metric == "accuracy"
+    assert D.task_score("pair", {"matthews": 0.25, "score": 0.25}) == 25.0
+    with pytest.raises(UserInputError, match="metric 'bleu'"):
+        D.make_task("x", exs, tokenizer, 16, metric="bleu")

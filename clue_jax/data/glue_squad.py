@@ -19,7 +19,8 @@ byte-level BPE): [BOS] a [EOS] (b [EOS]), token_type 0 for the first segment
 and 1 for the second, right padding to `max_len`. Over-long inputs are cut
 token by token from the longer segment (pairs) or from the end of the context
 (QA; an answer cut off becomes "no answer" for training, and counts as
-truncated); `on_overflow="error"` raises instead.
+truncated), or for QA split into overlapping doc-stride windows
+(`doc_stride`); `on_overflow="error"` raises instead.
 """
 from __future__ import annotations
 
@@ -209,33 +210,44 @@ def encode_pair_examples(tokenizer, examples: Sequence[PairExample], max_len: in
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "labels": labels}
 
 
+def _windows(length: int, room: int, doc_stride: int) -> list[int]:
+    """Start token of each context window: 0, stride, 2*stride, ... until a window reaches the end."""
+    starts = [0]
+    while starts[-1] + room < length:
+        starts.append(starts[-1] + doc_stride)
+    return starts
+
+
 def encode_span_examples(tokenizer, examples: Sequence[SpanExample], max_len: int, *,
-                         on_overflow: str = "truncate") -> tuple[dict[str, np.ndarray], np.ndarray]:
-    """Arrays for span QA and the character offsets to read answers back.
+                         on_overflow: str = "truncate", doc_stride: int = 0) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """Arrays for span QA, one row per context window, and the character offsets to read answers back.
+
+    doc_stride 0: one window per example, the context cut at max_len (an
+    answer cut off becomes "no answer"; on_overflow="error" raises instead).
+    doc_stride > 0 (BERT's doc-stride): a context longer than the room left
+    by the question is split into windows starting every `doc_stride` context
+    tokens (overlapping when doc_stride < room), the last one reaching the
+    end; each window's target is the answer when it lies wholly inside it,
+    else [CLS] (no answer), as in BERT's SQuAD fine-tuning. Predictions are
+    merged per example over its windows (`example_index`).
 
     Returns (arrays, offsets): arrays has input_ids, attention_mask,
     token_type_ids, context_mask (1 where an answer may start or end),
-    start_positions, end_positions ([N]; 0 = [CLS] = no answer) and truncated
-    ([N] 1 where the answer was cut off); offsets [N, max_len, 2] int32 are the
-    character span in the context of each context token, -1 elsewhere. The
-    first answer found at its offset in the context is the training target.
+    start_positions, end_positions ([W]; 0 = [CLS] = no answer), truncated
+    ([W] 1 where the example has an answer that is not inside this window)
+    and example_index ([W], the example each window belongs to); offsets
+    [W, max_len, 2] int32 are the character span in the context of each
+    context token, -1 elsewhere. The first answer found at its offset in the
+    context is the training target.
     """
     _check_overflow(on_overflow)
+    if doc_stride < 0:
+        raise UserInputError(f"doc_stride={doc_stride} must be >= 0")
     cls_id, sep_id, pad_id = _special_ids(tokenizer)
-    n = len(examples)
-    ids = np.full((n, max_len), pad_id, np.int32)
-    mask = np.zeros((n, max_len), np.int32)
-    types = np.zeros((n, max_len), np.int32)
-    ctx_mask = np.zeros((n, max_len), np.int32)
-    starts = np.zeros((n,), np.int32)
-    ends = np.zeros((n,), np.int32)
-    truncated = np.zeros((n,), np.int32)
-    offsets = np.full((n, max_len, 2), -1, np.int32)
-    if not n:
-        return ({"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "context_mask": ctx_mask,
-                 "start_positions": starts, "end_positions": ends, "truncated": truncated}, offsets)
-    q_enc = tokenizer([e.question for e in examples], add_special_tokens=False)["input_ids"]
-    c_enc = tokenizer([e.context for e in examples], add_special_tokens=False, return_offsets_mapping=True)
+    q_enc = tokenizer([e.question for e in examples], add_special_tokens=False)["input_ids"] if examples else []
+    c_enc = (tokenizer([e.context for e in examples], add_special_tokens=False, return_offsets_mapping=True)
+             if examples else {"input_ids": [], "offset_mapping": []})
+    rows = []  # (example index, question ids, context ids, context offsets, window start, kept, answer tokens)
     for i, ex in enumerate(examples):
         q = list(q_enc[i])
         full_ids, full_off = list(c_enc["input_ids"][i]), [tuple(o) for o in c_enc["offset_mapping"][i]]
@@ -244,28 +256,49 @@ def encode_span_examples(tokenizer, examples: Sequence[SpanExample], max_len: in
             raise UserInputError(f"example {ex.id!r}: question alone has {len(q)} tokens (max_len {max_len})")
         if len(full_ids) > room and on_overflow == "error":
             raise UserInputError(f"example {ex.id!r} has {len(q) + len(full_ids) + 3} tokens (max_len {max_len})")
-        kept = min(len(full_ids), room)
-        base = len(q) + 2  # [CLS] q [SEP]
-        seq = [cls_id] + q + [sep_id] + full_ids[:kept] + [sep_id]
-        ids[i, :len(seq)] = seq
-        mask[i, :len(seq)] = 1
-        types[i, base:len(seq)] = 1
-        ctx_mask[i, base:base + kept] = 1
-        if kept:
-            offsets[i, base:base + kept] = np.asarray(full_off[:kept], np.int32)
+        if doc_stride > room:
+            raise UserInputError(f"doc_stride={doc_stride} exceeds the {room} context tokens a window of example "
+                                 f"{ex.id!r} holds: part of the context would be skipped")
+        answer = None
         for text, start in zip(ex.answers, ex.answer_starts):
             end = start + len(text)
             if not text or start < 0 or ex.context[start:end] != text:
                 continue  # not at its offset in this context (only seen in mock data)
             first = next((j for j, (a, b) in enumerate(full_off) if b > start), None)
             last = next((j for j in range(len(full_off) - 1, -1, -1) if full_off[j][0] < end), None)
-            if first is None or last is None or last < first:
-                continue
-            if last >= kept:
-                truncated[i] = 1  # the answer lies (partly) in the cut-off context: "no answer" for training
+            if first is not None and last is not None and last >= first:
+                answer = (first, last)
+                break
+        starts = _windows(len(full_ids), room, doc_stride) if doc_stride else [0]
+        for w in starts:
+            rows.append((i, q, full_ids, full_off, w, min(len(full_ids) - w, room), answer))
+    n = len(rows)
+    ids = np.full((n, max_len), pad_id, np.int32)
+    mask = np.zeros((n, max_len), np.int32)
+    types = np.zeros((n, max_len), np.int32)
+    ctx_mask = np.zeros((n, max_len), np.int32)
+    starts_a = np.zeros((n,), np.int32)
+    ends_a = np.zeros((n,), np.int32)
+    truncated = np.zeros((n,), np.int32)
+    example_index = np.zeros((n,), np.int32)
+    offsets = np.full((n, max_len, 2), -1, np.int32)
+    for r, (i, q, full_ids, full_off, w, kept, answer) in enumerate(rows):
+        base = len(q) + 2  # [CLS] q [SEP]
+        seq = [cls_id] + q + [sep_id] + full_ids[w:w + kept] + [sep_id]
+        ids[r, :len(seq)] = seq
+        mask[r, :len(seq)] = 1
+        types[r, base:len(seq)] = 1
+        ctx_mask[r, base:base + kept] = 1
+        example_index[r] = i
+        if kept:
+            offsets[r, base:base + kept] = np.asarray(full_off[w:w + kept], np.int32)
+        if answer is not None:
+            first, last = answer
+            if first >= w and last < w + kept:
+                starts_a[r], ends_a[r] = base + first - w, base + last - w
             else:
-                starts[i], ends[i] = base + first, base + last
-            break
+                truncated[r] = 1  # the answer lies (partly) outside this window: "no answer" for training
     arrays = {"input_ids": ids, "attention_mask": mask, "token_type_ids": types, "context_mask": ctx_mask,
-              "start_positions": starts, "end_positions": ends, "truncated": truncated}
+              "start_positions": starts_a, "end_positions": ends_a, "truncated": truncated,
+              "example_index": example_index}
     return arrays, offsets

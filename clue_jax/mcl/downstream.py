@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import os
 import shutil
 from typing import Sequence
@@ -63,7 +62,7 @@ log = logging.getLogger("clue_jax")
 
 __all__ = ["BiosTaskConfig", "BIO_STYLES", "bio_style", "bios_context", "bios_qa_examples", "bios_pair_examples", "builtin_tasks", "Task",
            "make_task", "SpanQAModel", "SequenceClassifier", "finetune_model", "span_qa_objective",
-           "classification_objective", "predict_spans", "evaluate_span_task", "evaluate_pair_task", "finetune",
+           "classification_objective", "predict_spans", "evaluate_span_task", "evaluate_pair_task", "merge_windows", "finetune",
            "evaluate", "task_score"]
 
 _NO_ANSWER = ""
@@ -221,19 +220,29 @@ def builtin_tasks(people_by_split: dict[str, Sequence[bios.Person]], cfg: BiosTa
 
 @dataclasses.dataclass
 class Task:
-    """A downstream task, encoded: kind "span" (QA) or "pair" (classification; num_labels 1 = regression)."""
+    """A downstream task, encoded: kind "span" (QA) or "pair" (classification; num_labels 1 = regression).
+
+    Span tasks hold one array row per context window (`example_index` maps
+    windows to examples); `metric` names a pair task's GLUE metric
+    (`clue_jax.eval.metrics.GLUE_METRICS`).
+    """
 
     name: str
     kind: str
     num_labels: int
     examples: dict[str, list]
     arrays: dict[str, dict[str, np.ndarray]]
-    offsets: dict[str, np.ndarray]  # span tasks: [N, T, 2] character offsets per split
+    offsets: dict[str, np.ndarray]  # span tasks: [W, T, 2] character offsets per split
+    metric: str = "accuracy"
 
 
 def make_task(name: str, examples: dict[str, list], tokenizer, max_len: int, *, num_labels: int = 2,
-              on_overflow: str = "truncate") -> Task:
-    """Encodes every split; the kind follows the example type (SpanExample -> span, PairExample -> pair)."""
+              on_overflow: str = "truncate", doc_stride: int = 0, metric: str | None = None) -> Task:
+    """Encodes every split; the kind follows the example type (SpanExample -> span, PairExample -> pair).
+
+    doc_stride: span tasks' window step (0 = one window, the context cut);
+    metric: a pair task's GLUE metric (default accuracy, Pearson for regression).
+    """
     first = next((ex for exs in examples.values() for ex in exs), None)
     if first is None:
         raise UserInputError(f"task {name!r} has no examples")
@@ -241,11 +250,15 @@ def make_task(name: str, examples: dict[str, list], tokenizer, max_len: int, *, 
     arrays, offsets = {}, {}
     for split, exs in examples.items():
         if kind == "span":
-            arrays[split], offsets[split] = encode_span_examples(tokenizer, exs, max_len, on_overflow=on_overflow)
+            arrays[split], offsets[split] = encode_span_examples(tokenizer, exs, max_len, on_overflow=on_overflow,
+                                                                 doc_stride=doc_stride)
         else:
             arrays[split] = encode_pair_examples(tokenizer, exs, max_len, on_overflow=on_overflow,
                                                  regression=num_labels == 1)
-    return Task(name, kind, 1 if kind == "span" else num_labels, dict(examples), arrays, offsets)
+    metric = metric or ("pearson" if num_labels == 1 else "accuracy")
+    if metric not in qa_metrics.GLUE_METRICS:
+        raise UserInputError(f"task {name!r}: metric {metric!r} is not one of {sorted(qa_metrics.GLUE_METRICS)}")
+    return Task(name, kind, 1 if kind == "span" else num_labels, dict(examples), arrays, offsets, metric)
 
 
 # ----------------------------------------------------------------------------- models and objectives
@@ -368,6 +381,21 @@ def predict_spans(model, arrays: dict[str, np.ndarray], batch_size: int = 64,
     return {k: np.concatenate(v) if v else np.zeros((0,)) for k, v in out.items()}
 
 
+def merge_windows(pred: dict[str, np.ndarray], example_index: np.ndarray, n: int) -> dict[str, np.ndarray]:
+    """Per example, from per-window predictions: the window with the best span score (its start, end, best)
+    and the minimum null score over the example's windows; "window" = the chosen window's row."""
+    example_index = np.asarray(example_index).reshape(-1)
+    if np.setdiff1d(np.arange(n), example_index).size:
+        raise UserInputError(f"merge_windows: some of the {n} examples have no window")
+    best = np.asarray(pred["best"], np.float64)
+    order = np.lexsort((-best, example_index))  # by example, best window first
+    first = order[np.searchsorted(example_index[order], np.arange(n))]
+    null = np.full(n, np.inf)
+    np.minimum.at(null, example_index, np.asarray(pred["null"], np.float64))
+    return {"start": pred["start"][first], "end": pred["end"][first], "best": best[first], "null": null,
+            "window": first}
+
+
 def _span_text(example: SpanExample, offsets: np.ndarray, start: int, end: int) -> str:
     a, b = int(offsets[start, 0]), int(offsets[end, 1])
     if a < 0 or b < 0:
@@ -403,10 +431,14 @@ def evaluate_span_task(model, task: Task, split: str, threshold: float | None = 
     """SQuAD 2.0 metrics on `split` (fractions): exact_match, f1, has_ans_f1, no_ans_accuracy, threshold.
 
     threshold None: chosen on this split (use on dev, then pass it for test).
+    An example split into windows takes the span of its best-scoring window
+    and its lowest null score (the usual doc-stride merge).
     """
     exs, offsets = task.examples[split], task.offsets[split]
-    pred = predict_spans(model, task.arrays[split], batch_size, max_answer_tokens)
-    texts = [_span_text(ex, offsets[i], int(pred["start"][i]), int(pred["end"][i])) for i, ex in enumerate(exs)]
+    pred = merge_windows(predict_spans(model, task.arrays[split], batch_size, max_answer_tokens),
+                         task.arrays[split]["example_index"], len(exs))
+    texts = [_span_text(ex, offsets[w], int(pred["start"][i]), int(pred["end"][i]))
+             for i, (ex, w) in enumerate(zip(exs, pred["window"]))]
     span_em = np.array([qa_metrics.exact_match(t, _golds(ex)) for t, ex in zip(texts, exs)])
     span_f1 = np.array([qa_metrics.token_f1(t, _golds(ex)) for t, ex in zip(texts, exs)])
     impossible = np.array([ex.is_impossible for ex in exs])
@@ -427,37 +459,23 @@ def evaluate_span_task(model, task: Task, split: str, threshold: float | None = 
 
 
 def evaluate_pair_task(model, task: Task, split: str, batch_size: int = 64) -> dict:
-    """accuracy (and binary f1 / matthews; pearson and spearman for regression), as fractions."""
+    """The GLUE metrics of `task.metric` (fractions), their mean "score", and count."""
     keys = ("input_ids", "attention_mask", "token_type_ids")
     arrays = task.arrays[split]
     logits = [np.asarray(_class_logits(model, *(jnp.asarray(c[k]) for k in keys)))[:real]
               for c, real in _batches(arrays, keys, batch_size)]
     logits = np.concatenate(logits) if logits else np.zeros((0, task.num_labels))
     labels = arrays["labels"]
-    if task.num_labels == 1:
-        from scipy import stats
-
-        pred = logits[:, 0]
-        return {"pearson": float(stats.pearsonr(pred, labels)[0]), "spearman": float(stats.spearmanr(pred, labels)[0]),
-                "count": int(len(labels))}
-    pred = logits.argmax(-1)
-    out = {"accuracy": float(np.mean(pred == labels)) if len(labels) else math.nan, "count": int(len(labels))}
-    if task.num_labels == 2 and len(labels):
-        tp = float(np.sum((pred == 1) & (labels == 1)))
-        fp = float(np.sum((pred == 1) & (labels == 0)))
-        fn = float(np.sum((pred == 0) & (labels == 1)))
-        tn = float(np.sum((pred == 0) & (labels == 0)))
-        out["f1"] = 2 * tp / max(2 * tp + fp + fn, 1.0)
-        denom = math.sqrt((tp + fp) * (tp + fn) * (tn + fp) * (tn + fn))
-        out["matthews"] = (tp * tn - fp * fn) / denom if denom else 0.0
+    out = qa_metrics.glue_metrics(task.metric, logits[:, 0] if task.num_labels == 1 else logits.argmax(-1), labels)
+    out["count"] = int(len(labels))
     return out
 
 
 def task_score(task_kind: str, result: dict) -> float:
-    """One number per task, in percent: F1 for QA, accuracy for classification, Pearson for regression."""
+    """One number per task, in percent: F1 for QA, else the GLUE score of the task's metric(s)."""
     if task_kind == "span":
         return 100.0 * result["f1"]
-    return 100.0 * result.get("accuracy", result.get("pearson", math.nan))
+    return 100.0 * result["score"]
 
 
 # ----------------------------------------------------------------------------- fine-tuning
