@@ -149,6 +149,36 @@ def world_people(config) -> dict[str, list[bios.Person]]:
             "test": new[d.train_people + d.dev_people:need]}
 
 
+def two_segments(text: str) -> tuple[str, str | None]:
+    """A text split at the sentence boundary nearest its middle (segment A, segment B); one sentence: (text, None)."""
+    cuts = [i + 2 for i in range(len(text) - 2) if text[i] in ".!?" and text[i + 1] == " "]
+    if not cuts:
+        return text, None
+    cut = min(cuts, key=lambda c: abs(2 * c - len(text)))
+    return text[:cut].rstrip(), text[cut:]
+
+
+def encode_corpus(tokenizer, texts, seq_len: int, segments: int) -> dict[str, np.ndarray]:
+    """Pre-training rows: segments 1 = [CLS] text [SEP] (type 0); 2 = [CLS] A [SEP] B [SEP] with B of
+    type 1, as fine-tuning's pairs. Over-long rows are cut (segments 2: longest segment first, both [SEP] kept)."""
+    if segments == 1:
+        ids, mask = encode_batch(tokenizer, texts, seq_len, add_bos=True, add_eos=True, on_overflow="truncate")
+        return {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+    if segments != 2:
+        raise UserInputError(f"corpus.segments={segments} must be 1 or 2")
+    pairs = [glue_squad.PairExample(str(i), *two_segments(t), label=0) for i, t in enumerate(texts)]
+    arrays = glue_squad.encode_pair_examples(tokenizer, pairs, seq_len)
+    return {k: arrays[k] for k in ("input_ids", "attention_mask", "token_type_ids")}
+
+
+def itd_capped_share(corpus: dict[str, np.ndarray], insert_rate: float, special: tuple[int, ...]) -> float:
+    """Share of corpus rows with less free padding than the insertions ITD asks for (those get fewer)."""
+    mask = corpus["attention_mask"] > 0
+    free = (mask & ~np.isin(corpus["input_ids"], special)).sum(-1)
+    wanted = np.maximum(np.round(insert_rate * free), 1)
+    return float(np.mean(mask.shape[1] - mask.sum(-1) < wanted))
+
+
 def pretraining_texts(people, bios_per_person: int, seed: int, style: dict) -> list[str]:
     """`bios_per_person` biographies per person in `style` (all six attributes), in person order."""
     texts = []
@@ -173,6 +203,8 @@ class Context:
     tasks: list[downstream.Task]
     tasks_fp: str
     notes: list[str]
+    heldout: dict[str, np.ndarray] | None = None  # held-out text for the detection AUC (intrinsic.enabled)
+    reference: dict[str, np.ndarray] | None = None  # heldout corrupted by the reference generator, with labels
 
 
 def objective_config(config, tokenizer, courses, corrections) -> mcl_objective.ObjectiveConfig:
@@ -197,11 +229,11 @@ def _real_tasks(config, tokenizer, max_len: int, notes: list[str]) -> list[downs
                     raise UserInputError(f"real_tasks.glue contains {name!r}; valid: {sorted(glue_squad.GLUE_TASKS)}")
                 train = glue_squad.load_glue(name, "train", data_dir, limit=r.limit_train + r.dev_size)
                 test = glue_squad.load_glue(name, "dev", data_dir, limit=r.limit_eval)
-                num_labels = spec.num_labels
+                num_labels, metric, stride = spec.num_labels, spec.metric, 0
             else:
                 train = glue_squad.load_squad_v2("train", data_dir, limit=r.limit_train + r.dev_size)
                 test = glue_squad.load_squad_v2("validation", data_dir, limit=r.limit_eval)
-                num_labels = 1
+                num_labels, metric, stride = 1, None, int(r.get("doc_stride", 0))
         except glue_squad.DataNotPrepared as err:
             notes.append(f"{name}: skipped, data not present ({err})")
             log.info("real task %s skipped: data not present", name)
@@ -210,7 +242,8 @@ def _real_tasks(config, tokenizer, max_len: int, notes: list[str]) -> list[downs
             notes.append(f"{name}: skipped, only {len(train)} training examples")
             continue
         splits = {"train": train[:-r.dev_size], "dev": train[-r.dev_size:], "test": test}
-        tasks.append(downstream.make_task(name, splits, tokenizer, max_len, num_labels=num_labels))
+        tasks.append(downstream.make_task(name, splits, tokenizer, max_len, num_labels=num_labels, metric=metric,
+                                          doc_stride=stride))
     return tasks
 
 
@@ -236,24 +269,31 @@ def prepare(config, workdir: str) -> Context:
     if c.seq_len > disc_cfg.max_len or config.downstream.max_len > disc_cfg.max_len:
         raise UserInputError(f"corpus.seq_len={c.seq_len} and downstream.max_len={config.downstream.max_len} must be "
                              f"<= model.max_len={disc_cfg.max_len}")
-    # Over-long documents are cut (pre-training only; a cut one loses its [SEP]).
-    ids, mask = encode_batch(tokenizer, texts, c.seq_len, add_bos=True, add_eos=True, on_overflow="truncate")
-    order = np.random.default_rng([config.seed, 41]).permutation(len(ids))
-    corpus = {"input_ids": ids[order], "attention_mask": mask[order]}
-    probe_n = min(c.num_probe, len(ids))
+    encoded = encode_corpus(tokenizer, texts, c.seq_len, int(c.get("segments", 1)))
+    order = np.random.default_rng([config.seed, 41]).permutation(len(texts))
+    corpus = {k: v[order] for k, v in encoded.items()}
+    probe_n = min(c.num_probe, len(texts))
     probe = {k: v[:probe_n] for k, v in corpus.items()}
     d = config.downstream
     task_cfg = downstream.BiosTaskConfig(qa_per_person=d.qa_per_person, pair_per_person=d.pair_per_person,
                                          unanswerable_rate=d.unanswerable_rate, drop_max=d.drop_max,
                                          style=style, seed=config.seed)
     examples = downstream.builtin_tasks({s: people[s] for s in ("train", "dev", "test")}, task_cfg)
-    tasks = [downstream.make_task(name, exs, tokenizer, d.max_len, on_overflow="error")
-             for name, exs in examples.items()]
+    wanted = tuple(d.get("tasks", tuple(examples)))
+    for name in wanted:
+        if name not in examples:
+            raise UserInputError(f"downstream.tasks contains {name!r}; valid: {sorted(examples)}")
+    tasks = [downstream.make_task(name, examples[name], tokenizer, d.max_len, on_overflow="error")
+             for name in wanted]
     notes: list[str] = []
     tasks += _real_tasks(config, tokenizer, d.max_len, notes)
     tasks_fp = fingerprint([(t.name, {s: _arrays_fp(a) for s, a in t.arrays.items()}) for t in tasks])
+    heldout = None
+    if config.get("intrinsic", {}).get("enabled", False):
+        texts_h = pretraining_texts(people["test"], 1, config.seed + 7, style)[:int(config.intrinsic.num_rows)]
+        heldout = encode_corpus(tokenizer, texts_h, c.seq_len, int(c.get("segments", 1)))
     return Context(config, workdir, mesh, stages, tokenizer, disc_cfg, gen_cfg, corpus, _arrays_fp(corpus),
-                   probe, tasks, tasks_fp, notes)
+                   probe, tasks, tasks_fp, notes, heldout)
 
 
 def _arrays_fp(arrays: dict) -> str:
@@ -450,8 +490,9 @@ def soup_arms(ctx: Context, seed: int, ingredients: dict[str, dict]) -> dict:
                                    order_by=[scored[n]["score_dev"] for n in names])
         out["greedy"] = dict(evaluate_soup(greedy.soup, "greedy"), chosen=[names[i] for i in greedy.chosen],
                              trials=[(names[i], s, k) for i, s, k in greedy.scores.trials])
-    if "weighted" in config.soups.kinds:  # weights = the ingredients' dev scores
-        w = [max(scored[n]["score_dev"], 0.0) for n in names]
+    if "weighted" in config.soups.kinds:  # weights from the ingredients' dev scores (raw ones are ~uniform)
+        w = soups.score_weights([scored[n]["score_dev"] for n in names], config.soups.get("weighting", "softmax"),
+                                float(config.soups.get("tau", 1.0)))
         out["weighted"] = dict(evaluate_soup(soups.weighted_soup(states, w), "weighted"), weights=w)
     return out
 
