@@ -28,7 +28,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # style (clue_jax.mcl.downstream.BIO_STYLES): "paper" (one template per attribute, fixed order: what tiny
     # CPU models learn within this step budget), "single_template" (+ the name repeated: longer sequences) or
     # "rich" (bioS paraphrases, shuffled: far slower to learn). The downstream contexts use the same style.
-    c.corpus = dict(style="paper", bios_per_person=1, seq_len=80, num_probe=64)
+    # segments 2: [CLS] A [SEP] B [SEP], B of token type 1, as fine-tuning's pairs
+    c.corpus = dict(style="paper", bios_per_person=1, seq_len=80, num_probe=64, segments=2)
     c.tokenizer = dict(vocab_size=1024)
     c.model = dict(hidden_size=64, embedding_size=64, num_layers=2, num_heads=4, intermediate_size=256, max_len=128,
                    dropout=0.1)
@@ -42,14 +43,21 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                               weight_decay=0.01, log_every=50, checkpoint_every=100000)
     c.probe_every = 30  # label-share probe interval (steps)
     c.curve = dict(arms=("electra", "mcl"), fractions=(0.5,))  # + the final step
+    # weighted soup: softmax(dev score / tau) ("softmax") or score - min ("min_subtracted")
     c.soups = dict(enabled=True, warmup_arm="all3", warmup_fraction=0.5, kinds=("uniform", "greedy"),
+                   weighting="softmax", tau=1.0,
                    ingredients=dict(re_rtd=ALL_CORRECTIONS[:2], re_std=ALL_CORRECTIONS[2:], re_all=ALL_CORRECTIONS))
     c.downstream = dict(train_people=400, dev_people=100, test_people=200, qa_per_person=2, pair_per_person=2,
-                        unanswerable_rate=1 / 3, drop_max=1, max_len=120, max_answer_tokens=16, eval_batch=100)
+                        unanswerable_rate=1 / 3, drop_max=1, max_len=120, max_answer_tokens=16, eval_batch=100,
+                        tasks=("bios_qa", "bios_pair"))
     c.finetune = train_config(steps=150, batch_size=32, lr=1e-3, warmup_steps=15, schedule="linear",
                               weight_decay=0.01, log_every=50, checkpoint_every=100000)
     # Real tasks, used when their tfds data is prepared in data_dir (else noted in the report and skipped).
-    c.real_tasks = dict(glue=(), squad=False, data_dir="", limit_train=2000, dev_size=200, limit_eval=1000)
+    c.real_tasks = dict(glue=(), squad=False, data_dir="", limit_train=2000, dev_size=200, limit_eval=1000,
+                        doc_stride=64)  # SQuAD: context windows every doc_stride tokens
+    c.random_init = False  # also fine-tune a randomly initialised pair (the no-pre-training floor)
+    # detection AUC of every D on held-out text corrupted once by reference_arm's generator (first seed)
+    c.intrinsic = dict(enabled=False, reference_arm="electra", num_rows=256, seed=0)
     c.mesh = dict(shape=(-1, 1, 1), dcn_shape=())  # dcn_shape: slices/nodes per axis, () = data first
     c.compile_cache_dir = ""  # persistent XLA cache; "" = workdir/jax_cache, "off" = none
 
@@ -68,6 +76,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.soups.ingredients = dict(re_rtd=ALL_CORRECTIONS[:2], re_std=ALL_CORRECTIONS[2:])
         c.downstream.update(train_people=16, dev_people=6, test_people=8, max_len=192, eval_batch=16)
         c.finetune.update(steps=2, batch_size=8, warmup_steps=1, log_every=1)
+        c.objective.sampling = "all"
+        c.random_init = True
+        c.intrinsic.update(enabled=True, num_rows=8)
     elif variant:
         raise ValueError(f"unknown variant {variant!r} for configs/mcl_tiny.py (have: tiny)")
     return c

@@ -31,16 +31,25 @@ def test_tiny_pipeline_end_to_end(tmp_path):
         assert [p["step"] for p in probes] == [2, 4]  # every probe_every steps
         for course in ("rtd", "std", "itd"):
             assert 0.0 < probes[-1][f"{course}/replaced_share"] < 1.0
+    # the references: a random-init pair fine-tuned, and every D's detection AUC on one fixed corruption
+    assert set(summary["arms"]["random"]["0"]["tasks"]) == {"bios_qa", "bios_pair"}
+    assert set(summary["intrinsic"]) == {"electra", "all3", "mcl", "random"}
+    assert set(summary["intrinsic"]["mcl"]["0"]) == {"2", "4"} and set(summary["intrinsic"]["random"]["0"]) == {"0"}
+    assert all(0.0 <= v <= 1.0 for per in summary["intrinsic"].values() for v in per["0"].values())
+    assert summary["setup"]["segments"] == 2 and 0.0 <= summary["setup"]["itd_capped_share"] <= 1.0
+    assert summary["probes"]["mcl"]["0"] and summary["setup"]["objective"]["sampling"] == "all"
     soup = summary["soups"]["0"]
     assert set(soup["ingredients"]) == {"re_rtd", "re_std"}
     assert {"uniform", "greedy"} <= set(soup) and soup["greedy"]["chosen"]
     assert set(summary["curves"]["mcl"]["0"]) == {"2", "4"}  # an intermediate snapshot and the final step
-    assert set(summary["claims"]["courses_vs_electra"]) == {"all3", "mcl"}
+    assert set(summary["claims"]["courses_vs_electra"]) == {"all3", "mcl", "random"}
+    assert set(summary["claims"]["auc_vs_electra"]["mcl"]) == {"2", "4"}
     assert "uniform_reaches_mean" in summary["claims"]["soups"]["0"]
 
     report = (workdir / "mcl_report.md").read_text()
     assert "## Claims, as measured" in report and "ELECTRA at equal steps (4)" in report
     assert "uniform soup" in report and "mean of its ingredients" in report
+    assert "## Detection AUC on a fixed reference corruption" in report and "HasAns F1" in report
     for png in ("replaced_share.png", "score_vs_steps.png"):
         assert (workdir / png).stat().st_size > 1000
 

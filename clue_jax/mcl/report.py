@@ -7,7 +7,13 @@ way they go:
   the paired (same seed) difference in downstream test score against ELECTRA,
   with the number of seeds where the arm is ahead;
 - "the soup reaches the mean of its ingredients": per seed, the uniform (and
-  greedy) soup's test score against the mean of its ingredients' scores.
+  greedy) soup's test score against the mean of its ingredients' scores;
+- the intrinsic comparison: per arm and step, the paired difference in
+  detection AUC (each D on one fixed reference corruption of held-out text)
+  against ELECTRA.
+The per-course label shares are reported as measured, without a claim: STD
+and ITD fix their share of changed tokens by construction (a permutation and
+a count of insertions), so their steadiness says nothing about the method.
 """
 from __future__ import annotations
 
@@ -54,6 +60,20 @@ def claims(summary: dict, arms: Sequence[str]) -> dict:
             "seeds_ahead": int(sum(d > 0 for d in diffs)), "seeds": len(diffs),
             "beats": bool(np.mean(diffs) > 0),
         }
+    base_auc = summary.get("intrinsic", {}).get("electra", {})
+    for arm in arms:
+        mine = summary.get("intrinsic", {}).get(arm, {})
+        if arm == "electra" or not base_auc or not mine:
+            continue
+        steps = sorted({s for per in mine.values() for s in per} & {s for per in base_auc.values() for s in per},
+                       key=int)
+        for step in steps:
+            diffs = [mine[sd][step] - base_auc[sd][step] for sd in sorted(set(mine) & set(base_auc))
+                     if step in mine[sd] and step in base_auc[sd]]
+            out.setdefault("auc_vs_electra", {}).setdefault(arm, {})[step] = {
+                "mean_diff": float(np.mean(diffs)),
+                "std_diff": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0,
+                "seeds_ahead": int(sum(d > 0 for d in diffs)), "seeds": len(diffs)}
     for seed, soup in summary.get("soups", {}).items():
         ing = {n: r["score_test"] for n, r in soup["ingredients"].items()}
         entry = {"ingredient_mean": float(np.mean(list(ing.values()))), "best_ingredient": max(ing.values())}
@@ -150,11 +170,10 @@ def _task_columns(summary: dict) -> list[tuple[str, str, str]]:
         test = res["test"]
         if "f1" in test and "no_ans_accuracy" in test:
             cols += [(f"{task} EM", task, "exact_match"), (f"{task} F1", task, "f1"),
-                     (f"{task} NoAns acc", task, "no_ans_accuracy")]
-        elif "accuracy" in test:
-            cols.append((f"{task} acc", task, "accuracy"))
-        else:
-            cols.append((f"{task} pearson", task, "pearson"))
+                     (f"{task} HasAns F1", task, "has_ans_f1"), (f"{task} NoAns acc", task, "no_ans_accuracy")]
+        else:  # a pair task: its GLUE metric(s)
+            cols += [(f"{task} {m}", task, m) for m in ("accuracy", "f1", "matthews", "pearson", "spearman")
+                     if m in test]
     return cols
 
 
@@ -189,7 +208,8 @@ def render_table(summary: dict, arms: Sequence[str], labels: dict | None = None)
             res = [s[kind] for s in soups.values() if kind in s]
             if res:
                 rows.append(_row(f"{kind} soup", res, cols))
-    return ("Downstream test scores in %, mean ± std over seeds (score = mean over tasks of QA F1 / accuracy):\n"
+    return ("Downstream test scores in %, mean ± std over seeds (score = mean over tasks of QA F1 / the task's "
+            "GLUE score):\n"
             + format_table(rows, header))
 
 
@@ -205,6 +225,15 @@ def _claim_lines(summary: dict, arms: Sequence[str], labels: dict) -> list[str]:
         lines.append(f"- {labels.get(arm, arm)} {verdict} ELECTRA at equal steps ({steps}): mean paired difference "
                      f"{r['mean_diff']:+.2f} ± {r['std_diff']:.2f} points, ahead on {r['seeds_ahead']} of "
                      f"{r['seeds']} seeds.")
+    for arm, per_step in c.get("auc_vs_electra", {}).items():
+        for step, r in per_step.items():
+            if within_seed_spread(r["mean_diff"], r["std_diff"], r["seeds"]):
+                verdict = "is not clearly different from"
+            else:
+                verdict = "detects better than" if r["mean_diff"] > 0 else "detects worse than"
+            lines.append(f"- Detection AUC at step {step}: {labels.get(arm, arm)} {verdict} ELECTRA: mean paired "
+                         f"difference {r['mean_diff']:+.4f} ± {r['std_diff']:.4f}, ahead on {r['seeds_ahead']} of "
+                         f"{r['seeds']} seeds.")
     for kind in ("uniform", "greedy", "weighted"):
         r = c.get(f"{kind}_soup_reaches_mean")
         if r:
@@ -239,7 +268,10 @@ def render(summary: dict, arms: Sequence[str], labels: dict | None = None) -> st
         f"{setup.get('seeds')}. Discriminator hidden {setup.get('discriminator', {}).get('hidden_size')} x "
         f"{setup.get('discriminator', {}).get('num_layers')} layers, generator hidden "
         f"{setup.get('generator', {}).get('hidden_size')}. Soup ingredients branch from the "
-        f"{labels.get('all3', 'all3')} run at step {setup.get('warmup_step')}.",
+        f"{labels.get('all3', 'all3')} run at step {setup.get('warmup_step')}. Course sampling "
+        f"{setup.get('objective', {}).get('sampling')!r}; {setup.get('segments', 1)} segment(s) per row (segment B "
+        f"token type 1); ITD rows with less padding than their insertions (those get fewer): "
+        f"{100 * setup.get('itd_capped_share', float('nan')):.1f}%.",
         f"Downstream: {', '.join(summary.get('tasks', []))}; sizes {setup.get('task_sizes')}; "
         f"{setup.get('finetune_steps')} fine-tuning steps per task.", "",
         "## Results", "", render_table(summary, arms, labels), "",
@@ -265,11 +297,23 @@ def render(summary: dict, arms: Sequence[str], labels: dict | None = None) -> st
         rows = [[labels.get(arm, arm)] + [mean_std([pts[str(s)] for pts in per.values() if str(s) in pts])
                                           for s in steps] for arm, per in curves.items()]
         lines += [format_table(rows, header), "", "![score against steps](score_vs_steps.png)", ""]
+    intr = summary.get("intrinsic", {})
+    if intr:
+        lines += ["## Detection AUC on a fixed reference corruption", "",
+                  f"Held-out biographies ({setup.get('heldout_rows')} rows, people never in pre-training) corrupted "
+                  "once by one fixed reference generator; each discriminator scores the same tokens (ROC AUC, "
+                  "mean ± std over seeds; 0.5 = chance).", ""]
+        steps = sorted({s for per in intr.values() for pts in per.values() for s in pts}, key=int)
+        header = ["model"] + [f"step {s}" for s in steps]
+        rows = [[labels.get(arm, arm)] + [mean_std([pts[s] for pts in per.values() if s in pts], 4) for s in steps]
+                for arm, per in intr.items()]
+        lines += [format_table(rows, header), ""]
     probe = _probe_table(summary, arms, labels)
     if probe:
         lines += ["## Share of 'replaced' labels over training, per course", "",
                   "Measured on a fixed probe batch with fixed corruption draws (only G changes), for every course "
-                  "whether or not the model trains with it; mean over seeds.", "", probe, "",
+                  "whether or not the model trains with it; mean over seeds. STD's and ITD's shares are fixed by "
+                  "construction, so only RTD's tracks the generator.", "", probe, "",
                   "![replaced share](replaced_share.png)", ""]
     if summary.get("notes"):
         lines += ["## Notes", "", *[f"- {n}" for n in summary["notes"]], ""]

@@ -49,7 +49,7 @@ from clue_jax.data import bios, glue_squad
 from clue_jax.data.batching import ArrayBatchSource
 from clue_jax.data.tokenizer import encode_batch, load_tokenizer, train_bpe_tokenizer
 from clue_jax.errors import UserInputError
-from clue_jax.mcl import downstream, objective as mcl_objective, report, soups
+from clue_jax.mcl import downstream, intrinsic, objective as mcl_objective, report, soups
 from clue_jax.models.encoder import ElectraPair, EncoderConfig, generator_config
 from clue_jax.pipelines import common
 from clue_jax.pipelines.stages import Stages, fingerprint
@@ -65,7 +65,8 @@ ARMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "all3": (("rtd", "std", "itd"), ()),
     "mcl": (("rtd", "std", "itd"), mcl_objective.CORRECTIONS),
 }
-ARM_LABELS = {"electra": "ELECTRA (RTD)", "std": "+STD", "itd": "+ITD", "all3": "RTD+STD+ITD", "mcl": "MCL"}
+ARM_LABELS = {"electra": "ELECTRA (RTD)", "std": "+STD", "itd": "+ITD", "all3": "RTD+STD+ITD", "mcl": "MCL",
+              "random": "random init (no pre-training)"}
 
 
 # ------------------------------------------------------------------ model io
@@ -497,6 +498,32 @@ def soup_arms(ctx: Context, seed: int, ingredients: dict[str, dict]) -> dict:
     return out
 
 
+# ------------------------------------------------------------------ references
+def random_init_arm(ctx: Context, seed: int) -> dict:
+    """A freshly initialised pair (no pre-training): the floor every pre-trained arm is read against."""
+    def run(d):
+        save_pair(create_pair(ctx.disc_cfg, ctx.gen_cfg, seed, ctx.mesh), os.path.join(d, "model"))
+        return {"model_dir": os.path.join(d, "model")}
+
+    inputs = {"model": ctx.config.model.to_dict(), "generator": ctx.config.generator.to_dict(), "seed": seed,
+              "vocab": len(ctx.tokenizer)}
+    return ctx.stages.run(f"random_s{seed}", inputs, run)
+
+
+def detection_aucs(ctx: Context, pre: dict, arm: str, seed: int) -> dict[str, float]:
+    """{step: D's detection AUC on the reference corruption} at the arm's snapshots and its final step.
+
+    The reference corruption is built once, by the generator of intrinsic.reference_arm at the first seed.
+    """
+    i = ctx.config.intrinsic
+    if ctx.reference is None:
+        ref_pair = load_pair(pre[i.reference_arm]["model_dir"], ctx.mesh)
+        cfg = objective_config(ctx.config, ctx.tokenizer, ("rtd",), ())
+        ctx.reference = intrinsic.reference_corruption(ref_pair, ctx.heldout, cfg, seed=int(i.seed))
+    dirs = dict(pre[arm].get("snapshots", {}), **{str(pre[arm].get("steps", 0)): pre[arm]["model_dir"]})
+    return {step: intrinsic.detection_auc(load_pair(d, ctx.mesh), ctx.reference) for step, d in dirs.items()}
+
+
 # ------------------------------------------------------------------ pipeline
 def _check(config) -> None:
     for arm in config.arms:
@@ -519,6 +546,9 @@ def _check(config) -> None:
     for arm in config.curve.arms:
         if arm not in config.arms:
             raise UserInputError(f"curve.arms contains {arm!r}, which is not in arms={tuple(config.arms)}")
+    intr = config.get("intrinsic", {})
+    if intr and intr.get("enabled", False) and intr.reference_arm not in config.arms:
+        raise UserInputError(f"intrinsic.reference_arm={intr.reference_arm!r} is not in arms={tuple(config.arms)}")
 
 
 def _enable_compile_cache(config, workdir: str) -> None:
@@ -536,8 +566,9 @@ def run(config, workdir: str) -> dict:
     _enable_compile_cache(config, workdir)
     ctx = prepare(config, workdir)
     seeds = [int(s) for s in config.seeds]
-    summary: dict = {"arms": {}, "soups": {}, "curves": {}, "probes": {}, "notes": list(ctx.notes),
-                     "tasks": [t.name for t in ctx.tasks]}
+    summary: dict = {"arms": {}, "soups": {}, "curves": {}, "probes": {}, "intrinsic": {},
+                     "notes": list(ctx.notes), "tasks": [t.name for t in ctx.tasks]}
+    with_random = bool(config.get("random_init", False))
     arms = list(config.arms)
     need_warmup = config.soups.enabled and config.soups.warmup_arm not in arms
     for seed in seeds:
@@ -547,6 +578,15 @@ def run(config, workdir: str) -> dict:
                                         seed)
             summary["arms"].setdefault(arm, {})[str(seed)] = res
             summary["probes"].setdefault(arm, {})[str(seed)] = pre[arm]["probes"]
+            if ctx.heldout is not None:
+                summary["intrinsic"].setdefault(arm, {})[str(seed)] = detection_aucs(ctx, pre, arm, seed)
+        if with_random:
+            rand = random_init_arm(ctx, seed)
+            summary["arms"].setdefault("random", {})[str(seed)] = finetune_and_evaluate(
+                ctx, f"random_s{seed}", rand["model_dir"], rand["_fingerprint"], seed)
+            if ctx.heldout is not None:
+                summary["intrinsic"].setdefault("random", {})[str(seed)] = detection_aucs(
+                    ctx, {"random": dict(rand, steps=0)}, "random", seed)
         for arm in config.curve.arms:
             points = {}
             for step, snap_dir in pre[arm]["snapshots"].items():
@@ -569,6 +609,10 @@ def run(config, workdir: str) -> dict:
         "corpus_docs": int(len(ctx.corpus["input_ids"])), "ingredients": config.soups.ingredients.to_dict(),
         "task_sizes": {t.name: {s: len(e) for s, e in t.examples.items()} for t in ctx.tasks},
         "objective": config.objective.to_dict(), "finetune_steps": int(config.finetune.steps),
+        "segments": int(config.corpus.get("segments", 1)),
+        "itd_capped_share": itd_capped_share(ctx.corpus, float(config.objective.insert_rate),
+                                             (ctx.tokenizer.bos_token_id, ctx.tokenizer.eos_token_id)),
+        "heldout_rows": 0 if ctx.heldout is None else int(len(ctx.heldout["input_ids"])),
     }
     summary["runtime"] = {
         "wall_s": round(time.time() - t_start, 1), "cpu_s": round(common.cpu_seconds() - cpu_start, 1),
@@ -577,12 +621,13 @@ def run(config, workdir: str) -> dict:
         "load_avg_sampled": {"mean": round(float(np.mean(_LOAD)), 2), "max": round(float(np.max(_LOAD)), 2),
                              "samples": len(_LOAD)} if _LOAD else None,
     }
-    summary["claims"] = report.claims(summary, arms)
+    shown = arms + (["random"] if with_random else [])
+    summary["claims"] = report.claims(summary, shown)
     if jax.process_index() == 0:
         summary["figures"] = report.write_figures(summary, workdir, arms)
-        text = report.render(summary, arms, ARM_LABELS)
+        text = report.render(summary, shown, ARM_LABELS)
         with open(os.path.join(workdir, "mcl_report.md"), "w") as f:
             f.write(text)
-        print(report.render_table(summary, arms, ARM_LABELS))
+        print(report.render_table(summary, shown, ARM_LABELS))
     common.write_json(os.path.join(workdir, "summary.json"), summary)
     return summary

@@ -117,7 +117,10 @@ RULES: dict[str, Check] = {
     "model.dropout": PROB, "model.*": POS, "generator.width_fraction": number(0.0, 1.0),
     "objective.*_rate": PROB, "objective.temperature": POS_NUM, "objective.*_weight": NONNEG_NUM,
     "probe_every": POS, "curve.fractions": tuple_of(PROB, non_empty=False), "soups.warmup_fraction": PROB,
-    "downstream.unanswerable_rate": PROB, "downstream.drop_max": NONNEG, "downstream.*": POS,
+    "downstream.unanswerable_rate": PROB, "downstream.drop_max": NONNEG,
+    "downstream.tasks": tuple_of(one_of(("bios_qa", "bios_pair"))), "downstream.*": POS,
+    "corpus.segments": one_of((1, 2)), "soups.tau": POS_NUM, "soups.weighting": one_of(("softmax", "min_subtracted")),
+    "objective.sampling": one_of(("step", "example", "all")), "intrinsic.num_rows": POS, "real_tasks.doc_stride": NONNEG,
     "real_tasks.limit_*": POS, "real_tasks.dev_size": POS,
 }
 
