@@ -42,7 +42,8 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert set(soup["ingredients"]) == {"re_rtd", "re_std"}
     assert {"uniform", "greedy"} <= set(soup) and soup["greedy"]["chosen"]
     assert set(summary["curves"]["mcl"]["0"]) == {"2", "4"}  # an intermediate snapshot and the final step
-    assert set(summary["claims"]["courses_vs_electra"]) == {"all3", "mcl", "random"}
+    assert set(summary["claims"]["courses_vs_electra"]) == {"all3", "mcl"}
+    assert set(summary["claims"]["vs_random_init"]) == {"electra", "all3", "mcl"}
     assert set(summary["claims"]["auc_vs_electra"]["mcl"]) == {"2", "4"}
     assert "uniform_reaches_mean" in summary["claims"]["soups"]["0"]
 
@@ -50,6 +51,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert "## Claims, as measured" in report and "ELECTRA at equal steps (4)" in report
     assert "uniform soup" in report and "mean of its ingredients" in report
     assert "## Detection AUC on a fixed reference corruption" in report and "HasAns F1" in report
+    assert "the random-init reference downstream" in report and "Generator check" in report
     for png in ("replaced_share.png", "score_vs_steps.png"):
         assert (workdir / png).stat().st_size > 1000
 

@@ -47,8 +47,15 @@ def claims(summary: dict, arms: Sequence[str]) -> dict:
     """The two claims as numbers (see the module docstring)."""
     out: dict = {"courses_vs_electra": {}, "soups": {}}
     base = _seed_scores(summary["arms"].get("electra", {}))
+    floor = _seed_scores(summary["arms"].get("random", {}))
     for arm in arms:
-        if arm == "electra" or not base:
+        mine = _seed_scores(summary["arms"].get(arm, {}))
+        diffs = [mine[s] - floor[s] for s in sorted(set(mine) & set(floor))]
+        if arm != "random" and diffs:  # what pre-training buys over no pre-training
+            out.setdefault("vs_random_init", {})[arm] = {
+                "mean_diff": float(np.mean(diffs)), "std_diff": float(np.std(diffs, ddof=1)) if len(diffs) > 1 else 0.0,
+                "seeds_ahead": int(sum(d > 0 for d in diffs)), "seeds": len(diffs)}
+        if arm in ("electra", "random") or not base:
             continue
         mine = _seed_scores(summary["arms"].get(arm, {}))
         seeds = sorted(set(mine) & set(base))
@@ -225,6 +232,12 @@ def _claim_lines(summary: dict, arms: Sequence[str], labels: dict) -> list[str]:
         lines.append(f"- {labels.get(arm, arm)} {verdict} ELECTRA at equal steps ({steps}): mean paired difference "
                      f"{r['mean_diff']:+.2f} ± {r['std_diff']:.2f} points, ahead on {r['seeds_ahead']} of "
                      f"{r['seeds']} seeds.")
+    for arm, r in c.get("vs_random_init", {}).items():
+        verdict = ("is not clearly above" if within_seed_spread(r["mean_diff"], r["std_diff"], r["seeds"])
+                   else "is above" if r["mean_diff"] > 0 else "is below")
+        lines.append(f"- {labels.get(arm, arm)} {verdict} the random-init reference downstream: mean paired "
+                     f"difference {r['mean_diff']:+.2f} ± {r['std_diff']:.2f} points, ahead on {r['seeds_ahead']} "
+                     f"of {r['seeds']} seeds.")
     for arm, per_step in c.get("auc_vs_electra", {}).items():
         for step, r in per_step.items():
             if within_seed_spread(r["mean_diff"], r["std_diff"], r["seeds"]):
@@ -257,6 +270,17 @@ def _probe_table(summary: dict, arms: Sequence[str], labels: dict) -> str:
     return format_table(rows, header) if rows else ""
 
 
+def rtd_share_target(summary: dict, target: float = 0.10) -> str:
+    """Whether ELECTRA's generator engaged: its RTD replaced share at the last probe against `target`."""
+    steps, values = _probe_series(summary.get("probes", {}).get("electra", {}), "rtd/replaced_share")
+    if not steps:
+        return ""
+    verdict = "below" if values[-1] < target else "NOT below"
+    return (f"Generator check: ELECTRA's RTD replaced share fell from {values[0]:.3f} (step {steps[0]}) to "
+            f"{values[-1]:.3f} (step {steps[-1]}), {verdict} the {target:.2f} this comparison needs for the "
+            "generator to have engaged.")
+
+
 def render(summary: dict, arms: Sequence[str], labels: dict | None = None) -> str:
     labels = labels or {}
     setup = summary.get("setup", {})
@@ -267,8 +291,10 @@ def render(summary: dict, arms: Sequence[str], labels: dict | None = None) -> st
         f"sequence length {setup.get('seq_len')}, {setup.get('corpus_docs')} biographies), seeds "
         f"{setup.get('seeds')}. Discriminator hidden {setup.get('discriminator', {}).get('hidden_size')} x "
         f"{setup.get('discriminator', {}).get('num_layers')} layers, generator hidden "
-        f"{setup.get('generator', {}).get('hidden_size')}. Soup ingredients branch from the "
-        f"{labels.get('all3', 'all3')} run at step {setup.get('warmup_step')}. Course sampling "
+        f"{setup.get('generator', {}).get('hidden_size')}."
+        + (f" Soup ingredients branch from the {labels.get('all3', 'all3')} run at step {setup.get('warmup_step')}."
+           if summary.get("soups") else "")
+        + " Course sampling "
         f"{setup.get('objective', {}).get('sampling')!r}; {setup.get('segments', 1)} segment(s) per row (segment B "
         f"token type 1); ITD rows with less padding than their insertions (those get fewer): "
         f"{100 * setup.get('itd_capped_share', float('nan')):.1f}%.",
@@ -309,6 +335,9 @@ def render(summary: dict, arms: Sequence[str], labels: dict | None = None) -> st
                 for arm, per in intr.items()]
         lines += [format_table(rows, header), ""]
     probe = _probe_table(summary, arms, labels)
+    target = rtd_share_target(summary)
+    if target:
+        lines += [target, ""]
     if probe:
         lines += ["## Share of 'replaced' labels over training, per course", "",
                   "Measured on a fixed probe batch with fixed corruption draws (only G changes), for every course "
