@@ -1,12 +1,10 @@
-"""User corpora: text/JSONL/QA readers with one-line errors, tfds text, per-host shards."""
+"""User corpora: text/JSONL/QA readers with one-line errors."""
 
 import json
 
 import pytest
-import tensorflow_datasets as tfds
 
 from clue_jax.data import corpus
-from clue_jax.data import tfds_bios  # noqa: F401  (registers clue_bios)
 from clue_jax.errors import UserInputError
 
 
@@ -72,33 +70,3 @@ def test_qa_jsonl(tmp_path):
     with pytest.raises(UserInputError, match=r"qa_broken\.jsonl:1: malformed JSON"):
         corpus.read_qa_jsonl(_write(tmp_path / "qa_broken.jsonl", "{"))
 
-
-def test_load_tfds_text_from_a_real_builder(tmp_path):
-    names = corpus.load_tfds_text("clue_bios/tiny", "new", "name", data_dir=tmp_path)
-    assert len(names) == 10 and all(isinstance(n, str) and n for n in names)
-    part = corpus.load_tfds_text("clue_bios/tiny", corpus.tfds_split_for_process("new", 1, 3),
-                                 "name", data_dir=tmp_path)
-    assert part == names[3:6]
-    with pytest.raises(UserInputError, match=r"has no field 'text'; available fields: \['bio'"):
-        corpus.load_tfds_text("clue_bios/tiny", "new", "text", data_dir=tmp_path)
-    with pytest.raises(UserInputError, match="split 'test'"):
-        corpus.load_tfds_text("clue_bios/tiny", "test", "bio", data_dir=tmp_path)
-    with pytest.raises(UserInputError, match="no_such_dataset"):
-        corpus.load_tfds_text("no_such_dataset", "train", "text", data_dir=tmp_path)
-
-
-def test_load_tfds_text_with_mock_data(tmp_path):
-    with tfds.testing.mock_data(num_examples=5):
-        texts = corpus.load_tfds_text("clue_bios/tiny", "background", "bio", data_dir=tmp_path)
-    assert len(texts) == 5 and all(isinstance(t, str) for t in texts)
-
-
-def test_host_shard_equal_disjoint_shares():
-    items = list(range(11))
-    shares = [corpus.host_shard(items, i, 3) for i in range(3)]
-    assert shares == [[0, 1, 2], [3, 4, 5], [6, 7, 8]]
-    assert corpus.host_shard(items, 0, 1) == items
-    with pytest.raises(ValueError):
-        corpus.host_shard(items, 3, 3)
-    with pytest.raises(UserInputError, match="cannot be split over 4"):
-        corpus.host_shard([1, 2], 0, 4)
