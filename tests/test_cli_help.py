@@ -104,3 +104,10 @@ def test_wheel_ships_the_configs_and_runs_outside_a_checkout(tmp_path):
     assert out.returncode == 0, out.stderr
     path, pipeline = out.stdout.split()
     assert path.startswith(str(target)) and pipeline == "replicate"
+
+
+def test_readme_shows_the_help_as_printed():
+    """README's copy of --help is the real output (regenerate it when a flag or a config changes)."""
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    text = cli_help.help_text(main).rstrip("\n")
+    assert f"```\n{text}\n```" in readme
