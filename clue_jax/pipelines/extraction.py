@@ -56,6 +56,7 @@ from clue_jax.extraction import finetune_data, mixing, report, shock
 from clue_jax.models import factory
 from clue_jax.pipelines import common, knowledge
 from clue_jax.pipelines.stages import Stages
+from clue_jax.train import logging_utils
 
 log = logging.getLogger("clue_jax")
 
@@ -481,6 +482,7 @@ def run(config, workdir: str) -> dict:
                        list(config.seeds), sweeps)
         summary["plots"] = plots
     common.write_json(os.path.join(workdir, "summary.json"), _json_safe(summary))
+    logging_utils.write_eval_scalars(workdir, summary["arms"])
     if jax.process_index() == 0:
         text = report.render_report(summary)
         with open(os.path.join(workdir, "extraction_report.md"), "w") as f:

@@ -19,6 +19,9 @@ import ml_collections
 from clue_jax.train.defaults import train_config
 
 
+VARIANTS = ("", "tiny")  # "" = the default; listed by --help
+
+
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.pipeline = "extraction"
@@ -52,6 +55,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.eval = dict(k_shot=2, max_new_tokens=12, batch_size=128, ranking=True, score_batch=256)
     c.shock = dict(smoothing=1.0)
     c.mesh = dict(shape=(-1, 1, 1), dcn_shape=())  # dcn_shape: slices/nodes per axis, () = data first
+    # :tiny trains for seconds to test the code paths; the pipeline says so under its tables.
+    c.smoke_test = variant == "tiny"
 
     if variant == "tiny":
         c.seeds = (0,)
