@@ -34,9 +34,9 @@ def main(argv: list[str]) -> int:
         flags.FLAGS(argv)
     except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as err:  # ml_collections raises these
         raise UserInputError(config_check.explain_flag_error(err, argv)) from None
-    if flags.FLAGS["config"].value is None or not _WORKDIR.value:
-        raise UserInputError("usage: python -m clue_jax.main --config configs/<name>.py[:variant] --workdir DIR")
     config = _load_config()  # before anything in the workdir is touched
+    if config is None or not _WORKDIR.value:
+        raise UserInputError("usage: python -m clue_jax.main --config configs/<name>.py[:variant] --workdir DIR")
     from clue_jax import distributed, pipelines, run_lock  # heavy imports after the flags are known to be good
 
     distributed.maybe_initialize(_DISTRIBUTED.value)
@@ -61,13 +61,15 @@ def main(argv: list[str]) -> int:
 
 
 def _load_config():
-    """The --config file is read lazily by ml_collections: a missing file fails here, as one line."""
+    """The --config file: a file that fails to load ends here, as one line, before the workdir is touched."""
     try:
-        return _CONFIG.value
+        config = _CONFIG.value
+        if config is not None:
+            config.keys()  # ml_collections hands out a stand-in that raises its load error on first use
+        return config
     except OSError as err:
         lines = [l.strip() for l in str(err).splitlines() if l.strip()]
-        raise UserInputError(f"cannot load --config {config_flags.get_config_filename(flags.FLAGS['config'])}: "
-                             f"{lines[-1] if lines else err}") from None
+        raise UserInputError(f"cannot load --config: {lines[-1] if lines else err}") from None
 
 
 @contextlib.contextmanager
