@@ -61,7 +61,8 @@ def _snapshot(workdir) -> dict:
         for f in files:
             path = os.path.join(root, f)
             if f != ".lock":
-                out[os.path.relpath(path, workdir)] = hashlib.sha256(open(path, "rb").read()).hexdigest()
+                with open(path, "rb") as fh:
+                    out[os.path.relpath(path, workdir)] = hashlib.sha256(fh.read()).hexdigest()
     return out
 
 
@@ -126,7 +127,7 @@ def test_three_configs_keep_config_json_matching_summary_and_every_previous_stag
 
 # ------------------------------------------------------------------ item 2: damaged checkpoints
 def _trainer(workdir, steps):
-    cfg = model_config.llama(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64)
+    cfg = model_config.gpt2(vocab_size=64, d_model=32, num_layers=1, num_heads=2, mlp_dim=64, max_len=16)
     tcfg = defaults.train_config(steps=steps, batch_size=8, lr=3e-3, warmup_steps=1, log_every=1, checkpoint_every=2,
                                  keep_checkpoints=5)
     return loop.Trainer(CausalLM(cfg, rngs=nnx.Rngs(0)), objectives.causal_lm, tcfg,
@@ -140,6 +141,14 @@ def _params(result):
 @pytest.fixture(scope="module")
 def straight_params(tmp_path_factory):
     return _params(_trainer(tmp_path_factory.mktemp("straight"), 6).run(ArrayBatchSource(tiny_data(), batch_size=8)))
+
+
+@pytest.fixture(scope="module")
+def four_steps(tmp_path_factory):
+    """A workdir with checkpoints at steps 2 and 4 (copy it before use)."""
+    workdir = tmp_path_factory.mktemp("four") / "w"
+    _trainer(workdir, 4).run(ArrayBatchSource(tiny_data(), batch_size=8))
+    return workdir
 
 
 def _data_file(step_dir):
@@ -160,23 +169,26 @@ def _flip_bytes(step_dir):
     path.write_bytes(bytes(data))
 
 
-DAMAGE = {
-    "truncated_data_file": _truncate,
-    "deleted_METADATA": lambda d: (d / "state" / "_METADATA").unlink(),
-    "garbled_meta": lambda d: (d / "meta" / "metadata").write_text('{"model": [garbled'),
-    "flipped_bytes": _flip_bytes,
+DAMAGE = {  # kind: (how, what the warning says)
+    "truncated_data_file": (_truncate, "corrupt or partial"),
+    "deleted_METADATA": (lambda d: (d / "state" / "_METADATA").unlink(), "corrupt or partial"),
+    "garbled_meta": (lambda d: (d / "meta" / "metadata").write_text('{"model": [garbled'), "unreadable metadata"),
+    "flipped_bytes": (_flip_bytes, "checksum mismatch"),  # orbax reads these without complaint
 }
 
 
 @pytest.mark.parametrize("kind", sorted(DAMAGE))
-def test_damaged_newest_checkpoint_is_set_aside_and_training_goes_on(tmp_path, kind, straight_params, caplog):
-    _trainer(tmp_path, 4).run(ArrayBatchSource(tiny_data(), batch_size=8))
+def test_damaged_newest_checkpoint_is_set_aside_and_training_goes_on(tmp_path, kind, four_steps, straight_params,
+                                                                     caplog):
+    tmp_path = tmp_path / "w"
+    shutil.copytree(four_steps, tmp_path)
     step4 = tmp_path / "checkpoints" / "4"
-    DAMAGE[kind](step4)
+    damage, reason = DAMAGE[kind]
+    damage(step4)
     damaged = _snapshot(step4)
     with caplog.at_level("INFO"):
         result = _trainer(tmp_path, 6).run(ArrayBatchSource(tiny_data(), batch_size=8))  # saves step 4 again
-    assert "checkpoint step 4" in caplog.text and "damaged" in caplog.text
+    assert "checkpoint step 4" in caplog.text and f"is damaged: {reason}" in caplog.text
     assert "resumed from step 2" in caplog.text
     assert _snapshot(tmp_path / "checkpoints.damaged" / "4") == damaged  # set aside as it was, not deleted
     assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [2, 4, 6]
@@ -184,9 +196,10 @@ def test_damaged_newest_checkpoint_is_set_aside_and_training_goes_on(tmp_path, k
         np.testing.assert_array_equal(a, b)
 
 
-def test_doctored_checksum_is_a_damaged_step(tmp_path):
+def test_doctored_checksum_is_a_damaged_step(tmp_path, four_steps):
     """A checksum that does not match what is read sets the step aside (not only orbax read errors)."""
-    _trainer(tmp_path, 4).run(ArrayBatchSource(tiny_data(), batch_size=8))
+    tmp_path = tmp_path / "w"
+    shutil.copytree(four_steps, tmp_path)
     meta_file = tmp_path / "checkpoints" / "4" / "meta" / "metadata"
     meta = json.loads(meta_file.read_text())
     key = sorted(meta["checksums"])[0]
