@@ -101,7 +101,15 @@ def test_cached_mixture_equals_uncached(flavour):
 
 
 @pytest.mark.parametrize("flavour", sorted(FLAVOURS))
-def test_candidate_scores_reuse_the_prompt_and_equal_uncached(flavour):
+def test_candidate_scores_reuse_the_prompt_and_equal_uncached(flavour, monkeypatch):
+    prefilled = []
+    real_prefill = decode._prefill_jit
+
+    def counting_prefill(fn, ids, mask, *, slots):
+        prefilled.append(ids.shape[0])
+        return real_prefill(fn, ids, mask, slots=slots)
+
+    monkeypatch.setattr(decode, "_prefill_jit", counting_prefill)
     model = peaky_model(FLAVOURS[flavour], scale=2.0)
     fn = decode.model_logits_fn(model)
     candidates = [[4], [8, 9], [11, 12, 13, 14, 15], []]
@@ -111,3 +119,4 @@ def test_candidate_scores_reuse_the_prompt_and_equal_uncached(flavour):
     uncached = decode.score_continuations(fn, prompts, conts, pad_id=0, batch_size=4, kv_cache=False)
     np.testing.assert_allclose(cached, uncached, rtol=1e-4, atol=1e-4)
     assert np.all(cached[3::4] == 0.0) and np.all(cached[0::4] < 0)
+    assert prefilled == [4, 4], "6 distinct prompts in chunks of 4: two prefills for all 24 rows"
