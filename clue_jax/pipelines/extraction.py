@@ -195,22 +195,47 @@ def skew_ratios(items, preds, skew: dict) -> dict[str, float]:
     return out
 
 
-def arm_metrics(items, preds, freqs, threshold: float, smoothing: float, skew: dict | None = None) -> dict:
-    """Exact match / F1 overall, per relation and per bucket, the shock statistic, and the predicted/gold ratio of
-    the left-out and over-sampled objects, on one split."""
+def arm_metrics(items, preds, freqs, threshold: float, smoothing: float, skew: dict | None = None,
+                null_draws: int = 0, null_seed: int = 0) -> dict:
+    """Exact match / F1 overall, per relation and per bucket, the shock statistics (raw and partial, against a
+    calibrated-random null of `null_draws` draws when > 0), and predicted/gold of the left-out, plain and
+    over-sampled objects, overall and per pre-training stratum, on one split."""
     recs = records_of(items, preds)
+    skew = skew or {}
     overall = metrics.aggregate(recs)["all"]
     per_rel = {k: v["exact_match"] for k, v in qa_eval.per_attribute(recs).items() if k != "all"}
     buckets = shock.bucket_accuracy(recs, freqs, threshold)["buckets"]
     counts = shock.prediction_counts(preds, [it.answer for it in items])
     return {"exact_match": overall["exact_match"], "f1": overall["f1"], "per_relation": per_rel,
             "buckets": {b: {"exact_match": v["exact_match"], "count": v["count"]} for b, v in buckets.items()},
-            "shock": shock.shock_statistic(freqs, counts, smoothing),
-            "pred_over_gold": skew_ratios(items, preds, skew or {})}
+            "shock": shock_with_null(items, preds, counts, freqs, smoothing, null_draws, null_seed),
+            "pred_over_gold": skew_ratios(items, preds, skew),
+            "pred_over_gold_strata": strata_ratios(items, preds, skew)}
+
+
+def shock_with_null(items, preds, counts, freqs, smoothing, draws: int, seed: int) -> dict:
+    stat = shock.shock_statistics(freqs, counts, smoothing)
+    if draws <= 0:
+        return stat
+    golds = [it.answer for it in items]
+    correct = [shock.entity_key(p) == shock.entity_key(g) for p, g in zip(preds, golds)]
+    null = shock.calibrated_null(freqs, golds, correct, [it.attribute for it in items], draws, seed, smoothing)
+    return shock.with_null(stat, null)
+
+
+def strata_ratios(items, preds, skew: dict) -> dict:
+    """pred/gold per (pre-training stratum, skew label); {} without a stratified skew."""
+    if "stratum" not in skew:
+        return {}
+    stratum = {(rel, o): st for rel, objs in skew["stratum"].items() for o, st in objs.items()}
+    label = {(rel, o): lab for rel, objs in skew["label"].items() for o, lab in objs.items()}
+    return shock.pred_over_gold_by_stratum([it.attribute for it in items], [it.answer for it in items], preds,
+                                           stratum, label, skew["strata"])
 
 
 def measure(ctx, items, preds) -> dict:
-    return arm_metrics(items, preds, ctx["freqs"], ctx["threshold"], ctx["smoothing"], ctx["skew"])
+    return arm_metrics(items, preds, ctx["freqs"], ctx["threshold"], ctx["smoothing"], ctx["skew"],
+                       ctx["null_draws"], ctx["null_seed"])
 
 
 def _write_predictions(path: str, preds: dict) -> None:
@@ -235,10 +260,14 @@ def pretrain_stage(config, texts, tokenizer, mesh, stage_dir):
     return result
 
 
-def finetune_stage(config, kind, seed, base_dir, ft_data, mix_data, mesh, stage_dir):
+def finetune_stage(config, kind, seed, base_dir, ft_data, mix_data, mesh, stage_dir, steps: int | None = None):
+    """Fine-tunes the base model: `steps` steps (default ft.steps) on the QA set alone ("vanilla"), or ft.steps
+    QA batches with replay batches interleaved ("mixture")."""
     model, cfg = load_model(base_dir, mesh)
     train_cfg = config.ft.copy_and_resolve_references()
     train_cfg.seed = seed
+    if steps is not None:
+        train_cfg.steps = int(steps)
     source = ArrayBatchSource(ft_data, train_cfg.batch_size, seed=seed)
     meta = {"kind": kind}
     if kind == "mixture":
@@ -275,25 +304,35 @@ def eval_base_stage(config, ctx, base_dir, mesh, stage_dir):
             "scores": os.path.join(stage_dir, "scores.npz") if e.ranking else ""}
 
 
-def eval_ft_stage(config, ctx, kind, ft_dir, base_dir, base_eval, mesh, stage_dir):
-    """The fine-tuned model alone, and mixed with the base model (decoding and ranking), lambda on dev."""
+def eval_zero_shot_stage(config, ctx, ft_dir, mesh, stage_dir):
+    """One fine-tuned model zero-shot on dev and test by greedy decoding (a point of the steps sweep)."""
+    model, _ = load_model(ft_dir, mesh)
+    preds = {s: _decode(model, ctx["tokenizer"], ctx["ft_pad"][s], config.eval, ctx["stops"]) for s in SPLITS}
+    _write_predictions(os.path.join(stage_dir, "predictions.json"), preds)
+    return {"metrics": {**measure(ctx, ctx["items"]["test"], preds["test"]),
+                        "dev_exact_match": _em(ctx["items"]["dev"], preds["dev"])},
+            "predictions": os.path.join(stage_dir, "predictions.json")}
+
+
+def eval_ft_stage(config, ctx, kind, ft_dir, base_dir, base_eval, mesh, stage_dir, zero_shot: str = ""):
+    """The fine-tuned model alone, and mixed with the base model (decoding and ranking), lambda on dev.
+
+    `zero_shot`: predictions.json of an eval_zero_shot_stage of this model, reused instead of decoding again."""
     ft_model, _ = load_model(ft_dir, mesh)
     base_model, _ = load_model(base_dir, mesh)
     e, tok = config.eval, ctx["tokenizer"]
     items, ft_pad, base_pad = ctx["items"], ctx["ft_pad"], ctx["base_pad"]
-    base_preds = _read_predictions(base_eval["predictions"])
     mix_name = MIX_NAME[kind]
     t0 = time.time()
-    preds = {s: {kind: _decode(ft_model, tok, ft_pad[s], e, ctx["stops"])} for s in SPLITS}
+    if zero_shot:
+        preds = {s: {kind: p} for s, p in _read_predictions(zero_shot).items()}
+    else:
+        preds = {s: {kind: _decode(ft_model, tok, ft_pad[s], e, ctx["stops"])} for s in SPLITS}
     log.info("eval_%s: zero-shot decoding %.0f s", kind, time.time() - t0)
     sweeps, lambdas = {"decode": {}, "rank": {}}, {}
     dev_em = {kind: _em(items["dev"], preds["dev"][kind])}
 
     def mixed_decode(split, lam, mode):
-        if lam == 1.0:
-            return preds[split][kind]
-        if lam == 0.0:
-            return base_preds[split]
         return _decode_mixture(ft_model, base_model, tok, ft_pad[split], base_pad[split], lam, mode, e,
                                ctx["stops"])
 
@@ -343,8 +382,11 @@ def _check_config(config) -> None:
             raise UserInputError(f"mixing.modes contains {mode!r}; valid: {mixing.MODES}")
     for key in ("grid", "rank_grid"):
         for lam in config.mixing[key]:
-            if not 0.0 <= float(lam) <= 1.0:
-                raise UserInputError(f"mixing.{key} contains {lam}; lambdas must lie in [0, 1]")
+            if not 0.0 < float(lam) < 1.0:
+                raise UserInputError(f"mixing.{key} contains {lam}; lambdas must lie strictly between 0 and 1 "
+                                     "(the endpoints are the base and the vanilla arm, compared separately)")
+    if not config.sweep.steps or any(int(n) < 1 for n in config.sweep.steps):
+        raise UserInputError(f"sweep.steps={tuple(config.sweep.steps)}: give fine-tuning step counts >= 1")
     if not config.seeds:
         raise UserInputError("seeds is empty: give at least one fine-tuning seed")
 
@@ -387,8 +429,12 @@ def run(config, workdir: str) -> dict:
     pt_freqs = shock.entity_frequencies(pt_objects, [])
     candidates = finetune_data.relation_objects(people, relations)
     s = config.skew
-    ft_items, skew_info = finetune_data.skewed_finetune_items(groups["finetune"], pt_freqs, candidates, s.drop_top,
-                                                             s.rare_fraction, s.rare_repeat, relations)
+    ft_items, skew_info = finetune_data.skewed_finetune_items(groups["finetune"], pt_freqs, candidates, s.strata,
+                                                             s.left_out, s.oversampled, s.repeat, config.seed,
+                                                             relations)
+    # Mixture fine-tuning replays the pre-training corpus without the dev and test people's documents.
+    replay = finetune_data.replay_people(people, groups)
+    replay_texts = pretraining_corpus(replay, [p for p in groups["pretrain_qa"] if p in replay], bpp, config.seed)
     freqs = shock.entity_frequencies(pt_objects, [it.answer for it in ft_items])
     items = {split: finetune_data.qa_probe_items(groups[split], relations) for split in SPLITS}
     threshold = float(np.median([freqs[shock.entity_key(a)].pretrain
@@ -401,6 +447,7 @@ def run(config, workdir: str) -> dict:
     ctx = {
         "tokenizer": tokenizer, "items": items, "freqs": freqs, "threshold": threshold,
         "smoothing": float(config.shock.smoothing), "candidates": candidates, "skew": skew_info,
+        "null_draws": int(config.shock.null_draws), "null_seed": config.seed,
         "stops": newline_ids(tokenizer),
         "ft_seqs": {sp: _encode_prompts(tokenizer, [it.question for it in items[sp]]) for sp in SPLITS},
         "base_seqs": {sp: _encode_prompts(tokenizer, base_prompt_texts(items[sp], shots, config.eval.k_shot,
@@ -421,7 +468,9 @@ def run(config, workdir: str) -> dict:
         base = stages.run("pretrain", inputs, _timed(lambda d: pretrain_stage(config, texts, tokenizer, mesh, d)))
 
     ft_data = finetune_data.qa_examples(tokenizer, ft_items, config.ft.seq_len)
-    mix_data = with_loss_mask(lm_data.pack_documents(tokenizer, texts, config.ft.seq_len))
+    mix_data = with_loss_mask(lm_data.pack_documents(tokenizer, replay_texts, config.ft.seq_len))
+    # Compute-matched vanilla: as many steps as the mixture arm runs in all.
+    matched_steps = mixture_steps(config, ft_data, mix_data)
     data_fp = {"ft": _fp(ft_data), "mix": _fp(mix_data)}
     eval_fp = {"eval": config.eval.to_dict(), "mixing": config.mixing.to_dict(), "shock": config.shock.to_dict(),
                "items": _fp([items[s] for s in SPLITS]), "freqs": _fp(sorted(freqs.items())),
@@ -434,28 +483,59 @@ def run(config, workdir: str) -> dict:
     for arm, m in base_eval["metrics"]["test"].items():
         per_seed.setdefault(arm, {})["-"] = m
     sweeps = {}
+    sweep_steps = sorted({int(n) for n in config.sweep.steps})
+    steps_sweep: dict[str, dict[str, dict]] = {}  # seed -> steps -> {dev, test EM}
     for seed in config.seeds:
-        for kind in KINDS:
-            name = f"ft_{kind}_s{seed}"
-            inputs = {"base": base["_fingerprint"], "kind": kind, "seed": seed, "train": config.ft.to_dict(),
-                      "data": data_fp, "mixture": config.mixture.to_dict() if kind == "mixture" else None}
-            ft = stages.run(name, inputs, _timed(lambda d, k=kind, sd=seed: finetune_stage(
-                config, k, sd, base["model_dir"], ft_data, mix_data, mesh, d)))
+        def finetune(kind, steps=None, sd=seed):
+            name = f"ft_{kind}_s{sd}" if steps is None else f"ft_{kind}_t{steps}_s{sd}"
+            inputs = {"base": base["_fingerprint"], "kind": kind, "seed": sd, "train": config.ft.to_dict(),
+                      "steps": steps, "data": data_fp,
+                      "mixture": config.mixture.to_dict() if kind == "mixture" else None}
+            ft = stages.run(name, inputs, _timed(lambda d: finetune_stage(
+                config, kind, sd, base["model_dir"], ft_data, mix_data, mesh, d, steps)))
             stage_info[name] = _public(ft)
+            return ft
+
+        # The steps sweep of vanilla fine-tuning (zero-shot decoding), plus the compute-matched length.
+        sweep = {}
+        for steps in sorted(set(sweep_steps) | {matched_steps}):
+            ft = finetune("vanilla", steps)
+            name = f"eval_sweep_t{steps}_s{seed}"
+            ev = stages.run(name, {"ft": ft["_fingerprint"], **eval_fp},
+                            _timed(lambda d, f=ft: eval_zero_shot_stage(config, ctx, f["model_dir"], mesh, d)))
+            stage_info[name] = {k: ev[k] for k in ("predictions", "seconds", "cpu_seconds")}
+            sweep[steps] = (ft, ev)
+        steps_sweep[str(seed)] = {str(n): {"dev_exact_match": ev["metrics"]["dev_exact_match"],
+                                           "exact_match": ev["metrics"]["exact_match"]}
+                                  for n, (_, ev) in sweep.items() if n in sweep_steps}
+        chosen = choose_steps({n: sweep[n][1]["metrics"]["dev_exact_match"] for n in sweep_steps})
+        per_seed.setdefault("vanilla@matched", {})[str(seed)] = {**sweep[matched_steps][1]["metrics"],
+                                                                 "steps": matched_steps}
+        for kind in KINDS:
+            if kind == "vanilla":
+                ft, zero_shot = sweep[chosen][0], sweep[chosen][1]["predictions"]
+            else:
+                ft, zero_shot = finetune(kind), ""
             ev = stages.run(f"eval_{kind}_s{seed}", {"ft": ft["_fingerprint"], "base_eval": base_eval["_fingerprint"],
                                                      **eval_fp},
-                            _timed(lambda d, k=kind, f=ft: eval_ft_stage(config, ctx, k, f["model_dir"],
-                                                                         base["model_dir"], base_eval, mesh, d)))
+                            _timed(lambda d, k=kind, f=ft, z=zero_shot: eval_ft_stage(
+                                config, ctx, k, f["model_dir"], base["model_dir"], base_eval, mesh, d, z)))
             for arm, m in ev["metrics"].items():
-                per_seed.setdefault(arm, {})[str(seed)] = m
+                per_seed.setdefault(arm, {})[str(seed)] = {**m, "steps": int(ft["steps"])}
             sweeps.setdefault(kind, {})[str(seed)] = ev["sweeps"]
             stage_info[f"eval_{kind}_s{seed}"] = {k: ev[k] for k in ("predictions", "seconds", "cpu_seconds")}
+        for prefix in ("", "rank:"):
+            best = best_of(per_seed, prefix, str(seed))
+            if best is not None:
+                per_seed.setdefault(prefix + "best_of_base_vanilla", {})[str(seed)] = best
     if "pretrain" in stages.ran or "pretrain" in stages.reused:
         stage_info["pretrain"] = _public(base)
 
     summary = {
         "arms": {arm: {"per_seed": runs, **report.mean_std(list(runs.values()))} for arm, runs in per_seed.items()},
         "sweeps": sweeps,
+        "steps_sweep": steps_sweep,
+        "matched_steps": matched_steps,
         "seeds": list(config.seeds),
         "skew": skew_info,
         "data": {
@@ -463,6 +543,7 @@ def run(config, workdir: str) -> dict:
             "finetune_examples": len(ft_items), "dev_items": len(items["dev"]), "test_items": len(items["test"]),
             "entities": len(freqs), "bucket_threshold": threshold,
             "pretrain_documents": len(texts), "pretrain_qa_people": len(groups["pretrain_qa"]),
+            "replay_documents": len(replay_texts), "replay_people": len(replay),
             "k_shot": config.eval.k_shot,
         },
         "stages": stage_info,
@@ -487,6 +568,30 @@ def run(config, workdir: str) -> dict:
             f.write(text)
         print(report.render_table(summary))
     return summary
+
+
+def mixture_steps(config, ft_data, mix_data) -> int:
+    """Total steps of the mixture arm: ft.steps QA batches plus the replay batches interleaved at mixture.ratio."""
+    if not config.mixture.match_ft_batches:
+        return int(config.ft.steps)
+    source = MixtureBatchSource(ArrayBatchSource(ft_data, config.ft.batch_size, seed=0),
+                                ArrayBatchSource(mix_data, config.ft.batch_size, seed=1), config.mixture.ratio)
+    return int(source.steps_for_primary(config.ft.steps))
+
+
+def choose_steps(dev_em: dict[int, float]) -> int:
+    """The fine-tuning length with the best dev exact match (ties: the fewest steps)."""
+    return min(dev_em, key=lambda n: (-dev_em[n], n))
+
+
+def best_of(per_seed: dict, prefix: str, seed: str) -> dict | None:
+    """Of the base model and vanilla fine-tuning, the one with the better dev exact match (ties: the base), for one
+    seed: what a mixture of the two has to beat, since lambda on dev could have picked either endpoint."""
+    base, vanilla = per_seed.get(prefix + "base", {}).get("-"), per_seed.get(prefix + "vanilla", {}).get(seed)
+    if base is None or vanilla is None:
+        return None
+    pick = "vanilla" if vanilla["dev_exact_match"] > base["dev_exact_match"] else "base"
+    return {**(vanilla if pick == "vanilla" else base), "choice": pick}
 
 
 def _plots(workdir, per_seed, stage_info, base_eval, test_items, freqs, smoothing, seeds, sweeps) -> dict:
