@@ -103,7 +103,7 @@ def stratified_skew(ranked: Sequence[str], strata: int, left_out: float, oversam
 
     `ranked` runs from most to least frequent in pre-training; stratum 0 holds
     the most frequent (np.array_split: sizes differ by at most one). Within
-    each stratum round(left_out * size) objects, drawn at random, are labelled
+    each stratum left_out * size objects (rounded, halves up), drawn at random, are labelled
     "left_out", round(oversampled * size) others "oversampled", the rest
     "plain". Drawing within strata keeps the skew independent of pre-training
     frequency, so the shock statistic cannot mistake one for the other.
@@ -114,8 +114,8 @@ def stratified_skew(ranked: Sequence[str], strata: int, left_out: float, oversam
     out = {}
     for s, group in enumerate(np.array_split(np.asarray(list(ranked), dtype=object), min(strata, max(len(ranked), 1)))):
         order = rng.permutation(len(group))
-        n_out = int(round(left_out * len(group)))
-        n_over = min(int(round(oversampled * len(group))), len(group) - n_out)
+        n_out = math.floor(left_out * len(group) + 0.5)  # halves round up
+        n_over = min(math.floor(oversampled * len(group) + 0.5), len(group) - n_out)
         for rank, i in enumerate(order):
             label = "left_out" if rank < n_out else "oversampled" if rank < n_out + n_over else "plain"
             out[str(group[i])] = (s, label)
