@@ -62,7 +62,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert arms["vanilla@matched"]["per_seed"]["0"]["steps"] == mix["steps"]
     assert {stages[f"ft_vanilla_t{n}_s0"]["steps"] for n in (2, 4)} == {2, 4}
     dev = {int(n): v["dev_exact_match"] for n, v in summary["steps_sweep"]["0"].items()}
-    assert set(dev) == {2, 4}
+    assert set(dev) == {2, 4, mix["steps"]}  # the sweep includes the compute-matched length
     chosen = arms["vanilla"]["per_seed"]["0"]["steps"]
     assert chosen == min(dev, key=lambda n: (-dev[n], n))
     assert arms["vanilla"]["per_seed"]["0"]["exact_match"] == summary["steps_sweep"]["0"][str(chosen)]["exact_match"]

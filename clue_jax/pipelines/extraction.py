@@ -496,7 +496,8 @@ def run(config, workdir: str) -> dict:
             stage_info[name] = _public(ft)
             return ft
 
-        # The steps sweep of vanilla fine-tuning (zero-shot decoding), plus the compute-matched length.
+        # The steps sweep of vanilla fine-tuning (zero-shot decoding), the compute-matched length included; the
+        # vanilla arm is the length best on dev.
         sweep = {}
         for steps in sorted(set(sweep_steps) | {matched_steps}):
             ft = finetune("vanilla", steps)
@@ -507,8 +508,8 @@ def run(config, workdir: str) -> dict:
             sweep[steps] = (ft, ev)
         steps_sweep[str(seed)] = {str(n): {"dev_exact_match": ev["metrics"]["dev_exact_match"],
                                            "exact_match": ev["metrics"]["exact_match"]}
-                                  for n, (_, ev) in sweep.items() if n in sweep_steps}
-        chosen = choose_steps({n: sweep[n][1]["metrics"]["dev_exact_match"] for n in sweep_steps})
+                                  for n, (_, ev) in sweep.items()}
+        chosen = choose_steps({n: ev["metrics"]["dev_exact_match"] for n, (_, ev) in sweep.items()})
         per_seed.setdefault("vanilla@matched", {})[str(seed)] = {**sweep[matched_steps][1]["metrics"],
                                                                  "steps": matched_steps}
         for kind in KINDS:
