@@ -82,7 +82,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     for rel in summary["plots"].values():
         with open(workdir / rel, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert {"shock:vanilla", "shock:base", "lambda_sweep"} <= set(summary["plots"])
+    assert {"shock:vanilla", "shock:base", "lambda_sweep", "em_vs_steps"} <= set(summary["plots"])
 
 
 def _run(em, rho, p=0.001, lam=None, q95=0.2, dev=None):
@@ -132,7 +132,7 @@ def test_findings_state_the_measured_direction():
     assert math.isclose(stats["mean"]["exact_match"], 0.3) and math.isclose(stats["std"]["exact_match"], 0.2 / 2 ** 0.5)
     assert stats["mean"]["shock"]["rho"] == 0.1 and stats["std"]["shock"]["rho"] == 0.0
     # Mixing against the better of base and vanilla on dev (per seed), as the pipeline records it.
-    from clue_jax.pipelines.extraction import best_of, choose_steps
+    from clue_jax.extraction.arm_metrics import best_of, choose_steps
 
     per_seed = {"base": {"-": _run(0.30, 0.1, dev=0.31)}, "vanilla": {"0": _run(0.25, 0.5, dev=0.30),
                                                                      "1": _run(0.35, 0.5, dev=0.40)}}
@@ -145,7 +145,7 @@ def test_findings_state_the_measured_direction():
 
 def test_skew_ratios_count_per_relation():
     from clue_jax.data.bios import QAItem
-    from clue_jax.pipelines.extraction import skew_ratios
+    from clue_jax.extraction.arm_metrics import skew_ratios
 
     items = [QAItem("A", "major", "q", "Botany"), QAItem("B", "major", "q", "Botany"),
              QAItem("C", "major", "q", "Geology"), QAItem("D", "birth_city", "q", "Oakmouth")]

@@ -433,3 +433,33 @@ def plot_sweep(sweeps: Mapping, path: str) -> None:
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, format="png")
+
+
+def plot_steps(steps_sweep: Mapping, base_em: float, path: str) -> None:
+    """Dev and test exact match of vanilla fine-tuning against its length (mean ± std over seeds), the base model
+    as a line: where fine-tuning starts to hurt, if it does. `steps_sweep[seed][steps] = {"dev_exact_match",
+    "exact_match"}`."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    steps = sorted({int(n) for per in steps_sweep.values() for n in per})
+    fig = Figure(figsize=(5, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for key, label in (("dev_exact_match", "dev"), ("exact_match", "test")):
+        ys = np.array([[per.get(str(n), {}).get(key, math.nan) for n in steps] for per in steps_sweep.values()],
+                      dtype=np.float64)
+        mean = np.nanmean(ys, axis=0)
+        ax.plot(steps, mean, marker="o", ms=3, label=f"vanilla, {label}")
+        if len(ys) > 1:
+            sd = np.nanstd(ys, axis=0, ddof=1)
+            ax.fill_between(steps, mean - sd, mean + sd, alpha=0.15)
+    if math.isfinite(base_em):
+        ax.axhline(base_em, color="grey", ls="--", lw=0.8, label="base, test")
+    ax.set_xscale("log")
+    ax.set_xlabel("fine-tuning steps")
+    ax.set_ylabel("exact match (zero-shot decoding)")
+    ax.set_title("Vanilla fine-tuning: EM against steps")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, format="png")

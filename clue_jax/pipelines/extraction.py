@@ -51,8 +51,9 @@ from clue_jax.data.batching import ArrayBatchSource
 from clue_jax.data.mixture import MixtureBatchSource, with_loss_mask
 from clue_jax.data.tokenizer import load_tokenizer
 from clue_jax.errors import UserInputError
-from clue_jax.eval import decode, metrics, prompts, qa_eval
+from clue_jax.eval import decode, prompts
 from clue_jax.extraction import finetune_data, mixing, report, shock
+from clue_jax.extraction.arm_metrics import arm_metrics, best_of, choose_steps, exact_match_rate
 from clue_jax.models import factory
 from clue_jax.pipelines import common, knowledge
 from clue_jax.pipelines.stages import Stages
@@ -170,69 +171,6 @@ def mixed_ranking(items, candidates, scores_ft, scores_pt, lam, mode) -> list[st
 
 
 # ------------------------------------------------------------------ metrics
-def records_of(items, preds: list[str]) -> list[dict]:
-    return [{"attribute": it.attribute, "name": it.name, "question": it.question, "answer": it.answer,
-             "prediction": p, "exact_match": metrics.exact_match(p, it.answer), "f1": metrics.token_f1(p, it.answer)}
-            for it, p in zip(items, preds)]
-
-
-def _em(items, preds) -> float:
-    return float(np.mean([metrics.exact_match(p, it.answer) for it, p in zip(items, preds)]))
-
-
-def skew_ratios(items, preds, skew: dict) -> dict[str, float]:
-    """(times predicted) / (times gold) for the objects the skew left out and for those it over-sampled.
-
-    Counted per relation (an object of one relation predicted for another does not count). Below 1 means
-    under-predicted; the frequency shock shows as "dropped" < 1 < "oversampled"."""
-    out = {}
-    for name, key in (("dropped", "dropped_objects"), ("oversampled", "rare_objects")):
-        sets = {rel: set(objs) for rel, objs in skew.get(key, {}).items()}
-        norm = {rel: {shock.entity_key(o) for o in objs} for rel, objs in sets.items()}
-        pred = sum(1 for it, p in zip(items, preds) if shock.entity_key(p) in norm.get(it.attribute, ()))
-        gold = sum(1 for it in items if it.answer in sets.get(it.attribute, ()))
-        out[name] = pred / gold if gold else math.nan
-    return out
-
-
-def arm_metrics(items, preds, freqs, threshold: float, smoothing: float, skew: dict | None = None,
-                null_draws: int = 0, null_seed: int = 0) -> dict:
-    """Exact match / F1 overall, per relation and per bucket, the shock statistics (raw and partial, against a
-    calibrated-random null of `null_draws` draws when > 0), and predicted/gold of the left-out, plain and
-    over-sampled objects, overall and per pre-training stratum, on one split."""
-    recs = records_of(items, preds)
-    skew = skew or {}
-    overall = metrics.aggregate(recs)["all"]
-    per_rel = {k: v["exact_match"] for k, v in qa_eval.per_attribute(recs).items() if k != "all"}
-    buckets = shock.bucket_accuracy(recs, freqs, threshold)["buckets"]
-    counts = shock.prediction_counts(preds, [it.answer for it in items])
-    return {"exact_match": overall["exact_match"], "f1": overall["f1"], "per_relation": per_rel,
-            "buckets": {b: {"exact_match": v["exact_match"], "count": v["count"]} for b, v in buckets.items()},
-            "shock": shock_with_null(items, preds, counts, freqs, smoothing, null_draws, null_seed),
-            "pred_over_gold": skew_ratios(items, preds, skew),
-            "pred_over_gold_strata": strata_ratios(items, preds, skew)}
-
-
-def shock_with_null(items, preds, counts, freqs, smoothing, draws: int, seed: int) -> dict:
-    stat = shock.shock_statistics(freqs, counts, smoothing)
-    if draws <= 0:
-        return stat
-    golds = [it.answer for it in items]
-    correct = [shock.entity_key(p) == shock.entity_key(g) for p, g in zip(preds, golds)]
-    null = shock.calibrated_null(freqs, golds, correct, [it.attribute for it in items], draws, seed, smoothing)
-    return shock.with_null(stat, null)
-
-
-def strata_ratios(items, preds, skew: dict) -> dict:
-    """pred/gold per (pre-training stratum, skew label); {} without a stratified skew."""
-    if "stratum" not in skew:
-        return {}
-    stratum = {(rel, o): st for rel, objs in skew["stratum"].items() for o, st in objs.items()}
-    label = {(rel, o): lab for rel, objs in skew["label"].items() for o, lab in objs.items()}
-    return shock.pred_over_gold_by_stratum([it.attribute for it in items], [it.answer for it in items], preds,
-                                           stratum, label, skew["strata"])
-
-
 def measure(ctx, items, preds) -> dict:
     return arm_metrics(items, preds, ctx["freqs"], ctx["threshold"], ctx["smoothing"], ctx["skew"],
                        ctx["null_draws"], ctx["null_seed"])
@@ -290,12 +228,12 @@ def eval_base_stage(config, ctx, base_dir, mesh, stage_dir):
     for split in SPLITS:
         items, seqs = ctx["items"][split], ctx["base_seqs"][split]
         preds[split] = _decode(model, ctx["tokenizer"], ctx["base_pad"][split], e, ctx["stops"])
-        res[split] = {"base": {**measure(ctx, items, preds[split]), "dev_exact_match": _em(ctx["items"]["dev"], preds["dev"])}}
+        res[split] = {"base": {**measure(ctx, items, preds[split]), "dev_exact_match": exact_match_rate(ctx["items"]["dev"], preds["dev"])}}
         if e.ranking:
             scores[split] = candidate_scores(model, ctx["tokenizer"], seqs, items, ctx["candidates"], e.score_batch)
             preds[f"rank_{split}"] = ranked_predictions(items, ctx["candidates"], scores[split])
             res[split]["rank:base"] = {**measure(ctx, items, preds[f"rank_{split}"]),
-                                       "dev_exact_match": _em(ctx["items"]["dev"], preds["rank_dev"])}
+                                       "dev_exact_match": exact_match_rate(ctx["items"]["dev"], preds["rank_dev"])}
     _write_predictions(os.path.join(stage_dir, "predictions.json"), preds)
     if e.ranking and jax.process_index() == 0:
         np.savez(os.path.join(stage_dir, "scores.npz"),
@@ -310,7 +248,7 @@ def eval_zero_shot_stage(config, ctx, ft_dir, mesh, stage_dir):
     preds = {s: _decode(model, ctx["tokenizer"], ctx["ft_pad"][s], config.eval, ctx["stops"]) for s in SPLITS}
     _write_predictions(os.path.join(stage_dir, "predictions.json"), preds)
     return {"metrics": {**measure(ctx, ctx["items"]["test"], preds["test"]),
-                        "dev_exact_match": _em(ctx["items"]["dev"], preds["dev"])},
+                        "dev_exact_match": exact_match_rate(ctx["items"]["dev"], preds["dev"])},
             "predictions": os.path.join(stage_dir, "predictions.json")}
 
 
@@ -330,7 +268,7 @@ def eval_ft_stage(config, ctx, kind, ft_dir, base_dir, base_eval, mesh, stage_di
         preds = {s: {kind: _decode(ft_model, tok, ft_pad[s], e, ctx["stops"])} for s in SPLITS}
     log.info("eval_%s: zero-shot decoding %.0f s", kind, time.time() - t0)
     sweeps, lambdas = {"decode": {}, "rank": {}}, {}
-    dev_em = {kind: _em(items["dev"], preds["dev"][kind])}
+    dev_em = {kind: exact_match_rate(items["dev"], preds["dev"][kind])}
 
     def mixed_decode(split, lam, mode):
         return _decode_mixture(ft_model, base_model, tok, ft_pad[split], base_pad[split], lam, mode, e,
@@ -338,7 +276,7 @@ def eval_ft_stage(config, ctx, kind, ft_dir, base_dir, base_eval, mesh, stage_di
 
     for mode in config.mixing.modes:
         arm = f"{mix_name}/{mode}"
-        lam, scores = mixing.choose_lambda(lambda l: _em(items["dev"], mixed_decode("dev", l, mode)),
+        lam, scores = mixing.choose_lambda(lambda l: exact_match_rate(items["dev"], mixed_decode("dev", l, mode)),
                                            tuple(config.mixing.grid))
         sweeps["decode"][mode] = {str(k): v for k, v in scores.items()}
         lambdas[arm], dev_em[arm] = lam, scores[lam]
@@ -352,11 +290,11 @@ def eval_ft_stage(config, ctx, kind, ft_dir, base_dir, base_eval, mesh, stage_di
         ft = {s: candidate_scores(ft_model, tok, ctx["ft_seqs"][s], items[s], ctx["candidates"], e.score_batch)
               for s in SPLITS}
         preds["test"][f"rank:{kind}"] = ranked_predictions(items["test"], ctx["candidates"], ft["test"])
-        dev_em[f"rank:{kind}"] = _em(items["dev"], ranked_predictions(items["dev"], ctx["candidates"], ft["dev"]))
+        dev_em[f"rank:{kind}"] = exact_match_rate(items["dev"], ranked_predictions(items["dev"], ctx["candidates"], ft["dev"]))
         for mode in config.mixing.modes:
             arm = f"rank:{mix_name}/{mode}"
             lam, scores = mixing.choose_lambda(
-                lambda l: _em(items["dev"], mixed_ranking(items["dev"], ctx["candidates"], ft["dev"], pt["dev"], l,
+                lambda l: exact_match_rate(items["dev"], mixed_ranking(items["dev"], ctx["candidates"], ft["dev"], pt["dev"], l,
                                                           mode)), tuple(config.mixing.rank_grid))
             sweeps["rank"][mode] = {str(k): v for k, v in scores.items()}
             lambdas[arm], dev_em[arm] = lam, scores[lam]
@@ -561,6 +499,9 @@ def run(config, workdir: str) -> dict:
     if jax.process_index() == 0:
         plots = _plots(workdir, per_seed, stage_info, base_eval, items["test"], freqs, ctx["smoothing"],
                        list(config.seeds), sweeps)
+        steps_path = os.path.join(workdir, "plots", "em_vs_steps.png")
+        report.plot_steps(steps_sweep, per_seed["base"]["-"]["exact_match"], steps_path)
+        plots["em_vs_steps"] = os.path.relpath(steps_path, workdir)
         summary["plots"] = plots
     common.write_json(os.path.join(workdir, "summary.json"), _json_safe(summary))
     if jax.process_index() == 0:
@@ -578,21 +519,6 @@ def mixture_steps(config, ft_data, mix_data) -> int:
     source = MixtureBatchSource(ArrayBatchSource(ft_data, config.ft.batch_size, seed=0),
                                 ArrayBatchSource(mix_data, config.ft.batch_size, seed=1), config.mixture.ratio)
     return int(source.steps_for_primary(config.ft.steps))
-
-
-def choose_steps(dev_em: dict[int, float]) -> int:
-    """The fine-tuning length with the best dev exact match (ties: the fewest steps)."""
-    return min(dev_em, key=lambda n: (-dev_em[n], n))
-
-
-def best_of(per_seed: dict, prefix: str, seed: str) -> dict | None:
-    """Of the base model and vanilla fine-tuning, the one with the better dev exact match (ties: the base), for one
-    seed: what a mixture of the two has to beat, since lambda on dev could have picked either endpoint."""
-    base, vanilla = per_seed.get(prefix + "base", {}).get("-"), per_seed.get(prefix + "vanilla", {}).get(seed)
-    if base is None or vanilla is None:
-        return None
-    pick = "vanilla" if vanilla["dev_exact_match"] > base["dev_exact_match"] else "base"
-    return {**(vanilla if pick == "vanilla" else base), "choice": pick}
 
 
 def _plots(workdir, per_seed, stage_info, base_eval, test_items, freqs, smoothing, seeds, sweeps) -> dict:
