@@ -3,35 +3,45 @@
 Stages (each cached in workdir/stages, see stages.py):
   world -> tokenizer (both shared with the knowledge pipeline) -> pretrain
   (one base model on every person's rich bios, plus the QA of the
-  `pretrain_qa` people; skipped when `base_models.small` names a checkpoint) ->
-  ft_<kind>_s<seed> (kind "vanilla": the skewed QA fine-tuning set alone;
-  kind "mixture": the same with pre-training batches interleaved at
-  `mixture.ratio`, through MixtureBatchSource and the ordinary objective) ->
-  eval_base (the base model k-shot on dev and test) -> eval_<kind>_s<seed>
-  (the fine-tuned model zero-shot; model mixing with the base model, per
-  decoding step and by candidate ranking, lambda chosen on dev).
+  `pretrain_qa` people, none by default; skipped when `base_models.small`
+  names a checkpoint) -> eval_base (the base model k-shot on dev and test) ->
+  per seed: ft_vanilla_t<steps>_s<seed> and eval_sweep_t<steps>_s<seed> (the
+  steps sweep: vanilla fine-tuning on the skewed QA set for every length of
+  `sweep.steps` and for the mixture arm's total, zero-shot decoding), then
+  ft_mixture_s<seed> (the same QA batches with replay batches interleaved at
+  `mixture.ratio`, through MixtureBatchSource and the ordinary objective) and
+  eval_<kind>_s<seed> (the fine-tuned model zero-shot; model mixing with the
+  base model, per decoding step and by candidate ranking, lambda chosen on
+  dev).
 Then summary.json, extraction_report.md and the plots are written from the
 stage results (cheap, always redone).
 
-Arms: base (k-shot), vanilla, mixing/<mode> (vanilla + base), mixture,
-both/<mode> (mixture + base); each also as "rank:<arm>" when candidate
-ranking is on. Per arm and seed: exact match and F1 overall, per relation,
-per frequency bucket, and the shock statistic on the test people.
+Arms: base (k-shot); vanilla (the sweep length best on dev); vanilla@matched
+(as many steps as the mixture arm); best_of_base_vanilla (per seed the one
+better on dev); mixing/<mode> (vanilla + base); mixture; both/<mode>
+(mixture + base); each but vanilla@matched also as "rank:<arm>" when
+candidate ranking is on. Per arm and seed: exact match and F1 overall, per
+relation, per frequency bucket, the shock statistics against their
+calibrated null, and pred/gold per pre-training stratum, on the test people.
 
 Choices where the spec is silent (all settings):
-- The base model sees the QA of `splits.pretrain_qa` people in pre-training
-  (so a zero- or few-shot prompt can reach its knowledge); shots for the
-  k-shot prompts come from the same people (from the fine-tuning people,
-  unskewed, when there are none). The base arm is the same for every seed.
+- The fine-tuning skew is drawn at random within pre-training-frequency
+  strata (finetune_data.stratified_skew), so it is independent of
+  pre-training frequency; the draw uses `seed`, the same for every
+  fine-tuning seed.
+- With `pretrain_qa` people, the base model sees their QA in pre-training
+  and the k-shot shots come from them; with none (the default) the shots
+  come from the fine-tuning people, unskewed. The base arm is the same for
+  every seed.
 - With `base_models.small` (a clue_jax model directory or a Hugging Face
   checkpoint, the knowledge pipeline's key) the pre-training frequencies are counted over the corpus
   this config describes (the checkpoint is assumed to have been trained on
   it), and mixture fine-tuning replays that corpus.
-- The mixture arm runs as many fine-tuning batches as the vanilla arm (its
-  step count grows by the pre-training batches) when
-  `mixture.match_ft_batches`.
-- In the lambda sweep, lambda = 1 and lambda = 0 reuse the single-model
-  decodes (the mixture equals each model there; tested in test_mixing.py).
+- Mixture fine-tuning replays the pre-training corpus without the dev and
+  test people's documents, and runs ft.steps QA batches (its step count
+  grows by the replay batches) when `mixture.match_ft_batches`.
+- Lambda grids lie strictly inside (0, 1): the endpoints are the base and
+  vanilla arms, and mixing is reported against the better of the two.
 """
 from __future__ import annotations
 
