@@ -85,12 +85,14 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert {"shock:vanilla", "shock:base", "lambda_sweep", "em_vs_steps"} <= set(summary["plots"])
 
 
-def _run(em, rho, p=0.001, lam=None, q95=0.2, dev=None):
+def _run(em, rho, p=0.001, lam=None, q95=0.2, dev=None, perm=None):
     """One arm's metrics; rho doubles as the partial statistic, whose null has mean 0, std 0.1 and 95th
-    percentile `q95`."""
+    percentile `q95`; its permutation p-value is `perm` (default 0.01 above q95, else 0.5)."""
+    perm = (0.01 if rho > q95 else 0.5) if perm is None else perm
     null = {k: {"mean": 0.0, "std": 0.1, "q95": q95} for k in ("rho", "partial_rho")}
     run = {"exact_match": em, "f1": em, "dev_exact_match": em if dev is None else dev,
-           "shock": {"rho": rho, "p_value": p, "n": 50, "partial_rho": rho, "partial_rho_z": rho / 0.1, "null": null},
+           "shock": {"rho": rho, "p_value": p, "n": 50, "partial_rho": rho, "partial_rho_z": rho / 0.1, "null": null,
+                     "permutation_p": perm},
            "buckets": {b: {"exact_match": em, "count": 10} for b in BUCKETS}, "per_relation": {"major": em}}
     if lam is not None:
         run["lambda"] = lam
@@ -114,7 +116,7 @@ def test_findings_state_the_measured_direction():
     })
     text = " ".join(report.findings(shocked))
     assert "produces the frequency shock" in text
-    assert "above the null's 95th percentile in 3/3 seed(s)" in text
+    assert "beyond both nulls in 3/3 seed(s)" in text and "permutation p = 0.010, 0.010, 0.010" in text
     assert "mixing/interpolate vs vanilla: EM +0.050 ± 0.000 (helps" in text
     assert "partial shock rho vs vanilla -0.320 ± 0.020 (lowered" in text
     assert "mixture vs vanilla: EM -0.030" in text and "(hurts" in text
@@ -128,6 +130,9 @@ def test_findings_state_the_measured_direction():
     # Inside the null in every seed: no shock, whatever the sign of rho.
     none = _summary({"base": {"-": _run(0.3, 0.0)}, "vanilla": {s: _run(0.3, 0.15) for s in seeds}})
     assert "Verdict: no frequency shock was measured" in " ".join(report.findings(none))
+    # Above the calibrated null but not beyond the permutation null: not counted.
+    perm_only = _summary({"base": {"-": _run(0.3, 0.0)}, "vanilla": {s: _run(0.3, 0.5, perm=0.3) for s in seeds}})
+    assert "beyond both nulls in 0/3 seed(s)" in " ".join(report.findings(perm_only))
     stats = report.mean_std([_run(0.2, 0.1), _run(0.4, math.nan)])
     assert math.isclose(stats["mean"]["exact_match"], 0.3) and math.isclose(stats["std"]["exact_match"], 0.2 / 2 ** 0.5)
     assert stats["mean"]["shock"]["rho"] == 0.1 and stats["std"]["shock"]["rho"] == 0.0

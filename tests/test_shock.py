@@ -148,9 +148,10 @@ def simulated(seed, skewed, errors):
     preds = np.where(right, golds, rng.choice(len(names), len(golds), p=w / w.sum()))
     pred_s, gold_s = [names[i] for i in preds], [names[i] for i in golds]
     stat = shock.shock_statistics(freqs, shock.prediction_counts(pred_s, gold_s))
+    counts = shock.prediction_counts(pred_s, gold_s)
     null = shock.calibrated_null(freqs, gold_s, [a == b for a, b in zip(pred_s, gold_s)], ["r"] * len(golds),
                                  draws=60, seed=seed)
-    return shock.with_null(stat, null)
+    return {**shock.with_null(stat, null), "permutation_p": shock.permutation_pvalue(freqs, counts, 3, 99, seed)}
 
 
 UNIFORM = lambda pt, ft: np.ones_like(pt)  # noqa: E731  errors ignore frequency
@@ -170,15 +171,19 @@ def test_raw_statistic_is_confounded_partial_is_not():
         assert abs(z.mean()) < 1.0 and np.sum(z > 2.5) <= 1, z
         above = [r["partial_rho"] > r["null"]["partial_rho"]["q95"] for r in runs]
         assert sum(above) <= 3
+        p = np.array([r["permutation_p"] for r in runs])
+        assert p.mean() > 0.3 and np.sum(p < 0.05) <= 2, p
 
 
 def test_skewed_world_shows_the_shock_against_its_null():
     for seed in range(4):
         shocked = simulated(seed, True, SHOCKED)
         assert shocked["partial_rho"] > shocked["null"]["partial_rho"]["q95"] and shocked["partial_rho_z"] > 3
-        # The same skewed world with frequency-blind errors: no shock.
-        blind = simulated(seed, True, UNIFORM)
-        assert blind["partial_rho_z"] < 2.5
+        assert shocked["permutation_p"] < 0.02
+    # The same skewed worlds with frequency-blind errors: no shock.
+    blind = [simulated(seed, True, UNIFORM) for seed in range(4)]
+    assert all(b["partial_rho_z"] < 2.5 for b in blind)
+    assert sum(b["permutation_p"] < 0.05 for b in blind) <= 1
 
 
 def test_calibrated_null_keeps_correct_answers_and_draws_within_the_group():

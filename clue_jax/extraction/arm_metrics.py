@@ -53,19 +53,24 @@ def arm_metrics(items, preds, freqs, threshold: float, smoothing: float, skew: d
     counts = shock.prediction_counts(preds, [it.answer for it in items])
     return {"exact_match": overall["exact_match"], "f1": overall["f1"], "per_relation": per_rel,
             "buckets": {b: {"exact_match": v["exact_match"], "count": v["count"]} for b, v in buckets.items()},
-            "shock": shock_with_null(items, preds, counts, freqs, smoothing, null_draws, null_seed),
+            "shock": shock_with_null(items, preds, counts, freqs, smoothing, null_draws, null_seed,
+                                     int(skew.get("strata", 3))),
             "pred_over_gold": skew_ratios(items, preds, skew),
             "pred_over_gold_strata": strata_ratios(items, preds, skew)}
 
 
-def shock_with_null(items, preds, counts, freqs, smoothing, draws: int, seed: int) -> dict:
+def shock_with_null(items, preds, counts, freqs, smoothing, draws: int, seed: int, strata: int = 3) -> dict:
+    """The shock statistics; with draws > 0 also their calibrated null (z scores) and the p-value of the partial
+    statistic under permutation of fine-tuning counts within `strata` pre-training strata."""
     stat = shock.shock_statistics(freqs, counts, smoothing)
     if draws <= 0:
         return stat
     golds = [it.answer for it in items]
     correct = [shock.entity_key(p) == shock.entity_key(g) for p, g in zip(preds, golds)]
     null = shock.calibrated_null(freqs, golds, correct, [it.attribute for it in items], draws, seed, smoothing)
-    return shock.with_null(stat, null)
+    out = shock.with_null(stat, null)
+    out["permutation_p"] = shock.permutation_pvalue(freqs, counts, strata, draws, seed, smoothing)
+    return out
 
 
 def strata_ratios(items, preds, skew: dict) -> dict:

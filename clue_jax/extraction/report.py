@@ -180,8 +180,9 @@ def null_table(summary: Mapping, prefix: str = "") -> str:
             return f"{value:.{digits}f}" if math.isfinite(value) else "n/a"
 
         rows.append([prefix + arm, num("rho"), cell("null.rho"), num("partial_rho"), cell("null.partial_rho"),
-                     num("null.partial_rho.q95"), num("partial_rho_z", 1)])
-    return _table(rows, ["arm", "rho", "null rho", "partial rho", "null partial rho", "null q95", "partial z"])
+                     num("null.partial_rho.q95"), num("partial_rho_z", 1), num("permutation_p")])
+    return _table(rows, ["arm", "rho", "null rho", "partial rho", "null partial rho", "null q95", "partial z",
+                         "permutation p"])
 
 
 def steps_table(summary: Mapping) -> str:
@@ -208,9 +209,16 @@ def _per_seed_runs(summary: Mapping, arm: str) -> list[Mapping]:
 
 
 def _shocked(run: Mapping) -> bool:
-    """The partial statistic above its calibrated null's 95th percentile."""
+    """The partial statistic above its calibrated null's 95th percentile and, where measured, its within-stratum
+    permutation p-value below 0.05: both nulls reject."""
     value, q95 = _get(run, "shock.partial_rho"), _get(run, "shock.null.partial_rho.q95")
-    return math.isfinite(value) and math.isfinite(q95) and value > q95
+    p = _get(run, "shock.permutation_p")
+    return (math.isfinite(value) and math.isfinite(q95) and value > q95
+            and (not math.isfinite(p) or p < 0.05))
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if math.isfinite(value) else "n/a"
 
 
 def shock_verdict(summary: Mapping) -> str:
@@ -234,7 +242,8 @@ def shock_verdict(summary: Mapping) -> str:
         verdict = "no frequency shock was measured"
     base_value = _get(base_runs[0], "shock.partial_rho") if base_runs else math.nan
     return (f"Shock: vanilla fine-tuning has partial rho = {_pm(m, sd, len(runs))} (mean z = {z:.1f} against "
-            f"calibrated-random predictors with its own right answers), above the null's 95th percentile in "
+            f"calibrated-random predictors with its own right answers; within-stratum permutation p = "
+            f"{', '.join(_fmt(_get(r, 'shock.permutation_p')) for r in runs)}), beyond both nulls in "
             f"{above}/{len(runs)} seed(s); the base model has {base_value:.3f} (above its null: "
             f"{'yes' if base_shocked else 'no'}); fine-tuning changes it by {d:+.3f} ± {dsd:.3f}. Verdict: {verdict}.")
 
@@ -356,7 +365,8 @@ def render_report(summary: Mapping) -> str:
         "log(gold + 1) partialled out (x falls with pre-training frequency and y with the gold count even without "
         "a skew). The null: the same statistics for predictors that keep the arm's right answers and replace each "
         "wrong one by a random gold answer of the same relation (errors that ignore frequency); z = (value - null "
-        "mean) / null std.",
+        "mean) / null std. permutation p: one-sided p-value of partial rho when the fine-tuning counts are "
+        "shuffled among entities of the same pre-training stratum (the randomisation the skew made).",
         "",
         "## Exact match against vanilla fine-tuning steps (zero-shot decoding)",
         "",
