@@ -333,6 +333,9 @@ def _check_config(config) -> None:
             if not 0.0 < float(lam) < 1.0:
                 raise UserInputError(f"mixing.{key} contains {lam}; lambdas must lie strictly between 0 and 1 "
                                      "(the endpoints are the base and the vanilla arm, compared separately)")
+    if config.skew.left_out + config.skew.oversampled > 1.0:
+        raise UserInputError(f"skew.left_out={config.skew.left_out} + skew.oversampled={config.skew.oversampled} "
+                             "exceeds 1: they are shares of the same stratum")
     if not config.sweep.steps or any(int(n) < 1 for n in config.sweep.steps):
         raise UserInputError(f"sweep.steps={tuple(config.sweep.steps)}: give fine-tuning step counts >= 1")
     if not config.seeds:
