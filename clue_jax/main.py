@@ -13,7 +13,7 @@ import sys
 from absl import flags
 from ml_collections import config_flags
 
-from clue_jax import config_check
+from clue_jax import cli_help, config_check, configs
 from clue_jax.errors import UserInputError
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Path to a config file, optionally file.py:variant.")
@@ -25,6 +25,9 @@ _DISTRIBUTED = flags.DEFINE_enum(
 
 
 def main(argv: list[str]) -> int:
+    if _print_help(argv):
+        return 0
+    argv = configs.resolve_argv(argv)  # --config NAME: a shipped config
     try:
         flags.FLAGS(argv)
     except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as err:  # ml_collections raises these
@@ -42,6 +45,14 @@ def main(argv: list[str]) -> int:
     config_check.write_config(config, workdir)
     pipelines.run(config, workdir)
     return 0
+
+
+def _print_help(argv: list[str]) -> bool:
+    """-h / --help: print the flags, the shipped configs and an example (absl's own --help needs app.run)."""
+    if not cli_help.wants_help(argv):
+        return False
+    print(cli_help.help_text(sys.modules[__name__]))
+    return True
 
 
 def run() -> None:

@@ -67,6 +67,7 @@ from clue_jax.extraction.arm_metrics import arm_metrics, best_of, choose_steps, 
 from clue_jax.models import factory
 from clue_jax.pipelines import common, knowledge
 from clue_jax.pipelines.stages import Stages
+from clue_jax.train import logging_utils
 
 log = logging.getLogger("clue_jax")
 
@@ -517,6 +518,7 @@ def run(config, workdir: str) -> dict:
         plots["em_vs_steps"] = os.path.relpath(steps_path, workdir)
         summary["plots"] = plots
     common.write_json(os.path.join(workdir, "summary.json"), _json_safe(summary))
+    logging_utils.write_eval_scalars(workdir, summary["arms"])
     if jax.process_index() == 0:
         text = report.render_report(summary)
         with open(os.path.join(workdir, "extraction_report.md"), "w") as f:

@@ -24,6 +24,9 @@ import ml_collections
 from clue_jax.train.defaults import train_config
 
 
+VARIANTS = ("", "tiny")  # "" = the default; listed by --help
+
+
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.pipeline = "extraction"
@@ -64,6 +67,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # null_draws: calibrated-random predictors simulated per arm for the statistics' null (0: none).
     c.shock = dict(smoothing=1.0, null_draws=200)
     c.mesh = dict(shape=(-1, 1, 1), dcn_shape=())  # dcn_shape: slices/nodes per axis, () = data first
+    # :tiny trains for seconds to test the code paths; the pipeline says so under its tables.
+    c.smoke_test = variant == "tiny"
 
     if variant == "tiny":
         c.seeds = (0,)
