@@ -36,6 +36,7 @@ from clue_jax.models.config import ModelConfig
 from clue_jax.pipelines import common, validate
 from clue_jax.pipelines.stages import Stages, fingerprint
 from clue_jax.pipelines.validate import ARMS, MODES  # noqa: F401  (kept importable from here)
+from clue_jax.train import logging_utils
 
 log = logging.getLogger("clue_jax")
 
@@ -493,15 +494,17 @@ def render_clue_examples(ctx: Context, n: int, split: str = "test") -> list[str]
     os.makedirs(out_dir, exist_ok=True)
     scores = np.load(ctx.scores[split]["path"])
     data = ctx.docs_data[split]
+    people = ctx.knowledge[split].people
     paths = []
     for i in range(min(n, len(data["input_ids"]))):
+        who = people[i].name if people is not None else f"document {i}"  # a user corpus has no people
         length = int(data["attention_mask"][i].sum())
         ids = data["input_ids"][i, :length]
         tokens = [ctx.tokenizer.decode([int(t)]) for t in ids]
         large, small = scores["large"][i, :length], scores["small"][i, :length]
         base = os.path.join(out_dir, f"example_{i}")
-        render.render_html(tokens, large, small, large - small, base + ".html", title=f"clues, document {i}")
-        render.render_heatmap_png(tokens, large, small, large - small, base + ".png", title=f"document {i}")
+        render.render_html(tokens, large, small, large - small, base + ".html", title=f"clues: {who}")
+        render.render_heatmap_png(tokens, large, small, large - small, base + ".png", title=f"clues: {who}")
         paths += [base + ".html", base + ".png"]
     return paths
 
@@ -520,10 +523,22 @@ def run(config, workdir: str) -> dict:
     summary["clue_views"] = render_clue_examples(ctx, config.clues.render_examples)
     summary["stages_reused"] = ctx.stages.reused
     summary["stages_ran"] = ctx.stages.ran
+    summary["stages"] = stage_records(ctx.stages)
     common.write_json(os.path.join(workdir, "summary.json"), summary)
+    logging_utils.write_eval_scalars(workdir, summary["models"])
     if jax.process_index() == 0:
         print(render_table(summary, arms, list(config.seeds)))
     return summary
+
+
+def stage_records(stages) -> dict[str, dict]:
+    """Each stage of this run: "ran" or "reused", and its result as its done.json holds it."""
+    records = {}
+    for status, names in (("ran", stages.ran), ("reused", stages.reused)):
+        for name in names:
+            with open(os.path.join(stages.path(name), "done.json")) as f:
+                records[name] = {"status": status, "result": _public(json.load(f)["result"])}
+    return records
 
 
 def name_distances(ctx: Context, split: str = "test") -> dict[str, float]:

@@ -53,7 +53,7 @@ from clue_jax.mcl import downstream, intrinsic, objective as mcl_objective, repo
 from clue_jax.models.encoder import ElectraPair, EncoderConfig, generator_config
 from clue_jax.pipelines import common
 from clue_jax.pipelines.stages import Stages, fingerprint
-from clue_jax.train import loop, sharding as shard_lib
+from clue_jax.train import logging_utils, loop, sharding as shard_lib
 
 log = logging.getLogger("clue_jax")
 
@@ -630,4 +630,5 @@ def run(config, workdir: str) -> dict:
             f.write(text)
         print(report.render_table(summary, shown, ARM_LABELS))
     common.write_json(os.path.join(workdir, "summary.json"), summary)
+    logging_utils.write_eval_scalars(workdir, {**summary["arms"], "soups": summary["soups"]})
     return summary

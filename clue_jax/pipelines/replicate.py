@@ -17,6 +17,7 @@ import numpy as np
 
 from clue_jax.eval.seeds import direction
 from clue_jax.pipelines import common, knowledge, validate
+from clue_jax.train import logging_utils
 
 DROP_ARMS = {"random": ("alpha",), "attention": ("alpha", "beta"), "contrast": ("alpha", "beta")}
 
@@ -61,6 +62,8 @@ def run(config, workdir: str) -> dict:
         "stages_reused": ctx.stages.reused, "stages_ran": ctx.stages.ran,
     }
     common.write_json(os.path.join(workdir, "summary.json"), summary)
+    logging_utils.write_eval_scalars(workdir, {f"{student}_{arm}": runs for student, arms in results.items()
+                                               for arm, runs in arms.items()})
     if jax.process_index() == 0:
         report = render_report(summary, config)
         with open(os.path.join(workdir, "replication.md"), "w") as f:

@@ -1,4 +1,4 @@
-"""Run outputs: metrics.jsonl, TensorBoard events and the progress display.
+"""Run outputs: metrics.jsonl, TensorBoard events (training and evaluation) and the progress display.
 
 Only process 0 writes. Under CI or without a terminal the tqdm bar becomes
 plain log lines, so logs stay readable in files.
@@ -52,6 +52,39 @@ class MetricsWriter:
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+
+
+def write_eval_scalars(workdir: str, runs: dict, step: int = 0) -> int:
+    """Evaluation results as TensorBoard scalars, one run per entry: `tensorboard/eval/<run>/`, tags the
+    nested keys joined by "/" (e.g. `cloze/company/exact_match`), so `tensorboard --logdir WORKDIR/tensorboard`
+    puts every arm's number on one chart. Only finite numbers are written; returns how many."""
+    if not is_writer():
+        return 0
+    from tensorboardX import SummaryWriter
+
+    count = 0
+    for run, result in runs.items():
+        scalars = dict(_numbers(result))
+        if not scalars:
+            continue
+        with SummaryWriter(os.path.join(workdir, "tensorboard", "eval", str(run).replace("/", "_"))) as tb:
+            for tag, value in scalars.items():
+                tb.add_scalar(tag, value, step)
+        count += len(scalars)
+    return count
+
+
+def _numbers(value, prefix: str = ""):
+    if isinstance(value, dict):
+        items = value.items()
+    elif isinstance(value, (list, tuple)):
+        items = enumerate(value)
+    else:
+        if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+            yield prefix.rstrip("/"), float(value)
+        return
+    for key, sub in items:
+        yield from _numbers(sub, f"{prefix}{key}/")
 
 
 def _plain(v):

@@ -87,7 +87,7 @@ class _Preemption:
         return self
 
     def _handle(self, signum, frame):
-        log.warning("SIGTERM received: saving a checkpoint and stopping")
+        log.warning("%s received: saving a checkpoint and stopping", signal.Signals(signum).name)
         self.requested = True
 
     def should_stop(self, step: int, boundary: bool) -> bool:

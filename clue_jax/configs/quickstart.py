@@ -13,6 +13,9 @@ import ml_collections
 from clue_jax.train.defaults import train_config
 
 
+VARIANTS = ("", "tiny")  # "" = the default; listed by --help
+
+
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.pipeline = "knowledge"
@@ -47,6 +50,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # this small lack for people they met only after pre-training (QA is reported too).
     c.eval = dict(k_shot=5, max_new_tokens=10, batch_size=100, cloze=True, primary="cloze")
     c.mesh = dict(shape=(-1, 1, 1), dcn_shape=())  # dcn_shape: slices/nodes per axis, () = data first
+    # :tiny trains for seconds to test the code paths; the pipeline says so under its tables.
+    c.smoke_test = variant == "tiny"
 
     if variant == "tiny":
         c.world.update(num_background=24, num_new=8)

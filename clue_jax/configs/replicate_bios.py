@@ -18,6 +18,9 @@ _quickstart = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_quickstart)
 
 
+VARIANTS = ("", "tiny")  # "" = the default; listed by --help
+
+
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c = _quickstart.get_config("tiny" if variant == "tiny" else "")
     c.pipeline = "replicate"

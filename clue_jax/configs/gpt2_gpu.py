@@ -54,6 +54,9 @@ TINY_MODELS = dict(small=dict(_TINY, d_model=32, num_layers=2, num_heads=4, mlp_
                    large=dict(_TINY, d_model=48, num_layers=2, num_heads=4, mlp_dim=192))
 
 
+VARIANTS = _recipe.VARIANTS
+
+
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     return _recipe.hf_family_config(
         variant, config_file="gpt2_gpu.py", family=FAMILY, checkpoints=CHECKPOINTS, models=MODELS,

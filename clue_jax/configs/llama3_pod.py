@@ -55,6 +55,9 @@ TINY_MODELS = dict(
 )
 
 
+VARIANTS = _recipe.VARIANTS
+
+
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     return _recipe.hf_family_config(
         variant, config_file="llama3_pod.py", family=FAMILY, checkpoints=CHECKPOINTS, models=MODELS,

@@ -54,6 +54,9 @@ TINY_MODELS = dict(small=dict(_TINY, d_model=32, num_layers=2, num_heads=4, num_
                    large=dict(_TINY, d_model=48, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=96))
 
 
+VARIANTS = _recipe.VARIANTS
+
+
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     return _recipe.hf_family_config(
         variant, config_file="gemma2_pod.py", family=FAMILY, checkpoints=CHECKPOINTS, models=MODELS,

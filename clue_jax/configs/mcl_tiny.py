@@ -19,6 +19,9 @@ from clue_jax.train.defaults import train_config
 ALL_CORRECTIONS = ("re_rtd_gen", "re_rtd_disc", "re_std_gen", "re_std_disc")
 
 
+VARIANTS = ("", "tiny")  # "" = the default; listed by --help
+
+
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     c.pipeline = "mcl"
@@ -60,6 +63,8 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.intrinsic = dict(enabled=False, reference_arm="electra", num_rows=256, seed=0)
     c.mesh = dict(shape=(-1, 1, 1), dcn_shape=())  # dcn_shape: slices/nodes per axis, () = data first
     c.compile_cache_dir = ""  # persistent XLA cache; "" = workdir/jax_cache, "off" = none
+    # :tiny trains for seconds to test the code paths; the pipeline says so under its tables.
+    c.smoke_test = variant == "tiny"
 
     if variant == "tiny":
         c.seeds = (0,)

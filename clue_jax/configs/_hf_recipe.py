@@ -8,6 +8,7 @@ import os
 
 import ml_collections
 
+VARIANTS = ("", "tiny")  # "" = the checkpoints; listed by --help
 _HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -33,7 +34,7 @@ def hf_family_config(variant: str, *, config_file: str, family: str, checkpoints
     `:tiny` reads tiny HF checkpoints from $CLUE_JAX_TINY_CKPTS/<family>_{small,large} (the tests write them
     with PyTorch transformers), else pre-trains tiny models from scratch on the built-in world.
     """
-    if variant not in ("", "tiny"):
+    if variant not in VARIANTS:
         raise ValueError(f"unknown variant {variant!r} for configs/{config_file} (have: tiny)")
     c = load_config_module("quickstart").get_config(variant)
     c.seeds = (0, 1, 2)

@@ -26,6 +26,8 @@ _spec = importlib.util.spec_from_file_location(
 _base = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_base)
 
+VARIANTS = ("", "timing")  # "" = the default; listed by --help
+
 
 def get_config(variant: str = ""):
     c = _base.get_config()
