@@ -2,6 +2,7 @@
 
     python -m clue_jax.main --config configs/mcl_compare.py --workdir runs/mcl_compare      # 3 seeds
     python -m clue_jax.main --config configs/mcl_compare.py:timing --workdir /tmp/mcl_t     # a short timing run
+    python -m clue_jax.main --config configs/mcl_compare.py:tiny --workdir /tmp/mcl_c       # seconds of training
 
 What changes against configs/mcl_tiny.py (issue 13):
 - three arms, ELECTRA (RTD), RTD+STD+ITD and MCL, with every course on every
@@ -26,30 +27,39 @@ _spec = importlib.util.spec_from_file_location(
 _base = importlib.util.module_from_spec(_spec)
 _spec.loader.exec_module(_base)
 
-VARIANTS = ("", "timing")  # "" = the default; listed by --help
+VARIANTS = ("", "tiny", "timing")  # "" = the default; listed by --help
 
 
-def get_config(variant: str = ""):
-    c = _base.get_config()
+def _protocol(c):
+    """The comparison's settings on top of a configs/mcl_tiny.py config."""
     c.arms = ("electra", "all3", "mcl")
     c.random_init = True
     c.objective.sampling = "all"
+    c.curve = dict(arms=("electra", "all3", "mcl"), fractions=(0.5,))
+    c.soups.enabled = False
+    c.intrinsic = dict(enabled=True, reference_arm="electra", num_rows=512, seed=0)
+    c.downstream.tasks = ("bios_qa",)
+    return c
+
+
+def get_config(variant: str = ""):
+    if variant == "tiny":  # seconds of training on mcl_tiny's tiny world: every stage of the protocol runs
+        c = _protocol(_base.get_config("tiny"))
+        c.intrinsic.num_rows = 8
+        return c
+    c = _protocol(_base.get_config())
     c.corpus.update(segments=2, seq_len=96)
     c.model.max_len = 128
     # batch 16 at lr 5e-3: ELECTRA's RTD replaced share 0.139 (step 50) -> 0.098 (step 600) in a 600-step run
     c.pretrain.update(steps=1000, batch_size=16, warmup_steps=50, lr=5e-3, log_every=100)
     c.probe_every = 100
-    c.curve = dict(arms=("electra", "all3", "mcl"), fractions=(0.5,))
-    c.soups.enabled = False
-    c.intrinsic = dict(enabled=True, reference_arm="electra", num_rows=512, seed=0)
     c.world.update(num_background=1600, num_new=1000)
-    c.downstream.update(tasks=("bios_qa",), train_people=400, dev_people=100, test_people=500, qa_per_person=4,
-                        eval_batch=200)
+    c.downstream.update(train_people=400, dev_people=100, test_people=500, qa_per_person=4, eval_batch=200)
     if variant == "timing":  # one seed, few steps: seconds per step of each arm, to size the full run
         c.seeds = (0,)
         c.pretrain.update(steps=60, warmup_steps=4, log_every=10)
         c.probe_every = 20
         c.finetune.update(steps=30)
     elif variant:
-        raise ValueError(f"unknown variant {variant!r} for configs/mcl_compare.py (have: timing)")
+        raise ValueError(f"unknown variant {variant!r} for configs/mcl_compare.py (have: {VARIANTS[1:]})")
     return c
