@@ -58,3 +58,32 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     # The ingredients resumed from the warm-up arm's checkpoint at step 2 (the branch point).
     ing = json.loads((workdir / "stages" / "ing_re_rtd_s0" / "done.json").read_text())
     assert ing["inputs"]["warmup_step"] == 2 and ing["result"]["steps"] == 4
+
+
+def test_pretraining_rows_have_two_segments_and_itd_room(tmp_path):
+    """[CLS] A [SEP] B [SEP] with B of token type 1 (as fine-tuning's pairs); the ITD room check."""
+    import numpy as np
+
+    from clue_jax.data.tokenizer import train_bpe_tokenizer
+    from clue_jax.pipelines import mcl
+
+    assert mcl.two_segments("One two three. Four five six. Seven.") == ("One two three.", "Four five six. Seven.")
+    assert mcl.two_segments("One. Two three four five. Six seven.") == ("One. Two three four five.", "Six seven.")
+    assert mcl.two_segments("No boundary here") == ("No boundary here", None)
+    texts = ["Ann was born in Rome. She studied art. She works at Acme.", "Bo likes tea."]
+    tok = train_bpe_tokenizer(texts * 5, 300, tmp_path / "tok")
+    rows = mcl.encode_corpus(tok, texts, 64, segments=2)
+    one = mcl.encode_corpus(tok, texts, 64, segments=1)
+    sep = tok.eos_token_id
+    for i, (a, b) in enumerate(map(mcl.two_segments, texts)):
+        n = int(rows["attention_mask"][i].sum())
+        ids, types = rows["input_ids"][i, :n], rows["token_type_ids"][i, :n]
+        assert ids[0] == tok.bos_token_id and ids[-1] == sep
+        n_b = 0 if b is None else len(tok(b, add_special_tokens=False)["input_ids"]) + 1
+        assert types.sum() == n_b and (types[n - n_b:] == 1).all()  # B and its [SEP]
+        assert (ids == sep).sum() == (2 if b is not None else 1)
+    assert not one["token_type_ids"].any()
+    special = (tok.bos_token_id, sep)
+    assert mcl.itd_capped_share(rows, 0.15, special) == 0.0
+    # at 12 tokens the long text fills its row (no room), the short one still has padding
+    assert mcl.itd_capped_share(mcl.encode_corpus(tok, texts, 12, segments=2), 0.15, special) == 0.5
