@@ -113,6 +113,7 @@ class CausalLM(nnx.Module):
             self.embed_positions = layers.embed(cfg.max_len, cfg.d_model, ("pos", "embed"), **kw)
         self.blocks = nnx.List([Block(cfg, i, rngs) for i in range(cfg.num_layers)])
         self.final_norm = _norm(cfg, rngs)
+        self.remat = cfg.remat  # layers.set_remat changes it for training
         if not cfg.tie_embeddings:
             self.lm_head = layers.linear(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
 
@@ -135,8 +136,7 @@ class CausalLM(nnx.Module):
         attention_mask, positions = self._inputs(input_ids, attention_mask, positions)
         x = self._embed(input_ids, positions)
         for block in self.blocks:
-            x, _ = (nnx.remat(Block.__call__)(block, x, positions, attention_mask)
-                    if self.cfg.remat else block(x, positions, attention_mask))
+            x, _ = layers.call_block(block, self.remat, x, positions, attention_mask)
         return self.final_norm(x)
 
     def __call__(self, input_ids, attention_mask=None, positions=None):
