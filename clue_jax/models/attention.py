@@ -1,8 +1,14 @@
-"""Attention kernels: a fast path for training and a blocked path that also scores.
+"""Attention kernels: a fused path for training and evaluation, and a blocked path that also scores.
 
-The fast path is `jax.nn.dot_product_attention` (cuDNN flash attention on GPU,
-XLA elsewhere). Gemma-2's logit soft-capping is not expressible there, so a
-plain einsum path serves it.
+The fused path (`causal_attention`) is chosen per backend in ONE place,
+`plan_attention`: cuDNN flash attention on GPU (`jax.nn.dot_product_attention`
+with is_causal, local_window_size and sequence lengths, no dense mask), the
+Pallas splash-attention kernel on TPU (which also soft-caps logits, Gemma-2)
+under `shard_map` over the mesh's batch and head axes, and XLA on the CPU.
+cuDNN has no logit soft-capping, so Gemma-2 on a GPU takes the einsum path.
+The fused paths read the key mask as sequence lengths / segment ids: a row's
+real tokens must be one contiguous run (right padding in training, left
+padding in decoding); rows are rotated so that the run starts at 0.
 
 The scoring path is what clue dropout needs: per layer, the attention each key
 token *receives*, summed over heads and over the (real) query positions. It
@@ -13,10 +19,16 @@ pass gives the exact softmax (no online rescaling is needed).
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
+import math
 
 import jax
 import jax.numpy as jnp
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
+from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
+from jax.sharding import PartitionSpec as P
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -72,6 +84,133 @@ def attend(q, k, v, allowed, *, scale: float, softcap: float = 0.0, fast: bool =
     logits = jnp.where(allowed[:, :, None], logits, _MASKED)
     probs = jax.nn.softmax(logits, axis=-1)
     return _weighted_values(probs, v, q.dtype)
+
+
+@dataclasses.dataclass(frozen=True)
+class AttentionPlan:
+    """What `causal_attention` runs: an implementation and the static arguments it receives.
+
+    implementation: "cudnn" | "xla" (jax.nn.dot_product_attention with sequence
+      lengths, `kwargs` are its keyword arguments), "splash" (the Pallas TPU
+      kernel; `kwargs` name its mask, soft cap and block size), "dense" (the
+      [B, 1, T, T] mask path of `attend`, the CPU's).
+    """
+
+    implementation: str
+    kwargs: dict
+    interpret: bool = False  # Pallas interpret mode (tests on the CPU)
+    mesh_axes: tuple = ()  # (batch axes, head axis) of the context mesh for shard_map; () = none
+
+
+_CUDNN_DTYPES = ("bfloat16", "float16")
+_SPLASH_BLOCKS = (512, 256, 128)
+
+
+def plan_attention(backend: str, *, batch: int, seq_len: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype,
+                   scale: float, softcap: float, sliding_window: int, mesh=None) -> AttentionPlan:
+    """The one place where the attention implementation is chosen for a backend ("cpu", "gpu", "tpu").
+
+    mesh: the context mesh (`jax.sharding.get_abstract_mesh()`); on TPU the
+    splash kernel runs under shard_map over it, and is not used on several
+    devices without one (a Pallas call cannot be partitioned automatically).
+    """
+    window = (sliding_window - 1, 0) if sliding_window and sliding_window < seq_len else None
+    lengths_kwargs = dict(scale=scale, is_causal=True, local_window_size=window)
+    if backend == "gpu" and not softcap:
+        cudnn_ok = jnp.dtype(dtype).name in _CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128
+        return AttentionPlan("cudnn" if cudnn_ok else "xla", dict(lengths_kwargs, implementation=(
+            "cudnn" if cudnn_ok else "xla")))
+    if backend == "tpu":
+        block = next((b for b in _SPLASH_BLOCKS if seq_len % b == 0), 0)
+        axes = _mesh_axes(mesh, batch, num_heads, num_kv_heads)
+        several = mesh is not None and not mesh.empty and mesh.size > 1
+        if block and head_dim % 128 == 0 and (axes or not several):
+            return AttentionPlan("splash", dict(scale=scale, softcap=softcap or None, window=window, block=block),
+                                 mesh_axes=axes)
+    return AttentionPlan("dense", dict(scale=scale, softcap=softcap))
+
+
+def _mesh_axes(mesh, batch: int, num_heads: int, num_kv_heads: int) -> tuple:
+    """(batch axes, head axis or None) of a mesh with the project's axis names; () when there is none
+    or the batch does not divide over its data axes."""
+    if mesh is None or mesh.empty or "tensor" not in mesh.axis_names:
+        return ()
+    batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
+    if batch % math.prod(mesh.shape[a] for a in batch_axes):
+        return ()
+    heads_axis = "tensor" if num_heads % mesh.shape["tensor"] == 0 and num_kv_heads % mesh.shape["tensor"] == 0 \
+        else None
+    return (batch_axes, heads_axis)
+
+
+def mesh_context(mesh):
+    """Makes `mesh` the context mesh where a fused kernel needs it for shard_map (TPU); a no-op elsewhere."""
+    return jax.set_mesh(mesh) if jax.default_backend() == "tpu" else contextlib.nullcontext()
+
+
+def causal_attention(q, k, v, key_mask, *, scale: float, softcap: float = 0.0, sliding_window: int = 0,
+                     plan: AttentionPlan | None = None):
+    """Causal (optionally windowed, soft-capped) attention [B, T, N, H] on the fused path of this backend.
+
+    key_mask [B, T]: 1 on real tokens, one contiguous run per row. Outputs at
+    padded positions are unspecified (they are never read).
+    """
+    if plan is None:
+        b, t, n, h = q.shape
+        plan = plan_attention(jax.default_backend(), batch=b, seq_len=t, num_heads=n, num_kv_heads=k.shape[2], head_dim=h,
+                              dtype=q.dtype, scale=scale, softcap=softcap, sliding_window=sliding_window,
+                              mesh=jax.sharding.get_abstract_mesh())
+    if plan.implementation == "dense":
+        return attend(q, k, v, allowed_keys(key_mask, sliding_window), **plan.kwargs)
+    if plan.implementation == "splash":
+        return _splash_attention(q, k, v, key_mask, plan)
+    # Sequence lengths describe right padding: rotate each row so its real run starts at 0.
+    first = jnp.argmax(key_mask > 0, axis=1).astype(jnp.int32)
+    lengths = jnp.sum(key_mask > 0, axis=1).astype(jnp.int32)
+    out = jax.nn.dot_product_attention(
+        _rotate(q, first), _rotate(k, first), _rotate(v, first),
+        query_seq_lengths=lengths, key_value_seq_lengths=lengths, **plan.kwargs)
+    return _rotate(out, -first)
+
+
+def _rotate(x, shift):
+    """Row b of x [B, T, ...] rotated left by shift[b] along T."""
+    t = x.shape[1]
+    idx = (jnp.arange(t)[None, :] + shift[:, None]) % t
+    return jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1)
+
+
+@functools.lru_cache(maxsize=64)
+def _splash_kernel(seq_len: int, num_heads: int, window, softcap, block: int, interpret: bool):
+    shape = (seq_len, seq_len)
+    one = splash_mask.LocalMask(shape, window, offset=0) if window else splash_mask.CausalMask(shape)
+    sizes = splash.BlockSizes(block_q=block, block_kv=block, block_kv_compute=block, block_q_dkv=block,
+                              block_kv_dkv=block, block_kv_dkv_compute=block, use_fused_bwd_kernel=True)
+    return splash.make_splash_mha(splash_mask.MultiHeadMask([one] * num_heads), block_sizes=sizes,
+                                  attn_logits_soft_cap=softcap, head_shards=1, q_seq_shards=1, interpret=interpret)
+
+
+def _splash_attention(q, k, v, key_mask, plan: AttentionPlan):
+    """Splash attention: heads-major per example (vmap over batch); padding by segment ids (real 1, pad 0)."""
+    kw = plan.kwargs
+
+    def local(q, k, v, segments):
+        kernel = _splash_kernel(q.shape[1], q.shape[2], kw["window"], kw["softcap"], kw["block"], plan.interpret)
+
+        def one(q, k, v, seg):
+            ids = splash.SegmentIds(q=seg, kv=seg)
+            return kernel((q * kw["scale"]).astype(q.dtype), k, v, segment_ids=ids)
+
+        out = jax.vmap(one)(q.swapaxes(1, 2), k.swapaxes(1, 2), v.swapaxes(1, 2), segments)
+        return out.swapaxes(1, 2)
+
+    segments = (key_mask > 0).astype(jnp.int32)
+    if not plan.mesh_axes:
+        return local(q, k, v, segments)
+    batch_axes, heads_axis = plan.mesh_axes
+    spec = P(batch_axes, None, heads_axis, None)
+    return jax.shard_map(local, in_specs=(spec, spec, spec, P(batch_axes, None)), out_specs=spec,
+                         check_vma=False)(q, k, v, segments)
 
 
 def attend_and_score(q, k, v, key_mask, *, scale: float, softcap: float, sliding_window: int, request: ScoreRequest):

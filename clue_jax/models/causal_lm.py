@@ -53,8 +53,8 @@ class SelfAttention(nnx.Module):
             k = layers.apply_rope(k, positions, self.inv_freq[...])
         stats = None
         if request is None:
-            allowed = attn.allowed_keys(key_mask, self.sliding_window)
-            out = attn.attend(q, k, v, allowed, scale=self.scale, softcap=cfg.attn_logit_softcap)
+            out = attn.causal_attention(q, k, v, key_mask, scale=self.scale, softcap=cfg.attn_logit_softcap,
+                                        sliding_window=self.sliding_window)
         else:
             out, colsum, row = attn.attend_and_score(
                 q, k, v, key_mask, scale=self.scale, softcap=cfg.attn_logit_softcap,

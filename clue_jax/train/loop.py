@@ -26,7 +26,7 @@ from flax import nnx
 from jax.experimental import multihost_utils
 
 from clue_jax.errors import UserInputError
-from clue_jax.models import layers
+from clue_jax.models import attention, layers
 from clue_jax.train import sharding as shard_lib
 from clue_jax.train.checkpoint import Checkpointer, abstract_like
 from clue_jax.train.logging_utils import MetricsWriter, Progress
@@ -239,7 +239,7 @@ class Trainer:
         pending = None  # metrics of the previous step, read one step late to keep the device busy
         self._t_prev = time.time()
         try:
-            with _Preemption() as preempt:
+            with _Preemption() as preempt, attention.mesh_context(self.mesh):
                 step = start
                 while step < cfg.steps:
                     batch = self.global_batch(data.batch(step))
