@@ -60,8 +60,8 @@ def _inputs(t=128, n=4, kv=2, h=128, b=2, seed=0):
     k = jax.random.normal(keys[1], (b, t, kv, h), jnp.float32)
     v = jax.random.normal(keys[2], (b, t, kv, h), jnp.float32)
     mask = np.ones((b, t), np.int32)
-    mask[0, t - 37:] = 0  # right padding (training batches)
-    mask[1, :21] = 0  # left padding (decoding prompts)
+    mask[0, t - t // 4:] = 0  # right padding (training batches)
+    mask[1, :t // 3] = 0  # left padding (decoding prompts)
     return q, k, v, jnp.asarray(mask)
 
 
@@ -106,3 +106,40 @@ def test_splash_under_shard_map_matches_reference():
         assert plan.mesh_axes == (("data", "fsdp"), "tensor")
         out = jax.jit(lambda q, k, v, m: attn.causal_attention(q, k, v, m, scale=scale, plan=plan))(q, k, v, mask)
     _close_on_real(out, _reference(q, k, v, mask, scale, 0.0, 0), mask, 2e-5)
+
+
+# ----------------------------------------------------------------- scoring skips hidden key blocks
+
+
+def _dense_scores(q, k, v, mask, scale, softcap, window, query_index):
+    allowed = attn.allowed_keys(mask, window)
+    logits = jnp.where(allowed[:, :, None], attn._logits(q, k, scale, softcap), attn._MASKED)
+    probs = jax.nn.softmax(logits, axis=-1)  # [B, K, G, T, T]
+    colsum = jnp.einsum("bkgqs,bq->bs", probs, mask.astype(jnp.float32))
+    row = jnp.einsum("bkgqs,bq->bs", probs, jax.nn.one_hot(query_index, q.shape[1]))
+    return attn._weighted_values(probs, v, q.dtype), colsum, row
+
+
+@pytest.mark.parametrize("t,block,softcap,window", [
+    (40, 8, 0.0, 0), (37, 8, 20.0, 0), (40, 8, 0.0, 11), (64, 16, 0.0, 16), (24, 32, 0.0, 0), (56, 8, 0.0, 100)])
+def test_scoring_matches_dense_reference(t, block, softcap, window):
+    q, k, v, mask = _inputs(t=t, h=8)
+    query_index = jnp.asarray([t // 2, t - 1])  # real queries of each row
+    request = attn.ScoreRequest(query_block=block, query_index=query_index)
+    out, colsum, row = jax.jit(lambda q, k, v, m: attn.attend_and_score(
+        q, k, v, m, scale=0.3, softcap=softcap, sliding_window=window, request=request))(q, k, v, mask)
+    ref_out, ref_colsum, ref_row = _dense_scores(q, k, v, mask, 0.3, softcap, window, query_index)
+    np.testing.assert_allclose(colsum, ref_colsum, atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(row, ref_row, atol=2e-6, rtol=1e-5)
+    _close_on_real(out, ref_out, mask, 2e-5)
+
+
+def test_schedule_visits_only_visible_key_blocks():
+    for n in (1, 2, 5, 8):
+        slot_q, slot_live, pair_slot, pair_kb, live = attn.score_schedule(n, 16, 0)
+        seen = {(int(slot_q[s, pair_slot[s, p]]), int(pair_kb[s, p])) for s, p in zip(*np.nonzero(live))}
+        assert seen == {(i, j) for i in range(n) for j in range(i + 1)}  # the causal triangle, each block once
+        assert live.sum() == n * (n + 1) // 2 and sorted(slot_q[slot_live]) == list(range(n))
+    # a window of 32 with blocks of 16 reaches 3 key blocks per query block
+    _, _, _, pair_kb, live = attn.score_schedule(16, 16, 32)
+    assert live.shape[1] == 3 and live.sum() == 16 * 3 - 1 - 2

@@ -12,10 +12,12 @@ padding in decoding); rows are rotated so that the run starts at 0.
 
 The scoring path is what clue dropout needs: per layer, the attention each key
 token *receives*, summed over heads and over the (real) query positions. It
-walks over blocks of queries with `lax.scan`, so it holds B x H x block x T
-probabilities at a time instead of B x H x T x T, and never returns a T x T
-matrix to the caller. Every query row sees all keys inside its block, so one
-pass gives the exact softmax (no online rescaling is needed).
+walks over blocks of queries with `lax.scan`, so it holds about B x H x block
+x T probabilities at a time instead of B x H x T x T, and never returns a
+T x T matrix to the caller. A step holds every key block its query rows can
+see, so one pass gives the exact softmax (no online rescaling is needed), and
+key blocks no query can see (above the causal diagonal, outside a sliding
+window) are skipped: about half the work of visiting them all.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec as P
@@ -213,45 +216,108 @@ def _splash_attention(q, k, v, key_mask, plan: AttentionPlan):
                          check_vma=False)(q, k, v, segments)
 
 
+def score_schedule(nblocks: int, block: int, sliding_window: int) -> tuple[np.ndarray, ...]:
+    """The (query block, key block) pairs that scoring visits, grouped into equal-sized scan steps.
+
+    Only key blocks that some query of the block can see are listed: the causal
+    triangle, and inside a sliding window only the blocks it reaches. Causal:
+    query blocks i and n-1-i share a step (i+1 + n-i = n+1 pairs, the triangle
+    folded into a rectangle). Windowed: one query block per step with the
+    ceil((w-1)/block)+1 key blocks its window spans, when that visits fewer.
+    Returns numpy arrays (static): slot_q [S, 2] query block of each slot,
+    slot_live [S, 2], pair_slot [S, P], pair_kb [S, P], pair_live [S, P].
+    """
+    causal = [[i, nblocks - 1 - i] if i != nblocks - 1 - i else [i] for i in range((nblocks + 1) // 2)]
+    steps = causal
+    if sliding_window:
+        span = min(nblocks, -(-(sliding_window - 1) // block) + 1)
+        if nblocks * span < len(causal) * (nblocks + 1):
+            steps = [[i] for i in range(nblocks)]
+    pairs = []
+    for slots in steps:
+        step = []
+        for slot, qb in enumerate(slots):
+            first = 0
+            if sliding_window:
+                first = max(0, (qb * block - (sliding_window - 1)) // block)
+            step += [(slot, kb) for kb in range(first, qb + 1)]
+        pairs.append(step)
+    width = max(len(p) for p in pairs)
+    slot_q = np.zeros((len(steps), 2), np.int32)
+    slot_live = np.zeros((len(steps), 2), bool)
+    pair_slot = np.zeros((len(steps), width), np.int32)
+    pair_kb = np.zeros((len(steps), width), np.int32)
+    pair_live = np.zeros((len(steps), width), bool)
+    for s, (slots, step) in enumerate(zip(steps, pairs)):
+        slot_q[s, :len(slots)] = slots
+        slot_live[s, :len(slots)] = True
+        for p, (slot, kb) in enumerate(step):
+            pair_slot[s, p], pair_kb[s, p], pair_live[s, p] = slot, kb, True
+    return slot_q, slot_live, pair_slot, pair_kb, pair_live
+
+
 def attend_and_score(q, k, v, key_mask, *, scale: float, softcap: float, sliding_window: int, request: ScoreRequest):
     """Like `attend`, but also returns received-attention column sums.
 
     Returns (out [B,T,N,H], colsum [B,T] float32, row [B,T] float32 or None):
     colsum[b, j] = sum over heads and real queries i of softmax(q_i k^T)[j];
     row[b, j] = sum over heads of the attention of query `query_index[b]` to j.
+    Each scan step holds all the visible key blocks of its query blocks
+    (`score_schedule`), so one pass gives the exact softmax; hidden blocks are
+    never computed. Outputs at padded query positions are unspecified.
     """
     b, t, n, h = q.shape
+    kv = k.shape[2]
     blk = min(request.query_block, t)
     pad = (-t) % blk
-    qp = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0)))
-    qmask = jnp.pad(key_mask, ((0, 0), (0, pad)))
     nblocks = (t + pad) // blk
-    q_blocks = qp.reshape(b, nblocks, blk, n, h).swapaxes(0, 1)
-    qmask_blocks = qmask.reshape(b, nblocks, blk).swapaxes(0, 1)
-    k_idx = jnp.arange(t)
-    key_ok = key_mask[:, None, :] > 0  # [B, 1, T]
+
+    def blocks(x):  # [B, T, ...] -> [nblocks, B, blk, ...]
+        x = jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2))
+        return x.reshape(b, nblocks, blk, *x.shape[2:]).swapaxes(0, 1)
+
+    q_blocks, k_blocks, v_blocks = blocks(q), blocks(k), blocks(v)
+    mask_blocks = blocks(key_mask > 0)  # [nb, B, blk]: real keys, and real queries
     query_index = request.query_index
+    offsets = jnp.arange(blk)
 
     def step(carry, xs):
-        colsum, row = carry
-        qb, qm, start = xs
-        q_idx = start + jnp.arange(blk)
-        ok = k_idx[None, :] <= q_idx[:, None]
+        colsum, row, out = carry
+        slot_q, slot_live, pair_slot, pair_kb, pair_live = xs
+        pair_qb = slot_q[pair_slot]
+        qpos = pair_qb[:, None] * blk + offsets  # [P, blk]
+        kpos = pair_kb[:, None] * blk + offsets
+        ok = (kpos[:, None, :] <= qpos[:, :, None]) & pair_live[:, None, None]
         if sliding_window:
-            ok = ok & (q_idx[:, None] - k_idx[None, :] < sliding_window)
-        ok = ok[None] & key_ok  # [B, blk, T]
-        logits = _logits(qb, k, scale, softcap)  # [B, K, G, blk, T]
-        logits = jnp.where(ok[:, None, None], logits, _MASKED)
-        probs = jax.nn.softmax(logits, axis=-1)
-        weights = (qm > 0).astype(jnp.float32)  # padded queries give nothing
-        colsum = colsum + jnp.einsum("bkgqs,bq->bs", probs, weights)
+            ok = ok & (qpos[:, :, None] - kpos[:, None, :] < sliding_window)
+        ok = ok[:, None] & mask_blocks[pair_kb][:, :, None, :]  # [P, B, blk_q, blk_k]
+        qp = q_blocks[pair_qb].reshape(-1, b, blk, kv, n // kv, h)
+        logits = jnp.einsum("pbqkgh,pbskh->pbkgqs", qp, k_blocks[pair_kb], preferred_element_type=jnp.float32)
+        logits = logits * scale
+        if softcap:
+            logits = jnp.tanh(logits / softcap) * softcap
+        ok = ok[:, :, None, None]
+        logits = jnp.where(ok, logits, _MASKED)
+        to_slot = jax.nn.one_hot(pair_slot, 2, dtype=jnp.float32)  # [P, 2]
+        pair_max = jnp.max(logits, axis=-1)  # [P, B, K, G, blk]
+        slot_max = jnp.stack([jnp.max(jnp.where((pair_slot == s)[:, None, None, None, None], pair_max, _MASKED), 0)
+                              for s in (0, 1)])
+        e = jnp.where(ok, jnp.exp(logits - slot_max[pair_slot][..., None]), 0.0)
+        denom = jnp.einsum("pbkgq,pt->tbkgq", jnp.sum(e, axis=-1), to_slot)
+        probs = e / jnp.maximum(denom[pair_slot], 1e-30)[..., None]
+        weights = mask_blocks[pair_qb].astype(jnp.float32)  # [P, B, blk]: padded queries give nothing
+        colsum = colsum.at[pair_kb].add(jnp.einsum("pbkgqs,pbq->pbs", probs, weights))
         if query_index is not None:
-            pick = (q_idx[None, :] == query_index[:, None]).astype(jnp.float32)  # [B, blk]
-            row = row + jnp.einsum("bkgqs,bq->bs", probs, pick)
-        return (colsum, row), _weighted_values(probs, v, q.dtype)
+            pick = (qpos[:, None, :] == query_index[None, :, None]).astype(jnp.float32)  # [P, B, blk]
+            row = row.at[pair_kb].add(jnp.einsum("pbkgqs,pbq->pbs", probs, pick))
+        pv = jnp.einsum("pbkgqs,pbskh->pbqkgh", probs.astype(v.dtype), v_blocks[pair_kb])
+        per_slot = jnp.einsum("pbqkgh,pt->tbqkgh", pv, to_slot.astype(pv.dtype)).reshape(2, b, blk, n, h)
+        out = out.at[slot_q].add(per_slot * slot_live[:, None, None, None, None].astype(per_slot.dtype))
+        return (colsum, row, out), None
 
-    zeros = jnp.zeros((b, t), jnp.float32)
-    starts = jnp.arange(nblocks) * blk
-    (colsum, row), outs = jax.lax.scan(step, (zeros, zeros), (q_blocks, qmask_blocks, starts))
-    out = outs.swapaxes(0, 1).reshape(b, nblocks * blk, n, h)[:, :t]
-    return out, colsum, (row if query_index is not None else None)
+    zeros = jnp.zeros((nblocks, b, blk), jnp.float32)
+    out0 = jnp.zeros((nblocks, b, blk, n, h), q.dtype)
+    schedule = tuple(jnp.asarray(x) for x in score_schedule(nblocks, blk, sliding_window))
+    (colsum, row, out), _ = jax.lax.scan(step, (zeros, zeros, out0), schedule)
+    unblock = lambda x: x.swapaxes(0, 1).reshape(b, nblocks * blk, *x.shape[3:])[:, :t]
+    return unblock(out), unblock(colsum), (unblock(row) if query_index is not None else None)
