@@ -26,6 +26,7 @@ differ), and nothing about speed.
 
     python benchmarks/scale_plan.py              # the full models (see README for the time it takes)
     python benchmarks/scale_plan.py --layers 2   # the same widths with 2 layers per model (quick)
+    python benchmarks/scale_plan.py --devices 8  # the same on 8 devices (8 x H100): mesh (1, 8, 1)
     python benchmarks/scale_plan.py --smoke      # tiny shapes on 8 devices (tests/test_benchmarks_smoke.py)
 
 Last stdout line: {"cases": [{"name", "devices", "mesh", "argument_bytes_per_device",
@@ -38,9 +39,22 @@ import argparse
 import os
 import sys
 
-_SMOKE = "--smoke" in sys.argv
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count", "--x")
-                           + f" --xla_force_host_platform_device_count={8 if _SMOKE else 64}")
+
+
+def _devices_from_argv(argv) -> int:
+    """--devices N (default 64; 8 with --smoke): read before jax is imported, which fixes the count."""
+    for i, arg in enumerate(argv):
+        if arg == "--devices" and i + 1 < len(argv):
+            return int(argv[i + 1])
+        if arg.startswith("--devices="):
+            return int(arg.split("=", 1)[1])
+    return 8 if "--smoke" in argv else 64
+
+
+_DEVICES = _devices_from_argv(sys.argv)
+os.environ["XLA_FLAGS"] = " ".join(
+    [f for f in os.environ.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    + [f"--xla_force_host_platform_device_count={_DEVICES}"])
 os.environ["JAX_PLATFORMS"] = "cpu"
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -152,8 +166,10 @@ def scoring_case(name: str, cfgs: list[ModelConfig], mesh, *, batch: int, seq: i
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on 8 devices")
+    parser.add_argument("--devices", type=int, default=_DEVICES, help="fake CPU devices (64; 8 for 8 x H100)")
     parser.add_argument("--layers", type=int, default=0, help="layers per model (0: the published depth)")
     parser.add_argument("--seq-len", type=int, default=2048)
+    parser.add_argument("--remat", default="full", help="train.remat of the train cases (none | full | dots)")
     parser.add_argument("--cases", nargs="*", default=["lora", "full", "scoring"])
     parser.add_argument("--results-dir", default=os.path.join(ROOT, "benchmarks", "results"))
     args = parser.parse_args(argv)
@@ -167,7 +183,7 @@ def main(argv=None) -> dict:
         cfgs[size] = dataclasses.replace(cfg, num_layers=args.layers) if args.layers else cfg
     mesh = mesh_lib.make_mesh((1, 8, -1) if args.smoke else tuple(c.mesh.shape))
     train_cfg = c.cpt.copy_and_resolve_references()
-    train_cfg.update(seq_len=seq, remat="full")
+    train_cfg.update(seq_len=seq, remat=args.remat)
     lora_cfg = c.lora.copy_and_resolve_references()
     lora_cfg.rank = 16
     cases = []
@@ -186,6 +202,7 @@ def main(argv=None) -> dict:
               "jax": jax.__version__, "wall_s": round(time.perf_counter() - start, 1)}
     os.makedirs(args.results_dir, exist_ok=True)
     suffix = "_smoke" if args.smoke else (f"_{args.layers}layers" if args.layers else "")
+    suffix += f"_{args.devices}devices" if args.devices != 64 and not args.smoke else ""
     with open(os.path.join(args.results_dir, f"scale_plan{suffix}.json"), "w") as f:
         json.dump(result, f, indent=1)
     print(json.dumps(result))
