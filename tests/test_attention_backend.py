@@ -51,7 +51,9 @@ def test_plan_tpu_is_splash_with_softcap_and_mesh_axes():
     # several devices hold a batch that does not split over the data axes (a Pallas call cannot be auto-partitioned)
     assert _plan("tpu", seq_len=100).implementation == "dense"
     assert _plan("tpu", head_dim=64).implementation == "dense"
-    assert _plan("tpu", mesh=mesh, batch=2).implementation == "dense"
+    assert _plan("tpu", mesh=mesh, batch=2, devices=8).implementation == "dense"
+    assert _plan("tpu", devices=8).implementation == "dense"  # several devices, no context mesh
+    assert _plan("tpu", devices=1).implementation == "splash"
 
 
 def _inputs(t=128, n=4, kv=2, h=128, b=2, seed=0):

@@ -1,4 +1,7 @@
 """Rematerialisation: the Trainer runs with it, and every policy gives the same loss and gradients."""
+import importlib.util
+import os
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -93,3 +96,16 @@ def test_bad_remat_is_one_line_error(tmp_path):
     with pytest.raises(UserInputError, match=r"^model.remat='yes'"):
         model_config.llama(remat="yes")
     assert model_config.llama(remat=True).remat == "full"  # legacy bool configs still read
+
+
+def test_remat_reaches_every_trained_stack_and_the_pod_recipe():
+    cfg = encoder.EncoderConfig(vocab_size=64, hidden_size=32, embedding_size=16, num_layers=1, num_heads=4,
+                                intermediate_size=64)
+    pair = layers.set_remat(encoder.ElectraPair(cfg, encoder.generator_config(cfg, 0.5), nnx.Rngs(0)), "dots")
+    bodies = [m for _, m in nnx.iter_graph(pair) if isinstance(m, encoder.EncoderBody)]
+    assert len(bodies) == 2 and all(b.remat == "dots" for b in bodies)  # MCL trains generator and discriminator
+    path = os.path.join(os.path.dirname(__file__), "..", "configs", "llama3_pod.py")
+    spec = importlib.util.spec_from_file_location("llama3_pod_for_remat", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    assert module.get_config("").cpt.remat == "full"  # the HF-loaded 8B student trains with remat

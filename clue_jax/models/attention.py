@@ -110,12 +110,12 @@ _SPLASH_BLOCKS = (512, 256, 128)
 
 
 def plan_attention(backend: str, *, batch: int, seq_len: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype,
-                   scale: float, softcap: float, sliding_window: int, mesh=None) -> AttentionPlan:
+                   scale: float, softcap: float, sliding_window: int, mesh=None, devices: int = 1) -> AttentionPlan:
     """The one place where the attention implementation is chosen for a backend ("cpu", "gpu", "tpu").
 
     mesh: the context mesh (`jax.sharding.get_abstract_mesh()`); on TPU the
     splash kernel runs under shard_map over it, and is not used on several
-    devices without one (a Pallas call cannot be partitioned automatically).
+    `devices` without one (a Pallas call cannot be partitioned automatically).
     """
     window = (sliding_window - 1, 0) if sliding_window and sliding_window < seq_len else None
     lengths_kwargs = dict(scale=scale, is_causal=True, local_window_size=window)
@@ -126,8 +126,7 @@ def plan_attention(backend: str, *, batch: int, seq_len: int, num_heads: int, nu
     if backend == "tpu":
         block = next((b for b in _SPLASH_BLOCKS if seq_len % b == 0), 0)
         axes = _mesh_axes(mesh, batch, num_heads, num_kv_heads)
-        several = mesh is not None and not mesh.empty and mesh.size > 1
-        if block and head_dim % 128 == 0 and (axes or not several):
+        if block and head_dim % 128 == 0 and (axes or devices == 1):
             return AttentionPlan("splash", dict(scale=scale, softcap=softcap or None, window=window, block=block),
                                  mesh_axes=axes)
     return AttentionPlan("dense", dict(scale=scale, softcap=softcap))
@@ -162,7 +161,7 @@ def causal_attention(q, k, v, key_mask, *, scale: float, softcap: float = 0.0, s
         b, t, n, h = q.shape
         plan = plan_attention(jax.default_backend(), batch=b, seq_len=t, num_heads=n, num_kv_heads=k.shape[2], head_dim=h,
                               dtype=q.dtype, scale=scale, softcap=softcap, sliding_window=sliding_window,
-                              mesh=jax.sharding.get_abstract_mesh())
+                              mesh=jax.sharding.get_abstract_mesh(), devices=jax.device_count())
     if plan.implementation == "dense":
         return attend(q, k, v, allowed_keys(key_mask, sliding_window), **plan.kwargs)
     if plan.implementation == "splash":
