@@ -145,3 +145,28 @@ def test_schedule_visits_only_visible_key_blocks():
     # a window of 32 with blocks of 16 reaches 3 key blocks per query block
     _, _, _, pair_kb, live = attn.score_schedule(16, 16, 32)
     assert live.shape[1] == 3 and live.sum() == 16 * 3 - 1 - 2
+
+
+@pytest.mark.parametrize("flavour", ["llama", "gemma2"])
+def test_model_planned_for_a_gpu_gives_the_cpu_logits(monkeypatch, flavour):
+    """The whole model with the GPU plan (float32: XLA with is_causal, windows, sequence lengths; Gemma-2's
+    soft-cap: the einsum path) gives the dense path's logits on real tokens, right- and left-padded."""
+    from flax import nnx
+
+    from clue_jax.models import config as model_config
+    from clue_jax.models.causal_lm import CausalLM
+
+    make = getattr(model_config, flavour)
+    cfg = make(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64, head_dim=8,
+               sliding_window=5, attn_logit_softcap=50.0 if flavour == "gemma2" else 0.0)
+    model = CausalLM(cfg, rngs=nnx.Rngs(0))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 16)), jnp.int32)
+    _, _, _, mask = _inputs(t=16)
+    dense = model(ids, mask)
+    chosen = []
+    planner = attn.plan_attention
+    monkeypatch.setattr(attn, "backend", lambda: "gpu")
+    monkeypatch.setattr(attn, "plan_attention", lambda *a, **k: chosen.append(planner(*a, **k)) or chosen[-1])
+    fused = model(ids, mask)
+    assert {p.implementation for p in chosen} == ({"dense"} if flavour == "gemma2" else {"xla"})
+    _close_on_real(fused, dense, mask, 1e-4)

@@ -145,9 +145,14 @@ def _mesh_axes(mesh, batch: int, num_heads: int, num_kv_heads: int) -> tuple:
     return (batch_axes, heads_axis)
 
 
+def backend() -> str:
+    """The platform the fused path is planned for (tests replace it to plan for another backend)."""
+    return jax.default_backend()
+
+
 def mesh_context(mesh):
     """Makes `mesh` the context mesh where a fused kernel needs it for shard_map (TPU); a no-op elsewhere."""
-    return jax.set_mesh(mesh) if jax.default_backend() == "tpu" else contextlib.nullcontext()
+    return jax.set_mesh(mesh) if backend() == "tpu" else contextlib.nullcontext()
 
 
 def causal_attention(q, k, v, key_mask, *, scale: float, softcap: float = 0.0, sliding_window: int = 0,
@@ -159,7 +164,7 @@ def causal_attention(q, k, v, key_mask, *, scale: float, softcap: float = 0.0, s
     """
     if plan is None:
         b, t, n, h = q.shape
-        plan = plan_attention(jax.default_backend(), batch=b, seq_len=t, num_heads=n, num_kv_heads=k.shape[2], head_dim=h,
+        plan = plan_attention(backend(), batch=b, seq_len=t, num_heads=n, num_kv_heads=k.shape[2], head_dim=h,
                               dtype=q.dtype, scale=scale, softcap=softcap, sliding_window=sliding_window,
                               mesh=jax.sharding.get_abstract_mesh(), devices=jax.device_count())
     if plan.implementation == "dense":
