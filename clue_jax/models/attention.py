@@ -121,8 +121,8 @@ def plan_attention(backend: str, *, batch: int, seq_len: int, num_heads: int, nu
     lengths_kwargs = dict(scale=scale, is_causal=True, local_window_size=window)
     if backend == "gpu" and not softcap:
         cudnn_ok = jnp.dtype(dtype).name in _CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128
-        return AttentionPlan("cudnn" if cudnn_ok else "xla", dict(lengths_kwargs, implementation=(
-            "cudnn" if cudnn_ok else "xla")))
+        implementation = "cudnn" if cudnn_ok else "xla"  # same arguments: XLA builds the mask itself
+        return AttentionPlan(implementation, dict(lengths_kwargs, implementation=implementation))
     if backend == "tpu":
         block = next((b for b in _SPLASH_BLOCKS if seq_len % b == 0), 0)
         axes = _mesh_axes(mesh, batch, num_heads, num_kv_heads)
