@@ -83,7 +83,7 @@ def test_every_shipped_config_passes(path, variant):
     ("eval.primary", "em", "--config.eval.primary='em': must be one of cloze, qa"),
     ("cpt.lr", 0.0, "--config.cpt.lr=0.0: must be a number > 0"),
     ("clues.arms", ("plain,contrast",), "--config.clues.arms=('plain,contrast',): item 'plain,contrast' must be "
-     "one of plain, random, attention, contrast; a tuple is written --config.clues.arms=\"('plain','contrast')\""),
+     "one of plain, random, attention, contrast, rate_matched, shuffled; a tuple is written --config.clues.arms=\"('plain','contrast')\""),
 ])
 def test_bad_value_is_one_line_naming_key_value_and_allowed(key, value, expected):
     config = _config()

@@ -6,7 +6,7 @@
 A small (0.28M parameters) and a large (3.4M, 12x, trained twice as long)
 LLaMA-style base model are pre-trained on 200 background people (rich bios +
 QA); they are the teacher pair. The small one then learns 100 new people's
-bios under the paper's protocol (10 epochs over each arm's data: plain over
+bios under the paper's protocol (20 epochs over each arm's data: plain over
 the originals, attention and contrast dropout over 1 original + 10 fixed
 copies) and is asked about them (cloze and 5-shot QA). The tokenizer's 4096
 requested entries (the world's text saturates it below that) write a name in
@@ -56,7 +56,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                          weight_decay=0.0, log_every=40, checkpoint_every=1000)
     # names: the budgets to run (paper, equal_compute); epochs within the paper's 10-30; curve_points: cloze EM
     # measured this many times during each run (EM against steps).
-    c.protocol = dict(names=("paper",), epochs=10, warmup_fraction=0.1, curve_points=0)
+    c.protocol = dict(names=("paper",), epochs=20, warmup_fraction=0.1, curve_points=0)
     # mode: cached (teachers score the corpus once), live (inside every step), fixed_copies (the paper's
     # offline K copies + originals). render_examples: HTML/PNG clue views written to workdir/clues/.
     c.clues = dict(arms=("plain", "attention", "contrast"), alpha=0.7, beta=0.03, original_fraction=1 / 11,
