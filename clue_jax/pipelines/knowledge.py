@@ -599,10 +599,25 @@ def run(config, workdir: str) -> dict:
     summary["stages_ran"] = ctx.stages.ran
     summary["stages"] = stage_records(ctx.stages)
     common.write_json(os.path.join(workdir, "summary.json"), summary)
-    logging_utils.write_eval_scalars(workdir, summary["models"])
+    logging_utils.write_eval_scalars(workdir, {name: {k: v for k, v in res.items() if k != "per_person"}
+                                               for name, res in summary["models"].items()})
     if jax.process_index() == 0:
         print(render_table(summary, arms, list(config.seeds)))
+        print(measured_sentence(summary, arms, list(config.seeds)))
     return summary
+
+
+def measured_sentence(summary: dict, arms: list[str], seeds: list[int], far=("university", "major", "company")) -> str:
+    """One sentence of what the run measured: each arm's mean EM on the far attributes, and its training steps."""
+    probe = "cloze" if "cloze" in summary["models"]["base_small"] else "qa"
+    parts = []
+    for arm in arms:
+        runs = [summary["models"][f"{arm}_s{s}"] for s in seeds]
+        attrs = [a for a in far if a in runs[0][probe]] or ["all"]
+        em = np.mean([r[probe][a]["exact_match"] for r in runs for a in attrs])
+        parts.append(f"{arm} {em:.2f} ({runs[0]['train']['steps']} steps)")
+    return (f"Measured: mean {probe} exact match on the far attributes ({', '.join(attrs)}) of the new people, "
+            f"{len(seeds)} seed(s): " + ", ".join(parts) + ".")
 
 
 def stage_records(stages) -> dict[str, dict]:
