@@ -38,7 +38,7 @@ FAR = ("university", "major", "company")
 
 def run_arm(ctx, student, arm, seed, protocol, split="test", drop=None, tag="", curve=True) -> dict:
     settings = arm_settings(ctx.config, protocol, arm, len(ctx.knowledge[split].docs), curve=curve)
-    suffix = "" if protocol == "paper" else "_eq"
+    suffix = "" if protocol == "paper" or arm == "plain" else "_eq"  # plain: one run for both protocols
     return knowledge.train_and_evaluate(ctx, student, arm, seed, split=split, drop=drop, tag=tag + suffix,
                                         **settings)
 
