@@ -31,6 +31,14 @@ neighbours rather than the method (`--threads 2` to see it).
 
 Run: python benchmarks/scoring.py   (about 3 to 5 minutes on 2 cores)
 Last stdout line: a JSON object; also written to benchmarks/results/scoring.json.
+
+Skipped key blocks: `python benchmarks/scoring.py --skip-blocks` (about a
+minute) times one attention layer's `attend_and_score` (which visits only the
+key blocks a query block can see) against the previous implementation that
+visited every key block (kept below as `_all_key_blocks`), at T = 2048 and
+8192 (and a 1024 sliding window at 8192), B = 1, 4 heads of 64, query
+blocks of 128, jitted, float32; median of 3 interleaved calls per side, same
+scores checked. Written to benchmarks/results/scoring_blocks.json.
 """
 from __future__ import annotations
 
@@ -227,6 +235,75 @@ def _run_worker(side: str, weights: str, t: int, repeats: int, threads: int, tmp
     return json.loads(proc.stdout.strip().splitlines()[-1]), np.load(scores)
 
 
+SKIP_CASES = ((2048, 0), (8192, 0), (8192, 1024))
+
+
+def _all_key_blocks(q, k, v, key_mask, *, scale, sliding_window, block):
+    """The previous scoring attention: every query block against all T keys (the baseline)."""
+    import jax
+    import jax.numpy as jnp
+
+    from clue_jax.models import attention as attn
+
+    b, t, n, h = q.shape
+    q_blocks = q.reshape(b, t // block, block, n, h).swapaxes(0, 1)
+    k_idx = jnp.arange(t)
+    key_ok = key_mask[:, None, :] > 0
+
+    def step(colsum, xs):
+        qb, start = xs
+        q_idx = start + jnp.arange(block)
+        ok = k_idx[None, :] <= q_idx[:, None]
+        if sliding_window:
+            ok = ok & (q_idx[:, None] - k_idx[None, :] < sliding_window)
+        logits = jnp.where((ok[None] & key_ok)[:, None, None], attn._logits(qb, k, scale, 0.0), attn._MASKED)
+        probs = jax.nn.softmax(logits, axis=-1)
+        colsum = colsum + jnp.einsum("bkgqs,bq->bs", probs, jnp.ones((b, block)))
+        return colsum, attn._weighted_values(probs, v, q.dtype)
+
+    colsum, outs = jax.lax.scan(step, jnp.zeros((b, t)), (q_blocks, jnp.arange(t // block) * block))
+    return outs.swapaxes(0, 1).reshape(b, t, n, h), colsum
+
+
+def skip_blocks_main(out_path: str, repeats: int = 3) -> dict:
+    import jax
+    import jax.numpy as jnp
+
+    sys.path.insert(0, ROOT)
+    from clue_jax.models import attention as attn
+
+    rows = []
+    for t, window in SKIP_CASES:
+        keys = jax.random.split(jax.random.key(t), 3)
+        q, k, v = (jax.random.normal(key, (1, t, 4, 64), jnp.float32) for key in keys)
+        mask = jnp.ones((1, t), jnp.int32)
+        request = attn.ScoreRequest(query_block=QUERY_BLOCK)
+        new = jax.jit(lambda q, k, v: attn.attend_and_score(q, k, v, mask, scale=0.125, softcap=0.0,
+                                                            sliding_window=window, request=request)[:2])
+        old = jax.jit(lambda q, k, v: _all_key_blocks(q, k, v, mask, scale=0.125, sliding_window=window,
+                                                      block=QUERY_BLOCK))
+        (o_new, c_new), (o_old, c_old) = jax.block_until_ready((new(q, k, v), old(q, k, v)))  # compile, warm up
+        times = {new: [], old: []}
+        for _ in range(repeats):  # interleaved, so a busy neighbour slows both sides alike
+            for fn in (new, old):
+                times[fn] += _times(lambda: jax.block_until_ready(fn(q, k, v)), 1)
+        t_new, t_old = statistics.median(times[new]), statistics.median(times[old])
+        rows.append({"T": t, "sliding_window": window, "skipping_s": t_new, "all_blocks_s": t_old,
+                     "speedup": t_old / t_new, "colsum_max_abs_diff": float(jnp.max(jnp.abs(c_new - c_old))),
+                     "out_max_abs_diff": float(jnp.max(jnp.abs(o_new - o_old)))})
+        print(f"T={t} window={window}: skipping {t_new:.3f}s, all blocks {t_old:.3f}s "
+              f"({t_old / t_new:.2f}x), colsum diff {rows[-1]['colsum_max_abs_diff']:.1e}", file=sys.stderr, flush=True)
+    result = {"benchmark": "scoring attention, visible key blocks only vs every key block (one layer)",
+              "shape": dict(batch=1, heads=4, head_dim=64, query_block=QUERY_BLOCK, dtype="float32"),
+              "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax": jax.__version__},
+              "time_method": f"median of {repeats} jitted calls per side, interleaved, after a warm-up call", "results": rows}
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
+    with open(out_path, "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result))
+    return result
+
+
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", choices=("jax", "torch"))
@@ -237,7 +314,12 @@ def main(argv=None) -> dict:
     parser.add_argument("--scores-out")
     parser.add_argument("--lengths", type=int, nargs="*", default=list(LENGTHS))
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "scoring.json"))
+    parser.add_argument("--skip-blocks", action="store_true", help="time skipped key blocks (see the docstring)")
     args = parser.parse_args(argv)
+    if args.skip_blocks:
+        out = args.out if "--out" in (argv or sys.argv) else os.path.join(os.path.dirname(args.out),
+                                                                          "scoring_blocks.json")
+        return skip_blocks_main(out)
 
     if args.worker:
         _pin(args.threads)

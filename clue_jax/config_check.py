@@ -7,6 +7,7 @@ import os
 import re
 
 import ml_collections
+from etils import epath
 
 from clue_jax.errors import UserInputError
 
@@ -109,31 +110,64 @@ def explain_flag_error(err: Exception, argv: list[str]) -> str:
     return f"bad command line: {text}"
 
 
+def workdir_path(path: str) -> epath.Path:
+    """An absolute local path, or a cloud path (gs://...) as given."""
+    return epath.Path(path) if "://" in str(path) else epath.Path(os.path.abspath(path))
+
+
 def prepare_workdir(workdir: str) -> str:
-    workdir = os.path.abspath(workdir)
-    parent = os.path.dirname(workdir)
-    if not os.path.isdir(parent):
-        raise UserInputError(f"the parent of --workdir does not exist: {parent}")
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
-        raise UserInputError(f"--workdir is a file, not a directory: {workdir}")
-    os.makedirs(workdir, exist_ok=True)
-    return workdir
+    path = workdir_path(workdir)
+    if "://" not in str(workdir):
+        if not path.parent.is_dir():
+            raise UserInputError(f"the parent of --workdir does not exist: {path.parent}")
+        if path.exists() and not path.is_dir():
+            raise UserInputError(f"--workdir is a file, not a directory: {path}")
+    path.mkdir(parents=True, exist_ok=True)
+    return str(path)
 
 
 def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
+    """Writes the run's resolved config to config.running.json (atomically, process 0).
+
+    config.json is only replaced by `finish_config` once the run succeeded, so
+    it always describes the run that wrote summary.json.
+    """
     import jax
 
     if jax.process_index() != 0:
         return
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+    _write_atomic(workdir_path(workdir) / _RUNNING, config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def finish_config(workdir: str) -> None:
+    """After a successful run: config.running.json becomes config.json; a different
+    earlier config.json is kept as config.previous-<n>.json (n = 1, 2, ...)."""
+    import jax
+
+    root = workdir_path(workdir)
+    running, final = root / _RUNNING, root / "config.json"
+    if jax.process_index() != 0 or not running.exists():
+        return
+    if final.exists() and final.read_text() != running.read_text():
+        taken = [int(m.group(1)) for p in root.glob("config.previous-*.json")
+                 if (m := re.fullmatch(r"config\.previous-(\d+)\.json", p.name))]
+        final.rename(root / f"config.previous-{max(taken, default=0) + 1}.json")
+    running.replace(final)
+
+
+_RUNNING = "config.running.json"
+
+
+def _write_atomic(path: epath.Path, text: str) -> None:
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def read_json(path: str, what: str) -> dict:
     try:
-        with open(path) as f:
-            return json.load(f)
+        return json.loads(epath.Path(path).read_text())
     except FileNotFoundError:
         raise UserInputError(f"{what} not found: {path}") from None
-    except (OSError, json.JSONDecodeError) as err:
+    except (OSError, ValueError) as err:  # ValueError: bad JSON or not UTF-8
         raise UserInputError(f"{what} is unreadable: {path} ({' '.join(str(err).split())})") from None

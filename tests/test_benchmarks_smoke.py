@@ -76,3 +76,19 @@ def test_train_throughput_smoke(tmp_path):
     assert prof["matmul_s"] > 0 and prof["other_s"] > 0 and prof["rest_s"] >= 0
     assert math.isclose(prof["matmul_s"] + prof["other_s"] + prof["rest_s"], prof["window_s"], rel_tol=1e-6)
     assert prof["top_ops_thread_s"]["matmul"] > 0
+
+
+def test_decode_benchmark_smoke(tmp_path):
+    """benchmarks/decode.py at toy size: cached and uncached decoding agree and the ratio is what it reports."""
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "decode.py"), "--smoke", "--results-dir",
+                           str(tmp_path)], cwd=tmp_path, env=dict(os.environ), capture_output=True, check=False,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert r == json.loads((tmp_path / "decode_smoke.json").read_text())
+    assert r["identical_tokens"] and set(r["models"]) == {"quickstart", "llama3"}
+    for m in r["models"].values():
+        assert m["mismatched_tokens"] == 0 and m["distinct_tokens"] > 1
+        assert m["cached_s"] > 0 and m["ratio"] == m["uncached_s"] / m["cached_s"]
+        assert m["matmul_flops"]["cached"] < m["matmul_flops"]["uncached"]
+    assert r["meets_target"] == all(m["ratio"] >= r["target_ratio"] for m in r["models"].values())

@@ -10,7 +10,8 @@ from clue_jax.extraction.shock import BUCKETS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "extraction.py") + ":tiny"
-ARMS = ("base", "vanilla", "mixing/interpolate", "mixing/log_linear", "mixture", "both/interpolate", "both/log_linear")
+ARMS = ("base", "vanilla", "mixing/interpolate", "mixing/log_linear", "mixture", "both/interpolate", "both/log_linear",
+        "best_of_base_vanilla")
 
 
 def test_tiny_pipeline_end_to_end(tmp_path):
@@ -31,35 +32,67 @@ def test_tiny_pipeline_end_to_end(tmp_path):
         assert 0.0 <= run["exact_match"] <= 1.0 and 0.0 <= run["f1"] <= 1.0
         assert set(run["buckets"]) == set(BUCKETS)
         assert sum(b["count"] for b in run["buckets"].values()) == summary["data"]["test_items"] == 6 * 5
-        assert set(run["shock"]) == {"rho", "p_value", "n"} and set(run["pred_over_gold"]) == {"dropped", "oversampled"}
+        assert {"rho", "p_value", "n", "partial_rho", "partial_rho_z", "null"} <= set(run["shock"])
+        assert run["shock"]["null"]["draws"] == 20 and set(run["pred_over_gold"]) == {"dropped", "oversampled"}
+        strata = run["pred_over_gold_strata"]
+        assert set(strata) == {"0", "1", "2"}
+        assert sum(c["gold"] for row in strata.values() for c in row.values()) == 6 * 5
         assert set(run["per_relation"]) == set(summary["data"]["relations"])
-    for arm in ("mixing/interpolate", "both/log_linear", "rank:mixing/log_linear"):
-        assert summary["arms"][arm]["per_seed"]["0"]["lambda"] in (0.0, 0.5, 1.0)
+    # Lambdas strictly inside (0, 1); the endpoints are the base and vanilla arms, and mixing is also compared with
+    # the better of the two on dev.
+    for arm in ("mixing/interpolate", "both/log_linear"):
+        assert summary["arms"][arm]["per_seed"]["0"]["lambda"] == 0.5
+    assert summary["arms"]["rank:mixing/log_linear"]["per_seed"]["0"]["lambda"] in (0.25, 0.75)
     sweep = summary["sweeps"]["vanilla"]["0"]
     assert set(sweep["decode"]) == set(sweep["rank"]) == {"interpolate", "log_linear"}
-    assert set(sweep["decode"]["interpolate"]) == {"0.0", "0.5", "1.0"}
+    assert set(sweep["decode"]["interpolate"]) == {"0.5"} and set(sweep["rank"]["log_linear"]) == {"0.25", "0.75"}
+    arms = summary["arms"]
+    best = arms["best_of_base_vanilla"]["per_seed"]["0"]
+    pick = "vanilla" if arms["vanilla"]["per_seed"]["0"]["dev_exact_match"] > arms["base"]["per_seed"]["-"][
+        "dev_exact_match"] else "base"
+    assert best["choice"] == pick
 
-    # Mixture fine-tuning ran as many fine-tuning batches as vanilla, plus pre-training batches at ratio 1.
-    mix = summary["stages"]["ft_mixture_s0"]
-    assert mix["finetune_batches"] == summary["stages"]["ft_vanilla_s0"]["steps"] == 4
-    assert mix["pretrain_batches"] in (3, 4) and mix["steps"] == mix["finetune_batches"] + mix["pretrain_batches"]
+    # Baselines bookkeeping: mixture = ft.steps QA batches + replay batches at ratio 1; the compute-matched vanilla
+    # runs as many steps in all; the vanilla arm is the sweep length best on dev.
+    stages = summary["stages"]
+    mix = stages["ft_mixture_s0"]
+    assert mix["finetune_batches"] == 4 and mix["pretrain_batches"] in (3, 4)
+    assert mix["steps"] == mix["finetune_batches"] + mix["pretrain_batches"] == summary["matched_steps"]
+    assert stages[f"ft_vanilla_t{mix['steps']}_s0"]["steps"] == mix["steps"]
+    assert arms["vanilla@matched"]["per_seed"]["0"]["steps"] == mix["steps"]
+    assert {stages[f"ft_vanilla_t{n}_s0"]["steps"] for n in (2, 4)} == {2, 4}
+    dev = {int(n): v["dev_exact_match"] for n, v in summary["steps_sweep"]["0"].items()}
+    assert set(dev) == {2, 4, mix["steps"]}  # the sweep includes the compute-matched length
+    chosen = arms["vanilla"]["per_seed"]["0"]["steps"]
+    assert chosen == min(dev, key=lambda n: (-dev[n], n))
+    assert arms["vanilla"]["per_seed"]["0"]["exact_match"] == summary["steps_sweep"]["0"][str(chosen)]["exact_match"]
+    # The replay corpus leaves out the dev and test people (20 people in the splits + 6 background: 16 replayed).
+    assert summary["data"]["replay_people"] == 26 - 4 - 6
 
     # The fine-tuning set is skewed: some common-object items left out, some rare ones repeated.
     assert summary["skew"]["dropped_items"] > 0 and summary["skew"]["rare_items"] > 0
     assert summary["data"]["finetune_examples"] == summary["skew"]["items"]
 
     text = (workdir / "extraction_report.md").read_text()
-    for heading in ("## Findings (as measured)", "## Greedy decoding", "## Candidate ranking", "## Runtime"):
+    assert text.index("## Predicted / gold per pre-training stratum") < text.index("## Findings (as measured)")
+    for heading in ("## Findings (as measured)", "## Shock statistics against their null", "## Exact match against "
+                    "vanilla fine-tuning steps", "## Greedy decoding", "## Candidate ranking", "## Runtime"):
         assert heading in text
     assert "Verdict:" in text and "| vanilla |" in text and "| both/log_linear |" in text
     for rel in summary["plots"].values():
         with open(workdir / rel, "rb") as f:
             assert f.read(8) == b"\x89PNG\r\n\x1a\n"
-    assert {"shock:vanilla", "shock:base", "lambda_sweep"} <= set(summary["plots"])
+    assert {"shock:vanilla", "shock:base", "lambda_sweep", "em_vs_steps"} <= set(summary["plots"])
 
 
-def _run(em, rho, p=0.001, lam=None):
-    run = {"exact_match": em, "f1": em, "shock": {"rho": rho, "p_value": p, "n": 50},
+def _run(em, rho, p=0.001, lam=None, q95=0.2, dev=None, perm=None):
+    """One arm's metrics; rho doubles as the partial statistic, whose null has mean 0, std 0.1 and 95th
+    percentile `q95`; its permutation p-value is `perm` (default 0.01 above q95, else 0.5)."""
+    perm = (0.01 if rho > q95 else 0.5) if perm is None else perm
+    null = {k: {"mean": 0.0, "std": 0.1, "q95": q95} for k in ("rho", "partial_rho")}
+    run = {"exact_match": em, "f1": em, "dev_exact_match": em if dev is None else dev,
+           "shock": {"rho": rho, "p_value": p, "n": 50, "partial_rho": rho, "partial_rho_z": rho / 0.1, "null": null,
+                     "permutation_p": perm},
            "buckets": {b: {"exact_match": em, "count": 10} for b in BUCKETS}, "per_relation": {"major": em}}
     if lam is not None:
         run["lambda"] = lam
@@ -83,25 +116,41 @@ def test_findings_state_the_measured_direction():
     })
     text = " ".join(report.findings(shocked))
     assert "produces the frequency shock" in text
-    assert "mixing/interpolate vs vanilla: EM +0.050 ± 0.000" in text and "shock: lowered" in text
-    assert "mixture vs vanilla: EM -0.030" in text and "accuracy: hurts" in text
+    assert "beyond both nulls in 3/3 seed(s)" in text and "permutation p = 0.010, 0.010, 0.010" in text
+    assert "mixing/interpolate vs vanilla: EM +0.050 ± 0.000 (helps" in text
+    assert "partial shock rho vs vanilla -0.320 ± 0.020 (lowered" in text
+    assert "mixture vs vanilla: EM -0.030" in text and "(hurts" in text
     assert "both together: better" in text
     # A mean difference inside the seed spread is called no clear change, not a gain.
-    assert "mixing/log_linear vs vanilla: EM +0.003 ± 0.057" in text and "(accuracy: no clear change" in text
+    assert "mixing/log_linear vs vanilla: EM +0.003 ± 0.057 (no clear change" in text
 
-    # Vanilla's rho no higher than the base model's: not the shock, even though rho > 0.
+    # The base model clears the null as well: the shock is not attributed to fine-tuning.
     flat = _summary({"base": {"-": _run(0.3, 0.6)}, "vanilla": {s: _run(0.3, 0.55) for s in seeds}})
-    assert "no frequency shock attributable to fine-tuning" in " ".join(report.findings(flat))
+    assert "the base model clears the bar too" in " ".join(report.findings(flat))
+    # Inside the null in every seed: no shock, whatever the sign of rho.
+    none = _summary({"base": {"-": _run(0.3, 0.0)}, "vanilla": {s: _run(0.3, 0.15) for s in seeds}})
+    assert "Verdict: no frequency shock was measured" in " ".join(report.findings(none))
+    # Above the calibrated null but not beyond the permutation null: not counted.
+    perm_only = _summary({"base": {"-": _run(0.3, 0.0)}, "vanilla": {s: _run(0.3, 0.5, perm=0.3) for s in seeds}})
+    assert "beyond both nulls in 0/3 seed(s)" in " ".join(report.findings(perm_only))
     stats = report.mean_std([_run(0.2, 0.1), _run(0.4, math.nan)])
     assert math.isclose(stats["mean"]["exact_match"], 0.3) and math.isclose(stats["std"]["exact_match"], 0.2 / 2 ** 0.5)
     assert stats["mean"]["shock"]["rho"] == 0.1 and stats["std"]["shock"]["rho"] == 0.0
+    # Mixing against the better of base and vanilla on dev (per seed), as the pipeline records it.
+    from clue_jax.extraction.arm_metrics import best_of, choose_steps
+
+    per_seed = {"base": {"-": _run(0.30, 0.1, dev=0.31)}, "vanilla": {"0": _run(0.25, 0.5, dev=0.30),
+                                                                     "1": _run(0.35, 0.5, dev=0.40)}}
+    assert best_of(per_seed, "", "0")["choice"] == "base" and best_of(per_seed, "", "1")["choice"] == "vanilla"
+    assert best_of(per_seed, "rank:", "0") is None
+    assert choose_steps({30: 0.2, 60: 0.3, 120: 0.3}) == 60
     table = report.arm_table(shocked)
     assert "| mixing/interpolate | 3 | 0.410 ± 0.010 |" in table and "| 0.5, 0.5, 0.5 |" in table
 
 
 def test_skew_ratios_count_per_relation():
     from clue_jax.data.bios import QAItem
-    from clue_jax.pipelines.extraction import skew_ratios
+    from clue_jax.extraction.arm_metrics import skew_ratios
 
     items = [QAItem("A", "major", "q", "Botany"), QAItem("B", "major", "q", "Botany"),
              QAItem("C", "major", "q", "Geology"), QAItem("D", "birth_city", "q", "Oakmouth")]

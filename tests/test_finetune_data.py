@@ -60,45 +60,70 @@ def test_counts_equal_documents_stating_the_object_in_the_real_corpus():
         assert docs == counted[value], value
 
 
-def test_skew_drops_the_most_common_and_repeats_the_rarest():
+def test_skew_is_drawn_at_random_within_pretraining_strata():
     rng = np.random.default_rng(0)
     world = bios.build_world(bios.WorldConfig(seed=1, num_background=300, num_new=0, zipf_exponent=1.0,
                                               num_cities=20, num_universities=20, num_companies=20, num_majors=10))
     people = list(world.people)
-    objects = fd.pretraining_objects(people, people[:50], 2)
+    objects = fd.pretraining_objects(people, [], 2)
     freqs = shock.entity_frequencies(objects, [])
     candidates = fd.relation_objects(people)
     ft_people = [people[i] for i in rng.choice(len(people), 80, replace=False)]
-    items, info = fd.skewed_finetune_items(ft_people, freqs, candidates, drop_top=2, rare_fraction=0.5, rare_repeat=3)
+    items, info = fd.skewed_finetune_items(ft_people, freqs, candidates, strata=3, left_out=0.25, oversampled=0.25,
+                                           repeat=3, seed=5)
     for rel in fd.RELATIONS:
         ranked = fd.rank_by_pretraining(candidates[rel], freqs)
         pt = [freqs[shock.entity_key(o)].pretrain for o in ranked]
         assert pt == sorted(pt, reverse=True)
-        assert info["dropped_objects"][rel] == ranked[:2]
-        assert info["rare_objects"][rel] == ranked[-int(np.ceil(0.5 * len(ranked))):]
+        # Strata are contiguous runs of the ranking (0 = most frequent), sizes within one of each other.
+        strata = [info["stratum"][rel][o] for o in ranked]
+        assert strata == sorted(strata) and set(strata) == {0, 1, 2}
+        sizes = collections.Counter(strata)
+        assert max(sizes.values()) - min(sizes.values()) <= 1
+        # Every stratum has its share of left-out and over-sampled objects.
+        for st, size in sizes.items():
+            labels = collections.Counter(info["label"][rel][o] for o in ranked if info["stratum"][rel][o] == st)
+            share = int(0.25 * size + 0.5)
+            assert labels["left_out"] == share and labels["oversampled"] == share
+        assert info["dropped_objects"][rel] == sorted(o for o in ranked if info["label"][rel][o] == "left_out")
+    # Not the old rule (the most frequent left out, the rarest repeated): the draw is random within each stratum.
+    draws = [fd.stratified_skew([f"o{i}" for i in range(12)], 3, 0.25, 0.25, np.random.default_rng(k)) for k in range(20)]
+    firsts = collections.Counter(next(o for o, (_, lab) in d.items() if lab == "left_out") for d in draws)
+    assert len(firsts) >= 3
+    assert fd.stratified_skew(["a", "b"], 3, 0.5, 0.5, np.random.default_rng(0)) == {"a": (0, "left_out"),
+                                                                                     "b": (1, "left_out")}
+    again, _ = fd.skewed_finetune_items(ft_people, freqs, candidates, 3, 0.25, 0.25, 3, seed=5)
+    assert again == items  # seeded
     counts = collections.Counter((it.name, it.attribute) for it in items)
     n_dropped = n_rare = 0
     for p in ft_people:
         for rel in fd.RELATIONS:
-            value = p.attribute(rel)
-            if value in info["dropped_objects"][rel]:
-                assert counts[(p.name, rel)] == 0
-                n_dropped += 1
-            elif value in info["rare_objects"][rel]:
-                assert counts[(p.name, rel)] == 3
-                n_rare += 1
-            else:
-                assert counts[(p.name, rel)] == 1
+            label = info["label"][rel][p.attribute(rel)]
+            assert counts[(p.name, rel)] == {"left_out": 0, "oversampled": 3, "plain": 1}[label]
+            n_dropped += label == "left_out"
+            n_rare += label == "oversampled"
     assert n_dropped == info["dropped_items"] > 0 and n_rare == info["rare_items"] > 0
     assert info["items"] == len(items) == 80 * len(fd.RELATIONS) - n_dropped + 2 * n_rare
     assert all(it.attribute != "birth_date" for it in items)
-    # The fine-tuning answer distribution is skewed the configured way against the natural one.
-    ft_freq = collections.Counter(it.answer for it in items)
-    natural = collections.Counter(p.attribute(r) for p in ft_people for r in fd.RELATIONS)
-    top = info["dropped_objects"]["university"][0]
-    assert natural[top] > 0 and ft_freq[top] == 0
     with pytest.raises(UserInputError, match="skew"):
-        fd.skewed_finetune_items(ft_people, freqs, candidates, drop_top=-1, rare_fraction=0.5, rare_repeat=3)
+        fd.skewed_finetune_items(ft_people, freqs, candidates, 3, 0.7, 0.5, 3, seed=0)
+    with pytest.raises(UserInputError, match="skew.repeat"):
+        fd.skewed_finetune_items(ft_people, freqs, candidates, 3, 0.2, 0.2, 0, seed=0)
+
+
+def test_replay_corpus_leaves_out_dev_and_test_people():
+    from clue_jax.pipelines import extraction
+
+    world = bios.build_world(bios.WorldConfig(seed=2, num_background=40, num_new=0))
+    people = list(world.people)
+    groups = fd.split_people(people, {"pretrain_qa": 0, "finetune": 10, "dev": 5, "test": 8}, seed=0)
+    replay = fd.replay_people(people, groups)
+    assert len(replay) == 40 - 5 - 8
+    held = {p.name for g in ("dev", "test") for p in groups[g]}
+    assert not held & {p.name for p in replay}
+    texts = extraction.pretraining_corpus(replay, [], 2, seed=0)
+    assert texts and not any(name in t for t in texts for name in held)
+    assert any(p.name in t for t in texts for p in groups["finetune"])
 
 
 def test_splits_are_disjoint_deterministic_and_sized():

@@ -113,3 +113,114 @@ def test_plot_shock_writes_png(tmp_path):
     stat = shock.plot_shock(freqs, counts, str(path))
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert stat["rho"] == pytest.approx(1.0)
+
+
+# ------------------------------------------------------------------ null and partial statistics on simulated worlds
+def zipf_world(seed, skewed, n_objects=60, n_test=150, n_ft=200, n_pretrain=2000):
+    """One relation with Zipf objects: pre-training counts, test golds and fine-tuning answers drawn from the same
+    Zipf law; when `skewed`, a quarter of each pre-training stratum is left out of fine-tuning and a quarter
+    repeated 4 times (finetune_data.stratified_skew)."""
+    from clue_jax.extraction import finetune_data
+
+    rng = np.random.default_rng(seed)
+    names = [f"object {i}" for i in range(n_objects)]
+    p = 1.0 / np.arange(1, n_objects + 1)
+    p /= p.sum()
+    pt = rng.multinomial(n_pretrain, p)
+    golds = rng.choice(n_objects, n_test, p=p)
+    ft = np.bincount(rng.choice(n_objects, n_ft, p=p), minlength=n_objects)
+    labels = {}
+    if skewed:
+        ranked = [names[i] for i in np.argsort(-pt, kind="stable")]
+        labels = finetune_data.stratified_skew(ranked, 3, 0.25, 0.25, rng)
+        mult = {"left_out": 0, "plain": 1, "oversampled": 4}
+        ft = np.array([ft[i] * mult[labels[n][1]] for i, n in enumerate(names)])
+    freqs = {n: shock.EntityFreq(int(a), int(b)) for n, a, b in zip(names, pt, ft)}
+    return rng, names, pt, ft, golds, freqs
+
+
+def simulated(seed, skewed, errors):
+    """(statistics with their calibrated null) of a predictor right 40% of the time whose errors are drawn with
+    weights `errors(pt, ft)`."""
+    rng, names, pt, ft, golds, freqs = zipf_world(seed, skewed)
+    w = errors(pt.astype(float), ft.astype(float))
+    right = rng.random(len(golds)) < 0.4
+    preds = np.where(right, golds, rng.choice(len(names), len(golds), p=w / w.sum()))
+    pred_s, gold_s = [names[i] for i in preds], [names[i] for i in golds]
+    stat = shock.shock_statistics(freqs, shock.prediction_counts(pred_s, gold_s))
+    counts = shock.prediction_counts(pred_s, gold_s)
+    null = shock.calibrated_null(freqs, gold_s, [a == b for a, b in zip(pred_s, gold_s)], ["r"] * len(golds),
+                                 draws=60, seed=seed)
+    return {**shock.with_null(stat, null), "permutation_p": shock.permutation_pvalue(freqs, counts, 3, 99, seed)}
+
+
+UNIFORM = lambda pt, ft: np.ones_like(pt)  # noqa: E731  errors ignore frequency
+FREQUENT = lambda pt, ft: (pt + 1.0) ** 1.5  # noqa: E731  errors favour what pre-training made common (a base model)
+SHOCKED = lambda pt, ft: ft + 0.5  # noqa: E731  errors follow the fine-tuning answer distribution
+
+
+def test_raw_statistic_is_confounded_partial_is_not():
+    """No skew: a uniform-random predictor has a clearly positive raw rho (the confound of issue 13) but a partial
+    rho inside its null; so does a predictor whose errors follow pre-training frequency."""
+    seeds = range(12)
+    raw = [simulated(s, False, UNIFORM) for s in seeds]
+    assert np.mean([r["rho"] for r in raw]) > 0.1
+    for errors in (UNIFORM, FREQUENT):
+        runs = raw if errors is UNIFORM else [simulated(s, False, errors) for s in seeds]
+        z = np.array([r["partial_rho_z"] for r in runs])
+        assert abs(z.mean()) < 1.0 and np.sum(z > 2.5) <= 1, z
+        above = [r["partial_rho"] > r["null"]["partial_rho"]["q95"] for r in runs]
+        assert sum(above) <= 3
+        p = np.array([r["permutation_p"] for r in runs])
+        assert p.mean() > 0.3 and np.sum(p < 0.05) <= 2, p
+
+
+def test_skewed_world_shows_the_shock_against_its_null():
+    for seed in range(4):
+        shocked = simulated(seed, True, SHOCKED)
+        assert shocked["partial_rho"] > shocked["null"]["partial_rho"]["q95"] and shocked["partial_rho_z"] > 3
+        assert shocked["permutation_p"] < 0.02
+    # The same skewed worlds with frequency-blind errors: no shock.
+    blind = [simulated(seed, True, UNIFORM) for seed in range(4)]
+    assert all(b["partial_rho_z"] < 2.5 for b in blind)
+    assert sum(b["permutation_p"] < 0.05 for b in blind) <= 1
+
+
+def test_calibrated_null_keeps_correct_answers_and_draws_within_the_group():
+    freqs = {"a": shock.EntityFreq(5, 0), "b": shock.EntityFreq(1, 3), "x": shock.EntityFreq(2, 2)}
+    golds, groups = ["a", "b", "a", "x"], ["r", "r", "r", "s"]
+    null = shock.calibrated_null(freqs, golds, [True, False, False, False], groups, draws=20, seed=1)
+    assert null["draws"] == 20 and set(null) == {"draws", "rho", "partial_rho"}
+    # The only wrong answer group "r" can give for "b" is "a", for "a" it is "b"; group "s" has no other object.
+    # So every draw predicts a, a, b, "" : the null has no spread.
+    assert null["rho"]["std"] == 0.0 or math.isnan(null["rho"]["std"])
+    with pytest.raises(UserInputError, match="calibrated_null"):
+        shock.calibrated_null(freqs, golds, [True], groups)
+
+
+def test_partial_spearman_removes_a_shared_control():
+    rng = np.random.default_rng(0)
+    z = rng.normal(size=500)
+    x, y = z + 0.3 * rng.normal(size=500), z + 0.3 * rng.normal(size=500)
+    assert scipy_rho(x, y) > 0.8
+    assert abs(shock.partial_spearman(x, y, [z])) < 0.15
+    w = rng.normal(size=500)
+    assert shock.partial_spearman(x + w, y + w, [z]) > 0.5
+    assert math.isnan(shock.partial_spearman(x[:3], y[:3], [z[:3]]))
+
+
+def scipy_rho(x, y):
+    import scipy.stats
+
+    return scipy.stats.spearmanr(x, y).statistic
+
+
+def test_pred_over_gold_by_stratum():
+    stratum = {("major", "Botany"): 0, ("major", "Law"): 0, ("major", "Art"): 1}
+    label = {("major", "Botany"): "left_out", ("major", "Law"): "plain", ("major", "Art"): "oversampled"}
+    table = shock.pred_over_gold_by_stratum(["major"] * 4 + ["city"], ["Botany", "Botany", "Law", "Art", "Art"],
+                                            ["law", "Botany", "Art", "Art", "Botany"], stratum, label, 2)
+    assert table["0"]["left_out"] == {"pred": 1, "gold": 2, "ratio": 0.5}
+    assert table["0"]["plain"] == {"pred": 1, "gold": 1, "ratio": 1.0}
+    assert table["1"]["oversampled"] == {"pred": 2, "gold": 1, "ratio": 2.0}  # "Botany" asked as a city: not counted
+    assert math.isnan(table["1"]["left_out"]["ratio"])

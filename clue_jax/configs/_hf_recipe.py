@@ -42,7 +42,8 @@ def hf_family_config(variant: str, *, config_file: str, family: str, checkpoints
     c.base_models = checkpoints
     c.tokenizer.path = ""  # the small checkpoint's tokenizer
     c.data.update(source="corpus", corpus=f"{data_dir}/corpus.jsonl", qa_file=f"{data_dir}/qa.jsonl")
-    c.cpt.update(steps=250, seq_len=512, log_every=10, checkpoint_every=50)  # 100 documents x 20 epochs / 8
+    c.cpt.update(steps=250, seq_len=512, log_every=10, checkpoint_every=50,  # 100 documents x 20 epochs / 8
+                 remat="full")
     paper_recipe(c)
     c.clues.update(arms=("plain", "random", "attention", "contrast"), teacher_dtype="bfloat16", score_batch=8,
                    query_block=128)

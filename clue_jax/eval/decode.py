@@ -24,13 +24,17 @@ Shapes: use `batch_size` so every chunk has the same batch dimension (the last
 one is padded by repeating a row), and the same prompt length across calls
 (`left_pad(..., length=...)`) to get exactly one compile.
 
-No KV cache: each decoding step runs the model on the whole [B, P + N] buffer
-(future slots masked out). With the short answers of QA evaluation (N <= 10)
-this costs little and needs nothing from the model beyond its forward pass.
+KV cache. For a `CausalLM` (from `model_logits_fn`, or passed directly) the
+prompt is read once into a fixed-size cache (`clue_jax.models.kv_cache`) and
+each step runs one token; `score_continuations` reads each distinct prompt
+once and scores its continuations from the cached prefix. Any other logits
+function (or `kv_cache=False`) reruns the model on the whole [B, P + N]
+buffer at every step (future slots masked), needing nothing but a forward pass.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -161,48 +165,108 @@ def run_in_chunks(fn: Callable[..., jax.Array], arrays: Sequence[np.ndarray], ba
 # Greedy decoding
 
 
+@dataclasses.dataclass(frozen=True)
+class Decoder:
+    """How one model advances during decoding (built under jit, never a jit argument).
+
+    start(ids, mask) -> (carry, logits [B, V]) reads the left-padded prompt;
+    step(carry, token [B]) -> (carry, logits [B, V]) appends one token.
+    """
+
+    start: Callable[[jax.Array, jax.Array], tuple[Any, jax.Array]]
+    step: Callable[[Any, jax.Array], tuple[Any, jax.Array]]
+
+
+def buffer_decoder(logits_fn: LogitsFn, max_new_tokens: int) -> Decoder:
+    """No cache: every step reruns the model on the whole [B, P + N] buffer (future slots masked)."""
+
+    def start(ids, mask):
+        pad = jnp.zeros((ids.shape[0], max_new_tokens), jnp.int32)
+        buf = jnp.concatenate([ids.astype(jnp.int32), pad], axis=1)
+        m = jnp.concatenate([mask.astype(jnp.int32), pad], axis=1)
+        col = jnp.int32(ids.shape[1] - 1)
+        return (buf, m, col), last_logits(logits_fn, buf, m, col)
+
+    def step(carry, token):
+        buf, m, col = carry
+        col = col + 1
+        buf = jax.lax.dynamic_update_slice_in_dim(buf, token[:, None], col, axis=1)
+        m = jax.lax.dynamic_update_slice_in_dim(m, jnp.ones_like(token)[:, None], col, axis=1)
+        return (buf, m, col), last_logits(logits_fn, buf, m, col)
+
+    return Decoder(start, step)
+
+
+def cached_model(logits_fn: Partial):
+    """The CausalLM behind `model_logits_fn(model)` (call under jit), or None for any other logits function."""
+    if not (isinstance(logits_fn, Partial) and logits_fn.func is _call_merged):
+        return None
+    from flax import nnx
+
+    from clue_jax.models.causal_lm import CausalLM
+
+    model = nnx.merge(*logits_fn.args)
+    return model if isinstance(model, CausalLM) else None
+
+
+def make_decoder(logits_fn: Partial, max_new_tokens: int, kv_cache: bool) -> Decoder:
+    """A KV-cached decoder for a CausalLM's logits function (when `kv_cache`), else the buffer decoder."""
+    model = cached_model(logits_fn) if kv_cache else None
+    if model is None:
+        return buffer_decoder(logits_fn, max_new_tokens)
+    from clue_jax.models import kv_cache as kv
+
+    def start(ids, mask):
+        return kv.prefill(model, ids, mask, ids.shape[1] + max_new_tokens)
+
+    return Decoder(start, lambda cache, token: kv.step(model, cache, token))
+
+
 def greedy_loop(
-    next_logits: Callable[[tuple, tuple, tuple], jax.Array],
+    decoders: tuple[Decoder, ...],
     prompts: tuple[tuple[jax.Array, jax.Array], ...],
+    combine: Callable[[tuple[jax.Array, ...]], jax.Array],
     max_new_tokens: int,
     stop_ids: tuple[int, ...],
     fill_id: int,
 ) -> jax.Array:
     """The fixed-shape greedy loop shared by single-model and mixture decoding (call under jit).
 
-    `prompts` holds one left-padded (ids, mask) pair per model, all with the
-    same batch; each gets a [B, P_k + N] buffer. At step i,
-    `next_logits(buffers, masks, last_positions)` scores the next token
-    ([B, V]); the argmax is written into every buffer at column P_k + i. A
-    `lax.while_loop` stops early once every row has emitted a stop token.
-    Returns [B, N] int32; slots after a row's stop token hold `fill_id`.
+    `prompts` holds one left-padded (ids, mask) pair per decoder, all with the
+    same batch. Each decoder reads its prompt once; then at every step
+    `combine(per-decoder logits)` ([B, V] each) scores the next token and its
+    argmax is appended for every decoder. A `lax.while_loop` stops early once
+    every row has emitted a stop token. Returns [B, N] int32; slots after a
+    row's stop token hold `fill_id`.
     """
     batch = prompts[0][0].shape[0]
-    lengths = tuple(ids.shape[1] for ids, _ in prompts)
-    pad = jnp.zeros((batch, max_new_tokens), jnp.int32)
-    bufs = tuple(jnp.concatenate([ids.astype(jnp.int32), pad], axis=1) for ids, _ in prompts)
-    masks = tuple(jnp.concatenate([m.astype(jnp.int32), pad], axis=1) for _, m in prompts)
     out = jnp.full((batch, max_new_tokens), fill_id, jnp.int32)
-    done = jnp.zeros((batch,), bool)
+    if max_new_tokens == 0:
+        return out
     stops = jnp.asarray(stop_ids, jnp.int32) if stop_ids else None
 
-    def cond(carry):
-        i, _, _, _, done = carry
-        return (i < max_new_tokens) & ~jnp.all(done)
-
-    def body(carry):
-        i, bufs, masks, out, done = carry
-        logits = next_logits(bufs, masks, tuple(p - 1 + i for p in lengths))
-        token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    def pick(logits, i, out, done):
+        token = jnp.argmax(combine(logits), axis=-1).astype(jnp.int32)
         out = out.at[:, i].set(jnp.where(done, fill_id, token))
-        bufs = tuple(b.at[:, p + i].set(token) for b, p in zip(bufs, lengths))
-        masks = tuple(m.at[:, p + i].set(1) for m, p in zip(masks, lengths))
         if stops is not None:
             done = done | jnp.isin(token, stops)
-        return i + 1, bufs, masks, out, done
+        return token, out, done
 
-    carry = (jnp.int32(0), bufs, masks, out, done)
-    return jax.lax.while_loop(cond, body, carry)[3]
+    started = [d.start(ids, mask) for d, (ids, mask) in zip(decoders, prompts)]
+    carries = tuple(c for c, _ in started)
+    token, out, done = pick(tuple(lg for _, lg in started), 0, out, jnp.zeros((batch,), bool))
+
+    def cond(loop):
+        i, _, _, _, done = loop
+        return (i < max_new_tokens) & ~jnp.all(done)
+
+    def body(loop):
+        i, carries, token, out, done = loop
+        stepped = [d.step(c, token) for d, c in zip(decoders, carries)]
+        token, out, done = pick(tuple(lg for _, lg in stepped), i, out, done)
+        return i + 1, tuple(c for c, _ in stepped), token, out, done
+
+    return jax.lax.while_loop(cond, body, (jnp.int32(1), carries, token, out, done))[3]
 
 
 def last_logits(logits_fn: LogitsFn, ids: jax.Array, mask: jax.Array, position: jax.Array) -> jax.Array:
@@ -211,12 +275,10 @@ def last_logits(logits_fn: LogitsFn, ids: jax.Array, mask: jax.Array, position: 
     return jax.lax.dynamic_index_in_dim(logits, position, axis=1, keepdims=False).astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("max_new_tokens", "stop_ids", "fill_id"))
-def _greedy_jit(logits_fn, ids, mask, *, max_new_tokens, stop_ids, fill_id):
-    def next_logits(bufs, masks, positions):
-        return last_logits(logits_fn, bufs[0], masks[0], positions[0])
-
-    return greedy_loop(next_logits, ((ids, mask),), max_new_tokens, stop_ids, fill_id)
+@functools.partial(jax.jit, static_argnames=("max_new_tokens", "stop_ids", "fill_id", "kv_cache"))
+def _greedy_jit(logits_fn, ids, mask, *, max_new_tokens, stop_ids, fill_id, kv_cache):
+    decoder = make_decoder(logits_fn, max_new_tokens, kv_cache)
+    return greedy_loop((decoder,), ((ids, mask),), lambda logits: logits[0], max_new_tokens, stop_ids, fill_id)
 
 
 def greedy_decode(
@@ -228,19 +290,23 @@ def greedy_decode(
     stop_ids: Sequence[int] = (),
     batch_size: int | None = None,
     fill_id: int = FILL_ID,
+    kv_cache: bool = True,
 ) -> np.ndarray:
     """Greedy continuation of left-padded prompts: int32 [B, max_new_tokens].
 
     The EOS / stop token itself is kept; every slot after it is `fill_id`
     (default -1, never a token id, dropped by `decode_to_text`). Ties in the
-    argmax go to the lowest token id. See the module doc for compilation.
+    argmax go to the lowest token id. A CausalLM (passed directly or through
+    `model_logits_fn`) decodes with a KV cache unless `kv_cache=False`; other
+    logits functions rerun the whole buffer. See the module doc for compilation.
     """
     ids, mask = check_prompts(prompt_ids, prompt_mask)
     fn = as_pytree_fn(logits_fn)
     stops = stop_set(eos_id, stop_ids)
 
     def run(i, m):
-        return _greedy_jit(fn, i, m, max_new_tokens=int(max_new_tokens), stop_ids=stops, fill_id=int(fill_id))
+        return _greedy_jit(fn, i, m, max_new_tokens=int(max_new_tokens), stop_ids=stops, fill_id=int(fill_id),
+                           kv_cache=bool(kv_cache))
 
     return run_in_chunks(run, (ids, mask), batch_size)
 
@@ -275,6 +341,63 @@ def _score_jit(logits_fn, ids, mask, target_mask):
     return jnp.sum(jnp.where(target_mask[:, 1:] > 0, token_logp, 0.0), axis=-1)
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+@functools.partial(jax.jit, static_argnames=("slots",))
+def _prefill_jit(logits_fn, ids, mask, *, slots):
+    from clue_jax.models import kv_cache as kv
+
+    cache, logits = kv.prefill(cached_model(logits_fn), ids, mask, slots)
+    return cache, jax.nn.log_softmax(logits, axis=-1)
+
+
+@jax.jit
+def _score_cached_jit(logits_fn, cache, last_logp, index, cont, cont_mask):
+    """Summed log-probs of right-padded continuations [R, C] after the cached prompts `index` [R]."""
+    from clue_jax.models import kv_cache as kv
+
+    model = cached_model(logits_fn)
+    _, hidden = kv.extend(model, kv.repeat(cache, index), cont, cont_mask)
+    logp = jax.nn.log_softmax(kv.logits(model, hidden[:, :-1]), axis=-1)  # predicts cont[:, 1:]
+    logp = jnp.concatenate([last_logp[index][:, None], logp], axis=1)  # the prompt predicts cont[:, 0]
+    picked = jnp.take_along_axis(logp, cont[..., None], axis=-1)[..., 0]
+    return jnp.sum(jnp.where(cont_mask > 0, picked, 0.0), axis=-1)
+
+
+def _score_shared_prompts(fn: Partial, prompts: list, continuations: Sequence[Sequence[int]], pad_id: int,
+                          batch_size: int | None, max_slots: int | None) -> np.ndarray:
+    """score_continuations with a KV cache: each distinct prompt is read once, its continuations from the cache.
+
+    Prompts are left-padded to a multiple of 8 and continuations right-padded
+    to a multiple of 4 tokens, so nearby sizes share one compile (exact sizes
+    where that would pass `max_slots`, GPT-2's learned positions).
+    """
+    unique: dict[tuple, int] = {}
+    which = np.array([unique.setdefault(p, len(unique)) for p in prompts], np.int32)
+    longest, width = max(len(p) for p in unique), max(1, max(len(c) for c in continuations))
+    if max_slots is None or _round_up(longest, 8) + _round_up(width, 4) <= max_slots:
+        longest, width = _round_up(longest, 8), _round_up(width, 4)
+    ids, mask = left_pad(list(unique), pad_id, longest)
+    cont = np.full((len(prompts), width), pad_id, np.int32)
+    cont_mask = np.zeros_like(cont)
+    for i, c in enumerate(continuations):
+        cont[i, :len(c)] = c
+        cont_mask[i, :len(c)] = 1
+    step = len(unique) if batch_size is None or batch_size <= 0 else batch_size
+    out = np.zeros(len(prompts), np.float32)
+    for start in range(0, len(unique), step):
+        chunk = [a[start:start + step] for a in (ids, mask)]
+        if chunk[0].shape[0] < step:  # one shape for every chunk: repeat a row
+            chunk = [np.concatenate([a, np.repeat(a[:1], step - a.shape[0], axis=0)]) for a in chunk]
+        cache, last_logp = _prefill_jit(fn, *chunk, slots=ids.shape[1] + width)
+        rows = np.flatnonzero((which >= start) & (which < start + step))
+        out[rows] = run_in_chunks(lambda i, c, m: _score_cached_jit(fn, cache, last_logp, i, c, m),
+                                  (which[rows] - start, cont[rows], cont_mask[rows]), batch_size)
+    return out
+
+
 def score_continuations(
     logits_fn: LogitsFn,
     prompt_ids_list: Sequence[Sequence[int]],
@@ -282,19 +405,29 @@ def score_continuations(
     pad_id: int,
     batch_size: int | None = None,
     length: int | None = None,
+    kv_cache: bool = True,
 ) -> np.ndarray:
     """Summed log-probability of each continuation given its prompt: float32 [n].
 
-    Each prompt + continuation is one left-padded row, scored in one forward
-    pass; only the continuation tokens count. An empty continuation scores
-    0.0 (log 1). `length` fixes the padded row length (one compile across
-    calls); `batch_size` fixes the batch dimension.
+    Only the continuation tokens count; an empty continuation scores 0.0
+    (log 1). For a CausalLM (and `kv_cache`) each distinct prompt is read once
+    and all its continuations (e.g. a candidate answer set) are scored from its
+    cached keys and values. Otherwise each prompt + continuation is one
+    left-padded row, scored in one forward pass; `length` fixes the padded row
+    length there (one compile across calls). `batch_size` fixes the batch
+    dimension (prompts and rows alike).
     """
     if len(prompt_ids_list) != len(continuation_ids_list):
         raise ValueError(f"{len(prompt_ids_list)} prompts but {len(continuation_ids_list)} continuations")
     for i, p in enumerate(prompt_ids_list):
         if len(p) == 0:
             raise UserInputError(f"prompt {i} is empty: the first continuation token needs a context")
+    fn = as_pytree_fn(logits_fn)
+    model = cached_model(fn) if kv_cache else None
+    if model is not None:
+        prompts = [tuple(int(t) for t in p) for p in prompt_ids_list]
+        max_slots = model.cfg.max_len if model.cfg.flavour == "gpt2" else None
+        return _score_shared_prompts(fn, prompts, continuation_ids_list, pad_id, batch_size, max_slots)
     seqs = [list(p) + list(c) for p, c in zip(prompt_ids_list, continuation_ids_list)]
     ids, mask = left_pad(seqs, pad_id, length)
     target = np.zeros_like(mask)
@@ -302,5 +435,4 @@ def score_continuations(
     for i, c in enumerate(continuation_ids_list):
         if len(c):
             target[i, width - len(c):] = 1
-    fn = as_pytree_fn(logits_fn)
     return run_in_chunks(lambda a, b, c: _score_jit(fn, a, b, c), (ids, mask, target), batch_size)

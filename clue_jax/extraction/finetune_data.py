@@ -1,20 +1,22 @@
 """Data for the frequency-shock experiment (METHODS.md section 2) on the biography world.
 
 - People are split into disjoint groups: `pretrain_qa` (their QA pairs are in
-  the pre-training corpus, so the base model knows the question format, as in
-  Allen-Zhu & Li's mixed training), `finetune`, `dev` and `test`. Everyone's
+  the pre-training corpus, so the base model knows the question format; 0 in
+  the experiment, so that fine-tuning has a format to teach), `finetune`,
+  `dev` and `test`. Everyone's
   biographies are in the pre-training corpus, so the facts asked about are in
   the weights; only the QA of the fine-tuning people is fine-tuned on.
 - Pre-training frequency of an object entity = the number of pre-training
   documents stating it: every rich biography states all six attributes of
   its person, every QA document one (this mirrors
   `pipelines.knowledge.pretraining_texts`).
-- The fine-tuning set is skewed on purpose: items whose answer is among the
-  `drop_top` objects of its relation most frequent in pre-training are left
-  out, and items whose answer is among the rarest `rare_fraction` of the
-  relation's objects are repeated `rare_repeat` times. Frequencies are those
-  of the entity string (cities count over birth_city and company_city), as
-  the shock measurement sees them; ties are broken by the string.
+- The fine-tuning set is skewed on purpose, independently of pre-training
+  frequency: each relation's objects are split into pre-training-frequency
+  strata and, within every stratum, a random share is left out of
+  fine-tuning and another is over-sampled (`stratified_skew`). Frequencies
+  are those of the entity string (cities count over birth_city and
+  company_city), as the shock measurement sees them; ties are broken by the
+  string.
 - QA examples are `<bos> question answer <eos>` rows with a `loss_mask` on the
   answer and EOS only; question and answer are tokenised separately, exactly
   as a prompt is at test time.
@@ -95,44 +97,79 @@ def rank_by_pretraining(objects: Sequence[str], freqs: Mapping[str, shock.Entity
     return keyed
 
 
+def stratified_skew(ranked: Sequence[str], strata: int, left_out: float, oversampled: float,
+                    rng: np.random.Generator) -> dict[str, tuple[int, str]]:
+    """{object: (stratum, label)}: objects split into `strata` pre-training-frequency strata, labels drawn at random.
+
+    `ranked` runs from most to least frequent in pre-training; stratum 0 holds
+    the most frequent (np.array_split: sizes differ by at most one). Within
+    each stratum left_out * size objects (rounded, halves up), drawn at random, are labelled
+    "left_out", round(oversampled * size) others "oversampled", the rest
+    "plain". Drawing within strata keeps the skew independent of pre-training
+    frequency, so the shock statistic cannot mistake one for the other.
+    """
+    if strata < 1 or not (0.0 <= left_out and 0.0 <= oversampled and left_out + oversampled <= 1.0):
+        raise UserInputError(f"skew settings out of range: strata={strata} (>= 1), left_out={left_out}, "
+                             f"oversampled={oversampled} (each >= 0, sum <= 1)")
+    out = {}
+    for s, group in enumerate(np.array_split(np.asarray(list(ranked), dtype=object), min(strata, max(len(ranked), 1)))):
+        order = rng.permutation(len(group))
+        n_out = math.floor(left_out * len(group) + 0.5)  # halves round up
+        n_over = min(math.floor(oversampled * len(group) + 0.5), len(group) - n_out)
+        for rank, i in enumerate(order):
+            label = "left_out" if rank < n_out else "oversampled" if rank < n_out + n_over else "plain"
+            out[str(group[i])] = (s, label)
+    return out
+
+
 def skewed_finetune_items(people: Sequence[bios.Person], pretrain_freqs: Mapping[str, shock.EntityFreq],
-                          candidates: Mapping[str, Sequence[str]], drop_top: int, rare_fraction: float,
-                          rare_repeat: int, relations: Sequence[str] = RELATIONS) -> tuple[list[bios.QAItem], dict]:
+                          candidates: Mapping[str, Sequence[str]], strata: int, left_out: float, oversampled: float,
+                          repeat: int, seed: int, relations: Sequence[str] = RELATIONS) -> tuple[list[bios.QAItem], dict]:
     """The skewed fine-tuning QA items of `people`, and a description of the skew.
 
     `candidates[rel]` lists the relation's objects (e.g. `relation_objects` of
     everyone in pre-training); `pretrain_freqs` gives their pre-training
-    frequency. Per relation, the `drop_top` most frequent objects are dropped
-    and the rarest ceil(rare_fraction * #objects) are repeated `rare_repeat`
+    frequency. Per relation, `stratified_skew` labels each object: items whose
+    answer is "left_out" are dropped, "oversampled" ones are repeated `repeat`
     times. Item order: by person, then relation, repeats adjacent (the batch
     source shuffles).
     """
-    if drop_top < 0 or rare_repeat < 1 or not 0.0 <= rare_fraction <= 1.0:
-        raise UserInputError(
-            f"finetune skew settings out of range: drop_top={drop_top} (>= 0), rare_repeat={rare_repeat} (>= 1), "
-            f"rare_fraction={rare_fraction} (in [0, 1])"
-        )
-    dropped, rare = {}, {}
-    for rel in relations:
-        ranked = rank_by_pretraining(candidates[rel], pretrain_freqs)
-        dropped[rel] = ranked[:drop_top]
-        n_rare = min(math.ceil(rare_fraction * len(ranked)), max(len(ranked) - drop_top, 0))
-        rare[rel] = ranked[len(ranked) - n_rare:] if n_rare else []
+    if repeat < 1:
+        raise UserInputError(f"skew.repeat={repeat}: must be >= 1")
+    rng = np.random.default_rng([seed, 41])
+    labels = {rel: stratified_skew(rank_by_pretraining(candidates[rel], pretrain_freqs), strata, left_out,
+                                   oversampled, rng) for rel in relations}
     items = []
     stats = collections.Counter()
     for person in people:
         for item in bios.qa_items(person):
             if item.attribute not in relations:
                 continue
-            if item.answer in dropped[item.attribute]:
+            label = labels[item.attribute].get(item.answer, (0, "plain"))[1]
+            if label == "left_out":
                 stats["dropped"] += 1
                 continue
-            copies = rare_repeat if item.answer in rare[item.attribute] else 1
+            copies = repeat if label == "oversampled" else 1
             stats["rare_items" if copies > 1 else "plain_items"] += 1
             items.extend([item] * copies)
-    info = {"dropped_objects": dropped, "rare_objects": rare, "items": len(items),
-            "dropped_items": stats["dropped"], "rare_items": stats["rare_items"], "plain_items": stats["plain_items"]}
+    info = {"dropped_objects": {r: sorted(o for o, (_, lab) in labels[r].items() if lab == "left_out") for r in relations},
+            "rare_objects": {r: sorted(o for o, (_, lab) in labels[r].items() if lab == "oversampled") for r in relations},
+            "stratum": {r: {o: s for o, (s, _) in labels[r].items()} for r in relations},
+            "label": {r: {o: lab for o, (_, lab) in labels[r].items()} for r in relations},
+            "strata": int(strata), "items": len(items), "dropped_items": stats["dropped"],
+            "rare_items": stats["rare_items"], "plain_items": stats["plain_items"]}
     return items, info
+
+
+def replay_people(people: Sequence[bios.Person], groups: Mapping[str, Sequence[bios.Person]],
+                  held_out: Sequence[str] = ("dev", "test")) -> list[bios.Person]:
+    """The people whose biographies mixture fine-tuning may replay: everyone but the `held_out` groups.
+
+    Replaying a test person's biography during fine-tuning would rehearse the
+    very facts the test asks for, which vanilla fine-tuning never sees.
+    """
+    excluded = {p.name for g in held_out for p in groups.get(g, ())}
+    return [p for p in people if p.name not in excluded]
 
 
 def qa_probe_items(people: Sequence[bios.Person], relations: Sequence[str] = RELATIONS) -> list[bios.QAItem]:

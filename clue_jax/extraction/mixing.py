@@ -11,8 +11,8 @@ dev split:
   experts: a token needs support from both models).
 
 The two models may read different prompts (the fine-tuned model zero-shot,
-the pre-trained model few-shot): `greedy_decode_mixture` keeps one buffer per
-model and appends the same chosen token to both.
+the pre-trained model few-shot): `greedy_decode_mixture` keeps one KV cache (or
+buffer) per model and appends the same chosen token to both.
 """
 
 from __future__ import annotations
@@ -101,15 +101,16 @@ def mixed_logits_fn(
     )
 
 
-@functools.partial(jax.jit, static_argnames=("mode", "max_new_tokens", "stop_ids", "fill_id"))
-def _mixture_jit(fn_ft, fn_pt, ids_ft, mask_ft, ids_pt, mask_pt, lam, *, mode, max_new_tokens, stop_ids, fill_id):
-    def next_logits(bufs, masks, positions):
-        lp_ft = jax.nn.log_softmax(decode.last_logits(fn_ft, bufs[0], masks[0], positions[0]), axis=-1)
-        lp_pt = jax.nn.log_softmax(decode.last_logits(fn_pt, bufs[1], masks[1], positions[1]), axis=-1)
+@functools.partial(jax.jit, static_argnames=("mode", "max_new_tokens", "stop_ids", "fill_id", "kv_cache"))
+def _mixture_jit(fn_ft, fn_pt, ids_ft, mask_ft, ids_pt, mask_pt, lam, *, mode, max_new_tokens, stop_ids, fill_id,
+                 kv_cache):
+    def combine(logits):
+        lp_ft, lp_pt = (jax.nn.log_softmax(lg, axis=-1) for lg in logits)
         return _mix(mode, lp_ft, lp_pt, lam)
 
+    decoders = tuple(decode.make_decoder(fn, max_new_tokens, kv_cache) for fn in (fn_ft, fn_pt))
     prompts = ((ids_ft, mask_ft), (ids_pt, mask_pt))
-    return decode.greedy_loop(next_logits, prompts, max_new_tokens, stop_ids, fill_id)
+    return decode.greedy_loop(decoders, prompts, combine, max_new_tokens, stop_ids, fill_id)
 
 
 def greedy_decode_mixture(
@@ -126,6 +127,7 @@ def greedy_decode_mixture(
     stop_ids: Sequence[int] = (),
     batch_size: int | None = None,
     fill_id: int = decode.FILL_ID,
+    kv_cache: bool = True,
 ) -> np.ndarray:
     """Greedy decoding from the mixed next-token distribution of two models: int32 [B, N].
 
@@ -133,7 +135,8 @@ def greedy_decode_mixture(
     question (each left-padded, lengths may differ). Each step mixes the two
     next-token log-probabilities and appends the argmax to both buffers.
     Output conventions are those of `decode.greedy_decode`; lambda is traced
-    (one compile for a whole lambda sweep).
+    (one compile for a whole lambda sweep). Each CausalLM keeps its own KV
+    cache of its own prompt (unless `kv_cache=False`).
     """
     lam = _check_lam(lam)
     mode = _check_mode(mode)
@@ -149,6 +152,7 @@ def greedy_decode_mixture(
         return _mixture_jit(
             fn_ft, fn_pt, a, b, c, d, lam_arr,
             mode=mode, max_new_tokens=int(max_new_tokens), stop_ids=stops, fill_id=int(fill_id),
+            kv_cache=bool(kv_cache),
         )
 
     return decode.run_in_chunks(run, (ids_ft, m_ft, ids_pt, m_pt), batch_size)

@@ -15,11 +15,14 @@ import numpy as np
 from clue_jax.eval.seeds import direction
 from clue_jax.extraction.shock import BUCKETS
 
-ARM_ORDER = ("base", "vanilla", "mixing/interpolate", "mixing/log_linear", "mixture", "both/interpolate",
-             "both/log_linear")
+ARM_ORDER = ("base", "vanilla", "vanilla@matched", "best_of_base_vanilla", "mixing/interpolate", "mixing/log_linear",
+             "mixture", "both/interpolate", "both/log_linear")
+REMEDIES = ("mixing/interpolate", "mixing/log_linear", "mixture", "both/interpolate", "both/log_linear")
 ARM_TEXT = {
     "base": "base model, k-shot",
-    "vanilla": "vanilla fine-tuning, zero-shot",
+    "vanilla": "vanilla fine-tuning, zero-shot, length chosen on dev",
+    "vanilla@matched": "vanilla fine-tuning as many steps as the mixture arm",
+    "best_of_base_vanilla": "base or vanilla, whichever is better on dev (per seed)",
     "mixing/interpolate": "vanilla FT + base, probability interpolation",
     "mixing/log_linear": "vanilla FT + base, log-linear",
     "mixture": "mixture fine-tuning, zero-shot",
@@ -69,7 +72,7 @@ def _get(tree: Mapping, path: str, default=math.nan):
         if not isinstance(node, Mapping) or p not in node:
             return default
         node = node[p]
-    return node
+    return default if node is None else node  # a NaN saved to summary.json reads back as null
 
 
 def paired_difference(summary: Mapping, arm: str, ref: str, path: str) -> tuple[float, float, int]:
@@ -117,7 +120,8 @@ def _lambdas(entry: Mapping) -> str:
 def arm_table(summary: Mapping, prefix: str = "") -> str:
     """Markdown table of the arms (decoding, or `prefix="rank:"` for candidate ranking)."""
     header = (["arm", "seeds", "EM", "F1"] + [f"EM {b}" for b in BUCKETS]
-              + ["shock rho", "pred/gold left-out", "pred/gold over-sampled", "lambda (per seed)"])
+              + ["shock rho", "partial rho", "partial z", "pred/gold left-out", "pred/gold over-sampled",
+                 "lambda (per seed)"])
     rows = []
     for arm in ARM_ORDER:
         key = prefix + arm
@@ -126,7 +130,8 @@ def arm_table(summary: Mapping, prefix: str = "") -> str:
         e = summary["arms"][key]
         rows.append([key, str(e["n"]), _arm_cell(e, "exact_match"), _arm_cell(e, "f1")]
                     + [_arm_cell(e, f"buckets.{b}.exact_match") for b in BUCKETS]
-                    + [_arm_cell(e, "shock.rho"), _arm_cell(e, "pred_over_gold.dropped", 2),
+                    + [_arm_cell(e, "shock.rho"), _arm_cell(e, "shock.partial_rho"), _arm_cell(e, "shock.partial_rho_z", 1),
+                       _arm_cell(e, "pred_over_gold.dropped", 2),
                        _arm_cell(e, "pred_over_gold.oversampled", 2), _lambdas(e)])
     return _table(rows, header)
 
@@ -141,38 +146,144 @@ def relation_table(summary: Mapping) -> str:
     return _table(rows, ["arm"] + [f"EM {r}" for r in relations])
 
 
+def strata_table(summary: Mapping, arms: Sequence[str] = ("base", "vanilla", "mixture", "both/log_linear")) -> str:
+    """pred/gold of the left-out, plain and over-sampled objects in each pre-training stratum (0 = most frequent):
+    the shock is left-out < plain < over-sampled within a stratum."""
+    labels = ("left_out", "plain", "oversampled")
+    rows = []
+    for arm in arms:
+        if arm not in summary["arms"]:
+            continue
+        e = summary["arms"][arm]
+        for stratum in sorted(_get(e["mean"], "pred_over_gold_strata", {}) or {}, key=int):
+            rows.append([arm, stratum] + [_arm_cell(e, f"pred_over_gold_strata.{stratum}.{lab}.ratio", 2)
+                                          for lab in labels]
+                        + [str(int(_get(e["mean"], f"pred_over_gold_strata.{stratum}.{lab}.gold", 0))) for lab in labels])
+    return _table(rows, ["arm", "stratum", "pred/gold left out", "pred/gold plain", "pred/gold over-sampled",
+                         "gold left out", "gold plain", "gold over-sampled"])
+
+
+def null_table(summary: Mapping, prefix: str = "") -> str:
+    """Both statistics beside their calibrated-random null (mean ± std of the null over its draws, first seed)."""
+    rows = []
+    for arm in ARM_ORDER:
+        runs = _per_seed_runs(summary, prefix + arm)
+        if not runs or "null" not in runs[0].get("shock", {}):
+            continue
+        sh = runs[0]
+
+        def cell(path, digits=3):
+            return _pm(_get(sh, f"shock.{path}.mean"), _get(sh, f"shock.{path}.std"), 2, digits)
+
+        def num(path, digits=3):
+            value = _get(sh, f"shock.{path}")
+            return f"{value:.{digits}f}" if math.isfinite(value) else "n/a"
+
+        rows.append([prefix + arm, num("rho"), cell("null.rho"), num("partial_rho"), cell("null.partial_rho"),
+                     num("null.partial_rho.q95"), num("partial_rho_z", 1), num("permutation_p")])
+    return _table(rows, ["arm", "rho", "null rho", "partial rho", "null partial rho", "null q95", "partial z",
+                         "permutation p"])
+
+
+def steps_table(summary: Mapping) -> str:
+    sweep = summary.get("steps_sweep") or {}
+    steps = sorted({int(n) for per in sweep.values() for n in per})
+    rows = []
+    for n in steps:
+        vals = {k: np.array([per[str(n)][k] for per in sweep.values() if str(n) in per])
+                for k in ("dev_exact_match", "exact_match")}
+        rows.append([str(n)] + [_pm(float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v))
+                                for v in vals.values()])
+    return _table(rows, ["fine-tuning steps", "dev EM", "test EM"])
+
+
 def render_table(summary: Mapping) -> str:
     return "Test exact match, buckets and shock statistic (mean ± std over seeds):\n" + arm_table(summary)
+
+
+def _per_seed_runs(summary: Mapping, arm: str) -> list[Mapping]:
+    entry = summary["arms"].get(arm)
+    if entry is None:
+        return []
+    return [entry["per_seed"][k] for k in [*map(str, summary["seeds"]), "-"] if k in entry["per_seed"]]
+
+
+def _shocked(run: Mapping) -> bool:
+    """The partial statistic above its calibrated null's 95th percentile and, where measured, its within-stratum
+    permutation p-value below 0.05: both nulls reject."""
+    value, q95 = _get(run, "shock.partial_rho"), _get(run, "shock.null.partial_rho.q95")
+    p = _get(run, "shock.permutation_p")
+    return (math.isfinite(value) and math.isfinite(q95) and value > q95
+            and (not math.isfinite(p) or p < 0.05))
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return f"{value:.{digits}f}" if math.isfinite(value) else "n/a"
+
+
+def shock_verdict(summary: Mapping) -> str:
+    """One sentence on the shock of vanilla fine-tuning: its partial statistic against its null and the base's."""
+    runs = _per_seed_runs(summary, "vanilla")
+    if not runs:
+        return "Shock: no vanilla arm was run."
+    arms = summary["arms"]
+    above = sum(map(_shocked, runs))
+    base_runs = _per_seed_runs(summary, "base")
+    base_shocked = bool(base_runs) and _shocked(base_runs[0])
+    m, sd = _get(arms["vanilla"]["mean"], "shock.partial_rho"), _get(arms["vanilla"]["std"], "shock.partial_rho")
+    z = _get(arms["vanilla"]["mean"], "shock.partial_rho_z")
+    d, dsd, n = paired_difference(summary, "vanilla", "base", "shock.partial_rho")
+    if above == len(runs) and not base_shocked:
+        verdict = "vanilla fine-tuning produces the frequency shock on this world"
+    elif above > 0:
+        verdict = "the shock is weak or inconsistent across seeds" + (" (the base model clears the bar too)"
+                                                                          if base_shocked else "")
+    else:
+        verdict = "no frequency shock was measured"
+    base_value = _get(base_runs[0], "shock.partial_rho") if base_runs else math.nan
+    return (f"Shock: vanilla fine-tuning has partial rho = {_pm(m, sd, len(runs))} (mean z = {z:.1f} against "
+            f"calibrated-random predictors with its own right answers; within-stratum permutation p = "
+            f"{', '.join(_fmt(_get(r, 'shock.permutation_p')) for r in runs)}), beyond both nulls in "
+            f"{above}/{len(runs)} seed(s); the base model has {base_value:.3f} (above its null: "
+            f"{'yes' if base_shocked else 'no'}); fine-tuning changes it by {d:+.3f} ± {dsd:.3f}. Verdict: {verdict}.")
+
+
+def steps_findings(summary: Mapping) -> list[str]:
+    """EM against fine-tuning steps: where it peaks and whether longer fine-tuning hurts, on test, over seeds."""
+    sweep = summary.get("steps_sweep") or {}
+    steps = sorted({int(n) for per in sweep.values() for n in per})
+    if not steps:
+        return []
+    em = {n: np.array([per[str(n)]["exact_match"] for per in sweep.values() if str(n) in per]) for n in steps}
+    mean = {n: float(v.mean()) for n, v in em.items()}
+    peak = max(steps, key=lambda n: mean[n])
+    last = steps[-1]
+    diffs = np.array([per[str(last)]["exact_match"] - per[str(peak)]["exact_match"] for per in sweep.values()
+                      if str(last) in per and str(peak) in per])
+    sd = float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0
+    base = _get(summary["arms"].get("base", {}).get("mean", {}), "exact_match")
+    out = [f"Vanilla fine-tuning length: test EM peaks at {peak} steps ({mean[peak]:.3f}); at {last} steps it is "
+           f"{mean[last]:.3f}, {float(diffs.mean()):+.3f} ± {sd:.3f} against the peak (longer fine-tuning: "
+           f"{direction(-float(diffs.mean()), sd, len(diffs), 'hurts', 'helps') if last != peak else 'still the best'}"
+           f"); the base model has {base:.3f}."]
+    chosen = [int(r["steps"]) for r in _per_seed_runs(summary, "vanilla") if "steps" in r]
+    if chosen:
+        out.append(f"Steps chosen on dev for the vanilla arm (per seed): {', '.join(map(str, chosen))}; the "
+                   f"compute-matched vanilla arm runs {summary.get('matched_steps')} steps, as many as the mixture "
+                   "arm in all.")
+    return out
 
 
 def findings(summary: Mapping) -> list[str]:
     """Sentences stating what was measured: the shock of vanilla fine-tuning and what each remedy changed."""
     arms, out = summary["arms"], []
     if "vanilla" in arms:
-        v = arms["vanilla"]
-        runs = [v["per_seed"][str(sd)] for sd in summary["seeds"] if str(sd) in v["per_seed"]]
-        rhos = [r["shock"]["rho"] for r in runs]
-        ps = [r["shock"]["p_value"] for r in runs]
-        m, s = _get(v["mean"], "shock.rho"), _get(v["std"], "shock.rho")
-        significant = sum(1 for r, p in zip(rhos, ps) if math.isfinite(p) and p < 0.05 and r > 0)
-        base_rho = _get(arms["base"]["mean"], "shock.rho") if "base" in arms else math.nan
-        d, sd, n = paired_difference(summary, "vanilla", "base", "shock.rho")
-        above_base = sum(1 for r in rhos if math.isfinite(r) and math.isfinite(base_rho) and r > base_rho)
-        if rhos and significant == len(rhos) and (not math.isfinite(base_rho) or above_base == len(rhos)):
-            verdict = "vanilla fine-tuning produces the frequency shock on this world"
-        elif any(math.isfinite(r) and r > 0 for r in rhos) and (above_base > 0 or not math.isfinite(base_rho)):
-            verdict = "the shock is weak or inconsistent across seeds"
-        else:
-            verdict = "no frequency shock attributable to fine-tuning was measured"
-        out.append(f"Shock: vanilla fine-tuning has Spearman rho = {_pm(m, s, v['n'])} over {v['n']} seed(s) "
-                   f"(positive with p < 0.05 in {significant}/{len(rhos)}); the base model (no fine-tuning) has "
-                   f"rho = {base_rho:.3f}, so fine-tuning changes rho by {d:+.3f} ± {sd:.3f} (above the base in "
-                   f"{above_base}/{len(rhos)} seeds). Verdict: {verdict}. (rho of a model that was never fine-tuned "
-                   "need not be 0: the statistic also sees how errors relate to pre-training frequency, so the "
-                   "effect of fine-tuning is the difference to the base arm.)")
+        out.append(shock_verdict(summary))
         em_d, em_s, n = paired_difference(summary, "vanilla", "base", "exact_match")
         if n:
-            out.append(f"Vanilla fine-tuning vs the base model (k-shot): EM {em_d:+.3f} ± {em_s:.3f}.")
+            out.append(f"Vanilla fine-tuning vs the base model (k-shot): EM {em_d:+.3f} ± {em_s:.3f} "
+                       f"({direction(em_d, em_s, n, 'helps', 'hurts')}).")
+    out += steps_findings(summary)
     out += remedy_findings(summary)
     if "rank:vanilla" in arms:
         out += remedy_findings(summary, "rank:")
@@ -183,16 +294,20 @@ def remedy_findings(summary: Mapping, prefix: str = "") -> list[str]:
     """Each remedy against vanilla fine-tuning, seed by seed, and both remedies against the best single one
     (the best chosen by dev exact match, not test)."""
     arms, out = summary["arms"], []
-    vanilla = prefix + "vanilla"
-    for arm in (prefix + a for a in ARM_ORDER[2:]):
+    vanilla, best = prefix + "vanilla", prefix + "best_of_base_vanilla"
+    refs = {prefix + "mixture": [vanilla, prefix + "vanilla@matched"]}
+    for arm in (prefix + a for a in REMEDIES):
         if arm not in arms or vanilla not in arms:
             continue
-        em_d, em_s, n = paired_difference(summary, arm, vanilla, "exact_match")
-        rho_d, rho_s, _ = paired_difference(summary, arm, vanilla, "shock.rho")
-        if n:
-            out.append(f"{arm} vs {vanilla}: EM {em_d:+.3f} ± {em_s:.3f}, shock rho {rho_d:+.3f} ± {rho_s:.3f} "
-                       f"(accuracy: {direction(em_d, em_s, n, 'helps', 'hurts')}; "
-                       f"shock: {direction(-rho_d, rho_s, n, 'lowered', 'raised')}).")
+        parts = []
+        for ref in refs.get(arm, [vanilla, best]):
+            em_d, em_s, n = paired_difference(summary, arm, ref, "exact_match")
+            if n:
+                parts.append(f"vs {ref}: EM {em_d:+.3f} ± {em_s:.3f} ({direction(em_d, em_s, n, 'helps', 'hurts')})")
+        rho_d, rho_s, n = paired_difference(summary, arm, vanilla, "shock.partial_rho")
+        if parts:
+            out.append(f"{arm} " + "; ".join(parts) + f"; partial shock rho vs {vanilla} {rho_d:+.3f} ± {rho_s:.3f} "
+                       f"({direction(-rho_d, rho_s, n, 'lowered', 'raised')}).")
     singles = [prefix + a for a in ("mixing/interpolate", "mixing/log_linear", "mixture") if prefix + a in arms]
     boths = [prefix + a for a in ("both/interpolate", "both/log_linear") if prefix + a in arms]
     if singles and boths:
@@ -217,29 +332,54 @@ def render_report(summary: Mapping) -> str:
         "Produced by `clue_jax.pipelines.extraction` (config in `config.json` beside this file). A base model is "
         "pre-trained on every person's biographies (and the QA of "
         f"{d['pretrain_qa_people']} people), fine-tuned on a deliberately skewed QA set of other people, and asked "
-        "about disjoint test people; dev people choose the mixing weight lambda.",
+        "about disjoint test people; dev people choose the mixing weight lambda and the vanilla fine-tuning length.",
         "",
         f"- People: {d['people']}; relations: {', '.join(d['relations'])}.",
-        f"- Fine-tuning set: {d['finetune_examples']} examples; left out (most frequent in pre-training, per "
-        f"relation): {skew.get('dropped_items', 0)} items; over-sampled (rarest objects): "
-        f"{skew.get('rare_items', 0)} items repeated.",
+        f"- Fine-tuning set: {d['finetune_examples']} examples; per relation the objects are split into "
+        f"{skew.get('strata', 'n/a')} pre-training-frequency strata and, within each, drawn at random to be left "
+        f"out ({skew.get('dropped_items', 0)} items) or over-sampled ({skew.get('rare_items', 0)} items repeated).",
+        f"- Mixture fine-tuning replays {d.get('replay_documents', 'n/a')} pre-training documents of "
+        f"{d.get('replay_people', 'n/a')} people (everyone but the dev and test people).",
         f"- Dev / test questions: {d['dev_items']} / {d['test_items']}; base prompts are {d['k_shot']}-shot; "
         f"buckets split at pre-training frequency > {d['bucket_threshold']:g} (median over test answers).",
         f"- Seeds (fine-tuning): {summary['seeds']}; values are mean ± sample std over seeds; the base arm has "
         "one run.",
         "",
+        "## Predicted / gold per pre-training stratum (decoding, mean ± std over seeds)",
+        "",
+        strata_table(summary),
+        "",
+        "Within every stratum the skew drew the left-out and over-sampled objects at random, so a frequency shock "
+        "shows as pred/gold left out < plain < over-sampled in the same row, whatever the row's frequency.",
+        "",
         "## Findings (as measured)",
         "",
         *[f"- {s}" for s in findings(summary)],
+        "",
+        "## Shock statistics against their null (decoding, first seed)",
+        "",
+        null_table(summary),
+        "",
+        "rho: Spearman correlation of y = log((predicted + 1) / (gold + 1)) with x = log((fine-tune + 1) / "
+        "(pre-train + 1)) per object entity. partial rho: the same with the ranks of log(pre-train + 1) and "
+        "log(gold + 1) partialled out (x falls with pre-training frequency and y with the gold count even without "
+        "a skew). The null: the same statistics for predictors that keep the arm's right answers and replace each "
+        "wrong one by a random gold answer of the same relation (errors that ignore frequency); z = (value - null "
+        "mean) / null std. permutation p: one-sided p-value of partial rho when the fine-tuning counts are "
+        "shuffled among entities of the same pre-training stratum (the randomisation the skew made).",
+        "",
+        "## Exact match against vanilla fine-tuning steps (zero-shot decoding)",
+        "",
+        steps_table(summary),
         "",
         "## Greedy decoding (mixing per decoding step)",
         "",
         arm_table(summary),
         "",
-        "Shock rho: Spearman correlation between log(predicted / gold) on the test set and "
-        "log(fine-tune / pre-train frequency) per object entity (rho > 0: the shock). pred/gold: how often the "
-        "objects the skew left out of fine-tuning (the most frequent in pre-training) and those it over-sampled "
-        "(the rarest) are predicted, divided by how often they are the answer (1 = calibrated).",
+        "shock rho / partial rho / partial z: see above. pred/gold: how often the objects the skew left out of "
+        "fine-tuning and those it over-sampled are predicted, divided by how often they are the answer "
+        "(1 = calibrated). best_of_base_vanilla: per seed the base or the vanilla arm, whichever has the better "
+        "dev EM (what mixing, with lambda strictly between 0 and 1, is compared with).",
         "",
     ]
     if any(a.startswith("rank:") for a in summary["arms"]):
@@ -301,5 +441,35 @@ def plot_sweep(sweeps: Mapping, path: str) -> None:
         ax.set_ylabel("dev exact match")
         ax.set_title(f"{kind} fine-tuning + base")
         ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+
+
+def plot_steps(steps_sweep: Mapping, base_em: float, path: str) -> None:
+    """Dev and test exact match of vanilla fine-tuning against its length (mean ± std over seeds), the base model
+    as a line: where fine-tuning starts to hurt, if it does. `steps_sweep[seed][steps] = {"dev_exact_match",
+    "exact_match"}`."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    steps = sorted({int(n) for per in steps_sweep.values() for n in per})
+    fig = Figure(figsize=(5, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    for key, label in (("dev_exact_match", "dev"), ("exact_match", "test")):
+        ys = np.array([[per.get(str(n), {}).get(key, math.nan) for n in steps] for per in steps_sweep.values()],
+                      dtype=np.float64)
+        mean = np.nanmean(ys, axis=0)
+        ax.plot(steps, mean, marker="o", ms=3, label=f"vanilla, {label}")
+        if len(ys) > 1:
+            sd = np.nanstd(ys, axis=0, ddof=1)
+            ax.fill_between(steps, mean - sd, mean + sd, alpha=0.15)
+    if math.isfinite(base_em):
+        ax.axhline(base_em, color="grey", ls="--", lw=0.8, label="base, test")
+    ax.set_xscale("log")
+    ax.set_xlabel("fine-tuning steps")
+    ax.set_ylabel("exact match (zero-shot decoding)")
+    ax.set_title("Vanilla fine-tuning: EM against steps")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, format="png")

@@ -180,3 +180,157 @@ def plot_shock(
     fig.tight_layout()
     fig.savefig(path, format="png")
     return stat
+
+
+# ------------------------------------------------------------------ statistics that separate the shock from frequency
+def _ranks(values: np.ndarray) -> np.ndarray:
+    return scipy.stats.rankdata(values)
+
+
+def partial_spearman(x: np.ndarray, y: np.ndarray, controls: Sequence[np.ndarray]) -> float:
+    """Spearman correlation of x and y with the ranks of `controls` partialled out.
+
+    The ranks of x and of y are each residualised on [1, rank(control)...] by
+    least squares, and the Pearson correlation of the residuals is returned
+    (NaN when a residual is constant). Why: x = log((ft+1)/(pt+1)) falls with
+    pre-training frequency and y = log((pred+1)/(gold+1)) falls with the gold
+    count whatever the skew; what is left of x after pt is what fine-tuning did.
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(x) < len(controls) + 3:
+        return math.nan
+    design = np.column_stack([np.ones(len(x))] + [_ranks(np.asarray(c, np.float64)) for c in controls])
+    residuals = []
+    for v in (_ranks(x), _ranks(y)):
+        coef, *_ = np.linalg.lstsq(design, v, rcond=None)
+        residuals.append(v - design @ coef)
+    rx, ry = residuals
+    scale = math.sqrt(float(rx @ rx) * float(ry @ ry))
+    return float(rx @ ry) / scale if scale > 1e-9 * len(x) else math.nan
+
+
+def shock_statistics(freqs: Mapping[str, EntityFreq], counts: Mapping[str, EntityCount],
+                     smoothing: float = 1.0) -> dict[str, float]:
+    """{"rho", "p_value", "n", "partial_rho"}: the raw statistic and its partial form controlling log(pt + 1) and
+    log(gold + 1) (ranks, so the log does not matter)."""
+    stat = shock_statistic(freqs, counts, smoothing)
+    entities, x, y = shock_points(freqs, counts, smoothing)
+    zero = EntityFreq(0, 0)
+    pt = np.array([freqs.get(e, zero).pretrain for e in entities], np.float64)
+    gold = np.array([counts[e].gold for e in entities], np.float64)
+    stat["partial_rho"] = partial_spearman(x, y, [np.log1p(pt), np.log1p(gold)]) if len(x) else math.nan
+    return stat
+
+
+def calibrated_null(freqs: Mapping[str, EntityFreq], golds: Sequence[str], correct: Sequence[bool],
+                    groups: Sequence[str], draws: int = 200, seed: int = 0, smoothing: float = 1.0) -> dict:
+    """The statistics of predictors whose errors ignore frequency, simulated on the same test set.
+
+    Each draw keeps which questions the model got right (`correct`) and
+    replaces every wrong answer by an object drawn from the gold answers of the
+    same group (relation) other than the question's own gold, in proportion to
+    how often each is the gold answer: a calibrated-random error. Returns
+    {"rho": {"mean", "std", "q95"}, "partial_rho": {...}, "draws"}; q95 is the
+    95th percentile, the one-sided 5% bar a shock has to clear.
+    """
+    golds = [entity_key(g) for g in golds]
+    if not len(golds) == len(correct) == len(groups):
+        raise UserInputError(f"calibrated_null: {len(golds)} golds, {len(correct)} correctness flags, "
+                             f"{len(groups)} groups")
+    rng = np.random.default_rng([seed, 31])
+    by_group: dict[str, list[str]] = collections.defaultdict(list)
+    for gd, gr in zip(golds, groups):
+        by_group[gr].append(gd)
+    gold_counts = collections.Counter(k for k in golds if k)
+    fixed = collections.Counter(gd for gd, ok in zip(golds, correct) if ok and gd)
+    wrong = [(gd, gr) for gd, ok, gr in zip(golds, correct, groups) if not ok]
+    # Each wrong question's pool: its group's golds (with multiplicity) other than its own; all draws at once.
+    columns = []
+    for gd, gr in wrong:
+        pool = np.array([o for o in by_group[gr] if o != gd], dtype=object)
+        columns.append(pool[rng.integers(len(pool), size=draws)] if len(pool) else np.full(draws, "", dtype=object))
+    samples = {"rho": [], "partial_rho": []}
+    for d in range(draws):
+        predicted = fixed + collections.Counter(c[d] for c in columns if c[d])
+        counts = {e: EntityCount(predicted[e], gold_counts[e]) for e in predicted.keys() | gold_counts.keys()}
+        stat = shock_statistics(freqs, counts, smoothing)
+        for k in samples:
+            samples[k].append(stat[k])
+    out: dict = {"draws": draws}
+    for k, vals in samples.items():
+        v = np.asarray(vals, np.float64)
+        v = v[np.isfinite(v)]
+        out[k] = ({"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0,
+                   "q95": float(np.quantile(v, 0.95))} if len(v) else
+                  {"mean": math.nan, "std": math.nan, "q95": math.nan})
+    return out
+
+
+def permutation_pvalue(freqs: Mapping[str, EntityFreq], counts: Mapping[str, EntityCount], strata: int = 3,
+                       draws: int = 200, seed: int = 0, smoothing: float = 1.0) -> float:
+    """One-sided p-value of the partial statistic when fine-tuning counts are permuted within pre-training strata.
+
+    The entities are split into `strata` groups by pre-training frequency and
+    their fine-tuning counts shuffled within each group, predictions and gold
+    fixed: the randomisation the stratified skew made, so the p-value holds
+    whatever structure the model's errors have. NaN when the statistic is.
+    """
+    entities, _, y = shock_points(freqs, counts, smoothing)
+    zero = EntityFreq(0, 0)
+    pt = np.array([freqs.get(e, zero).pretrain for e in entities], np.float64)
+    ft = np.array([freqs.get(e, zero).finetune for e in entities], np.float64)
+    gold = np.array([counts[e].gold for e in entities], np.float64)
+    controls = [np.log1p(pt), np.log1p(gold)]
+
+    def stat(ft_counts):
+        return partial_spearman(np.log((ft_counts + smoothing) / (pt + smoothing)), y, controls)
+
+    observed = stat(ft) if len(entities) else math.nan
+    if not math.isfinite(observed):
+        return math.nan
+    rng = np.random.default_rng([seed, 37])
+    groups = np.array_split(np.argsort(-pt, kind="stable"), max(1, min(strata, len(entities))))
+    exceed = 0
+    for _ in range(draws):
+        shuffled = ft.copy()
+        for g in groups:
+            shuffled[g] = ft[rng.permutation(g)]
+        value = stat(shuffled)
+        exceed += bool(math.isfinite(value) and value >= observed)
+    return (1 + exceed) / (1 + draws)
+
+
+def with_null(stat: Mapping[str, float], null: Mapping) -> dict:
+    """The statistics with their null and z = (value - null mean) / null std for rho and partial_rho."""
+    out = dict(stat)
+    out["null"] = dict(null)
+    for k in ("rho", "partial_rho"):
+        m, s = null[k]["mean"], null[k]["std"]
+        out[f"{k}_z"] = (stat[k] - m) / s if math.isfinite(stat[k]) and math.isfinite(s) and s > 0 else math.nan
+    return out
+
+
+def pred_over_gold_by_stratum(items_rel: Sequence[str], golds: Sequence[str], preds: Sequence[str],
+                              stratum_of: Mapping[tuple[str, str], int], label_of: Mapping[tuple[str, str], str],
+                              strata: int) -> dict[str, dict[str, dict[str, float]]]:
+    """pred/gold of the objects the skew left out, over-sampled or left alone, per pre-training stratum.
+
+    `stratum_of[(relation, object)]` (0 = most frequent in pre-training) and
+    `label_of[(relation, object)]` ("left_out", "oversampled", "plain") come
+    from the skew; predictions count for the relation they were asked in.
+    Returns {stratum: {label: {"pred", "gold", "ratio"}}}, ratio NaN with no gold.
+    """
+    norm = {(rel, entity_key(o)): key for key in stratum_of for rel, o in [key]}
+    table = {str(s): {lab: {"pred": 0, "gold": 0} for lab in SKEW_LABELS} for s in range(strata)}
+    for rel, gold, pred in zip(items_rel, golds, preds):
+        for obj, field in ((gold, "gold"), (pred, "pred")):
+            key = norm.get((rel, entity_key(obj)))
+            if key is not None:
+                table[str(stratum_of[key])][label_of[key]][field] += 1
+    for row in table.values():
+        for cell in row.values():
+            cell["ratio"] = cell["pred"] / cell["gold"] if cell["gold"] else math.nan
+    return table
+
+
+SKEW_LABELS = ("left_out", "plain", "oversampled")

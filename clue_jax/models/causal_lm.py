@@ -54,8 +54,8 @@ class SelfAttention(nnx.Module):
             k = layers.apply_rope(k, positions, self.inv_freq[...])
         stats = None
         if request is None:
-            allowed = attn.allowed_keys(key_mask, self.sliding_window)
-            out = attn.attend(q, k, v, allowed, scale=self.scale, softcap=cfg.attn_logit_softcap)
+            out = attn.causal_attention(q, k, v, key_mask, scale=self.scale, softcap=cfg.attn_logit_softcap,
+                                        sliding_window=self.sliding_window)
         else:
             out, colsum, row = attn.attend_and_score(
                 q, k, v, key_mask, scale=self.scale, softcap=cfg.attn_logit_softcap,
@@ -114,6 +114,7 @@ class CausalLM(nnx.Module):
             self.embed_positions = layers.embed(cfg.max_len, cfg.d_model, ("pos", "embed"), **kw)
         self.blocks = nnx.List([Block(cfg, i, rngs) for i in range(cfg.num_layers)])
         self.final_norm = _norm(cfg, rngs)
+        self.remat = cfg.remat  # layers.set_remat changes it for training
         if not cfg.tie_embeddings:
             self.lm_head = layers.linear(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), use_bias=False, **kw)
 
@@ -139,8 +140,7 @@ class CausalLM(nnx.Module):
         attention_mask, positions = self._inputs(input_ids, attention_mask, positions)
         x = self._embed(input_ids, positions)
         for block in self.blocks:
-            x, _ = (nnx.remat(Block.__call__)(block, x, positions, attention_mask)
-                    if self.cfg.remat else block(x, positions, attention_mask))
+            x, _ = layers.call_block(block, self.remat, x, positions, attention_mask)
         return self.final_norm(x)
 
     def __call__(self, input_ids, attention_mask=None, positions=None):

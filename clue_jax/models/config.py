@@ -12,6 +12,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from clue_jax.errors import UserInputError
+from clue_jax.models.layers import remat_policy_name
 
 FLAVOURS = ("gpt2", "llama", "gemma2")
 
@@ -42,9 +43,13 @@ class ModelConfig:
     query_pre_attn_scalar: float = 0.0  # Gemma-2: queries scaled by this**-0.5; 0 = head_dim
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    remat: bool = False  # recompute block activations in the backward pass (big models)
+    # Recompute block activations in the backward pass: "none", "full" or "dots"
+    # (see layers.REMAT_POLICIES; a bool means "full"/"none"). The Trainer sets
+    # it from train.remat for every model it trains.
+    remat: str = "none"
 
     def __post_init__(self):
+        object.__setattr__(self, "remat", remat_policy_name(self.remat, "model.remat"))
         if self.flavour not in FLAVOURS:
             raise UserInputError(f"model.flavour={self.flavour!r} is not one of {FLAVOURS}")
         if self.d_model % self.num_heads and not self.head_dim:

@@ -62,9 +62,10 @@ class EncoderConfig:
     dropout: float = 0.0  # used only when a dropout_key is passed
     dtype: str = "float32"  # compute dtype
     param_dtype: str = "float32"
-    remat: bool = False  # recompute layer activations in the backward pass
+    remat: str = "none"  # recompute layer activations in the backward pass: none | full | dots
 
     def __post_init__(self):
+        object.__setattr__(self, "remat", layers.remat_policy_name(self.remat, "encoder.remat"))
         for name in ("vocab_size", "hidden_size", "embedding_size", "num_layers", "num_heads",
                      "intermediate_size", "max_len", "type_vocab_size"):
             if int(getattr(self, name)) < 1:
@@ -212,6 +213,7 @@ class EncoderBody(nnx.Module):
             if cfg.embedding_size != cfg.hidden_size else None
         )
         self.layers = nnx.List([EncoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+        self.remat = cfg.remat  # layers.set_remat changes it for training
 
     def __call__(self, embedded, attention_mask=None, dropout_key=None):
         """embedded [B, T, E] -> hidden [B, T, H]; attention_mask [B, T] (1 = real token)."""
@@ -220,10 +222,7 @@ class EncoderBody(nnx.Module):
         allowed = attn.allowed_keys(attention_mask, causal=False)
         x = embedded if self.embeddings_project is None else self.embeddings_project(embedded)
         for layer, key in zip(self.layers, _split(dropout_key, len(self.layers))):
-            if self.cfg.remat:
-                x = nnx.remat(EncoderLayer.__call__)(layer, x, allowed, key)
-            else:
-                x = layer(x, allowed, key)
+            x = layers.call_block(layer, self.remat, x, allowed, key)
         return x
 
 

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from clue_jax.errors import UserInputError
+
 default_kernel_init = nnx.initializers.normal(stddev=0.02)
 
 
@@ -102,3 +104,49 @@ def positions_from_mask(attention_mask: jax.Array) -> jax.Array:
 
 def softcap(x: jax.Array, cap: float) -> jax.Array:
     return jnp.tanh(x / cap) * cap if cap else x
+
+
+# Rematerialisation: what a block keeps for the backward pass. "full" keeps only
+# its inputs; "dots" also keeps the outputs of matmuls without batch dimensions
+# (the projections), so only attention and elementwise work is recomputed.
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def remat_policy_name(value, where: str) -> str:
+    """Normalises a remat setting (a name, or a legacy bool) or raises one line naming `where`."""
+    if isinstance(value, bool):
+        return "full" if value else "none"
+    if value not in REMAT_POLICIES:
+        raise UserInputError(f"{where}={value!r} is not one of {sorted(REMAT_POLICIES)}")
+    return value
+
+
+def call_block(block: nnx.Module, remat: str, *args):
+    """block(*args), under `jax.checkpoint` with the named policy unless remat is "none".
+
+    The block is split into (graphdef, state) and the checkpoint wraps a pure
+    function of the state: nothing is written back into Variables from inside
+    the checkpoint's trace (what made `nnx.remat(Block.__call__)` fail under
+    the Trainer's jit + grad with a TraceContextError).
+    """
+    if remat == "none":
+        return block(*args)
+    graphdef, state = nnx.split(block)
+
+    def pure(state, *args):
+        return nnx.merge(graphdef, state)(*args)
+
+    return jax.checkpoint(pure, policy=REMAT_POLICIES[remat])(state, *args)
+
+
+def set_remat(model: nnx.Module, remat) -> nnx.Module:
+    """Sets the remat policy of every layer stack in `model` (the causal LM, encoder bodies)."""
+    policy = remat_policy_name(remat, "train.remat")
+    for _, node in nnx.iter_graph(model):
+        if isinstance(node, nnx.Module) and hasattr(node, "remat"):
+            node.remat = policy
+    return model

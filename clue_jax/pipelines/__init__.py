@@ -1,13 +1,13 @@
 """End-to-end jobs, one module each; `config.pipeline` names which one runs.
 
-`run(config, workdir)` is the Python API and what the CLI calls: it writes `workdir/config.json` (the
-resolved config, as the CLI does) and, after the pipeline's tables, says when the config is a `:tiny`
-smoke test whose numbers mean nothing.
+`run(config, workdir)` is the Python API and what the CLI calls: it writes the resolved config to
+`workdir/config.running.json`, which becomes `config.json` once the run finished (so config.json always
+matches summary.json), and, after the pipeline's tables, says when the config is a `:tiny` smoke test
+whose numbers mean nothing.
 """
 from __future__ import annotations
 
 import importlib
-import os
 
 from clue_jax.errors import UserInputError
 
@@ -31,9 +31,10 @@ def run(config, workdir: str) -> dict:
 
     from clue_jax import config_check
 
-    os.makedirs(workdir, exist_ok=True)
+    config_check.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
     config_check.write_config(config, workdir)
     summary = importlib.import_module(PIPELINES[name]).run(config, workdir)
+    config_check.finish_config(workdir)
     if config.get("smoke_test") and jax.process_index() == 0:
         print(SMOKE_TEST_NOTE)
     return summary

@@ -3,35 +3,45 @@
 Stages (each cached in workdir/stages, see stages.py):
   world -> tokenizer (both shared with the knowledge pipeline) -> pretrain
   (one base model on every person's rich bios, plus the QA of the
-  `pretrain_qa` people; skipped when `base_models.small` names a checkpoint) ->
-  ft_<kind>_s<seed> (kind "vanilla": the skewed QA fine-tuning set alone;
-  kind "mixture": the same with pre-training batches interleaved at
-  `mixture.ratio`, through MixtureBatchSource and the ordinary objective) ->
-  eval_base (the base model k-shot on dev and test) -> eval_<kind>_s<seed>
-  (the fine-tuned model zero-shot; model mixing with the base model, per
-  decoding step and by candidate ranking, lambda chosen on dev).
+  `pretrain_qa` people, none by default; skipped when `base_models.small`
+  names a checkpoint) -> eval_base (the base model k-shot on dev and test) ->
+  per seed: ft_vanilla_t<steps>_s<seed> and eval_sweep_t<steps>_s<seed> (the
+  steps sweep: vanilla fine-tuning on the skewed QA set for every length of
+  `sweep.steps` and for the mixture arm's total, zero-shot decoding), then
+  ft_mixture_s<seed> (the same QA batches with replay batches interleaved at
+  `mixture.ratio`, through MixtureBatchSource and the ordinary objective) and
+  eval_<kind>_s<seed> (the fine-tuned model zero-shot; model mixing with the
+  base model, per decoding step and by candidate ranking, lambda chosen on
+  dev).
 Then summary.json, extraction_report.md and the plots are written from the
 stage results (cheap, always redone).
 
-Arms: base (k-shot), vanilla, mixing/<mode> (vanilla + base), mixture,
-both/<mode> (mixture + base); each also as "rank:<arm>" when candidate
-ranking is on. Per arm and seed: exact match and F1 overall, per relation,
-per frequency bucket, and the shock statistic on the test people.
+Arms: base (k-shot); vanilla (the sweep length best on dev); vanilla@matched
+(as many steps as the mixture arm); best_of_base_vanilla (per seed the one
+better on dev); mixing/<mode> (vanilla + base); mixture; both/<mode>
+(mixture + base); each but vanilla@matched also as "rank:<arm>" when
+candidate ranking is on. Per arm and seed: exact match and F1 overall, per
+relation, per frequency bucket, the shock statistics against their
+calibrated null, and pred/gold per pre-training stratum, on the test people.
 
 Choices where the spec is silent (all settings):
-- The base model sees the QA of `splits.pretrain_qa` people in pre-training
-  (so a zero- or few-shot prompt can reach its knowledge); shots for the
-  k-shot prompts come from the same people (from the fine-tuning people,
-  unskewed, when there are none). The base arm is the same for every seed.
+- The fine-tuning skew is drawn at random within pre-training-frequency
+  strata (finetune_data.stratified_skew), so it is independent of
+  pre-training frequency; the draw uses `seed`, the same for every
+  fine-tuning seed.
+- With `pretrain_qa` people, the base model sees their QA in pre-training
+  and the k-shot shots come from them; with none (the default) the shots
+  come from the fine-tuning people, unskewed. The base arm is the same for
+  every seed.
 - With `base_models.small` (a clue_jax model directory or a Hugging Face
   checkpoint, the knowledge pipeline's key) the pre-training frequencies are counted over the corpus
   this config describes (the checkpoint is assumed to have been trained on
   it), and mixture fine-tuning replays that corpus.
-- The mixture arm runs as many fine-tuning batches as the vanilla arm (its
-  step count grows by the pre-training batches) when
-  `mixture.match_ft_batches`.
-- In the lambda sweep, lambda = 1 and lambda = 0 reuse the single-model
-  decodes (the mixture equals each model there; tested in test_mixing.py).
+- Mixture fine-tuning replays the pre-training corpus without the dev and
+  test people's documents, and runs ft.steps QA batches (its step count
+  grows by the replay batches) when `mixture.match_ft_batches`.
+- Lambda grids lie strictly inside (0, 1): the endpoints are the base and
+  vanilla arms, and mixing is reported against the better of the two.
 """
 from __future__ import annotations
 
@@ -51,8 +61,9 @@ from clue_jax.data.batching import ArrayBatchSource
 from clue_jax.data.mixture import MixtureBatchSource, with_loss_mask
 from clue_jax.data.tokenizer import load_tokenizer
 from clue_jax.errors import UserInputError
-from clue_jax.eval import decode, metrics, prompts, qa_eval
+from clue_jax.eval import decode, prompts
 from clue_jax.extraction import finetune_data, mixing, report, shock
+from clue_jax.extraction.arm_metrics import arm_metrics, best_of, choose_steps, exact_match_rate
 from clue_jax.models import factory
 from clue_jax.pipelines import common, knowledge
 from clue_jax.pipelines.stages import Stages
@@ -171,47 +182,9 @@ def mixed_ranking(items, candidates, scores_ft, scores_pt, lam, mode) -> list[st
 
 
 # ------------------------------------------------------------------ metrics
-def records_of(items, preds: list[str]) -> list[dict]:
-    return [{"attribute": it.attribute, "name": it.name, "question": it.question, "answer": it.answer,
-             "prediction": p, "exact_match": metrics.exact_match(p, it.answer), "f1": metrics.token_f1(p, it.answer)}
-            for it, p in zip(items, preds)]
-
-
-def _em(items, preds) -> float:
-    return float(np.mean([metrics.exact_match(p, it.answer) for it, p in zip(items, preds)]))
-
-
-def skew_ratios(items, preds, skew: dict) -> dict[str, float]:
-    """(times predicted) / (times gold) for the objects the skew left out and for those it over-sampled.
-
-    Counted per relation (an object of one relation predicted for another does not count). Below 1 means
-    under-predicted; the frequency shock shows as "dropped" < 1 < "oversampled"."""
-    out = {}
-    for name, key in (("dropped", "dropped_objects"), ("oversampled", "rare_objects")):
-        sets = {rel: set(objs) for rel, objs in skew.get(key, {}).items()}
-        norm = {rel: {shock.entity_key(o) for o in objs} for rel, objs in sets.items()}
-        pred = sum(1 for it, p in zip(items, preds) if shock.entity_key(p) in norm.get(it.attribute, ()))
-        gold = sum(1 for it in items if it.answer in sets.get(it.attribute, ()))
-        out[name] = pred / gold if gold else math.nan
-    return out
-
-
-def arm_metrics(items, preds, freqs, threshold: float, smoothing: float, skew: dict | None = None) -> dict:
-    """Exact match / F1 overall, per relation and per bucket, the shock statistic, and the predicted/gold ratio of
-    the left-out and over-sampled objects, on one split."""
-    recs = records_of(items, preds)
-    overall = metrics.aggregate(recs)["all"]
-    per_rel = {k: v["exact_match"] for k, v in qa_eval.per_attribute(recs).items() if k != "all"}
-    buckets = shock.bucket_accuracy(recs, freqs, threshold)["buckets"]
-    counts = shock.prediction_counts(preds, [it.answer for it in items])
-    return {"exact_match": overall["exact_match"], "f1": overall["f1"], "per_relation": per_rel,
-            "buckets": {b: {"exact_match": v["exact_match"], "count": v["count"]} for b, v in buckets.items()},
-            "shock": shock.shock_statistic(freqs, counts, smoothing),
-            "pred_over_gold": skew_ratios(items, preds, skew or {})}
-
-
 def measure(ctx, items, preds) -> dict:
-    return arm_metrics(items, preds, ctx["freqs"], ctx["threshold"], ctx["smoothing"], ctx["skew"])
+    return arm_metrics(items, preds, ctx["freqs"], ctx["threshold"], ctx["smoothing"], ctx["skew"],
+                       ctx["null_draws"], ctx["null_seed"])
 
 
 def _write_predictions(path: str, preds: dict) -> None:
@@ -236,10 +209,14 @@ def pretrain_stage(config, texts, tokenizer, mesh, stage_dir):
     return result
 
 
-def finetune_stage(config, kind, seed, base_dir, ft_data, mix_data, mesh, stage_dir):
+def finetune_stage(config, kind, seed, base_dir, ft_data, mix_data, mesh, stage_dir, steps: int | None = None):
+    """Fine-tunes the base model: `steps` steps (default ft.steps) on the QA set alone ("vanilla"), or ft.steps
+    QA batches with replay batches interleaved ("mixture")."""
     model, cfg = load_model(base_dir, mesh)
     train_cfg = config.ft.copy_and_resolve_references()
     train_cfg.seed = seed
+    if steps is not None:
+        train_cfg.steps = int(steps)
     source = ArrayBatchSource(ft_data, train_cfg.batch_size, seed=seed)
     meta = {"kind": kind}
     if kind == "mixture":
@@ -262,12 +239,12 @@ def eval_base_stage(config, ctx, base_dir, mesh, stage_dir):
     for split in SPLITS:
         items, seqs = ctx["items"][split], ctx["base_seqs"][split]
         preds[split] = _decode(model, ctx["tokenizer"], ctx["base_pad"][split], e, ctx["stops"])
-        res[split] = {"base": {**measure(ctx, items, preds[split]), "dev_exact_match": _em(ctx["items"]["dev"], preds["dev"])}}
+        res[split] = {"base": {**measure(ctx, items, preds[split]), "dev_exact_match": exact_match_rate(ctx["items"]["dev"], preds["dev"])}}
         if e.ranking:
             scores[split] = candidate_scores(model, ctx["tokenizer"], seqs, items, ctx["candidates"], e.score_batch)
             preds[f"rank_{split}"] = ranked_predictions(items, ctx["candidates"], scores[split])
             res[split]["rank:base"] = {**measure(ctx, items, preds[f"rank_{split}"]),
-                                       "dev_exact_match": _em(ctx["items"]["dev"], preds["rank_dev"])}
+                                       "dev_exact_match": exact_match_rate(ctx["items"]["dev"], preds["rank_dev"])}
     _write_predictions(os.path.join(stage_dir, "predictions.json"), preds)
     if e.ranking and jax.process_index() == 0:
         np.savez(os.path.join(stage_dir, "scores.npz"),
@@ -276,31 +253,41 @@ def eval_base_stage(config, ctx, base_dir, mesh, stage_dir):
             "scores": os.path.join(stage_dir, "scores.npz") if e.ranking else ""}
 
 
-def eval_ft_stage(config, ctx, kind, ft_dir, base_dir, base_eval, mesh, stage_dir):
-    """The fine-tuned model alone, and mixed with the base model (decoding and ranking), lambda on dev."""
+def eval_zero_shot_stage(config, ctx, ft_dir, mesh, stage_dir):
+    """One fine-tuned model zero-shot on dev and test by greedy decoding (a point of the steps sweep)."""
+    model, _ = load_model(ft_dir, mesh)
+    preds = {s: _decode(model, ctx["tokenizer"], ctx["ft_pad"][s], config.eval, ctx["stops"]) for s in SPLITS}
+    _write_predictions(os.path.join(stage_dir, "predictions.json"), preds)
+    return {"metrics": {**measure(ctx, ctx["items"]["test"], preds["test"]),
+                        "dev_exact_match": exact_match_rate(ctx["items"]["dev"], preds["dev"])},
+            "predictions": os.path.join(stage_dir, "predictions.json")}
+
+
+def eval_ft_stage(config, ctx, kind, ft_dir, base_dir, base_eval, mesh, stage_dir, zero_shot: str = ""):
+    """The fine-tuned model alone, and mixed with the base model (decoding and ranking), lambda on dev.
+
+    `zero_shot`: predictions.json of an eval_zero_shot_stage of this model, reused instead of decoding again."""
     ft_model, _ = load_model(ft_dir, mesh)
     base_model, _ = load_model(base_dir, mesh)
     e, tok = config.eval, ctx["tokenizer"]
     items, ft_pad, base_pad = ctx["items"], ctx["ft_pad"], ctx["base_pad"]
-    base_preds = _read_predictions(base_eval["predictions"])
     mix_name = MIX_NAME[kind]
     t0 = time.time()
-    preds = {s: {kind: _decode(ft_model, tok, ft_pad[s], e, ctx["stops"])} for s in SPLITS}
+    if zero_shot:
+        preds = {s: {kind: p} for s, p in _read_predictions(zero_shot).items()}
+    else:
+        preds = {s: {kind: _decode(ft_model, tok, ft_pad[s], e, ctx["stops"])} for s in SPLITS}
     log.info("eval_%s: zero-shot decoding %.0f s", kind, time.time() - t0)
     sweeps, lambdas = {"decode": {}, "rank": {}}, {}
-    dev_em = {kind: _em(items["dev"], preds["dev"][kind])}
+    dev_em = {kind: exact_match_rate(items["dev"], preds["dev"][kind])}
 
     def mixed_decode(split, lam, mode):
-        if lam == 1.0:
-            return preds[split][kind]
-        if lam == 0.0:
-            return base_preds[split]
         return _decode_mixture(ft_model, base_model, tok, ft_pad[split], base_pad[split], lam, mode, e,
                                ctx["stops"])
 
     for mode in config.mixing.modes:
         arm = f"{mix_name}/{mode}"
-        lam, scores = mixing.choose_lambda(lambda l: _em(items["dev"], mixed_decode("dev", l, mode)),
+        lam, scores = mixing.choose_lambda(lambda l: exact_match_rate(items["dev"], mixed_decode("dev", l, mode)),
                                            tuple(config.mixing.grid))
         sweeps["decode"][mode] = {str(k): v for k, v in scores.items()}
         lambdas[arm], dev_em[arm] = lam, scores[lam]
@@ -314,11 +301,11 @@ def eval_ft_stage(config, ctx, kind, ft_dir, base_dir, base_eval, mesh, stage_di
         ft = {s: candidate_scores(ft_model, tok, ctx["ft_seqs"][s], items[s], ctx["candidates"], e.score_batch)
               for s in SPLITS}
         preds["test"][f"rank:{kind}"] = ranked_predictions(items["test"], ctx["candidates"], ft["test"])
-        dev_em[f"rank:{kind}"] = _em(items["dev"], ranked_predictions(items["dev"], ctx["candidates"], ft["dev"]))
+        dev_em[f"rank:{kind}"] = exact_match_rate(items["dev"], ranked_predictions(items["dev"], ctx["candidates"], ft["dev"]))
         for mode in config.mixing.modes:
             arm = f"rank:{mix_name}/{mode}"
             lam, scores = mixing.choose_lambda(
-                lambda l: _em(items["dev"], mixed_ranking(items["dev"], ctx["candidates"], ft["dev"], pt["dev"], l,
+                lambda l: exact_match_rate(items["dev"], mixed_ranking(items["dev"], ctx["candidates"], ft["dev"], pt["dev"], l,
                                                           mode)), tuple(config.mixing.rank_grid))
             sweeps["rank"][mode] = {str(k): v for k, v in scores.items()}
             lambdas[arm], dev_em[arm] = lam, scores[lam]
@@ -344,8 +331,14 @@ def _check_config(config) -> None:
             raise UserInputError(f"mixing.modes contains {mode!r}; valid: {mixing.MODES}")
     for key in ("grid", "rank_grid"):
         for lam in config.mixing[key]:
-            if not 0.0 <= float(lam) <= 1.0:
-                raise UserInputError(f"mixing.{key} contains {lam}; lambdas must lie in [0, 1]")
+            if not 0.0 < float(lam) < 1.0:
+                raise UserInputError(f"mixing.{key} contains {lam}; lambdas must lie strictly between 0 and 1 "
+                                     "(the endpoints are the base and the vanilla arm, compared separately)")
+    if config.skew.left_out + config.skew.oversampled > 1.0:
+        raise UserInputError(f"skew.left_out={config.skew.left_out} + skew.oversampled={config.skew.oversampled} "
+                             "exceeds 1: they are shares of the same stratum")
+    if not config.sweep.steps or any(int(n) < 1 for n in config.sweep.steps):
+        raise UserInputError(f"sweep.steps={tuple(config.sweep.steps)}: give fine-tuning step counts >= 1")
     if not config.seeds:
         raise UserInputError("seeds is empty: give at least one fine-tuning seed")
 
@@ -388,8 +381,12 @@ def run(config, workdir: str) -> dict:
     pt_freqs = shock.entity_frequencies(pt_objects, [])
     candidates = finetune_data.relation_objects(people, relations)
     s = config.skew
-    ft_items, skew_info = finetune_data.skewed_finetune_items(groups["finetune"], pt_freqs, candidates, s.drop_top,
-                                                             s.rare_fraction, s.rare_repeat, relations)
+    ft_items, skew_info = finetune_data.skewed_finetune_items(groups["finetune"], pt_freqs, candidates, s.strata,
+                                                             s.left_out, s.oversampled, s.repeat, config.seed,
+                                                             relations)
+    # Mixture fine-tuning replays the pre-training corpus without the dev and test people's documents.
+    replay = finetune_data.replay_people(people, groups)
+    replay_texts = pretraining_corpus(replay, [p for p in groups["pretrain_qa"] if p in replay], bpp, config.seed)
     freqs = shock.entity_frequencies(pt_objects, [it.answer for it in ft_items])
     items = {split: finetune_data.qa_probe_items(groups[split], relations) for split in SPLITS}
     threshold = float(np.median([freqs[shock.entity_key(a)].pretrain
@@ -402,6 +399,7 @@ def run(config, workdir: str) -> dict:
     ctx = {
         "tokenizer": tokenizer, "items": items, "freqs": freqs, "threshold": threshold,
         "smoothing": float(config.shock.smoothing), "candidates": candidates, "skew": skew_info,
+        "null_draws": int(config.shock.null_draws), "null_seed": config.seed,
         "stops": newline_ids(tokenizer),
         "ft_seqs": {sp: _encode_prompts(tokenizer, [it.question for it in items[sp]]) for sp in SPLITS},
         "base_seqs": {sp: _encode_prompts(tokenizer, base_prompt_texts(items[sp], shots, config.eval.k_shot,
@@ -422,7 +420,9 @@ def run(config, workdir: str) -> dict:
         base = stages.run("pretrain", inputs, _timed(lambda d: pretrain_stage(config, texts, tokenizer, mesh, d)))
 
     ft_data = finetune_data.qa_examples(tokenizer, ft_items, config.ft.seq_len)
-    mix_data = with_loss_mask(lm_data.pack_documents(tokenizer, texts, config.ft.seq_len))
+    mix_data = with_loss_mask(lm_data.pack_documents(tokenizer, replay_texts, config.ft.seq_len))
+    # Compute-matched vanilla: as many steps as the mixture arm runs in all.
+    matched_steps = mixture_steps(config, ft_data, mix_data)
     data_fp = {"ft": _fp(ft_data), "mix": _fp(mix_data)}
     eval_fp = {"eval": config.eval.to_dict(), "mixing": config.mixing.to_dict(), "shock": config.shock.to_dict(),
                "items": _fp([items[s] for s in SPLITS]), "freqs": _fp(sorted(freqs.items())),
@@ -435,28 +435,60 @@ def run(config, workdir: str) -> dict:
     for arm, m in base_eval["metrics"]["test"].items():
         per_seed.setdefault(arm, {})["-"] = m
     sweeps = {}
+    sweep_steps = sorted({int(n) for n in config.sweep.steps})
+    steps_sweep: dict[str, dict[str, dict]] = {}  # seed -> steps -> {dev, test EM}
     for seed in config.seeds:
-        for kind in KINDS:
-            name = f"ft_{kind}_s{seed}"
-            inputs = {"base": base["_fingerprint"], "kind": kind, "seed": seed, "train": config.ft.to_dict(),
-                      "data": data_fp, "mixture": config.mixture.to_dict() if kind == "mixture" else None}
-            ft = stages.run(name, inputs, _timed(lambda d, k=kind, sd=seed: finetune_stage(
-                config, k, sd, base["model_dir"], ft_data, mix_data, mesh, d)))
+        def finetune(kind, steps=None, sd=seed):
+            name = f"ft_{kind}_s{sd}" if steps is None else f"ft_{kind}_t{steps}_s{sd}"
+            inputs = {"base": base["_fingerprint"], "kind": kind, "seed": sd, "train": config.ft.to_dict(),
+                      "steps": steps, "data": data_fp,
+                      "mixture": config.mixture.to_dict() if kind == "mixture" else None}
+            ft = stages.run(name, inputs, _timed(lambda d: finetune_stage(
+                config, kind, sd, base["model_dir"], ft_data, mix_data, mesh, d, steps)))
             stage_info[name] = _public(ft)
+            return ft
+
+        # The steps sweep of vanilla fine-tuning (zero-shot decoding), the compute-matched length included; the
+        # vanilla arm is the length best on dev.
+        sweep = {}
+        for steps in sorted(set(sweep_steps) | {matched_steps}):
+            ft = finetune("vanilla", steps)
+            name = f"eval_sweep_t{steps}_s{seed}"
+            ev = stages.run(name, {"ft": ft["_fingerprint"], **eval_fp},
+                            _timed(lambda d, f=ft: eval_zero_shot_stage(config, ctx, f["model_dir"], mesh, d)))
+            stage_info[name] = {k: ev[k] for k in ("predictions", "seconds", "cpu_seconds")}
+            sweep[steps] = (ft, ev)
+        steps_sweep[str(seed)] = {str(n): {"dev_exact_match": ev["metrics"]["dev_exact_match"],
+                                           "exact_match": ev["metrics"]["exact_match"]}
+                                  for n, (_, ev) in sweep.items()}
+        chosen = choose_steps({n: ev["metrics"]["dev_exact_match"] for n, (_, ev) in sweep.items()})
+        per_seed.setdefault("vanilla@matched", {})[str(seed)] = {**sweep[matched_steps][1]["metrics"],
+                                                                 "steps": matched_steps}
+        for kind in KINDS:
+            if kind == "vanilla":
+                ft, zero_shot = sweep[chosen][0], sweep[chosen][1]["predictions"]
+            else:
+                ft, zero_shot = finetune(kind), ""
             ev = stages.run(f"eval_{kind}_s{seed}", {"ft": ft["_fingerprint"], "base_eval": base_eval["_fingerprint"],
                                                      **eval_fp},
-                            _timed(lambda d, k=kind, f=ft: eval_ft_stage(config, ctx, k, f["model_dir"],
-                                                                         base["model_dir"], base_eval, mesh, d)))
+                            _timed(lambda d, k=kind, f=ft, z=zero_shot: eval_ft_stage(
+                                config, ctx, k, f["model_dir"], base["model_dir"], base_eval, mesh, d, z)))
             for arm, m in ev["metrics"].items():
-                per_seed.setdefault(arm, {})[str(seed)] = m
+                per_seed.setdefault(arm, {})[str(seed)] = {**m, "steps": int(ft["steps"])}
             sweeps.setdefault(kind, {})[str(seed)] = ev["sweeps"]
             stage_info[f"eval_{kind}_s{seed}"] = {k: ev[k] for k in ("predictions", "seconds", "cpu_seconds")}
+        for prefix in ("", "rank:"):
+            best = best_of(per_seed, prefix, str(seed))
+            if best is not None:
+                per_seed.setdefault(prefix + "best_of_base_vanilla", {})[str(seed)] = best
     if "pretrain" in stages.ran or "pretrain" in stages.reused:
         stage_info["pretrain"] = _public(base)
 
     summary = {
         "arms": {arm: {"per_seed": runs, **report.mean_std(list(runs.values()))} for arm, runs in per_seed.items()},
         "sweeps": sweeps,
+        "steps_sweep": steps_sweep,
+        "matched_steps": matched_steps,
         "seeds": list(config.seeds),
         "skew": skew_info,
         "data": {
@@ -464,6 +496,7 @@ def run(config, workdir: str) -> dict:
             "finetune_examples": len(ft_items), "dev_items": len(items["dev"]), "test_items": len(items["test"]),
             "entities": len(freqs), "bucket_threshold": threshold,
             "pretrain_documents": len(texts), "pretrain_qa_people": len(groups["pretrain_qa"]),
+            "replay_documents": len(replay_texts), "replay_people": len(replay),
             "k_shot": config.eval.k_shot,
         },
         "stages": stage_info,
@@ -480,6 +513,9 @@ def run(config, workdir: str) -> dict:
     if jax.process_index() == 0:
         plots = _plots(workdir, per_seed, stage_info, base_eval, items["test"], freqs, ctx["smoothing"],
                        list(config.seeds), sweeps)
+        steps_path = os.path.join(workdir, "plots", "em_vs_steps.png")
+        report.plot_steps(steps_sweep, per_seed["base"]["-"]["exact_match"], steps_path)
+        plots["em_vs_steps"] = os.path.relpath(steps_path, workdir)
         summary["plots"] = plots
     common.write_json(os.path.join(workdir, "summary.json"), _json_safe(summary))
     logging_utils.write_eval_scalars(workdir, summary["arms"])
@@ -489,6 +525,15 @@ def run(config, workdir: str) -> dict:
             f.write(text)
         print(report.render_table(summary))
     return summary
+
+
+def mixture_steps(config, ft_data, mix_data) -> int:
+    """Total steps of the mixture arm: ft.steps QA batches plus the replay batches interleaved at mixture.ratio."""
+    if not config.mixture.match_ft_batches:
+        return int(config.ft.steps)
+    source = MixtureBatchSource(ArrayBatchSource(ft_data, config.ft.batch_size, seed=0),
+                                ArrayBatchSource(mix_data, config.ft.batch_size, seed=1), config.mixture.ratio)
+    return int(source.steps_for_primary(config.ft.steps))
 
 
 def _plots(workdir, per_seed, stage_info, base_eval, test_items, freqs, smoothing, seeds, sweeps) -> dict:

@@ -1,25 +1,37 @@
 """Stage caching: a stage reruns only when its inputs change.
 
-Each stage writes into `workdir/stages/<name>/`, and on success a `done.json`
-holding a fingerprint of its inputs (its config section and the fingerprints
-of the stages it reads) and its JSON result. A rerun with equal inputs
-returns the stored result without running. A stage that crashed or was
-preempted has no done.json, so it runs again and its trainer resumes from
-the checkpoints it left. A stage whose inputs changed is moved aside to
-`<name>.previous/` before it reruns, so nothing saved is silently lost.
+Each stage writes into `workdir/stages/<name>/`. When it starts it writes
+`started.json` with a fingerprint of its inputs (its config section and the
+fingerprints of the stages it reads); on success `done.json` with the same
+fingerprint and its JSON result. A rerun with equal inputs returns the stored
+result without running; an unfinished stage with equal inputs runs again in
+place (its trainer resumes from the checkpoints it left). A stage whose inputs
+changed, finished or not, is moved aside to `<name>.previous-<n>/` (n = 1, 2,
+... never reused) before it reruns, so nothing saved is lost.
+
+Result entries that are paths inside the workdir are stored relative to it
+(listed under "workdir_paths" in done.json) and resolved when read, so a moved
+workdir keeps working. With several processes, process 0 makes every decision
+(reuse / move aside / run) and broadcasts it, so no start-up order can split
+the processes.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import os
-import shutil
+import re
 from typing import Any, Callable
 
 import jax
+import numpy as np
+
+from clue_jax.config_check import read_json, workdir_path
+from clue_jax.errors import UserInputError
 
 log = logging.getLogger("clue_jax")
+
+_RUN, _REUSE, _RESUME, _FAILED = 0, 1, 2, 3  # what process 0 decided, as broadcast
 
 
 def fingerprint(inputs: Any) -> str:
@@ -29,12 +41,13 @@ def fingerprint(inputs: Any) -> str:
 
 class Stages:
     def __init__(self, workdir: str):
-        self.root = os.path.join(workdir, "stages")
+        self.workdir = workdir_path(workdir)
+        self.root = self.workdir / "stages"
         self.ran: list[str] = []
         self.reused: list[str] = []
 
     def path(self, name: str) -> str:
-        return os.path.join(self.root, name)
+        return str(self.root / name)
 
     def run(self, name: str, inputs: Any, fn: Callable[[str], dict]) -> dict:
         """Runs `fn(stage_dir) -> result` unless a finished run with the same inputs exists.
@@ -42,33 +55,104 @@ class Stages:
         The returned dict is the result plus "_fingerprint", which later stages
         put into their own inputs so that a change upstream reruns them too.
         """
-        stage_dir = self.path(name)
-        done_path = os.path.join(stage_dir, "done.json")
+        stage_dir = self.root / name
         fp = fingerprint(inputs)
-        if os.path.exists(done_path):
-            with open(done_path) as f:
-                done = json.load(f)
-            if done.get("fingerprint") == fp:
-                log.info("stage %s: inputs unchanged, reusing %s", name, stage_dir)
-                self.reused.append(name)
-                return {**done["result"], "_fingerprint": fp}
-            if jax.process_index() == 0:
-                previous = stage_dir + ".previous"
-                shutil.rmtree(previous, ignore_errors=True)
-                os.replace(stage_dir, previous)
-                log.info("stage %s: inputs changed, previous outputs moved to %s", name, previous)
-            _sync(f"{name}:moved")
-        os.makedirs(stage_dir, exist_ok=True)
-        log.info("stage %s: running", name)
-        result = fn(stage_dir)
+        decision = _decide_once(lambda: self._decide(name, fp))
+        if decision == _REUSE:
+            log.info("stage %s: inputs unchanged, reusing %s", name, stage_dir)
+            self.reused.append(name)
+            return {**self._read_result(name), "_fingerprint": fp}
+        log.info("stage %s: %s", name, "resuming (same inputs)" if decision == _RESUME else "running")
+        result = fn(str(stage_dir))
         if jax.process_index() == 0:
-            tmp = done_path + ".tmp"
-            with open(tmp, "w") as f:
-                json.dump({"fingerprint": fp, "inputs": inputs, "result": result}, f, indent=1, default=str)
-            os.replace(tmp, done_path)
+            _write_json(stage_dir / "done.json", {"fingerprint": fp, "inputs": inputs, **self._record(result)})
         _sync(f"{name}:done")  # other processes read what process 0 wrote only after this
         self.ran.append(name)
         return {**result, "_fingerprint": fp}
+
+    # ------------------------------------------------------------ process 0
+    def _decide(self, name: str, fp: str) -> int:
+        """Reuse, resume or (after moving old outputs aside) run afresh; prepares the stage directory."""
+        stage_dir = self.root / name
+        done = stage_dir / "done.json"
+        if done.exists():
+            record = _read_record(done, stage_dir)
+            if record.get("fingerprint") == fp and isinstance(record.get("result"), dict):
+                return _REUSE
+            self._move_aside(name, "inputs changed")
+        elif stage_dir.exists() and any(stage_dir.iterdir()):
+            started = stage_dir / "started.json"
+            try:
+                same = started.exists() and read_json(str(started), "stage start record").get("fingerprint") == fp
+            except UserInputError as err:
+                log.warning("stage %s: %s", name, err)
+                same = False
+            if same:
+                return _RESUME
+            self._move_aside(name, "unfinished under other inputs")
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        _write_json(stage_dir / "started.json", {"fingerprint": fp})
+        return _RUN
+
+    def _move_aside(self, name: str, why: str) -> None:
+        taken = [int(m.group(1)) for p in self.root.glob(f"{name}.previous-*")
+                 if (m := re.fullmatch(re.escape(name) + r"\.previous-(\d+)", p.name))]
+        target = self.root / f"{name}.previous-{max(taken, default=0) + 1}"
+        (self.root / name).rename(target)
+        log.warning("stage %s: %s; its outputs moved to %s (%d earlier copies kept beside it)",
+                    name, why, target, len(taken))
+
+    # ------------------------------------------------------------ paths in records
+    def _record(self, result: dict) -> dict:
+        """done.json's result with paths inside the workdir made relative to it."""
+        prefix = str(self.workdir).rstrip("/") + "/"
+        relative = sorted(k for k, v in result.items() if isinstance(v, str) and v.startswith(prefix))
+        stored = {k: (v[len(prefix):] if k in relative else v) for k, v in result.items()}
+        return {"result": stored, "workdir_paths": relative}
+
+    def _read_result(self, name: str) -> dict:
+        stage_dir = self.root / name
+        record = _read_record(stage_dir / "done.json", stage_dir)
+        result = dict(record["result"])
+        for key in record.get("workdir_paths", []):
+            result[key] = str(self.workdir / result[key])
+        return result
+
+
+def _read_record(path, stage_dir) -> dict:
+    try:
+        record = read_json(str(path), "stage record")
+    except UserInputError as err:
+        raise UserInputError(f"{err}; delete {stage_dir} to run that stage again") from None
+    if not isinstance(record, dict):
+        raise UserInputError(f"stage record {path} is not a JSON object; delete {stage_dir} to run that stage again")
+    return record
+
+
+def _write_json(path, value) -> None:
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_text(json.dumps(value, indent=1, default=str))
+    tmp.replace(path)
+
+
+def _decide_once(decide: Callable[[], int]) -> int:
+    """Process 0 runs `decide` and every process gets its answer (an error on 0 stops all)."""
+    if jax.process_count() == 1:
+        return decide()
+    from jax.experimental import multihost_utils
+
+    code, error = _FAILED, None
+    if jax.process_index() == 0:
+        try:
+            code = decide()
+        except BaseException as err:  # tell the others before raising, so none waits forever
+            error = err
+    code = int(multihost_utils.broadcast_one_to_all(np.int32(code)))
+    if error is not None:
+        raise error
+    if code == _FAILED:
+        raise UserInputError("process 0 could not prepare a stage; its log has the reason")
+    return code
 
 
 def _sync(tag: str) -> None:

@@ -109,7 +109,8 @@ RULES: dict[str, Check] = {
     "eval.primary": one_of(("cloze", "qa")),
     "grid.alphas": tuple_of(PROB), "grid.betas": tuple_of(PROB), "students": tuple_of(one_of(("small", "large"))),
     # extraction
-    "splits.*": NONNEG, "skew.drop_top": NONNEG, "skew.rare_fraction": PROB, "skew.rare_repeat": POS,
+    "splits.*": NONNEG, "skew.strata": POS, "skew.left_out": PROB, "skew.oversampled": PROB,
+    "skew.repeat": POS, "sweep.steps": tuple_of(POS), "shock.null_draws": NONNEG,
     "mixture.ratio": NONNEG_NUM, "mixing.modes": tuple_of(one_of(("interpolate", "log_linear"))),
     "mixing.grid": tuple_of(PROB), "mixing.rank_grid": tuple_of(PROB), "shock.smoothing": NONNEG_NUM,
     # mcl

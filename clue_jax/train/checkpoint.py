@@ -1,21 +1,27 @@
 """Orbax checkpoints in the workdir: train state + JSON metadata, keep the last N.
 
 A checkpoint holds the trainable params, the optimizer state, the step, the
-RNG key and (in the metadata) the data position and the model config. On
-restore the newest readable step wins: a corrupt or partial latest checkpoint
-is skipped with a warning and the previous one is used. A checkpoint written
-for another model config is refused with a one-line error before anything
-is overwritten.
+RNG key and (in the metadata) the data position and the model config. At
+save time the metadata also gets a checksum of every leaf (computed on the
+devices, so nothing is gathered on one host); a restore recomputes them. The
+newest sound step wins: a step that cannot be read (truncated file, missing
+_METADATA, garbled meta) or whose checksums differ (flipped bytes) is moved
+aside to `<checkpoints>.damaged/<step>` with a warning, so training goes on
+from the previous step and can save that step again. A checkpoint written for
+another model config is refused with a one-line error before anything is
+overwritten.
 """
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
+from clue_jax.config_check import workdir_path
 from clue_jax.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -23,7 +29,7 @@ log = logging.getLogger(__name__)
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
-        self.directory = os.path.abspath(directory)
+        self.directory = workdir_path(directory)
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep, create=True, enable_async_checkpointing=async_save
         )
@@ -32,6 +38,7 @@ class Checkpointer:
         )
 
     def save(self, step: int, state: Any, meta: dict, force: bool = False) -> None:
+        meta = {**meta, "checksums": checksums(state)}
         self.manager.save(
             step,
             args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
@@ -53,9 +60,10 @@ class Checkpointer:
         for step in self.steps():
             try:
                 meta = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+                if not isinstance(meta, dict):
+                    raise ValueError(f"metadata is a {type(meta).__name__}, not a JSON object")
             except Exception as err:  # unreadable metadata: fall back to an older step
-                log.warning("checkpoint step %d in %s is unreadable (%s); trying the previous one",
-                            step, self.directory, _short(err))
+                self._set_aside(step, f"unreadable metadata ({_short(err)})")
                 continue
             for key in ("model", "trainable"):
                 if key in expected_meta and meta.get(key) != expected_meta[key]:
@@ -66,13 +74,34 @@ class Checkpointer:
             try:
                 restored = self.manager.restore(
                     step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
-                )
+                )["state"]
             except Exception as err:
-                log.warning("checkpoint step %d in %s is corrupt or partial (%s); trying the previous one",
-                            step, self.directory, _short(err))
+                self._set_aside(step, f"corrupt or partial ({_short(err)})")
                 continue
-            return step, restored["state"], meta
+            wrong = _mismatches(meta.get("checksums"), restored)
+            if wrong:
+                self._set_aside(step, f"checksum mismatch in {len(wrong)} arrays, e.g. {wrong[0]}")
+                continue
+            return step, restored, meta
         return None
+
+    def _set_aside(self, step: int, why: str) -> None:
+        """Moves a damaged step out of the manager's sight (process 0), so the step can be saved again."""
+        target = self.directory.parent / f"{self.directory.name}.damaged" / str(step)
+        if jax.process_index() == 0:
+            n = 1
+            while target.exists():
+                n += 1
+                target = target.parent / f"{step}-{n}"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            (self.directory / str(step)).rename(target)
+        log.warning("checkpoint step %d in %s is damaged: %s; moved to %s, trying the previous step",
+                    step, self.directory, why, target)
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices(f"checkpoint-set-aside-{step}")
+        self.manager.reload()
 
     def close(self) -> None:
         self.manager.wait_until_finished()
@@ -96,3 +125,36 @@ def abstract_like(tree: Any) -> Any:
     return jax.tree.map(
         lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
     )
+
+
+def checksums(state: Any) -> dict[str, int]:
+    """A position-weighted uint32 sum of every leaf's bits, keyed by its tree path.
+
+    Any single flipped bit changes it; computed under jit on the arrays' own
+    shardings, so no host ever holds a whole leaf.
+    """
+    values = _checksum_tree(state)
+    return {jax.tree_util.keystr(path): int(np.asarray(v.addressable_shards[0].data))
+            for path, v in jax.tree_util.tree_leaves_with_path(values)}
+
+
+def _mismatches(saved: dict | None, state: Any) -> list[str]:
+    if saved is None:  # written before checksums existed
+        return []
+    now = checksums(state)
+    return [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
+
+
+def _leaf_checksum(x: jax.Array) -> jax.Array:
+    size = jnp.dtype(x.dtype).itemsize
+    if x.dtype == jnp.bool_:
+        x = x.astype(jnp.uint8)
+    bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[size])
+    bits = bits.astype(jnp.uint32)
+    index = jnp.zeros(bits.shape, jnp.uint32)  # row-major position, without reshaping (no resharding)
+    for dim in range(bits.ndim):
+        index = index * jnp.uint32(bits.shape[dim]) + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, dim)
+    return jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
+
+
+_checksum_tree = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))

@@ -23,6 +23,7 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
             eval_every=1000000,
             checkpoint_every=1000,
             keep_checkpoints=2,
+            remat="none",  # none | full | dots: recompute block activations in the backward pass
         )
     )
     cfg.update(overrides)

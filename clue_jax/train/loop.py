@@ -35,6 +35,7 @@ from jax.experimental import multihost_utils
 
 from clue_jax.data import batching
 from clue_jax.errors import UserInputError
+from clue_jax.models import attention, layers
 from clue_jax.train import sharding as shard_lib
 from clue_jax.train.checkpoint import Checkpointer, abstract_like
 from clue_jax.train.logging_utils import MetricsWriter, Progress
@@ -87,7 +88,7 @@ class _Preemption:
         return self
 
     def _handle(self, signum, frame):
-        log.warning("SIGTERM received: saving a checkpoint and stopping")
+        log.warning("%s received: saving a checkpoint and stopping", signal.Signals(signum).name)
         self.requested = True
 
     def should_stop(self, step: int, boundary: bool) -> bool:
@@ -127,6 +128,7 @@ class Trainer:
         self.log_dir = log_dir or workdir  # the run's metrics.jsonl and TensorBoard events go here
         self.objective, self.transform = objective, transform
         self.meta = dict(meta or {})
+        layers.set_remat(model, cfg.get("remat", "none"))  # every trained model, HF-loaded ones included
         self.graphdef, params, frozen = nnx.split(model, trainable, ...)
         self.tx = make_optimizer(cfg)
         self.schedule = learning_rate_schedule(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.schedule)
@@ -266,7 +268,7 @@ class Trainer:
         pending: list = []  # (step, metrics on device) since the last log boundary
         self._t_prev = time.time()
         try:
-            with _Preemption() as preempt:
+            with _Preemption() as preempt, attention.mesh_context(self.mesh):
                 step = start
                 while step < cfg.steps:
                     batch = self.global_batch(data.batch(step, self.rows), check_processes=step == start)
