@@ -244,12 +244,17 @@ def test_replication_report_is_headed_with_the_users_files():
     run, data = _corpus_summary()
     config = _config("replicate_bios")
     config.grid.enabled = False
-    summary = {"primary": "qa", "chosen": {}, "grid": {}, "results": {"small": {"base": [run], "contrast": [run],
-               "plain": [run]}}, "distance_from_name": {}, "clue_analysis": {}, "data": data}
+    run = {**run, "per_person": {"qa": {"all": [1.0, 0.0]}}}  # a QA file without attributes
+    results = {"small": {"base": [run], "contrast": [run], "plain": [run]}}
+    gate = replicate.gate.teacher_gate({"all": 0.1, "company": 0.1}, {"all": 0.5, "company": 0.5}, [], [])
+    summary = {"primary": "qa", "chosen": {}, "grid": {}, "distance_from_name": {}, "clue_analysis": {}, "data": data,
+               "teacher_gate": gate, "protocols": {"paper": {"steps": {"plain": 1, "contrast": 11}, "results": results,
+                                                            "comparisons": replicate.comparisons(results, config)}}}
     text = replicate.render_report(summary, config)
     assert text.startswith("# Clue dropout on your documents (corpus.jsonl, 2 documents)")
     assert "questions: 0-shot" in text and "dev people" not in text and "biograph" not in text
-    assert "contrast 0.500" in text  # the verdict falls back to 'all' when the QA file has no far attributes
+    # the comparison falls back to 'all' when the QA file has no far attributes
+    assert "- small: contrast - plain on the far attributes: qa +0.000" in text
 
 
 @pytest.mark.slow

@@ -114,11 +114,13 @@ def count_params(model_dir: str, mesh) -> int:
 
 
 def matrix(runs: list[dict], probe: str, attrs, lower_is_better: bool = False) -> np.ndarray:
-    """[seeds, people]: per person the mean over `attrs` of EM (probe "cloze"/"qa") or of minus NLL."""
+    """[seeds, people]: per person the mean over `attrs` (else every attribute there is) of EM (probe
+    "cloze"/"qa") or of minus NLL."""
     rows = []
     for r in runs:
         table = r["per_person"][probe]
-        per = np.mean([np.asarray(table[a], np.float64) for a in attrs if a in table], axis=0)
+        chosen = [a for a in attrs if a in table] or sorted(table)  # a user's QA file may name no attributes
+        per = np.mean([np.asarray(table[a], np.float64) for a in chosen], axis=0)
         rows.append(-per if lower_is_better else per)
     return np.stack(rows)
 
