@@ -11,9 +11,9 @@ K = 10 fixed copies: a dropout arm trains 11x plain's steps) and "equal_compute"
 fresh dropout). The teacher gate (clues/gate.py) is measured and printed first.
 
 Cut to fit about 2 hours on 2 CPU cores: the large student (the 3.4M large teacher continually pre-trained,
---config.students="('small','large')") is off by default; estimated from timed steps and evaluations, it
-alone would take about 2 h 40 min at 20 epochs (its training steps cost 6x the small student's); both
-students with --config.protocol.epochs=10 about 1 h 40 min. The default: about 30 min with the teachers cached.
+--config.students="('small','large')") is off by default: its steps cost about 6x the small student's, so
+it alone would take about 2.5 h at 20 epochs; both students with --config.protocol.epochs=10 about 1.5 h.
+The default: about 27 min with the teachers cached, extrapolated from timed stages (README).
 
 Rule for the settings (written before any run): per student and per method, on the 30 dev people, under the
 paper's protocol with seed grid.seed, every published point alpha in {0.6, 0.7} x beta in {0.005, 0.01,
