@@ -163,3 +163,55 @@ def test_fixed_copies():
     for row in range(5, 8):
         assert out_ids[row, 0] == 6 and set(np.asarray(out_ids[row])) <= {0, 6, 7, 8}
     assert len({tuple(np.asarray(out_ids[r])) for r in range(1, 4)}) > 1
+
+
+def test_rate_matched_expects_contrasts_number_of_drops_per_document():
+    b, t = 4, 20
+    ids, mask, scores = _ranked_batch(b, t, seed=8)
+    mask = mask.at[1, 14:].set(0).at[3, 6:].set(0)  # documents of different lengths
+    prot = D.protected_mask(ids, mask, jnp.array([3, 9]))
+    a, beta = 0.7, 0.2
+    contrast_keep = np.asarray(D.keep_probabilities(scores, mask, prot, a, beta, "contrast"))
+    matched = np.asarray(D.keep_probabilities(scores, mask, prot, a, beta, "rate_matched"))
+    free = ~np.asarray(prot)
+    np.testing.assert_allclose(((1 - matched) * free).sum(-1), ((1 - contrast_keep) * free).sum(-1), rtol=1e-5)
+    for e in range(b):  # one rate per document over its droppable tokens; protected and padding always kept
+        assert np.ptp(matched[e][free[e]]) < 1e-6
+        assert np.all(matched[e][~free[e]] == 1.0)
+    assert np.ptp(contrast_keep[0][free[0]]) > 0.1  # contrast itself is not uniform
+    # drawn: the mean number of deletions per document matches contrast's expectation
+    n = 3000
+    big = {"input_ids": jnp.tile(ids[:1], (n, 1)), "attention_mask": jnp.tile(mask[:1], (n, 1)),
+           "scores_large": jnp.tile(scores[:1], (n, 1)), "scores_small": jnp.zeros((n, t))}
+    cfg = D.DropoutConfig(method="rate_matched", alpha=a, beta=beta, original_fraction=0.0, protected_ids=(3, 9))
+    out = D.augment_batch(jax.random.key(9), big, None, cfg)
+    drops = t - np.asarray(out["attention_mask"]).sum(-1)
+    expected = ((1 - contrast_keep[0]) * free[0]).sum()
+    assert abs(drops.mean() - expected) < 4.5 * drops.std() / np.sqrt(n)
+
+
+def test_shuffled_ranks_each_document_by_anothers_contrast():
+    b, t = 3, 10
+    ids, mask, s_large = _ranked_batch(b, t, seed=10)
+    s_small = jnp.asarray(np.random.default_rng(11).standard_normal((b, t)), jnp.float32)
+    batch = {"input_ids": ids, "attention_mask": mask, "scores_large": s_large, "scores_small": s_small}
+    d = np.asarray(s_large - s_small)
+    shuffled = np.asarray(D.ranking_scores("shuffled", batch))
+    np.testing.assert_allclose(shuffled, np.roll(d, -1, axis=0), rtol=1e-6)  # row i ranked by row i + 1's d
+    np.testing.assert_allclose(np.asarray(D.ranking_scores("contrast", batch)), d, rtol=1e-6)
+    prot = D.protected_mask(ids, mask, jnp.array([], jnp.int32))
+    keep_s = np.asarray(D.keep_probabilities(jnp.asarray(shuffled), mask, prot, 0.7, 0.3, "shuffled"))
+    keep_c = np.asarray(D.keep_probabilities(jnp.asarray(d), mask, prot, 0.7, 0.3, "contrast"))
+    np.testing.assert_allclose(np.sort(keep_s, -1), np.sort(keep_c, -1), rtol=1e-6)  # the same drop profile
+    assert not np.allclose(keep_s, keep_c)  # at other positions
+    out = D.augment_batch(jax.random.key(0), batch, None, D.DropoutConfig(method="shuffled", original_fraction=0.0))
+    assert out["input_ids"].shape == ids.shape
+    with pytest.raises(UserInputError, match="at least 2 documents"):
+        D.ranking_scores("shuffled", {k: v[:1] for k, v in batch.items()})
+    # fixed copies of the whole set: each document's copies follow the next document's ranking
+    cfg = D.DropoutConfig(method="shuffled", alpha=1.0, beta=50.0)  # keeps only rank 0 (of the other document)
+    out_ids, out_mask = D.fixed_copies(jax.random.key(1), ids, mask, D.ranking_scores("shuffled", batch), cfg, 2)
+    for e in range(b):
+        top = int(np.argmax(d[(e + 1) % b]))
+        np.testing.assert_array_equal(np.asarray(out_ids)[e * 3 + 1, :1], [int(ids[e, top])])
+        assert int(np.asarray(out_mask)[e * 3 + 1].sum()) == 1

@@ -1,5 +1,6 @@
 """The clue-dropout replication's tiny variant end to end through the CLI: grid on dev people, four arms x two
-students x seeds, replication.md with tables, chosen settings, clue analysis and verdict, and the plot."""
+students x seeds under both protocols, replication.md with the gate first, tables, curves, bootstrap comparisons,
+chosen settings and the clue analysis, and the plots; the protocols' step counts and the settings rule."""
 import json
 import os
 import subprocess
@@ -8,7 +9,7 @@ import sys
 from clue_jax.pipelines import replicate
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ARMS = ("plain", "random", "attention", "contrast")
+ARMS = ("plain", "random", "attention", "contrast", "rate_matched", "shuffled")
 
 
 def test_tiny_replication_end_to_end(tmp_path):
@@ -21,34 +22,53 @@ def test_tiny_replication_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((workdir / "summary.json").read_text())
 
-    # The grid ran on dev people with the small student: alpha alone for random, alpha x beta otherwise.
-    assert [set(t) for t in summary["grid"]["random"]] == [{"alpha", "dev_em"}]
-    assert len(summary["grid"]["contrast"]) == len(summary["grid"]["attention"]) == 2
+    # The gate: both teachers per attribute on background people, the far clue with its interval.
+    g = summary["teacher_gate"]
+    assert set(g["capability"]["per_attribute"]["company"]) == {"small", "large"}
+    assert g["params"]["large"] > g["params"]["small"]
+    assert {"low", "high", "n"} <= set(g["far_clue"]["excess"]) and isinstance(g["passed"], bool)
+    assert summary["token_lengths"]["name"] > 0 and summary["token_lengths"]["company"] > 0
+
+    # The grid on dev people, per student: plain, random over alphas, alpha x beta otherwise; the rule's winner.
+    grid = summary["grid"]["small"]
+    assert len(grid["plain"]) == 1 and [set(t) for t in grid["random"]] == [{"alpha", "dev_em"}]
+    assert len(grid["contrast"]) == len(grid["attention"]) == 2
+    chosen = summary["chosen"]["small"]
     for arm in ("random", "attention", "contrast"):
-        chosen = summary["chosen"][arm]
-        best = max(summary["grid"][arm], key=lambda t: t["dev_em"])
-        assert chosen == {k: v for k, v in best.items() if k != "dev_em"}
-    for student in ("small", "large"):
-        arms = summary["results"][student]
+        assert chosen[arm] == replicate.choose(grid[arm], tuple(k for k in grid[arm][0] if k != "dev_em"))
+    assert chosen["rate_matched"] == chosen["shuffled"] == chosen["contrast"]
+
+    # Both protocols, every arm, with EM against steps and the values' NLL; paper: dropout arms train longer.
+    paper, equal = summary["protocols"]["paper"], summary["protocols"]["equal_compute"]
+    assert paper["steps"]["contrast"] > paper["steps"]["plain"] == equal["steps"]["contrast"]
+    for p in (paper, equal):
+        arms = p["results"]["small"]
         assert set(arms) == {"base", *ARMS}
         for arm in ARMS:
             assert len(arms[arm]) == 2  # seeds (0, 1)
             for run in arms[arm]:
-                em = run[summary["primary"]]["all"]["exact_match"]
-                assert 0.0 <= em <= 1.0
-    # Two seeds of a dropout arm draw different dropout, so they train differently.
-    c0, c1 = summary["results"]["small"]["contrast"]
+                assert 0.0 <= run[summary["primary"]]["all"]["exact_match"] <= 1.0
+                assert run["value_nll"]["company"]["nll"] > 0
+                assert [pt["step"] for pt in run["train"]["curve"]][-1] == run["train"]["steps"]
+        assert set(p["comparisons"]["small"]) == set(ARMS) - {"contrast"}
+        assert {"cloze", "qa", "value_nll"} == set(p["comparisons"]["small"]["plain"])
+    assert paper["results"]["small"]["contrast"][0]["train"]["steps"] == paper["steps"]["contrast"]
+    # plain is one run under both protocols; two seeds of a dropout arm draw different dropout
+    assert paper["results"]["small"]["plain"][0]["train"] == equal["results"]["small"]["plain"][0]["train"]
+    c0, c1 = paper["results"]["small"]["contrast"]
     assert c0["train"]["final_loss"] != c1["train"]["final_loss"]
 
     report = (workdir / "replication.md").read_text()
-    assert report.startswith("# Clue dropout on the biography world")
-    assert "Protocol: every arm trains 4 steps of 8 biographies" in report
-    assert f"## {summary['primary']}: exact match, small student" in report
-    assert "## Dropout settings chosen on dev people" in report and "## Which tokens are clues" in report
-    assert "Measured: small student" in report and "large student" in report
-    assert (workdir / "em_vs_distance.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # The table is what the pipeline printed, once.
-    assert proc.stdout.count("# Clue dropout on the biography world") == 1
+    assert report.startswith("# Clue dropout on the biography world\n\n## Teacher gate\n\nTeacher gate ")
+    assert report.index("Teacher gate") < report.index("### cloze exact match, small student")
+    assert "## the paper's protocol" in report and "## equal compute" in report
+    assert "### EM (all attributes) against steps, small student" in report
+    assert "### NLL of the values in the intact biographies" in report
+    assert "- small: contrast - shuffled on the far attributes: cloze " in report
+    assert "## Settings chosen on dev people" in report and "## Which tokens are clues" in report
+    for png in ("em_vs_distance.png", "em_vs_steps.png"):
+        assert (workdir / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert proc.stdout.count("# Clue dropout on the biography world") == 1  # the report, printed once
 
 
 def test_grid_on_a_user_corpus_is_a_one_line_error(tmp_path):
@@ -79,39 +99,42 @@ def test_tiny_replication_on_a_user_corpus(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
     assert summary["primary"] == "qa" and not any(summary["grid"].values())
-    assert set(summary["results"]["small"]) == {"base", *ARMS}
-    assert "## qa: exact match, small student" in (tmp_path / "rep" / "replication.md").read_text()
-
-
-def _runs(far_em_per_seed):
-    """Synthetic evaluation results: every attribute of a run scores that seed's value."""
-    attrs = ("birth_date", "university", "major", "company")
-    return [{"cloze": {a: {"exact_match": v} for a in attrs + ("all",)}} for v in far_em_per_seed]
-
-
-def test_verdict_is_seed_paired_and_respects_the_spread():
-    summary = {
-        "primary": "cloze",
-        "distance_from_name": {"birth_date": 4, "university": 29, "major": 42, "company": 55},
-        "results": {"small": {
-            "base": _runs([0.0, 0.0, 0.0]),
-            "contrast": _runs([0.50, 0.30, 0.40]),
-            "plain": _runs([0.40, 0.20, 0.30]),  # behind contrast by exactly 0.1 on every seed
-            "attention": _runs([0.60, 0.20, 0.42]),  # differences -0.1, +0.1, -0.02: inside their spread
-        }},
-    }
-    text = replicate.verdict(summary)
-    assert "contrast 0.400" in text
-    assert "vs plain (0.300): +0.100 ± 0.000, contrast ahead (beyond the seed spread)" in text
-    assert "vs attention (0.407): -0.007 ± 0.101, no clear difference (within the seed spread)" in text
-    one_seed = {**summary, "results": {"small": {k: v[:1] for k, v in summary["results"]["small"].items()}}}
-    assert "contrast behind (one seed)" in replicate.verdict(one_seed)
+    assert summary["chosen"]["small"]["contrast"] == {"alpha": 0.6, "beta": 0.01}
+    assert set(summary["protocols"]["paper"]["results"]["small"]) == {"base", *ARMS}
+    assert summary["teacher_gate"]["far_clue"]["passed"] is None  # a corpus has no known names
+    assert "### qa exact match, small student" in (tmp_path / "rep" / "replication.md").read_text()
 
 
 def test_protocol_note_counts_views_over_the_test_people_only():
+    from clue_jax.pipelines.replicate_report import protocol_note
     from configs.replicate_bios import get_config
 
     config = get_config()
-    test_people = config.world.num_new - config.data.num_dev
-    expected = config.cpt.steps * config.cpt.batch_size / test_people
-    assert f"about {expected:.0f} times" in replicate.protocol_note(config)
+    note = protocol_note(config, "paper", {"plain": 44, "contrast": 482}, 70)
+    assert "plain trains 44 steps of 16 (10 views of each of the 70 documents)" in note
+    assert "a dropout arm trains 482 steps" in note and "intact about 10.0 times" in note
+
+
+def test_protocol_step_counts():
+    from clue_jax.pipelines.protocol import arm_settings, protocol_steps
+    from configs.replicate_bios import get_config
+
+    # the paper: 10 epochs over 70 documents; a dropout arm's data is 1 original + 10 copies of each
+    assert protocol_steps("paper", "plain", 70, 10, 16, 10) == 44  # ceil(700 / 16)
+    assert protocol_steps("paper", "contrast", 70, 10, 16, 10) == 482  # ceil(7700 / 16): 11x the rows
+    assert protocol_steps("equal_compute", "contrast", 70, 10, 16, 10) == 44
+    config = get_config()
+    s = arm_settings(config, "paper", "contrast", 70)
+    assert config.protocol.epochs == 20  # within the paper's 10-30
+    assert s["mode"] == "fixed_copies" and s["train"]["steps"] == 963  # ceil(20 * 770 / 16)
+    assert s["train"]["warmup_steps"] == 96 and s["train"]["eval_every"] == 241  # 10% warm-up, 4 curve points
+    eq = arm_settings(config, "equal_compute", "shuffled", 70)
+    assert eq["mode"] == "cached" and eq["train"]["steps"] == 88
+    assert arm_settings(config, "equal_compute", "plain", 70) == arm_settings(config, "paper", "plain", 70)
+
+
+def test_setting_rule_prefers_higher_em_then_the_milder_point():
+    trials = [{"alpha": 0.6, "beta": 0.03, "dev_em": 0.5}, {"alpha": 0.7, "beta": 0.005, "dev_em": 0.5},
+              {"alpha": 0.6, "beta": 0.05, "dev_em": 0.5}, {"alpha": 0.7, "beta": 0.05, "dev_em": 0.4}]
+    assert replicate.choose(trials, ("alpha", "beta")) == {"alpha": 0.6, "beta": 0.03}
+    assert replicate.choose(trials[3:], ("alpha", "beta")) == {"alpha": 0.7, "beta": 0.05}

@@ -83,7 +83,7 @@ def test_every_shipped_config_passes(path, variant):
     ("eval.primary", "em", "--config.eval.primary='em': must be one of cloze, qa"),
     ("cpt.lr", 0.0, "--config.cpt.lr=0.0: must be a number > 0"),
     ("clues.arms", ("plain,contrast",), "--config.clues.arms=('plain,contrast',): item 'plain,contrast' must be "
-     "one of plain, random, attention, contrast; a tuple is written --config.clues.arms=\"('plain','contrast')\""),
+     "one of plain, random, attention, contrast, rate_matched, shuffled; a tuple is written --config.clues.arms=\"('plain','contrast')\""),
 ])
 def test_bad_value_is_one_line_naming_key_value_and_allowed(key, value, expected):
     config = _config()
@@ -244,12 +244,17 @@ def test_replication_report_is_headed_with_the_users_files():
     run, data = _corpus_summary()
     config = _config("replicate_bios")
     config.grid.enabled = False
-    summary = {"primary": "qa", "chosen": {}, "grid": {}, "results": {"small": {"base": [run], "contrast": [run],
-               "plain": [run]}}, "distance_from_name": {}, "clue_analysis": {}, "data": data}
+    run = {**run, "per_person": {"qa": {"all": [1.0, 0.0]}}}  # a QA file without attributes
+    results = {"small": {"base": [run], "contrast": [run], "plain": [run]}}
+    gate = replicate.gate.teacher_gate({"all": 0.1, "company": 0.1}, {"all": 0.5, "company": 0.5}, [], [])
+    summary = {"primary": "qa", "chosen": {}, "grid": {}, "distance_from_name": {}, "clue_analysis": {}, "data": data,
+               "teacher_gate": gate, "protocols": {"paper": {"steps": {"plain": 1, "contrast": 11}, "results": results,
+                                                            "comparisons": replicate.comparisons(results, config)}}}
     text = replicate.render_report(summary, config)
     assert text.startswith("# Clue dropout on your documents (corpus.jsonl, 2 documents)")
     assert "questions: 0-shot" in text and "dev people" not in text and "biograph" not in text
-    assert "contrast 0.500" in text  # the verdict falls back to 'all' when the QA file has no far attributes
+    # the comparison falls back to 'all' when the QA file has no far attributes
+    assert "- small: contrast - plain on the far attributes: qa +0.000" in text
 
 
 @pytest.mark.slow

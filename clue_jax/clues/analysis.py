@@ -48,13 +48,19 @@ def _top_k(values: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarr
     return idx, val
 
 
-def _share(idx: np.ndarray, name_mask: np.ndarray) -> float:
-    shares = []
+def _shares(idx: np.ndarray, name_mask: np.ndarray) -> np.ndarray:
+    """Per example: share of name tokens among the chosen indices (NaN where none was chosen)."""
+    out = np.full(idx.shape[0], np.nan)
     for e in range(idx.shape[0]):
         chosen = idx[e][idx[e] >= 0]
         if chosen.size:
-            shares.append(float(name_mask[e, chosen].mean()))
-    return float(np.mean(shares)) if shares else float("nan")
+            out[e] = float(name_mask[e, chosen].mean())
+    return out
+
+
+def _share(idx: np.ndarray, name_mask: np.ndarray) -> float:
+    shares = _shares(idx, name_mask)
+    return float(np.nanmean(shares)) if np.isfinite(shares).any() else float("nan")
 
 
 def name_share_in_top_contrast(d, attention_mask, name_token_mask, k: int = 10) -> float:
@@ -66,8 +72,8 @@ def name_share_in_top_contrast(d, attention_mask, name_token_mask, k: int = 10) 
     return _share(idx, names)
 
 
-def name_share_by_chance(attention_mask, name_token_mask, query_index=None) -> float:
-    """Expected share for a random choice: mean over examples of name tokens / candidate tokens.
+def chance_per_example(attention_mask, name_token_mask, query_index=None) -> np.ndarray:
+    """Per example: name tokens / candidate tokens (NaN without candidates), the share a random choice expects.
 
     Candidates are the real tokens, or with `query_index` the real tokens before it
     (as in `top_tokens_from_query`).
@@ -77,8 +83,15 @@ def name_share_by_chance(attention_mask, name_token_mask, query_index=None) -> f
     if query_index is not None:
         mask = mask & (np.arange(mask.shape[1])[None, :] < np.asarray(query_index).reshape(-1, 1))
     n = mask.sum(-1)
-    keep = n > 0
-    return float(np.mean((names & mask).sum(-1)[keep] / n[keep])) if keep.any() else float("nan")
+    out = np.full(len(n), np.nan)
+    out[n > 0] = (names & mask).sum(-1)[n > 0] / n[n > 0]
+    return out
+
+
+def name_share_by_chance(attention_mask, name_token_mask, query_index=None) -> float:
+    """Mean over examples of `chance_per_example`."""
+    chance = chance_per_example(attention_mask, name_token_mask, query_index)
+    return float(np.nanmean(chance)) if np.isfinite(chance).any() else float("nan")
 
 
 def top_tokens_from_query(row_large, row_small, attention_mask, query_index, k: int = 10,
@@ -93,7 +106,7 @@ def top_tokens_from_query(row_large, row_small, attention_mask, query_index, k: 
     Returns dict(indices [B, k] int, -1 where fewer candidates; values [B, k]
     d_row at those keys, NaN where none; name_share: mean over examples of
     the share of name tokens among the chosen keys, or None without
-    `name_token_mask`).
+    `name_token_mask`; shares: that share per example, NaN where no key).
     """
     large = _as_2d("row_large", row_large)
     small = _as_2d("row_small", row_small, large.shape)
@@ -106,7 +119,8 @@ def top_tokens_from_query(row_large, row_small, attention_mask, query_index, k: 
     if exclude_mask is not None:
         candidates &= ~_as_2d("exclude_mask", exclude_mask, large.shape).astype(bool)
     idx, val = _top_k(large - small, candidates, k)
-    share = None
+    share, shares = None, None
     if name_token_mask is not None:
-        share = _share(idx, _as_2d("name_token_mask", name_token_mask, large.shape).astype(bool))
-    return {"indices": idx, "values": val, "name_share": share}
+        shares = _shares(idx, _as_2d("name_token_mask", name_token_mask, large.shape).astype(bool))
+        share = float(np.nanmean(shares)) if np.isfinite(shares).any() else float("nan")
+    return {"indices": idx, "values": val, "name_share": share, "shares": shares}

@@ -12,7 +12,14 @@ way for mixup) with no host round trip:
 
 The baselines are the same code path with another score: "attention" ranks
 by s_large alone, "random" drops every token with probability alpha, "plain"
-keeps everything. Choices where the paper is silent (all in DropoutConfig or
+keeps everything. Two controls isolate what the contrast adds:
+- "rate_matched": every droppable token of a document is dropped with one
+  probability q, chosen so that the expected number of dropped tokens equals
+  contrast's sum of p(r) over that document (the same deletion budget, no
+  ranking);
+- "shuffled": contrast's p(r), but each document is ranked by the contrast
+  of another document of the batch (rolled by one row), read at its own
+  positions: the same drop profile, the ranking detached from the text. Choices where the paper is silent (all in DropoutConfig or
 documented here):
 - Ranks are over all real tokens, protected ones included (the paper ranks
   "the tokens"); protection only overrides the keep probability.
@@ -33,14 +40,15 @@ import jax.numpy as jnp
 
 from clue_jax.errors import UserInputError
 
-METHODS = ("plain", "random", "attention", "contrast")
+METHODS = ("plain", "random", "attention", "contrast", "rate_matched", "shuffled")
+CONTRAST_METHODS = ("contrast", "rate_matched", "shuffled")  # rank by d = s_large - s_small
 
 
 @dataclasses.dataclass(frozen=True)
 class DropoutConfig:
     """Settings of clue dropout; hashable, so it can be a static jit argument.
 
-    method: "plain" | "random" | "attention" | "contrast".
+    method: one of METHODS ("rate_matched" and "shuffled" take alpha, beta as contrast does).
     alpha, beta: p(r) = alpha * (1 - exp(-beta * r)); published alpha in
       {0.6, 0.7}, beta in {0.005, 0.01, 0.03, 0.05}. "random" drops with alpha.
     original_fraction: share of examples left un-dropped (per example, random).
@@ -118,7 +126,9 @@ def keep_probabilities(scores, attention_mask, protected_mask, alpha, beta, meth
     """float32 [B, T] keep probability; 1 at protected tokens and padding.
 
     `scores` is what the method ranks by (s_large for "attention", d for
-    "contrast"); "plain" and "random" ignore it (it may be None).
+    "contrast", "rate_matched" and "shuffled"; "shuffled" expects d already
+    taken from other rows, see `ranking_scores`); "plain" and "random" ignore
+    it (it may be None).
     """
     if method not in METHODS:
         raise UserInputError(f"dropout.method={method!r} is not one of {METHODS}")
@@ -129,7 +139,12 @@ def keep_probabilities(scores, attention_mask, protected_mask, alpha, beta, meth
         keep = jnp.full(shape, 1.0, jnp.float32) - jnp.asarray(alpha, jnp.float32)
     else:
         keep = 1.0 - drop_probability(descending_rank(scores, attention_mask), alpha, beta)
-    return jnp.where(protected_mask | (attention_mask <= 0), 1.0, keep).astype(jnp.float32)
+    free = ~protected_mask & (attention_mask > 0)
+    if method == "rate_matched":  # contrast's expected drops per document, spread evenly over its free tokens
+        expected = jnp.sum(jnp.where(free, 1.0 - keep, 0.0), axis=-1, keepdims=True)
+        rate = expected / jnp.maximum(jnp.sum(free, axis=-1, keepdims=True), 1)
+        keep = jnp.broadcast_to(1.0 - rate, shape)
+    return jnp.where(free, keep, 1.0).astype(jnp.float32)
 
 
 def _compact(kept: jax.Array, arrays: dict, fills: dict) -> dict:
@@ -155,7 +170,12 @@ def drop_tokens(rng, input_ids, attention_mask, keep_prob, pad_id) -> tuple[jax.
     return out["ids"], out["mask"]
 
 
-def _ranking_scores(method: str, batch: dict):
+def ranking_scores(method: str, batch: dict):
+    """What `method` ranks by, from the batch's teacher scores (None for plain/random).
+
+    "shuffled" takes the contrast of the next row (the last takes the first's),
+    so every document is ranked by another one's d; it needs at least 2 rows.
+    """
     if method in ("plain", "random"):
         return None
     if "scores_large" not in batch:
@@ -163,8 +183,13 @@ def _ranking_scores(method: str, batch: dict):
     if method == "attention":
         return batch["scores_large"]
     if "scores_small" not in batch:
-        raise UserInputError("dropout.method='contrast' needs batch key 'scores_small' (small teacher scores)")
-    return contrast(batch["scores_large"], batch["scores_small"])
+        raise UserInputError(f"dropout.method={method!r} needs batch key 'scores_small' (small teacher scores)")
+    d = contrast(batch["scores_large"], batch["scores_small"])
+    if method == "shuffled":
+        if d.shape[0] < 2:
+            raise UserInputError("dropout.method='shuffled' needs at least 2 documents per batch (ranks come from another one)")
+        d = jnp.roll(d, -1, axis=0)
+    return d
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -172,7 +197,7 @@ def augment_batch(rng, batch: dict, scores, cfg: DropoutConfig) -> dict:
     """Clue dropout on a batch dict (input_ids, attention_mask, optional scores_large/scores_small).
 
     `scores` is the ranking score if given; if None it comes from the batch
-    (s_large for "attention", s_large - s_small for "contrast"). A share
+    (`ranking_scores`). A share
     `original_fraction` of examples is left as is. Every [B, T] entry of the
     batch (scores and labels included) is compacted with the same deletions,
     so per-token values stay with their token; other entries pass through.
@@ -181,7 +206,7 @@ def augment_batch(rng, batch: dict, scores, cfg: DropoutConfig) -> dict:
         return dict(batch)
     ids, mask = batch["input_ids"], batch["attention_mask"]
     if scores is None:
-        scores = _ranking_scores(cfg.method, batch)
+        scores = ranking_scores(cfg.method, batch)
     protected = protected_mask(ids, mask, jnp.asarray(cfg.protected_ids, jnp.int32))
     keep = keep_probabilities(scores, mask, protected, cfg.alpha, cfg.beta, cfg.method)
     k_orig, k_drop = jax.random.split(rng)

@@ -23,12 +23,13 @@ def make_mesh(config):
 
 def train_model(stage_dir: str, model: nnx.Module, model_cfg: ModelConfig, data, train_cfg, mesh, *,
                 objective=objectives.causal_lm, transform=None, extras=None, stage: str = "train",
-                extra_meta=None, trainable=nnx.Param, export=None) -> dict:
+                extra_meta=None, trainable=nnx.Param, export=None, eval_fn=None) -> dict:
     """Trains in `stage_dir` (resuming from its checkpoints), saves the final weights
     to `stage_dir/model`, and returns the stage's JSON result.
 
     trainable: what the optimizer updates (nnx.LoRAParam for LoRA students);
-    export: model -> model applied before saving (e.g. merging LoRA adapters).
+    export: model -> model applied before saving (e.g. merging LoRA adapters);
+    eval_fn: (model, step) -> scalars, run every train_cfg.eval_every steps (learning curves).
     """
     t0 = time.time()
     meta = {"model": model_cfg.to_dict(), **(extra_meta or {})}
@@ -37,7 +38,7 @@ def train_model(stage_dir: str, model: nnx.Module, model_cfg: ModelConfig, data,
     trainer = loop.Trainer(model, objective, train_cfg, mesh, stage_dir, transform=transform, meta=meta,
                            stage=stage, trainable=trainable, extras=extras, extras_shardings=extras_shardings,
                            log_dir=run_dir)
-    result = trainer.run(data)
+    result = trainer.run(data, eval_fn)
     if result.status != "done":
         log.warning("%s preempted at step %d; rerun the same command to resume", stage, result.step)
         raise SystemExit(0)

@@ -30,10 +30,10 @@ from clue_jax.data import bios, corpus, lm_data
 from clue_jax.data.batching import ArrayBatchSource, ConcatBatchSource
 from clue_jax.data.tokenizer import load_tokenizer, protected_token_ids, require_same_tokenizer, train_bpe_tokenizer
 from clue_jax.errors import UserInputError
-from clue_jax.eval import qa_eval
+from clue_jax.eval import qa_eval, value_nll
 from clue_jax.models import factory, lora
 from clue_jax.models.config import ModelConfig
-from clue_jax.pipelines import common, validate
+from clue_jax.pipelines import common, protocol, validate
 from clue_jax.pipelines.stages import Stages, fingerprint
 from clue_jax.pipelines.validate import ARMS, MODES  # noqa: F401  (kept importable from here)
 from clue_jax.train import logging_utils
@@ -192,12 +192,21 @@ def pretrain_stage(config, size, world_dir, tokenizer, mesh, stage_dir):
     texts = pretraining_texts(load_people(world_dir, "background"), config.data.bios_per_person,
                               config.seed, config.data.pretrain_qa)
     data = lm_data.pack_documents(tokenizer, texts, config.pretrain.seq_len)
-    train_cfg = config.pretrain
+    train_cfg = pretrain_config(config, size)
     model = factory.create(cfg, config.seed, mesh)
     source = ArrayBatchSource(data, train_cfg.batch_size, seed=train_cfg.seed)
     result = common.train_model(stage_dir, model, cfg, source, train_cfg, mesh, stage=f"pretrain_{size}")
     result["tokens_per_epoch"] = int(data["attention_mask"].sum())
     return result
+
+
+def pretrain_config(config, size: str):
+    """config.pretrain, with the base model's own steps from pretrain_steps (the teacher pair's gap) if given."""
+    train_cfg = config.pretrain.copy_and_resolve_references()
+    steps = config.get("pretrain_steps", {}).get(size)
+    if steps:
+        train_cfg.steps = int(steps)
+    return train_cfg
 
 
 def scores_stage(config, docs_data, teachers, mesh, stage_dir):
@@ -248,22 +257,26 @@ def live_transform(teachers: dict, drop_cfg: dropout.DropoutConfig, query_block:
     return transform, states
 
 
-def cpt_stage(ctx, student: str, arm: str, seed: int, knowledge_name: str, drop: dict, stage_dir: str):
+def cpt_stage(ctx, student: str, arm: str, seed: int, knowledge_name: str, drop: dict, stage_dir: str,
+              train: dict | None = None, mode: str | None = None):
+    """train: overrides of cpt (steps, warmup_steps, eval_every: the replication's protocols); mode: of clues.mode.
+    With train["eval_every"], the cloze EM of the documents' people is measured every that many steps
+    (the learning curve, in the stage's result)."""
     config, mesh, tokenizer = ctx.config, ctx.mesh, ctx.tokenizer
     model, cfg = factory.load_params(ctx.bases[student]["model_dir"], mesh)
     data = dict(ctx.docs_data[knowledge_name])
-    mode = config.clues.mode
+    mode = mode or config.clues.mode
     drop_cfg = dropout_config(config, arm, tokenizer, **drop)
-    needs_scores = arm in ("attention", "contrast")
+    needs_scores = arm in ("attention",) + dropout.CONTRAST_METHODS
     if needs_scores and mode in ("cached", "fixed_copies"):
         scores = np.load(ctx.scores[knowledge_name]["path"])
         data["scores_large"], data["scores_small"] = scores["large"], scores["small"]
     train_cfg = config.cpt.copy_and_resolve_references()
+    train_cfg.update(train or {})
     train_cfg.seed = seed
     transform, extras = None, None
     if arm != "plain" and mode == "fixed_copies":  # the paper's offline K copies + originals
-        ranking = dropout.contrast(data["scores_large"], data["scores_small"]) if arm == "contrast" else (
-            data["scores_large"] if arm == "attention" else None)
+        ranking = dropout.ranking_scores(arm, data)  # "shuffled": another document's d, over the whole set
         ids, mask = dropout.fixed_copies(jax.random.key(seed), data["input_ids"], data["attention_mask"],
                                          ranking, drop_cfg, int(config.clues.copies))
         data = {"input_ids": np.asarray(ids), "attention_mask": np.asarray(mask)}
@@ -281,10 +294,38 @@ def cpt_stage(ctx, student: str, arm: str, seed: int, knowledge_name: str, drop:
     use_lora = config.lora.rank > 0
     if use_lora:  # the paper's students: LoRA on all projections, base frozen, merged on export
         lora.apply_lora(model, config.lora.rank, config.lora.alpha, tuple(config.lora.targets), rngs=nnx.Rngs(seed))
-    return common.train_model(
+    curve_fn = curve_recorder(ctx, knowledge_name, stage_dir, lora.merge_lora if use_lora else None) if (
+        train and train.get("eval_every")) else None
+    result = common.train_model(
         stage_dir, model, cfg, source, train_cfg, mesh, transform=transform, extras=extras,
         stage=os.path.basename(stage_dir), extra_meta={"arm": arm, "lora": config.lora.to_dict()},
-        trainable=lora.trainable_filter(use_lora), export=lora.merge_lora if use_lora else None)
+        trainable=lora.trainable_filter(use_lora), export=lora.merge_lora if use_lora else None, eval_fn=curve_fn)
+    if curve_fn is not None:
+        result["curve"] = read_jsonl(os.path.join(stage_dir, "curve.jsonl"))
+    return result
+
+
+def curve_recorder(ctx, knowledge_name: str, stage_dir: str, export=None):
+    """eval_fn for the trainer: cloze EM per attribute at a step, appended to stage_dir/curve.jsonl.
+
+    The file outlives a preemption, so a resumed stage keeps the points measured before it stopped.
+    """
+    path = os.path.join(stage_dir, "curve.jsonl")
+    probes = ctx.knowledge[knowledge_name].cloze or ctx.knowledge[knowledge_name].probes
+
+    def record(model, step):
+        model = export(model) if export is not None else model
+        recs = qa_eval.run_probes(model, ctx.tokenizer, probes, batch_size=ctx.config.eval.batch_size,
+                                  max_new_tokens=ctx.config.eval.max_new_tokens,
+                                  cut_at_period=bool(ctx.knowledge[knowledge_name].cloze))
+        table = qa_eval.per_attribute(recs)
+        point = {"step": int(step), **{a: v["exact_match"] for a, v in table.items()}}
+        if jax.process_index() == 0:
+            with open(path, "a") as f:
+                f.write(json.dumps(point) + "\n")
+        return {f"em_{a}": v for a, v in point.items() if a != "step"}
+
+    return record
 
 
 def with_replay(ctx, data: dict, train_cfg, replay_rows: int, seed: int, transform):
@@ -319,13 +360,29 @@ def eval_stage(ctx, model_dir, knowledge: Knowledge, stage_dir):
     e = config.eval
     qa = qa_eval.run_probes(model, ctx.tokenizer, knowledge.probes, ctx.shots, k=e.k_shot if ctx.shots else 0,
                             seed=config.seed, batch_size=e.batch_size, max_new_tokens=e.max_new_tokens)
-    result = {"qa": qa_eval.per_attribute(qa)}
+    result = {"qa": qa_eval.per_attribute(qa), "per_person": {"qa": per_person(qa)}}
     if knowledge.cloze and e.cloze:
         cl = qa_eval.run_probes(model, ctx.tokenizer, knowledge.cloze, batch_size=e.batch_size,
                                 max_new_tokens=e.max_new_tokens, cut_at_period=True)
         result["cloze"] = qa_eval.per_attribute(cl)
+        result["per_person"]["cloze"] = per_person(cl)
+    if knowledge.people is not None:  # the values' NLL in the intact biographies (teacher forcing)
+        spans = [{a: s for a, s in bios.attribute_spans(t, p).items() if a in bios.PAPER_ATTRIBUTES}
+                 for t, p in zip(knowledge.docs, knowledge.people)]
+        nll = value_nll.per_attribute(model, ctx.tokenizer, knowledge.docs, spans, config.cpt.seq_len,
+                                      batch_size=e.batch_size)
+        result["value_nll"] = nll["table"]
+        result["per_person"]["value_nll"] = nll["per_person"]
     write_jsonl(os.path.join(stage_dir, "predictions.jsonl"), qa)
     return result
+
+
+def per_person(records: list[dict]) -> dict[str, list[float]]:
+    """EM per attribute in probe order (people in the split's order), for paired bootstraps across runs."""
+    out: dict[str, list[float]] = {}
+    for r in records:
+        out.setdefault(r["attribute"], []).append(r["exact_match"])
+    return out
 
 
 # ------------------------------------------------------------------ context
@@ -394,7 +451,7 @@ def prepare(config, workdir: str, need_scores: bool, sizes: tuple[str, ...] = ("
             bases[size] = {"model_dir": path, "_fingerprint": path_fingerprint(path)}
             continue
         inputs = {"tokenizer": tok_res["_fingerprint"], "model": config.models[size].to_dict(),
-                  "train": config.pretrain.to_dict(), "seed": config.seed,
+                  "train": pretrain_config(config, size).to_dict(), "seed": config.seed,
                   "data": [config.data.bios_per_person, config.data.pretrain_qa]}
         bases[size] = stages.run(f"pretrain_{size}", inputs,
                                  lambda d, s=size: pretrain_stage(config, s, world_dir, tokenizer, mesh, d))
@@ -412,16 +469,24 @@ def prepare(config, workdir: str, need_scores: bool, sizes: tuple[str, ...] = ("
 
 
 def train_and_evaluate(ctx: Context, student: str, arm: str, seed: int, split: str = "test",
-                       drop: dict | None = None, tag: str = "") -> dict:
-    """One arm: continual pre-training of `student` on `split`'s documents, then its QA/cloze tables."""
+                       drop: dict | None = None, tag: str = "", train: dict | None = None,
+                       mode: str | None = None) -> dict:
+    """One arm: continual pre-training of `student` on `split`'s documents, then its QA/cloze tables.
+
+    train/mode: overrides of cpt and clues.mode (see cpt_stage). Plain's stage does not depend on the
+    dropout settings, so every protocol and grid point with the same steps shares one plain run.
+    """
     config = ctx.config
     drop = drop or {}
     name = f"{student}_{arm}{tag}_s{seed}" + ("" if split == "test" else f"_{split}")
+    dropping = arm != "plain"
     inputs = {"base": ctx.bases[student]["_fingerprint"], "scores": ctx.scores.get(split, {}).get("_fingerprint"),
-              "arm": arm, "seed": seed, "train": config.cpt.to_dict(), "clues": config.clues.to_dict(),
+              "arm": arm, "seed": seed, "train": {**config.cpt.to_dict(), **(train or {})},
+              "clues": config.clues.to_dict() if dropping else None, "mode": mode if dropping else None,
               "drop": drop, "lora": config.lora.to_dict(), "docs": array_fingerprint(ctx.docs_data[split]),
               "replay": config.data.cpt_replay_rows}
-    stage = ctx.stages.run(f"cpt_{name}", inputs, lambda d: cpt_stage(ctx, student, arm, seed, split, drop, d))
+    stage = ctx.stages.run(f"cpt_{name}", inputs,
+                           lambda d: cpt_stage(ctx, student, arm, seed, split, drop, d, train, mode))
     result = evaluate(ctx, name, stage, split)
     result["train"] = _public(stage)
     return result
@@ -478,11 +543,13 @@ def clue_analysis(ctx: Context, split: str = "test", far_attribute: str = "compa
     bos = (ids == ctx.tokenizer.bos_token_id).astype(np.int32)
     far = analysis.top_tokens_from_query(rows["large"], rows["small"], mask, query, k=10,
                                          name_token_mask=name_mask, exclude_mask=bos)
+    chance = analysis.chance_per_example(mask * (1 - bos), name_mask, query)
     return {
         "name_share_top10_contrast": analysis.name_share_in_top_contrast(d, mask, name_mask, k=10),
         "name_share_chance": analysis.name_share_by_chance(mask, name_mask),
         f"name_share_top10_from_{far_attribute}": far["name_share"],
-        f"name_share_chance_from_{far_attribute}": analysis.name_share_by_chance(mask * (1 - bos), name_mask, query),
+        f"name_share_chance_from_{far_attribute}": float(np.nanmean(chance)),
+        "per_document": {"shares": far["shares"].tolist(), "chance": chance.tolist()},
     }
 
 
@@ -512,23 +579,45 @@ def render_clue_examples(ctx: Context, n: int, split: str = "test") -> list[str]
 # ------------------------------------------------------------------ pipeline
 def run(config, workdir: str) -> dict:
     arms = list(config.clues.arms)
-    ctx = prepare(config, workdir, need_scores=any(a in ("attention", "contrast") for a in arms)
+    ctx = prepare(config, workdir, need_scores=any(a in ("attention",) + dropout.CONTRAST_METHODS for a in arms)
                   or config.clues.render_examples > 0, sizes=("small",))
     summary = {"models": {}, "stages": {}, "data": data_description(ctx)}
     summary["models"]["base_small"] = evaluate(ctx, "base_small", ctx.bases["small"])
+    chosen = config.clues.get("chosen", {})
     for seed in config.seeds:
         for arm in arms:
-            summary["models"][f"{arm}_s{seed}"] = train_and_evaluate(ctx, "small", arm, seed)
+            drop = dict(chosen.get(arm, {}))
+            if "protocol" in config:  # each arm's steps by the protocol (paper: dropout arms K + 1 times plain's)
+                settings = protocol.arm_settings(config, config.protocol.names[0], arm, len(ctx.knowledge["test"].docs))
+                summary["models"][f"{arm}_s{seed}"] = train_and_evaluate(ctx, "small", arm, seed, drop=drop,
+                                                                         **settings)
+            else:
+                summary["models"][f"{arm}_s{seed}"] = train_and_evaluate(ctx, "small", arm, seed, drop=drop)
     summary["distance_from_name"] = name_distances(ctx)
     summary["clue_views"] = render_clue_examples(ctx, config.clues.render_examples)
     summary["stages_reused"] = ctx.stages.reused
     summary["stages_ran"] = ctx.stages.ran
     summary["stages"] = stage_records(ctx.stages)
     common.write_json(os.path.join(workdir, "summary.json"), summary)
-    logging_utils.write_eval_scalars(workdir, summary["models"])
+    logging_utils.write_eval_scalars(workdir, {name: {k: v for k, v in res.items() if k != "per_person"}
+                                               for name, res in summary["models"].items()})
     if jax.process_index() == 0:
         print(render_table(summary, arms, list(config.seeds)))
+        print(measured_sentence(summary, arms, list(config.seeds)))
     return summary
+
+
+def measured_sentence(summary: dict, arms: list[str], seeds: list[int], far=("university", "major", "company")) -> str:
+    """One sentence of what the run measured: each arm's mean EM on the far attributes, and its training steps."""
+    probe = "cloze" if "cloze" in summary["models"]["base_small"] else "qa"
+    parts = []
+    for arm in arms:
+        runs = [summary["models"][f"{arm}_s{s}"] for s in seeds]
+        attrs = [a for a in far if a in runs[0][probe]] or ["all"]
+        em = np.mean([r[probe][a]["exact_match"] for r in runs for a in attrs])
+        parts.append(f"{arm} {em:.2f} ({runs[0]['train']['steps']} steps)")
+    return (f"Measured: mean {probe} exact match on the far attributes ({', '.join(attrs)}) of the new people, "
+            f"{len(seeds)} seed(s): " + ", ".join(parts) + ".")
 
 
 def stage_records(stages) -> dict[str, dict]:
@@ -547,6 +636,19 @@ def name_distances(ctx: Context, split: str = "test") -> dict[str, float]:
         return {}
     rows = [(text, len(p.name), bios.attribute_spans(text, p)) for text, p in zip(knowledge.docs, knowledge.people)]
     return qa_eval.token_distances(ctx.tokenizer, rows)
+
+
+def token_lengths(ctx: Context, split: str = "test") -> dict[str, float]:
+    """Mean length in tokens of the name and of each attribute value, as written inside the biographies."""
+    knowledge = ctx.knowledge[split]
+    if knowledge.people is None:
+        return {}
+    lengths: dict[str, list[int]] = {}
+    for text, person in zip(knowledge.docs, knowledge.people):
+        spans = {"name": (0, len(person.name)), **bios.attribute_spans(text, person)}
+        for attr, span in spans.items():
+            lengths.setdefault(attr, []).append(len(value_nll.value_positions(ctx.tokenizer, text, span)))
+    return {a: float(np.mean(v)) for a, v in lengths.items()}
 
 
 def data_description(ctx: Context) -> dict:

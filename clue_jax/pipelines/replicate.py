@@ -1,11 +1,20 @@
-"""Replication of the clue-dropout paper's Table 2 on the biography world.
+"""Replication of the clue-dropout paper's Table 2 on the biography world, under two protocols.
 
-The four arms (plain, random, attention, contrast) train a small and a large
-student (each from its own base model; the contrast always comes from the
-large - small teacher pair) with several seeds. alpha/beta are chosen per
-method on held-out dev people with the small student, then fixed for the
-test people. Writes replication.md (mean ± std EM/F1 per attribute, the grid,
-the clue analysis) and em_vs_distance.png.
+Order of the run (every step a cached stage, so a long run resumes):
+1. teacher gate (clues/gate.py): both teachers' EM on background people and
+   the name's share among the keys the large teacher favours from the far
+   query, with a bootstrap interval against chance; printed first.
+2. grid on dev people, per student and method (settings.py's rule): plain,
+   random over alphas, attention / contrast over alphas x betas, in the
+   grid's protocol; rate_matched and shuffled take contrast's choice.
+3. test people, each protocol (`protocol_steps`):
+   paper (equal epochs over 1 original + K fixed copies: a dropout arm trains
+   K + 1 times plain's steps) and equal_compute (plain's steps for every arm,
+   dropout drawn fresh); see protocol.py.
+   Cloze EM is measured at protocol.curve_points checkpoints of every run (EM
+   against steps); EM, QA and the values' NLL at the end; contrast against
+   every other arm with a paired bootstrap over people x seeds.
+Writes summary.json, replication.md, em_vs_distance.png and em_vs_steps.png.
 """
 from __future__ import annotations
 
@@ -15,184 +24,178 @@ import os
 import jax
 import numpy as np
 
-from clue_jax.eval.seeds import direction
+from clue_jax.clues import dropout, gate
+from clue_jax.eval import bootstrap
 from clue_jax.pipelines import common, knowledge, validate
+from clue_jax.pipelines.protocol import arm_settings, protocol_mode, protocol_steps
+from clue_jax.pipelines.replicate_report import plot_curves, plot_em_vs_distance, render_report
 from clue_jax.train import logging_utils
 
 DROP_ARMS = {"random": ("alpha",), "attention": ("alpha", "beta"), "contrast": ("alpha", "beta")}
+FOLLOW_CONTRAST = ("rate_matched", "shuffled")  # controls: contrast's alpha, beta
+FAR = ("university", "major", "company")
 
 
-def grid_search(ctx, arm: str) -> tuple[dict, list[dict]]:
-    """Best (alpha, beta) for `arm` by dev-people QA exact match (all attributes)."""
-    grid = ctx.config.grid
-    names = DROP_ARMS[arm]
-    values = [tuple(grid.alphas)] + ([tuple(grid.betas)] if "beta" in names else [])
-    trials = []
-    for combo in itertools.product(*values):
-        drop = dict(zip(names, combo))
-        tag = "_" + "_".join(f"{k}{v}" for k, v in drop.items())
-        res = knowledge.train_and_evaluate(ctx, "small", arm, ctx.config.grid.seed, split="dev", drop=drop, tag=tag)
-        trials.append({**drop, "dev_em": res[ctx.config.eval.primary]["all"]["exact_match"]})
-    best = max(trials, key=lambda t: t["dev_em"])
-    return {k: best[k] for k in names}, trials
+def run_arm(ctx, student, arm, seed, protocol, split="test", drop=None, tag="", curve=True) -> dict:
+    settings = arm_settings(ctx.config, protocol, arm, len(ctx.knowledge[split].docs), curve=curve)
+    suffix = "" if protocol == "paper" or arm == "plain" else "_eq"  # plain: one run for both protocols
+    return knowledge.train_and_evaluate(ctx, student, arm, seed, split=split, drop=drop, tag=tag + suffix,
+                                        **settings)
+
+
+def choose(trials: list[dict], names: tuple[str, ...]) -> dict:
+    """The rule (configs/replicate_bios.py): highest dev EM; a tie goes to the milder setting (smaller alpha,
+    then smaller beta)."""
+    best = max(trials, key=lambda t: (t["dev_em"], *(-t[k] for k in names)))
+    return {k: best[k] for k in names}
+
+
+def grid_search(ctx, student: str) -> tuple[dict, dict]:
+    """Per method: every grid point on dev people (one seed, the grid's protocol), and the chosen one."""
+    c = ctx.config
+    primary = c.eval.primary
+    em = lambda res: res[primary]["all"]["exact_match"]
+    plain = run_arm(ctx, student, "plain", c.grid.seed, c.grid.protocol, split="dev", curve=False)
+    trials = {"plain": [{"dev_em": em(plain)}]}
+    chosen = {}
+    for arm, names in DROP_ARMS.items():
+        if arm not in c.clues.arms and not (arm == "contrast" and set(FOLLOW_CONTRAST) & set(c.clues.arms)):
+            continue
+        values = [tuple(c.grid.alphas)] + ([tuple(c.grid.betas)] if "beta" in names else [])
+        trials[arm] = []
+        for combo in itertools.product(*values):
+            drop = dict(zip(names, combo))
+            tag = "_" + "_".join(f"{k}{v}" for k, v in drop.items())
+            res = run_arm(ctx, student, arm, c.grid.seed, c.grid.protocol, split="dev", drop=drop, tag=tag,
+                          curve=False)
+            trials[arm].append({**drop, "dev_em": em(res)})
+        chosen[arm] = choose(trials[arm], names)
+    for arm in FOLLOW_CONTRAST:
+        if arm in c.clues.arms:
+            chosen[arm] = dict(chosen["contrast"])
+    return chosen, trials
+
+
+def set_drop(config, arms) -> dict:
+    """Without a grid every arm takes clues.alpha / clues.beta (random: alpha)."""
+    out = {}
+    for arm in arms:
+        if arm in DROP_ARMS:
+            out[arm] = {k: float(config.clues[k]) for k in DROP_ARMS[arm]}
+        elif arm in FOLLOW_CONTRAST:
+            out[arm] = {"alpha": float(config.clues.alpha), "beta": float(config.clues.beta)}
+    return out
+
+
+def teacher_gate(ctx) -> dict:
+    """The gate's numbers: both teachers' gate.probe EM on background people, and the far-clue share."""
+    c = ctx.config
+    people = knowledge.load_people(ctx.world_dir, "background")[: int(c.gate.people)]
+    ctx.knowledge["background"] = knowledge.people_knowledge(people)
+    em = {}
+    for size in ("small", "large"):
+        res = knowledge.evaluate(ctx, f"teacher_{size}_background", ctx.bases[size], split="background")
+        em[size] = {a: v["exact_match"] for a, v in res[c.gate.probe].items()}
+    per_doc = knowledge.clue_analysis(ctx).get("per_document", {"shares": [], "chance": []})  # none on a corpus
+    params = {s: count_params(ctx.bases[s]["model_dir"], ctx.mesh) for s in ("small", "large")}
+    out = gate.teacher_gate(em["small"], em["large"], per_doc["shares"], per_doc["chance"], min_gap=float(c.gate.min_gap),
+                            n_boot=int(c.bootstrap.n_boot), params=params)
+    out["probe"] = c.gate.probe
+    return out
+
+
+def count_params(model_dir: str, mesh) -> int:
+    from flax import nnx
+
+    from clue_jax.models import factory
+
+    model, _ = factory.load_params(model_dir, mesh)
+    return int(sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))))
+
+
+def matrix(runs: list[dict], probe: str, attrs, lower_is_better: bool = False) -> np.ndarray:
+    """[seeds, people]: per person the mean over `attrs` (else every attribute there is) of EM (probe
+    "cloze"/"qa") or of minus NLL."""
+    rows = []
+    for r in runs:
+        table = r["per_person"][probe]
+        chosen = [a for a in attrs if a in table] or sorted(table)  # a user's QA file may name no attributes
+        per = np.mean([np.asarray(table[a], np.float64) for a in chosen], axis=0)
+        rows.append(-per if lower_is_better else per)
+    return np.stack(rows)
+
+
+def comparisons(results: dict, config) -> dict:
+    """Contrast - each other arm, paired bootstrap over people x seeds: far-attribute EM and value NLL."""
+    out = {}
+    n_boot = int(config.bootstrap.n_boot)
+    for student, arms in results.items():
+        if "contrast" not in arms:
+            continue
+        out[student] = {}
+        for arm, runs in arms.items():
+            if arm in ("contrast", "base"):
+                continue
+            entry = {}
+            for probe, lower in ((config.eval.primary, False), ("qa", False), ("value_nll", True)):
+                if probe not in runs[0]["per_person"]:
+                    continue
+                a = matrix(arms["contrast"], probe, FAR, lower)
+                b = matrix(runs, probe, FAR, lower)
+                entry[probe] = bootstrap.paired_difference(a, b, n_boot=n_boot)
+            out[student][arm] = entry
+    return out
 
 
 def run(config, workdir: str) -> dict:
     validate.check_config(config)  # incl. the grid's need for dev people, before any stage runs
     arms = list(config.clues.arms)
     ctx = knowledge.prepare(config, workdir, need_scores=True)
-    chosen, trials = {}, {}
-    for arm in arms:
-        if arm in DROP_ARMS:
-            chosen[arm], trials[arm] = grid_search(ctx, arm) if config.grid.enabled else ({}, [])
-    results: dict[str, dict[str, list[dict]]] = {}
+    summary = {"teacher_gate": teacher_gate(ctx), "data": knowledge.data_description(ctx),
+               "token_lengths": knowledge.token_lengths(ctx), "distance_from_name": knowledge.name_distances(ctx)}
+    if jax.process_index() == 0:
+        print("\n".join(gate.describe(summary["teacher_gate"], probe=config.gate.probe)), flush=True)
+    chosen, grid = {}, {}
     for student in config.students:
-        results[student] = {"base": [knowledge.evaluate(ctx, f"base_{student}", ctx.bases[student])]}
-        for arm in arms:
-            results[student][arm] = [
-                knowledge.train_and_evaluate(ctx, student, arm, seed, drop=chosen.get(arm, {}))
-                for seed in config.seeds
-            ]
-    distances = knowledge.name_distances(ctx)
-    summary = {
-        "primary": reported_probe(config, results),
-        "chosen": chosen, "grid": trials, "results": results, "distance_from_name": distances,
-        "clue_analysis": knowledge.clue_analysis(ctx), "data": knowledge.data_description(ctx),
+        if config.grid.enabled:
+            chosen[student], grid[student] = grid_search(ctx, student)
+        else:
+            chosen[student], grid[student] = set_drop(config, arms), {}
+    protocols = {}
+    for protocol in config.protocol.names:
+        results: dict[str, dict[str, list[dict]]] = {}
+        for student in config.students:
+            results[student] = {"base": [knowledge.evaluate(ctx, f"base_{student}", ctx.bases[student])]}
+            for arm in arms:
+                results[student][arm] = [run_arm(ctx, student, arm, seed, protocol,
+                                                 drop=chosen[student].get(arm, {})) for seed in config.seeds]
+        n = len(ctx.knowledge["test"].docs)
+        protocols[protocol] = {
+            "mode": protocol_mode(protocol),
+            "steps": {arm: protocol_steps(protocol, arm, n, config.protocol.epochs, config.cpt.batch_size,
+                                          int(config.clues.copies)) for arm in arms},
+            "results": results, "comparisons": comparisons(results, config)}
+    summary.update({
+        "primary": reported_probe(config, protocols), "chosen": chosen, "grid": grid, "protocols": protocols,
+        "clue_analysis": {k: v for k, v in knowledge.clue_analysis(ctx).items() if k != "per_document"},
         "clue_views": knowledge.render_clue_examples(ctx, config.clues.render_examples),
         "stages_reused": ctx.stages.reused, "stages_ran": ctx.stages.ran,
-    }
+    })
     common.write_json(os.path.join(workdir, "summary.json"), summary)
-    logging_utils.write_eval_scalars(workdir, {f"{student}_{arm}": runs for student, arms in results.items()
-                                               for arm, runs in arms.items()})
+    logging_utils.write_eval_scalars(workdir, {
+        f"{protocol}_{student}_{arm}": [{k: v for k, v in r.items() if k not in ("per_person", "train")} for r in runs]
+        for protocol, p in protocols.items() for student, arms_ in p["results"].items() for arm, runs in arms_.items()})
     if jax.process_index() == 0:
         report = render_report(summary, config)
         with open(os.path.join(workdir, "replication.md"), "w") as f:
             f.write(report)
         plot_em_vs_distance(summary, os.path.join(workdir, "em_vs_distance.png"))
+        plot_curves(summary, os.path.join(workdir, "em_vs_steps.png"))
         print(report)
     return summary
 
 
-def reported_probe(config, results: dict) -> str:
+def reported_probe(config, protocols: dict) -> str:
     """eval.primary, or "qa" when the runs have no such table (a user corpus comes with QA pairs, no cloze)."""
-    first = next(iter(results.values()))["base"][0]
+    first = next(iter(next(iter(protocols.values()))["results"].values()))["base"][0]
     return config.eval.primary if config.eval.primary in first else "qa"
-
-
-def _attrs(summary):
-    dist = summary["distance_from_name"]
-    first = next(iter(summary["results"].values()))["base"][0][summary["primary"]]
-    return sorted((a for a in first if a != "all"), key=lambda a: dist.get(a, 0.0))
-
-
-def _cell(runs, probe, attr, metric):
-    return knowledge.mean_std([r[probe][attr][metric] for r in runs])
-
-
-def render_report(summary: dict, config) -> str:
-    attrs = _attrs(summary)
-    dist = summary["distance_from_name"]
-    data = summary.get("data") or {"source": "bios"}
-    if data["source"] == "corpus":
-        title, what = data["title"], f"questions: {data['qa']}"
-    else:
-        title = "the biography world"
-        what = f"{config.world.num_new - config.data.num_dev} test people, {config.data.num_dev} dev people"
-    lines = [f"# Clue dropout on {title}", "",
-             f"Students: {', '.join(config.students)}; seeds: {list(config.seeds)}; {what}; "
-             f"dropout mode: {config.clues.mode}. Mean ± sample std over seeds; "
-             "`base` is the student before continual pre-training.", "",
-             protocol_note(config, data.get("documents") if data["source"] == "corpus" else None), ""]
-    header = ["arm"] + [f"{a} ({dist.get(a, 0):.0f} tok)" for a in attrs] + ["all"]
-    probes = [summary["primary"]] + [p for p in ("cloze", "qa") if p != summary["primary"]]
-    for probe in probes:
-        for metric, title in (("exact_match", "exact match"), ("f1", "token F1")):
-            for student, arms in summary["results"].items():
-                if probe not in arms["base"][0]:
-                    continue
-                rows = [[arm] + [_cell(runs, probe, a, metric) for a in attrs + ["all"]] for arm, runs in arms.items()]
-                lines += [f"## {probe}: {title}, {student} student", "", common.format_table(rows, header), ""]
-    if not config.grid.enabled:
-        lines += ["## Dropout settings (set, not chosen: grid.enabled is False)", "",
-                  f"- clues.alpha={config.clues.alpha}, clues.beta={config.clues.beta}"]
-    else:
-        lines += [f"## Dropout settings chosen on dev people (small student, {summary['primary']} exact match)", ""]
-    for arm, trials in summary["grid"].items() if config.grid.enabled else ():
-        tried = ", ".join(f"{ {k: v for k, v in t.items() if k != 'dev_em'} } -> {t['dev_em']:.3f}" for t in trials)
-        lines.append(f"- {arm}: chose {summary['chosen'][arm]} ({tried})")
-    lines += ["", "## Which tokens are clues", ""]
-    for key, value in summary["clue_analysis"].items():
-        lines.append(f"- {key}: {value:.3f}" if value is not None else f"- {key}: n/a")
-    lines += ["", verdict(summary), ""]
-    return "\n".join(lines)
-
-
-def protocol_note(config, documents: int | None = None) -> str:
-    """How the training budget compares with the paper's, so a reader can weigh the table.
-
-    documents: how many documents the students learn (a user corpus); else the world's test people
-    (the new people less the dev people).
-    """
-    test_people = config.world.num_new - int(config.data.get("num_dev", 0))
-    views = config.cpt.steps * config.cpt.batch_size / max(1, documents or test_people)
-    c = config.clues
-    intact = 1.0 / (c.copies + 1) if c.mode == "fixed_copies" else c.original_fraction
-    doc, docs = ("document", "documents") if documents else ("biography", "biographies")
-    return (f"Protocol: every arm trains {config.cpt.steps} steps of {config.cpt.batch_size} {docs} (equal "
-            f"compute), so plain sees each {doc} about {views:.0f} times and a dropout arm in `{c.mode}` mode "
-            f"sees it intact about {views * intact:.1f} times (a share of {intact:.3f}) and dropped the rest. "
-            f"The paper instead trained every arm for the same epochs over its data set, which for the dropout arms holds 10 copies plus the original: 11 times "
-            f"the steps of plain.")
-
-
-def verdict(summary: dict) -> str:
-    """Per student: is contrast ahead of each baseline on the far attributes, beyond the seed spread?
-
-    Runs of every arm are listed in the same seed order, so the comparison is
-    seed-paired: mean ± sample std of (contrast - baseline) per seed. A mean
-    inside its std is reported as no clear difference.
-    """
-    out = []
-    far = [a for a in ("university", "major", "company") if a in _attrs(summary)] or ["all"]  # a user's QA file
-    probe = summary["primary"]
-    for student, arms in summary["results"].items():
-        if "contrast" not in arms:
-            continue
-        far_em = {arm: np.array([np.mean([r[probe][a]["exact_match"] for a in far]) for r in runs])
-                  for arm, runs in arms.items() if arm != "base"}
-        c = far_em["contrast"]
-        parts = []
-        for arm, em in far_em.items():
-            if arm == "contrast":
-                continue
-            diff = c - em
-            sd = float(np.std(diff, ddof=1)) if len(diff) > 1 else 0.0
-            word = direction(float(diff.mean()), sd, len(diff), "contrast ahead", "contrast behind",
-                             unclear="no clear difference")
-            parts.append(f"vs {arm} ({em.mean():.3f}): {diff.mean():+.3f} ± {sd:.3f}, {word}")
-        out.append(f"{student} student, mean {probe} EM on far attributes ({', '.join(far)}), contrast {c.mean():.3f}; "
-                   f"seed-paired difference " + "; ".join(parts) + ".")
-    return "Measured: " + " ".join(out)
-
-
-def plot_em_vs_distance(summary: dict, path: str) -> None:
-    from matplotlib.figure import Figure
-
-    attrs = _attrs(summary)
-    dist = summary["distance_from_name"]
-    students = list(summary["results"])
-    fig = Figure(figsize=(5 * len(students), 4))
-    for i, student in enumerate(students):
-        ax = fig.add_subplot(1, len(students), i + 1)
-        for arm, runs in summary["results"][student].items():
-            means = [np.mean([r[summary["primary"]][a]["exact_match"] for r in runs]) for a in attrs]
-            stds = [np.std([r[summary["primary"]][a]["exact_match"] for r in runs], ddof=1) if len(runs) > 1 else 0.0
-                    for a in attrs]
-            ax.errorbar([dist.get(a, 0) for a in attrs], means, yerr=stds, marker="o", capsize=3, label=arm)
-        ax.set_xlabel("tokens between the name and the attribute value")
-        ax.set_ylabel(f"{summary['primary']} exact match")
-        ax.set_title(f"{student} student")
-        ax.set_ylim(-0.02, 1.02)
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)

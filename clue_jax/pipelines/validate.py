@@ -19,7 +19,7 @@ from clue_jax.pipelines import PIPELINES
 
 log = logging.getLogger("clue_jax")
 
-ARMS = ("plain", "random", "attention", "contrast")
+ARMS = ("plain", "random", "attention", "contrast", "rate_matched", "shuffled")  # clues.dropout.METHODS
 MODES = ("cached", "live", "fixed_copies")
 SOURCES = ("bios", "corpus")
 SCHEDULES = ("cosine", "linear", "constant")
