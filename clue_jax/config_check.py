@@ -6,21 +6,28 @@ import json
 import os
 import re
 
+from typing import Any
+
 import ml_collections
 from etils import epath
 
 from clue_jax.errors import UserInputError
 
 
-def all_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
-    keys = []
+def flat_items(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
+    """(dotted key, value) of every leaf, the form every check and hint speaks in."""
+    out = []
     for key, value in config.items():
         name = f"{prefix}{key}"
         if isinstance(value, ml_collections.ConfigDict):
-            keys.extend(all_keys(value, name + "."))
+            out.extend(flat_items(value, name + "."))
         else:
-            keys.append(name)
-    return keys
+            out.append((name, value))
+    return out
+
+
+def all_keys(config: ml_collections.ConfigDict) -> list[str]:
+    return [key for key, _ in flat_items(config)]
 
 
 def _load_config_for_hint(argv: list[str]):

@@ -23,7 +23,9 @@ rate_matched and shuffled take contrast's winner. The winners are then trained o
 protocols; nothing on the test people chooses anything. The small student's winners are what
 configs/quickstart.py's clues.chosen should hold once measured.
 
-It shares the quickstart's world, tokenizer and base models, so a shared workdir reuses the teachers.
+Built on the quickstart's world and recipe, with its own tokenizer (4096 entries requested: a name in about
+2 tokens) and its own teacher pair with a real capability gap: small 2 layers d=64 (0.28M parameters, 300
+pre-training steps), large 6 layers d=192 (3.4M, 12x, 600 steps). They are stages, cached in the workdir.
 """
 import ml_collections
 
@@ -41,12 +43,23 @@ VARIANTS = ("", "tiny")  # "" = the default; listed by --help
 def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c = _quickstart.get_config("tiny" if variant == "tiny" else "")
     c.pipeline = "replicate"
+    c.tokenizer.vocab_size = 4096
+    if variant != "tiny":
+        c.models.small.update(d_model=64, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=192)
+        c.models.large.update(d_model=192, num_layers=6, num_heads=6, num_kv_heads=6, mlp_dim=576)
+        c.pretrain.update(steps=300, warmup_steps=30, checkpoint_every=150)
+        c.cpt.update(seq_len=64, checkpoint_every=1000)
+    # per base model: the large teacher pre-trains longer (a real capability gap, not only a size gap)
+    c.pretrain_steps = dict(small=300, large=600)
+    c.eval.max_new_tokens = 16
+    # names: the budgets run (paper, equal_compute); epochs within the paper's 10-30; curve_points: cloze EM
+    # measured this many times during each run (EM against steps).
+    c.protocol = dict(names=("paper", "equal_compute"), epochs=20, warmup_fraction=0.1, curve_points=4)
     c.seeds = (0, 1, 2)
     c.students = ("small",)  # ("small", "large") adds the large student (see the cut above)
-    c.data.num_dev = 30  # of the quickstart's 100 new people; same world, so a shared workdir reuses its base models
+    c.data.num_dev = 30  # of the 100 new people
     c.clues.arms = ("plain", "random", "attention", "contrast", "rate_matched", "shuffled")
     c.clues.render_examples = 4
-    c.protocol.update(names=("paper", "equal_compute"), curve_points=4)
     c.grid = dict(enabled=True, alphas=(0.6, 0.7), betas=(0.005, 0.01, 0.03, 0.05), seed=0, protocol="paper")
     # gate: probe asked of both teachers on `people` background people; the large one must lead by min_gap
     c.gate = dict(probe="qa", people=100, min_gap=0.1)
@@ -56,7 +69,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
         c.students = ("small",)
         c.data.num_dev = 3
         c.grid.update(alphas=(0.7,), betas=(0.01, 0.05))
-        c.protocol.curve_points = 2
+        c.pretrain_steps.update(small=4, large=6)
+        c.eval.max_new_tokens = 4
+        c.protocol.update(epochs=1, curve_points=2)
+        c.clues.copies = 2
         c.gate.people = 8
         c.bootstrap.n_boot = 200
         c.clues.render_examples = 1

@@ -43,7 +43,8 @@ class SelfAttention(nnx.Module):
             layers.rope_inverse_frequencies(h, cfg.rope_theta, cfg.rope_scaling)
         )
 
-    def __call__(self, x, positions, key_mask, request: attn.ScoreRequest | None):
+    def project(self, x, positions):
+        """Queries, keys and values of `x` [B, T, D], rotated; shared with the KV-cached decoder."""
         cfg = self.cfg
         b, t, _ = x.shape
         q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_size)
@@ -52,6 +53,12 @@ class SelfAttention(nnx.Module):
         if self.inv_freq is not None:
             q = layers.apply_rope(q, positions, self.inv_freq[...])
             k = layers.apply_rope(k, positions, self.inv_freq[...])
+        return q, k, v
+
+    def __call__(self, x, positions, key_mask, request: attn.ScoreRequest | None):
+        cfg = self.cfg
+        b, t, _ = x.shape
+        q, k, v = self.project(x, positions)
         stats = None
         if request is None:
             out = attn.causal_attention(q, k, v, key_mask, scale=self.scale, softcap=cfg.attn_logit_softcap,

@@ -69,12 +69,7 @@ def _attention(attn, x, positions, k_cache, v_cache, start, allowed):
     """One SelfAttention module on T new tokens; returns (output, updated k cache, updated v cache)."""
     cfg = attn.cfg
     b, t, _ = x.shape
-    q = attn.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_size)
-    k = attn.k_proj(x).reshape(b, t, cfg.kv_heads, cfg.head_size)
-    v = attn.v_proj(x).reshape(b, t, cfg.kv_heads, cfg.head_size)
-    if attn.inv_freq is not None:
-        q = layers.apply_rope(q, positions, attn.inv_freq[...])
-        k = layers.apply_rope(k, positions, attn.inv_freq[...])
+    q, k, v = attn.project(x, positions)
     k_cache = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), start, axis=1)
     v_cache = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), start, axis=1)
     ok = allowed

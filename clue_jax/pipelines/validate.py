@@ -14,6 +14,7 @@ from typing import Any, Callable
 
 import ml_collections
 
+from clue_jax.config_check import flat_items
 from clue_jax.errors import UserInputError
 from clue_jax.pipelines import PIPELINES
 
@@ -124,17 +125,6 @@ RULES: dict[str, Check] = {
     "objective.sampling": one_of(("step", "example", "all")), "intrinsic.num_rows": POS, "real_tasks.doc_stride": NONNEG,
     "real_tasks.limit_*": POS, "real_tasks.dev_size": POS,
 }
-
-
-def flat_items(config: ml_collections.ConfigDict, prefix: str = "") -> list[tuple[str, Any]]:
-    out = []
-    for key, value in config.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, ml_collections.ConfigDict):
-            out.extend(flat_items(value, name + "."))
-        else:
-            out.append((name, value))
-    return out
 
 
 def rule_for(key: str) -> Check | None:
