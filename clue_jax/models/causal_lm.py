@@ -102,14 +102,18 @@ class Block(nnx.Module):
             self.post_mlp_norm = _norm(cfg, rngs)
 
     def __call__(self, x, positions, key_mask, request=None):
-        h, stats = self.attn(self.input_norm(x), positions, key_mask, request)
+        return self.residual(x, lambda y: self.attn(y, positions, key_mask, request))
+
+    def residual(self, x, attend):
+        """The block around an attention `attend(normed x) -> (h, extra)`; the KV-cached decoder passes its own."""
+        h, extra = attend(self.input_norm(x))
         if self.post_norms:
             h = self.post_attn_norm(h)
         x = x + h
         h = self.mlp(self.mlp_norm(x))
         if self.post_norms:
             h = self.post_mlp_norm(h)
-        return x + h, stats
+        return x + h, extra
 
 
 class CausalLM(nnx.Module):

@@ -82,14 +82,12 @@ def _attention(attn, x, positions, k_cache, v_cache, start, allowed):
 
 def _block(block, x, positions, k_cache, v_cache, start, allowed):
     """`Block.__call__` with the cached attention in place of the full one."""
-    h, k_cache, v_cache = _attention(block.attn, block.input_norm(x), positions, k_cache, v_cache, start, allowed)
-    if block.post_norms:
-        h = block.post_attn_norm(h)
-    x = x + h
-    h = block.mlp(block.mlp_norm(x))
-    if block.post_norms:
-        h = block.post_mlp_norm(h)
-    return x + h, k_cache, v_cache
+    def attend(y):
+        h, k, v = _attention(block.attn, y, positions, k_cache, v_cache, start, allowed)
+        return h, (k, v)
+
+    x, (k_cache, v_cache) = block.residual(x, attend)
+    return x, k_cache, v_cache
 
 
 def extend(model: CausalLM, cache: KVCache, input_ids: jax.Array, attention_mask: jax.Array):
