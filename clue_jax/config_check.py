@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import difflib
 import json
-import os
 import re
 
 from typing import Any
@@ -11,6 +10,7 @@ from typing import Any
 import ml_collections
 from etils import epath
 
+from clue_jax import workdir_fs
 from clue_jax.errors import UserInputError
 
 
@@ -118,8 +118,8 @@ def explain_flag_error(err: Exception, argv: list[str]) -> str:
 
 
 def workdir_path(path: str) -> epath.Path:
-    """An absolute local path, or a cloud path (gs://...) as given."""
-    return epath.Path(path) if "://" in str(path) else epath.Path(os.path.abspath(path))
+    """An absolute local path, or a cloud path (gs://...) as given (see workdir_fs.path)."""
+    return workdir_fs.path(path)
 
 
 def prepare_workdir(workdir: str) -> str:
@@ -129,7 +129,8 @@ def prepare_workdir(workdir: str) -> str:
             raise UserInputError(f"the parent of --workdir does not exist: {path.parent}")
         if path.exists() and not path.is_dir():
             raise UserInputError(f"--workdir is a file, not a directory: {path}")
-    path.mkdir(parents=True, exist_ok=True)
+    with workdir_fs._errors(path, "reach"):  # an unreachable bucket: one line naming it
+        path.mkdir(parents=True, exist_ok=True)
     return str(path)
 
 
@@ -143,7 +144,7 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
     if jax.process_index() != 0:
         return
-    _write_atomic(workdir_path(workdir) / _RUNNING, config.to_json_best_effort(indent=2, sort_keys=True))
+    workdir_fs.write_text(workdir_path(workdir) / _RUNNING, config.to_json_best_effort(indent=2, sort_keys=True))
 
 
 def finish_config(workdir: str) -> None:
@@ -155,20 +156,14 @@ def finish_config(workdir: str) -> None:
     running, final = root / _RUNNING, root / "config.json"
     if jax.process_index() != 0 or not running.exists():
         return
-    if final.exists() and final.read_text() != running.read_text():
+    if final.exists() and workdir_fs.read_text(final) != workdir_fs.read_text(running):
         taken = [int(m.group(1)) for p in root.glob("config.previous-*.json")
                  if (m := re.fullmatch(r"config\.previous-(\d+)\.json", p.name))]
-        final.rename(root / f"config.previous-{max(taken, default=0) + 1}.json")
-    running.replace(final)
+        workdir_fs.rename(final, root / f"config.previous-{max(taken, default=0) + 1}.json")
+    workdir_fs.replace(running, final)
 
 
 _RUNNING = "config.running.json"
-
-
-def _write_atomic(path: epath.Path, text: str) -> None:
-    tmp = path.parent / (path.name + ".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
 
 
 def read_json(path: str, what: str) -> dict:

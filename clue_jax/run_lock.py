@@ -2,8 +2,16 @@
 
 The kernel drops the lock when its holder dies (even by kill -9), so a lock
 left by a dead run is simply taken over. The file names the holder (pid and
-host) for the refusal message. Cloud workdirs (gs://...) have no flock and
-are not locked; with several processes only process 0 takes the lock.
+host) for the refusal message. With several processes only process 0 takes the lock.
+
+A bucket (gs://...) has no flock, so there the lock is a lease: the object
+`WORKDIR/.lock` names its holder (pid, host, a token) and the time it was last
+renewed; a thread renews it every RENEW_S seconds, and a lock not renewed for
+LEASE_S seconds belongs to a run that is gone (preempted, killed) and is taken
+over. Taking it is write-then-read-back (object stores have no create-if-absent
+through epath): of two runs starting within the same second, the one whose
+write landed last wins and the other is refused. The lease uses the holders'
+clocks, so hosts whose clocks differ by minutes can misjudge it.
 """
 from __future__ import annotations
 
@@ -11,18 +19,28 @@ import errno
 import fcntl
 import logging
 import os
+import json
 import socket
+import threading
+import time
+import uuid
 
+from clue_jax import workdir_fs
 from clue_jax.errors import UserInputError
 
 log = logging.getLogger("clue_jax")
 
 _held: dict[str, int] = {}  # workdir -> fd of its lock file, kept open while this process runs
+_leases: dict[str, tuple[dict, threading.Event]] = {}  # bucket workdir -> (our lock record, stops its renewal)
+LEASE_S, RENEW_S, SETTLE_S = 600.0, 120.0, 1.0
 
 
 def acquire(workdir: str) -> None:
     """Locks `workdir` or raises UserInputError naming it and the run that holds it."""
-    if "://" in workdir or workdir in _held:
+    if workdir in _held or workdir in _leases:
+        return
+    if workdir_fs.is_remote(workdir):
+        _acquire_lease(workdir)
         return
     path = os.path.join(workdir, ".lock")
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -44,7 +62,62 @@ def acquire(workdir: str) -> None:
     _held[workdir] = fd
 
 
+def _acquire_lease(workdir: str) -> None:
+    lock = workdir_fs.join(workdir, ".lock")
+    held = _read_lease(lock)
+    if held is not None:
+        age = time.time() - float(held.get("time", 0))
+        if age < LEASE_S:
+            raise UserInputError(f"--workdir {workdir} is in use by {_holder(held)} (lock {lock}, renewed {age:.0f} s "
+                                 f"ago); wait for that run to end, or delete {lock} if it is gone")
+        log.info("lock %s: the earlier holder (%s) has not renewed it for %.0f s; taking it over",
+                 lock, _holder(held), age)
+    mine = {"pid": os.getpid(), "host": socket.gethostname(), "token": uuid.uuid4().hex}
+    _write_lease(lock, mine)
+    time.sleep(SETTLE_S)  # a run starting at the same moment has written by now: the object says who won
+    now = _read_lease(lock)
+    if now is None or now.get("token") != mine["token"]:
+        raise UserInputError(f"--workdir {workdir} is in use by {_holder(now or {})} (lock {lock}, taken at the "
+                             f"same moment as this run); use another --workdir")
+    stop = threading.Event()
+    threading.Thread(target=_renew, args=(lock, mine, stop), daemon=True, name="workdir-lock").start()
+    _leases[workdir] = (mine, stop)
+
+
+def _renew(lock: str, mine: dict, stop: threading.Event) -> None:
+    while not stop.wait(RENEW_S):
+        try:
+            _write_lease(lock, mine)
+        except Exception as err:  # a network hiccup: the next renewal may succeed, the lease is long
+            log.warning("cannot renew the lock %s: %s", lock, err)
+
+
+def _write_lease(lock: str, mine: dict) -> None:
+    workdir_fs.write_text(lock, json.dumps({**mine, "time": time.time()}))
+
+
+def _read_lease(lock: str) -> dict | None:
+    if not workdir_fs.exists(lock):
+        return None
+    try:
+        value = json.loads(workdir_fs.read_text(lock))
+    except ValueError:  # garbled: treated as a lock of a gone run
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _holder(record: dict) -> str:
+    return f"pid {record.get('pid', '?')} on host {record.get('host', '?')}"
+
+
 def release(workdir: str) -> None:
+    lease = _leases.pop(workdir, None)
+    if lease is not None:
+        mine, stop = lease
+        stop.set()
+        lock = workdir_fs.join(workdir, ".lock")
+        if (_read_lease(lock) or {}).get("token") == mine["token"]:
+            workdir_fs.path(lock).unlink()
     fd = _held.pop(workdir, None)
     if fd is not None:
         os.ftruncate(fd, 0)

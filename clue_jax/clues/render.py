@@ -11,11 +11,11 @@ other for papers and notebooks.
 from __future__ import annotations
 
 import html
-import os
 from typing import Sequence
 
 import numpy as np
 
+from clue_jax import workdir_fs
 from clue_jax.errors import UserInputError
 
 _CMAP = "RdBu_r"
@@ -88,9 +88,7 @@ red: the large model attends more (a clue); blue: the small model attends more.<
 <div class="text">{"".join(spans)}</div>
 </body></html>
 """
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with open(path, "w", encoding="utf-8") as f:
-        f.write(page)
+    workdir_fs.write_text(path, page)
     return path
 
 
@@ -122,6 +120,5 @@ def render_heatmap_png(tokens: Sequence[str], s_large, s_small, d, path: str, ti
     if title:
         axes[0].set_title(title)
     fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
+    workdir_fs.savefig(fig, path, dpi=110)
     return path

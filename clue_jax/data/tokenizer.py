@@ -18,6 +18,7 @@ import numpy as np
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from clue_jax import paths
 from clue_jax.errors import UserInputError
 
 BOS, EOS, PAD, MASK = "<bos>", "<eos>", "<pad>", "<mask>"
@@ -57,7 +58,7 @@ def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerB
     is always masked out, so the choice only has to be a valid id); one without BOS
     gets EOS as BOS (GPT-2's convention). A tokenizer with no EOS is refused.
     """
-    path = os.fspath(path)
+    path = paths.local_dir(path) if paths.is_remote(path) else os.fspath(path)  # a bucket: via the local cache
     if not _has_tokenizer_files(path):
         raise UserInputError(f"not a tokenizer directory: {path} (no tokenizer.json or "
                              "tokenizer_config.json)")

@@ -10,6 +10,7 @@ import time
 import jax
 from flax import nnx
 
+from clue_jax import workdir_fs
 from clue_jax.models import factory
 from clue_jax.models.config import ModelConfig
 from clue_jax.train import loop, mesh as mesh_lib, objectives, sharding as shard_lib
@@ -34,7 +35,7 @@ def train_model(stage_dir: str, model: nnx.Module, model_cfg: ModelConfig, data,
     t0 = time.time()
     meta = {"model": model_cfg.to_dict(), **(extra_meta or {})}
     extras_shardings = None if extras is None else shard_lib.state_shardings(extras, mesh)
-    run_dir = os.path.dirname(os.path.dirname(os.path.abspath(stage_dir)))  # WORKDIR/stages/<stage>
+    run_dir = str(workdir_fs.path(stage_dir).parent.parent)  # WORKDIR/stages/<stage>
     trainer = loop.Trainer(model, objective, train_cfg, mesh, stage_dir, transform=transform, meta=meta,
                            stage=stage, trainable=trainable, extras=extras, extras_shardings=extras_shardings,
                            log_dir=run_dir)
@@ -51,10 +52,8 @@ def train_model(stage_dir: str, model: nnx.Module, model_cfg: ModelConfig, data,
 def write_json(path: str, value) -> None:
     if jax.process_index() != 0:
         return
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
+    with workdir_fs.open_write(path) as f:
         json.dump(value, f, indent=1, sort_keys=True, default=float)
-    os.replace(tmp, path)
 
 
 def format_table(rows: list[list[str]], header: list[str]) -> str:

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from clue_jax import paths
+from clue_jax import paths, workdir_fs
 from clue_jax.clues import analysis, dropout, render, scoring
 from clue_jax.data import bios, corpus, lm_data
 from clue_jax.data.batching import ArrayBatchSource, ConcatBatchSource
@@ -43,13 +43,12 @@ log = logging.getLogger("clue_jax")
 
 # ------------------------------------------------------------------ documents
 def read_jsonl(path):
-    with open(path) as f:
-        return [json.loads(line) for line in f]
+    return [json.loads(line) for line in workdir_fs.read_text(path).splitlines()]
 
 
 def write_jsonl(path, rows):
     if jax.process_index() == 0:
-        with open(path, "w") as f:
+        with workdir_fs.open_write(path) as f:
             for row in rows:
                 f.write(json.dumps(row) + "\n")
 
@@ -142,13 +141,14 @@ def tokenizer_stage(config, world_dir, stage_dir):
     if jax.process_index() != 0:
         return {"path": stage_dir}
     path = config.tokenizer.path or config.base_models.small
-    if path:
-        tok = load_tokenizer(paths.local_dir(path))  # a URL (gs://...) is read through the local cache
-        tok.save_pretrained(stage_dir)
-    else:  # the built-in world only, also under a user corpus: see TOKENIZER_DATA
-        texts = pretraining_texts(load_people(world_dir, "background"), 2, config.seed, True)
-        texts += [bios.paper_bio(p) for p in load_people(world_dir, "new")]
-        tok = train_bpe_tokenizer(texts, config.tokenizer.vocab_size, stage_dir)
+    with workdir_fs.local_dir_for(stage_dir) as local:  # save_pretrained writes local files; uploaded when remote
+        if path:
+            tok = load_tokenizer(paths.local_dir(path))  # a URL (gs://...) is read through the local cache
+            tok.save_pretrained(local)
+        else:  # the built-in world only, also under a user corpus: see TOKENIZER_DATA
+            texts = pretraining_texts(load_people(world_dir, "background"), 2, config.seed, True)
+            texts += [bios.paper_bio(p) for p in load_people(world_dir, "new")]
+            tok = train_bpe_tokenizer(texts, config.tokenizer.vocab_size, local)
     return {"path": stage_dir, "vocab_size": len(tok)}
 
 
@@ -220,7 +220,7 @@ def scores_stage(config, docs_data, teachers, mesh, stage_dir):
             scoring.score_corpus(scorer, docs_data["input_ids"], docs_data["attention_mask"],
                                  batch_size=config.clues.score_batch), f"{os.path.basename(stage_dir)} ({size} teacher)")
     if jax.process_index() == 0:
-        np.savez(os.path.join(stage_dir, "scores.npz"), large=out["large"], small=out["small"])
+        workdir_fs.save_npz(os.path.join(stage_dir, "scores.npz"), large=out["large"], small=out["small"])
     return {"path": os.path.join(stage_dir, "scores.npz")}
 
 
@@ -269,7 +269,7 @@ def cpt_stage(ctx, student: str, arm: str, seed: int, knowledge_name: str, drop:
     drop_cfg = dropout_config(config, arm, tokenizer, **drop)
     needs_scores = arm in ("attention",) + dropout.CONTRAST_METHODS
     if needs_scores and mode in ("cached", "fixed_copies"):
-        scores = np.load(ctx.scores[knowledge_name]["path"])
+        scores = workdir_fs.load_npz(ctx.scores[knowledge_name]["path"])
         data["scores_large"], data["scores_small"] = scores["large"], scores["small"]
     train_cfg = config.cpt.copy_and_resolve_references()
     train_cfg.update(train or {})
@@ -321,8 +321,7 @@ def curve_recorder(ctx, knowledge_name: str, stage_dir: str, export=None):
         table = qa_eval.per_attribute(recs)
         point = {"step": int(step), **{a: v["exact_match"] for a, v in table.items()}}
         if jax.process_index() == 0:
-            with open(path, "a") as f:
-                f.write(json.dumps(point) + "\n")
+            workdir_fs.append_line(path, json.dumps(point))
         return {f"em_{a}": v for a, v in point.items() if a != "step"}
 
     return record
@@ -522,7 +521,7 @@ def clue_analysis(ctx: Context, split: str = "test", far_attribute: str = "compa
     if knowledge.people is None or split not in ctx.scores:
         return {}
     data = ctx.docs_data[split]
-    scores = np.load(ctx.scores[split]["path"])
+    scores = workdir_fs.load_npz(ctx.scores[split]["path"])
     ids, mask = data["input_ids"], data["attention_mask"]
     name_mask = np.zeros_like(mask)
     query = np.zeros(len(ids), np.int32)
@@ -557,9 +556,9 @@ def render_clue_examples(ctx: Context, n: int, split: str = "test") -> list[str]
     """Writes HTML and PNG views of s_large, s_small and d for the first n documents."""
     if n <= 0 or split not in ctx.scores or jax.process_index() != 0:
         return []
-    out_dir = os.path.join(ctx.workdir, "clues")
-    os.makedirs(out_dir, exist_ok=True)
-    scores = np.load(ctx.scores[split]["path"])
+    out_dir = workdir_fs.join(ctx.workdir, "clues")
+    workdir_fs.path(out_dir).mkdir(parents=True, exist_ok=True)
+    scores = workdir_fs.load_npz(ctx.scores[split]["path"])
     data = ctx.docs_data[split]
     people = ctx.knowledge[split].people
     paths = []
@@ -625,8 +624,8 @@ def stage_records(stages) -> dict[str, dict]:
     records = {}
     for status, names in (("ran", stages.ran), ("reused", stages.reused)):
         for name in names:
-            with open(os.path.join(stages.path(name), "done.json")) as f:
-                records[name] = {"status": status, "result": _public(json.load(f)["result"])}
+            record = json.loads(workdir_fs.read_text(os.path.join(stages.path(name), "done.json")))
+            records[name] = {"status": status, "result": _public(record["result"])}
     return records
 
 

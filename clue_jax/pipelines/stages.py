@@ -26,6 +26,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from clue_jax import workdir_fs
 from clue_jax.config_check import read_json, workdir_path
 from clue_jax.errors import UserInputError
 
@@ -98,7 +99,7 @@ class Stages:
         taken = [int(m.group(1)) for p in self.root.glob(f"{name}.previous-*")
                  if (m := re.fullmatch(re.escape(name) + r"\.previous-(\d+)", p.name))]
         target = self.root / f"{name}.previous-{max(taken, default=0) + 1}"
-        (self.root / name).rename(target)
+        workdir_fs.rename(self.root / name, target)
         log.warning("stage %s: %s; its outputs moved to %s (%d earlier copies kept beside it)",
                     name, why, target, len(taken))
 
@@ -130,9 +131,7 @@ def _read_record(path, stage_dir) -> dict:
 
 
 def _write_json(path, value) -> None:
-    tmp = path.parent / (path.name + ".tmp")
-    tmp.write_text(json.dumps(value, indent=1, default=str))
-    tmp.replace(path)
+    workdir_fs.write_text(path, json.dumps(value, indent=1, default=str))
 
 
 def _decide_once(decide: Callable[[], int]) -> int:

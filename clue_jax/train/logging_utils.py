@@ -1,6 +1,9 @@
 """Run outputs: metrics.jsonl, TensorBoard events (training and evaluation) and the progress display.
 
-Only process 0 writes. Under CI or without a terminal the tqdm bar becomes
+Only process 0 writes. In a bucket workdir (gs://...) both are written to a
+local scratch copy (an object cannot be appended to) and uploaded whole at
+most every UPLOAD_S seconds and when the writer closes (workdir_fs.LocalMirror).
+Under CI or without a terminal the tqdm bar becomes
 plain log lines, so logs stay readable in files.
 """
 from __future__ import annotations
@@ -14,7 +17,10 @@ import time
 
 import jax
 
+from clue_jax import workdir_fs
+
 log = logging.getLogger("clue_jax")
+UPLOAD_S = 60.0
 
 
 def is_writer() -> bool:
@@ -30,14 +36,15 @@ class MetricsWriter:
 
     def __init__(self, workdir: str, name: str = "train"):
         self.enabled = is_writer()
-        self.path = os.path.join(workdir, "metrics.jsonl")
         self.name = name
-        self._tb = None
+        self._tb = self._mirror = None
         if self.enabled:
-            os.makedirs(workdir, exist_ok=True)
+            self._mirror = workdir_fs.LocalMirror(workdir, download=("metrics.jsonl",))
+            self._uploaded = time.time()
+            self.path = os.path.join(self._mirror.local, "metrics.jsonl")
             from tensorboardX import SummaryWriter
 
-            self._tb = SummaryWriter(os.path.join(workdir, "tensorboard", name))
+            self._tb = SummaryWriter(os.path.join(self._mirror.local, "tensorboard", name))
 
     def write(self, step: int, metrics: dict) -> None:
         if not self.enabled:
@@ -48,10 +55,15 @@ class MetricsWriter:
         for key, value in record.items():
             if isinstance(value, (int, float)) and key != "step" and math.isfinite(value):
                 self._tb.add_scalar(key, value, step)
+        if workdir_fs.is_remote(self._mirror.remote) and time.time() - self._uploaded >= UPLOAD_S:
+            self._tb.flush()
+            self._mirror.upload()
+            self._uploaded = time.time()
 
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
+            self._mirror.close()
 
 
 def write_eval_scalars(workdir: str, runs: dict, step: int = 0) -> int:
@@ -63,14 +75,15 @@ def write_eval_scalars(workdir: str, runs: dict, step: int = 0) -> int:
     from tensorboardX import SummaryWriter
 
     count = 0
-    for run, result in runs.items():
-        scalars = dict(_numbers(result))
-        if not scalars:
-            continue
-        with SummaryWriter(os.path.join(workdir, "tensorboard", "eval", str(run).replace("/", "_"))) as tb:
-            for tag, value in scalars.items():
-                tb.add_scalar(tag, value, step)
-        count += len(scalars)
+    with workdir_fs.local_dir_for(workdir_fs.join(workdir, "tensorboard", "eval")) as local:
+        for run, result in runs.items():
+            scalars = dict(_numbers(result))
+            if not scalars:
+                continue
+            with SummaryWriter(os.path.join(local, str(run).replace("/", "_"))) as tb:
+                for tag, value in scalars.items():
+                    tb.add_scalar(tag, value, step)
+            count += len(scalars)
     return count
 
 
