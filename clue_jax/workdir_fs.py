@@ -131,6 +131,18 @@ def replace(src, dst) -> None:
         source.replace(target)
 
 
+def copytree(src, dst) -> None:
+    """Copies a directory (e.g. a checkpoint step) file by file; local to local is shutil.copytree."""
+    source, target = path(src), path(dst)
+    if not is_remote(source) and not is_remote(target):
+        shutil.copytree(source, target)
+        return
+    for root, _, files in source.walk():
+        for name in files:
+            rel = os.path.relpath(os.fspath(epath.Path(root) / name), os.fspath(source))
+            write_bytes(target / rel, read_bytes(epath.Path(root) / name))
+
+
 def rmtree(p) -> None:
     target = path(p)
     with _errors(target, "delete"):

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from clue_jax import workdir_fs
 from clue_jax.eval.seeds import direction
 from clue_jax.extraction.shock import BUCKETS
 
@@ -442,7 +443,7 @@ def plot_sweep(sweeps: Mapping, path: str) -> None:
         ax.set_title(f"{kind} fine-tuning + base")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    workdir_fs.savefig(fig, path)
 
 
 def plot_steps(steps_sweep: Mapping, base_em: float, path: str) -> None:
@@ -472,4 +473,4 @@ def plot_steps(steps_sweep: Mapping, base_em: float, path: str) -> None:
     ax.set_title("Vanilla fine-tuning: EM against steps")
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    workdir_fs.savefig(fig, path)

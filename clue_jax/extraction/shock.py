@@ -27,6 +27,7 @@ from typing import NamedTuple
 import numpy as np
 import scipy.stats
 
+from clue_jax import workdir_fs
 from clue_jax.errors import UserInputError
 from clue_jax.eval import metrics
 
@@ -178,7 +179,7 @@ def plot_shock(
     ax.set_ylabel(f"log((predicted + {smoothing:g}) / (gold + {smoothing:g}))")
     ax.set_title(f"{title}: Spearman rho = {stat['rho']:.3f} (n = {stat['n']})")
     fig.tight_layout()
-    fig.savefig(path, format="png")
+    workdir_fs.savefig(fig, path)
     return stat
 
 

@@ -35,7 +35,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-import shutil
 from typing import Sequence
 
 import jax
@@ -43,6 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from clue_jax import workdir_fs
 from clue_jax.data import bios
 from clue_jax.data.batching import ArrayBatchSource
 from clue_jax.data.glue_squad import PairExample, SpanExample, encode_pair_examples, encode_span_examples
@@ -502,7 +502,7 @@ def finetune(task: Task, encoder: Encoder, train_cfg, mesh, workdir: str, *, see
         log.warning("fine-tuning %s preempted at step %d; rerun the same command to resume", task.name, result.step)
         raise SystemExit(0)
     if not keep_checkpoints and jax.process_index() == 0:
-        shutil.rmtree(os.path.join(workdir, "checkpoints"), ignore_errors=True)
+        workdir_fs.rmtree(os.path.join(workdir, "checkpoints"))
     return result.model
 
 

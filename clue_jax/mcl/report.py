@@ -23,6 +23,7 @@ from typing import Sequence
 
 import numpy as np
 
+from clue_jax import workdir_fs
 from clue_jax.eval.seeds import within_seed_spread
 from clue_jax.pipelines.common import format_table
 
@@ -136,7 +137,7 @@ def write_figures(summary: dict, workdir: str, arms: Sequence[str]) -> list[str]
         axes[-1].legend(fontsize=7)
         fig.tight_layout()
         path = os.path.join(workdir, "replaced_share.png")
-        fig.savefig(path, dpi=110)
+        workdir_fs.savefig(fig, path, dpi=110)
         plt.close(fig)
         paths.append(path)
     curves = summary.get("curves", {})
@@ -154,7 +155,7 @@ def write_figures(summary: dict, workdir: str, arms: Sequence[str]) -> list[str]
         ax.legend()
         fig.tight_layout()
         path = os.path.join(workdir, "score_vs_steps.png")
-        fig.savefig(path, dpi=110)
+        workdir_fs.savefig(fig, path, dpi=110)
         plt.close(fig)
         paths.append(path)
     return paths

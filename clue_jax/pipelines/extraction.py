@@ -55,7 +55,7 @@ import time
 import jax
 import numpy as np
 
-from clue_jax import paths
+from clue_jax import paths, workdir_fs
 from clue_jax.data import bios, lm_data
 from clue_jax.data.batching import ArrayBatchSource
 from clue_jax.data.mixture import MixtureBatchSource, with_loss_mask
@@ -189,13 +189,12 @@ def measure(ctx, items, preds) -> dict:
 
 def _write_predictions(path: str, preds: dict) -> None:
     if jax.process_index() == 0:
-        with open(path, "w") as f:
+        with workdir_fs.open_write(path) as f:
             json.dump(preds, f)
 
 
 def _read_predictions(path: str) -> dict:
-    with open(path) as f:
-        return json.load(f)
+    return json.loads(workdir_fs.read_text(path))
 
 
 # ------------------------------------------------------------------ stages
@@ -247,7 +246,7 @@ def eval_base_stage(config, ctx, base_dir, mesh, stage_dir):
                                        "dev_exact_match": exact_match_rate(ctx["items"]["dev"], preds["rank_dev"])}
     _write_predictions(os.path.join(stage_dir, "predictions.json"), preds)
     if e.ranking and jax.process_index() == 0:
-        np.savez(os.path.join(stage_dir, "scores.npz"),
+        workdir_fs.save_npz(os.path.join(stage_dir, "scores.npz"),
                  **{f"{s}__{rel}": m for s, by_rel in scores.items() for rel, m in by_rel.items()})
     return {"metrics": res, "predictions": os.path.join(stage_dir, "predictions.json"),
             "scores": os.path.join(stage_dir, "scores.npz") if e.ranking else ""}
@@ -295,7 +294,7 @@ def eval_ft_stage(config, ctx, kind, ft_dir, base_dir, base_eval, mesh, stage_di
         log.info("eval_%s: %s decoding sweep done (lambda %g) at %.0f s", kind, mode, lam, time.time() - t0)
 
     if e.ranking:
-        base_scores = np.load(base_eval["scores"])
+        base_scores = workdir_fs.load_npz(base_eval["scores"])
         pt = {s: {rel: base_scores[f"{s}__{rel}"] for rel in ctx["candidates"] if f"{s}__{rel}" in base_scores}
               for s in SPLITS}
         ft = {s: candidate_scores(ft_model, tok, ctx["ft_seqs"][s], items[s], ctx["candidates"], e.score_batch)
@@ -521,8 +520,7 @@ def run(config, workdir: str) -> dict:
     logging_utils.write_eval_scalars(workdir, summary["arms"])
     if jax.process_index() == 0:
         text = report.render_report(summary)
-        with open(os.path.join(workdir, "extraction_report.md"), "w") as f:
-            f.write(text)
+        workdir_fs.write_text(os.path.join(workdir, "extraction_report.md"), text)
         print(report.render_table(summary))
     return summary
 
@@ -538,8 +536,7 @@ def mixture_steps(config, ft_data, mix_data) -> int:
 
 def _plots(workdir, per_seed, stage_info, base_eval, test_items, freqs, smoothing, seeds, sweeps) -> dict:
     """Shock scatter per arm (first seed) and the lambda sweep, as PNGs in workdir/plots."""
-    out_dir = os.path.join(workdir, "plots")
-    os.makedirs(out_dir, exist_ok=True)
+    out_dir = workdir_fs.join(workdir, "plots")
     golds = [it.answer for it in test_items]
     preds_by_arm = {"base": _read_predictions(base_eval["predictions"])["test"]}
     first = str(seeds[0])

@@ -37,7 +37,6 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 
 import jax
@@ -45,6 +44,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
+from clue_jax import workdir_fs
 from clue_jax.data import bios, glue_squad
 from clue_jax.data.batching import ArrayBatchSource
 from clue_jax.data.tokenizer import encode_batch, load_tokenizer, train_bpe_tokenizer
@@ -94,12 +94,12 @@ def create_pair(disc_cfg, gen_cfg, seed: int, mesh) -> ElectraPair:
 
 
 def save_pair(pair: ElectraPair, directory: str) -> None:
-    directory = os.path.abspath(directory)
+    directory = workdir_fs.join(directory)
     params = nnx.state(pair, nnx.Param)
     with ocp.StandardCheckpointer() as ckpt:
         ckpt.save(os.path.join(directory, "params"), params, force=True)
     if jax.process_index() == 0:
-        with open(os.path.join(directory, "pair_config.json"), "w") as f:
+        with workdir_fs.open_write(os.path.join(directory, "pair_config.json")) as f:
             json.dump({"discriminator": pair.disc_cfg.to_dict(), "generator": pair.gen_cfg.to_dict()}, f, indent=1)
     # A copy: a Trainer's model (e.g. at a snapshot) has its buffers donated by the next step.
     graphdef, _, rest = nnx.split(pair, nnx.Param, ...)
@@ -108,13 +108,12 @@ def save_pair(pair: ElectraPair, directory: str) -> None:
 
 def load_pair(directory: str, mesh) -> ElectraPair:
     """An ElectraPair saved by `save_pair`, placed on `mesh` (from memory when this process saved it)."""
-    directory = os.path.abspath(directory)
+    directory = workdir_fs.join(directory)
     if directory in _PAIRS:
         return _PAIRS[directory]
     path = os.path.join(directory, "pair_config.json")
     try:
-        with open(path) as f:
-            cfgs = json.load(f)
+        cfgs = json.loads(workdir_fs.read_text(path))
         disc = EncoderConfig.from_dict(cfgs["discriminator"], where=path)
         gen = EncoderConfig.from_dict(cfgs["generator"], where=path)
     except (OSError, KeyError, json.JSONDecodeError) as err:
@@ -325,13 +324,12 @@ def probe_steps(config) -> tuple[int, list[int]]:
 def _read_probes(stage_dir: str) -> list[dict]:
     path = os.path.join(stage_dir, "metrics.jsonl")
     out = []
-    if os.path.exists(path):
-        with open(path) as f:
-            for line in f:
-                rec = json.loads(line)
-                shares = {k[len("eval/"):]: v for k, v in rec.items() if k.startswith("eval/")}
-                if shares:
-                    out.append({"step": rec["step"], **shares})
+    if workdir_fs.exists(path):
+        for line in workdir_fs.read_text(path).splitlines():
+            rec = json.loads(line)
+            shares = {k[len("eval/"):]: v for k, v in rec.items() if k.startswith("eval/")}
+            if shares:
+                out.append({"step": rec["step"], **shares})
     dedup = {r["step"]: r for r in out}  # a resumed run may repeat a step
     return [dedup[s] for s in sorted(dedup)]
 
@@ -353,8 +351,8 @@ def pretrain(ctx: Context, name: str, courses, corrections, seed: int, stage_dir
         train_cfg.keep_checkpoints = max(int(train_cfg.keep_checkpoints), math.ceil(train_cfg.steps / keep_steps) + 1)
     if start_from is not None and jax.process_index() == 0:
         target = os.path.join(stage_dir, "checkpoints", os.path.basename(start_from))
-        if not os.path.exists(target):
-            shutil.copytree(start_from, target)
+        if not workdir_fs.exists(target):
+            workdir_fs.copytree(start_from, target)
     obj_cfg = objective_config(config, ctx.tokenizer, courses, corrections)
     probe_cfg = objective_config(config, ctx.tokenizer, mcl_objective.COURSES, ())
     probe = _PROBES.setdefault(probe_cfg, _probe_fn(probe_cfg))
@@ -381,7 +379,7 @@ def pretrain(ctx: Context, name: str, courses, corrections, seed: int, stage_dir
     save_pair(result.model, os.path.join(stage_dir, "model"))
     return {"model_dir": os.path.join(stage_dir, "model"), "steps": result.step,
             "snapshots": {str(s): os.path.join(stage_dir, "snapshots", str(s)) for s in snaps
-                          if os.path.exists(os.path.join(stage_dir, "snapshots", str(s), "pair_config.json"))},
+                          if workdir_fs.exists(os.path.join(stage_dir, "snapshots", str(s), "pair_config.json"))},
             "final_loss": result.metrics.get("loss"), "disc_accuracy": result.metrics.get("accuracy"),
             "probes": _read_probes(stage_dir), "seconds": round(time.time() - t0, 1),
             "objective": obj_cfg.to_dict()}
@@ -478,7 +476,7 @@ def soup_arms(ctx: Context, seed: int, ingredients: dict[str, dict]) -> dict:
                 return result
         h = params_hash(state)
         model_dir = os.path.join(ctx.stages.path("soups"), f"{tag}_{h}_s{seed}")
-        if not os.path.exists(os.path.join(model_dir, "pair_config.json")):
+        if not workdir_fs.exists(os.path.join(model_dir, "pair_config.json")):
             save_pair(nnx.merge(graphdef, state, rest), model_dir)
         result = finetune_and_evaluate(ctx, f"soup_{tag}_{h}_s{seed}", model_dir, h, seed)
         known.append((state, result))
@@ -626,8 +624,7 @@ def run(config, workdir: str) -> dict:
     if jax.process_index() == 0:
         summary["figures"] = report.write_figures(summary, workdir, arms)
         text = report.render(summary, shown, ARM_LABELS)
-        with open(os.path.join(workdir, "mcl_report.md"), "w") as f:
-            f.write(text)
+        workdir_fs.write_text(os.path.join(workdir, "mcl_report.md"), text)
         print(report.render_table(summary, shown, ARM_LABELS))
     common.write_json(os.path.join(workdir, "summary.json"), summary)
     logging_utils.write_eval_scalars(workdir, {**summary["arms"], "soups": summary["soups"]})

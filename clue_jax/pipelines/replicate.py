@@ -24,6 +24,7 @@ import os
 import jax
 import numpy as np
 
+from clue_jax import workdir_fs
 from clue_jax.clues import dropout, gate
 from clue_jax.eval import bootstrap
 from clue_jax.pipelines import common, knowledge, validate
@@ -187,8 +188,7 @@ def run(config, workdir: str) -> dict:
         for protocol, p in protocols.items() for student, arms_ in p["results"].items() for arm, runs in arms_.items()})
     if jax.process_index() == 0:
         report = render_report(summary, config)
-        with open(os.path.join(workdir, "replication.md"), "w") as f:
-            f.write(report)
+        workdir_fs.write_text(os.path.join(workdir, "replication.md"), report)
         plot_em_vs_distance(summary, os.path.join(workdir, "em_vs_distance.png"))
         plot_curves(summary, os.path.join(workdir, "em_vs_steps.png"))
         print(report)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from clue_jax import workdir_fs
 from clue_jax.clues import gate
 from clue_jax.eval import bootstrap
 from clue_jax.pipelines import common, knowledge
@@ -145,7 +146,7 @@ def plot_em_vs_distance(summary: dict, path: str, protocol: str | None = None) -
         ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    workdir_fs.savefig(fig, path, dpi=120)
 
 
 def plot_curves(summary: dict, path: str) -> None:
@@ -167,4 +168,4 @@ def plot_curves(summary: dict, path: str) -> None:
         ax.set_ylim(-0.02, 1.02)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    workdir_fs.savefig(fig, path, dpi=120)
