@@ -46,10 +46,31 @@ def _missing_modules() -> list[str]:
     return missing
 
 
+def _below_pins() -> list[str]:
+    """Installed distributions older than pyproject.toml's lower bounds (the GPU image brings its own): a lead
+    for a failing part, not a failure."""
+    import importlib.metadata
+    import tomllib
+
+    from packaging.requirements import Requirement
+
+    deps = tomllib.loads((Path(__file__).resolve().parent.parent / "pyproject.toml").read_text())["project"]
+    found = []
+    for req in map(Requirement, deps["dependencies"]):
+        try:
+            version = importlib.metadata.version(req.name)
+        except importlib.metadata.PackageNotFoundError:
+            continue  # what the parts need is in missing_modules
+        if not req.specifier.contains(version, prereleases=True):
+            found.append(f"{req.name} {version} (pyproject: {req.specifier})")
+    return found
+
+
 def probe(results_dir: Path, smoke: bool) -> int:
     """Writes env.json and says, in one line, why the check cannot go on (or that it can)."""
     env = {"python": sys.executable, "machine": common.machine_info(), "smoke": smoke,
-           "jax_platforms": os.environ.get("JAX_PLATFORMS", ""), "missing_modules": _missing_modules()}
+           "jax_platforms": os.environ.get("JAX_PLATFORMS", ""), "missing_modules": _missing_modules(),
+           "below_pins": _below_pins()}
     code, message = 0, ""
     try:
         import jax
@@ -111,7 +132,7 @@ def _parts_run(results_dir: Path) -> dict[str, dict]:
 def _headline(name: str, data: dict) -> dict:
     """The few numbers of a part worth reading first."""
     if name == "env":
-        return {k: data.get(k) for k in ("backend", "device_kind", "jax", "missing_modules", "message")}
+        return {k: data.get(k) for k in ("backend", "device_kind", "jax", "missing_modules", "below_pins", "message")}
     if name == "tests":
         return {k: data[k] for k in ("passed", "failed", "errors", "skipped", "failed_tests")}
     if name == "train_throughput":
