@@ -171,6 +171,11 @@ def summarize(results_dir: Path, copy_to: Path | None) -> int:
                        **({"headline": _headline(name, data)} if data is not None else {})}
     summary = {"ok": all_ok, "parts": parts, "results_dir": str(results_dir), "machine": common.machine_info()}
     common.write_result("summary", summary, results_dir)
+    lines = [f"{name}: {part['status']}" + (f" ({part['seconds']:.0f} s of {part['limit_s']} s)"
+                                             if part.get("rc") is not None else "") for name, part in parts.items()]
+    print("\n".join(lines), file=sys.stderr, flush=True)
+    with open(results_dir / LOG, "a") as log:  # before the copy below, so $OUT's log has them too
+        log.write("\n".join(lines) + "\n")
     if copy_to is not None:
         copy_to.mkdir(parents=True, exist_ok=True)
         for name in [f or "tests.json" for f in PARTS.values()] + ["summary.json", LOG]:

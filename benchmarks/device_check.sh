@@ -62,7 +62,7 @@ if (( SMOKE )); then
   DEFAULT_TESTS="tests/test_attention_backend.py::test_plan_cpu_is_the_dense_xla_path"
 else
   RESULTS=${DEVICE_CHECK_RESULTS:-$ROOT/benchmarks/results/device}
-  export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
+  export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda,cpu}  # the GPU first; a CPU beside it for code that asks for one
   SMOKE_FLAG=
   # The accelerator path: fused attention, remat, scoring, the KV cache, the models (55 tests, 7 min on the
   # loaded 2-core CPU, mostly compiling: 4 workers share the GPU, none preallocating). The 4 tests that build
@@ -128,7 +128,7 @@ summary() {
   local cmd=("$PY" benchmarks/device_check.py summary --results-dir "$RESULTS")
   [[ -n ${OUT:-} ]] && cmd+=(--copy-to "$OUT")
   if (( DRY )); then echo "+ [summary] ${cmd[*]}"; return 0; fi
-  "${cmd[@]}" > /dev/null
+  "${cmd[@]}" > /dev/null  # one line per part on stderr (and in the log); the JSON is in summary.json
 }
 
 run_part env 60 "$PY" benchmarks/device_check.py env --results-dir "$RESULTS" $SMOKE_FLAG

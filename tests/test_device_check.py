@@ -67,6 +67,21 @@ def test_unknown_argument_is_one_line_and_exit_2():
         "error: unknown argument '--gpu' to benchmarks/device_check.sh (--smoke, --dry-run, --fetch-wheels)"]
 
 
+def test_script_without_a_gpu_stops_after_env_with_exit_3(tmp_path):
+    results, out = tmp_path / "results", tmp_path / "out"
+    # JAX_PLATFORMS=cpu: no GPU, even on a machine that has one
+    proc = subprocess.run(["bash", str(SCRIPT)], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "JAX_PLATFORMS": "cpu", "DEVICE_CHECK_PYTHON": sys.executable,
+                               "DEVICE_CHECK_RESULTS": str(results), "OUT": str(out)})
+    assert proc.returncode == 3, proc.stdout + proc.stderr
+    assert "error: JAX sees no GPU (backend cpu" in proc.stdout
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["parts"]["env"]["status"] == "failed" and not summary["ok"]
+    assert {p["status"] for name, p in summary["parts"].items() if name != "env"} == {"not run"}
+    assert sorted(p.name for p in out.iterdir()) == ["device_check.log", "env.json", "summary.json"]
+    assert "env: failed" in (out / "device_check.log").read_text()
+
+
 def test_env_probe_without_a_gpu_says_so(tmp_path):
     assert device_check.main(["env", "--results-dir", str(tmp_path)]) == 3
     env = json.loads((tmp_path / "env.json").read_text())
