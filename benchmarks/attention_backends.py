@@ -11,7 +11,7 @@ arguments are exercised; differences count real tokens only. Times are the
 median of jitted calls after a warm-up, forward and forward + backward
 (gradients of q, k, v), the two implementations interleaved.
 
-    python benchmarks/attention_backends.py          # GPU shapes, T up to 8192 (under a minute on an H200)
+    python benchmarks/attention_backends.py          # GPU shapes, T up to 8192 (device_check.sh gives it 80 s)
     python benchmarks/attention_backends.py --smoke  # tiny, on the CPU (tests/test_device_check.py)
 """
 from __future__ import annotations

@@ -64,9 +64,9 @@ else
   RESULTS=${DEVICE_CHECK_RESULTS:-$ROOT/benchmarks/results/device}
   export JAX_PLATFORMS=${JAX_PLATFORMS:-cuda,cpu}  # the GPU first; a CPU beside it for code that asks for one
   SMOKE_FLAG=
-  # The accelerator path: fused attention, remat, scoring, the KV cache, the models (55 tests, 7 min on the
-  # loaded 2-core CPU, mostly compiling: 4 workers share the GPU, none preallocating). The 4 tests that build
-  # meshes of 4 or 8 fake CPU devices cannot run on one GPU (found with one CPU device; CI runs them).
+  # The accelerator path: fused attention, remat, scoring, the KV cache, the models (51 tests; 7 min on the
+  # loaded 2-core CPU, mostly compiling, hence 4 workers sharing the GPU, none preallocating). The 4 tests that
+  # build meshes of 4 or 8 fake CPU devices cannot run on one GPU (found with one CPU device; CI runs them).
   DEFAULT_TESTS="tests/test_attention_backend.py tests/test_remat.py tests/test_scoring.py tests/test_kv_cache.py
     tests/test_models.py
     --deselect tests/test_attention_backend.py::test_plan_tpu_is_splash_with_softcap_and_mesh_axes
@@ -109,7 +109,9 @@ run_part() {
 
 if (( ! DRY )); then
   mkdir -p "$RESULTS" || exit 2
-  rm -f "$RESULTS"/parts.tsv "$RESULTS"/tests.xml "$LOG"
+  # nothing of an earlier run may pass for this one's
+  rm -f "$RESULTS"/{parts.tsv,tests.xml,env.json,tests.json,train_throughput.json,attention.json} \
+    "$RESULTS"/{scoring_blocks.json,summary.json} "$LOG"
 fi
 say "device check: python $PY, results $RESULTS, JAX_PLATFORMS=$JAX_PLATFORMS, smoke $SMOKE, budget ${BUDGET}s"
 

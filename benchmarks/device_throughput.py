@@ -10,7 +10,7 @@ MFU = tokens/s x model FLOPs per token (PaLM: 6 N + 12 L d T, as in
 `train_throughput.flops_per_token`) / the bf16 matmul peak measured in this
 run by `common.matmul_peak` on the same device, never a datasheet number.
 
-    python benchmarks/device_throughput.py          # GPU size (about a minute on an H200, compile included)
+    python benchmarks/device_throughput.py          # GPU size (device_check.sh gives it 100 s; not yet run on a GPU)
     python benchmarks/device_throughput.py --smoke  # tiny, on the CPU (tests/test_device_check.py)
 """
 from __future__ import annotations

@@ -38,7 +38,9 @@ key blocks a query block can see) against the previous implementation that
 visited every key block (kept below as `_all_key_blocks`), at T = 2048 and
 8192 (and a 1024 sliding window at 8192), B = 1, 4 heads of 64, query
 blocks of 128, jitted, float32; median of 3 interleaved calls per side, same
-scores checked. Written to benchmarks/results/scoring_blocks.json.
+scores checked. Written to benchmarks/results/scoring_blocks.json. `--smoke`
+with it: T = 256 only, one call (tests); on a GPU `benchmarks/device_check.sh`
+runs it there.
 """
 from __future__ import annotations
 
