@@ -38,7 +38,9 @@ key blocks a query block can see) against the previous implementation that
 visited every key block (kept below as `_all_key_blocks`), at T = 2048 and
 8192 (and a 1024 sliding window at 8192), B = 1, 4 heads of 64, query
 blocks of 128, jitted, float32; median of 3 interleaved calls per side, same
-scores checked. Written to benchmarks/results/scoring_blocks.json.
+scores checked. Written to benchmarks/results/scoring_blocks.json. `--smoke`
+with it: T = 256 only, one call (tests); on a GPU `benchmarks/device_check.sh`
+runs it there.
 """
 from __future__ import annotations
 
@@ -265,7 +267,10 @@ def _all_key_blocks(q, k, v, key_mask, *, scale, sliding_window, block):
     return outs.swapaxes(0, 1).reshape(b, t, n, h), colsum
 
 
-def skip_blocks_main(out_path: str, repeats: int = 3) -> dict:
+SKIP_CASES_SMOKE = ((256, 0), (256, 128))  # seconds on a CPU (tests/test_device_check.py)
+
+
+def skip_blocks_main(out_path: str, repeats: int = 3, cases=SKIP_CASES) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -273,7 +278,7 @@ def skip_blocks_main(out_path: str, repeats: int = 3) -> dict:
     from clue_jax.models import attention as attn
 
     rows = []
-    for t, window in SKIP_CASES:
+    for t, window in cases:
         keys = jax.random.split(jax.random.key(t), 3)
         q, k, v = (jax.random.normal(key, (1, t, 4, 64), jnp.float32) for key in keys)
         mask = jnp.ones((1, t), jnp.int32)
@@ -295,7 +300,8 @@ def skip_blocks_main(out_path: str, repeats: int = 3) -> dict:
               f"({t_old / t_new:.2f}x), colsum diff {rows[-1]['colsum_max_abs_diff']:.1e}", file=sys.stderr, flush=True)
     result = {"benchmark": "scoring attention, visible key blocks only vs every key block (one layer)",
               "shape": dict(batch=1, heads=4, head_dim=64, query_block=QUERY_BLOCK, dtype="float32"),
-              "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax": jax.__version__},
+              "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
+                          "backend": jax.default_backend(), "device": str(jax.devices()[0])},
               "time_method": f"median of {repeats} jitted calls per side, interleaved, after a warm-up call", "results": rows}
     os.makedirs(os.path.dirname(out_path), exist_ok=True)
     with open(out_path, "w") as f:
@@ -315,10 +321,15 @@ def main(argv=None) -> dict:
     parser.add_argument("--lengths", type=int, nargs="*", default=list(LENGTHS))
     parser.add_argument("--out", default=os.path.join(ROOT, "benchmarks", "results", "scoring.json"))
     parser.add_argument("--skip-blocks", action="store_true", help="time skipped key blocks (see the docstring)")
+    parser.add_argument("--smoke", action="store_true", help="with --skip-blocks: T = 256 only, 1 repeat")
     args = parser.parse_args(argv)
+    if args.smoke and not args.skip_blocks:
+        parser.error("--smoke applies to --skip-blocks only")
     if args.skip_blocks:
         out = args.out if "--out" in (argv or sys.argv) else os.path.join(os.path.dirname(args.out),
                                                                           "scoring_blocks.json")
+        if args.smoke:
+            return skip_blocks_main(out, repeats=1, cases=SKIP_CASES_SMOKE)
         return skip_blocks_main(out)
 
     if args.worker:

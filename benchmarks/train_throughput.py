@@ -170,13 +170,14 @@ def _run_blocking(fn, args):
 
 
 class ClueJaxSide:
-    """The clue_jax Trainer's jitted step on one CPU device."""
+    """The clue_jax Trainer's jitted step on one device (the default backend's first)."""
 
     name = "clue_jax"
 
-    def __init__(self, size: dict, batches: list[np.ndarray], workdir: str):
+    def __init__(self, size: dict, batches: list[np.ndarray], workdir: str, dtype: str = "float32"):
+        # dtype: the compute dtype (parameters and optimizer state stay float32); bfloat16 on a GPU
         cfg = model_config.gpt2(vocab_size=size["vocab"], d_model=size["d_model"], num_layers=size["layers"],
-                                num_heads=size["heads"], mlp_dim=size["mlp"], max_len=size["seq"])
+                                num_heads=size["heads"], mlp_dim=size["mlp"], max_len=size["seq"], dtype=dtype)
         train_cfg = defaults.train_config(
             steps=1_000_000, batch_size=size["batch"], seq_len=size["seq"], lr=OPT["lr"], warmup_steps=0,
             schedule="constant", weight_decay=OPT["weight_decay"], clip_norm=OPT["clip_norm"],
