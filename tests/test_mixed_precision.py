@@ -9,12 +9,15 @@ import numpy as np
 import pytest
 from flax import nnx
 
+from clue_jax import export
 from clue_jax.configs import get_config
 from clue_jax.data.batching import ArrayBatchSource
+from clue_jax.data.tokenizer import train_bpe_tokenizer
 from clue_jax.errors import UserInputError
 from clue_jax.models import config as model_config
 from clue_jax.models import factory, hf, precision
-from clue_jax.pipelines import validate
+from clue_jax.pipelines import common, validate
+from clue_jax.pipelines.stages import Stages
 from clue_jax.train import defaults, loop, mesh as mesh_lib, objectives
 
 VOCAB = 64
@@ -160,3 +163,32 @@ def test_validation_one_liners():
     mcl = get_config("mcl_tiny")
     mcl.finetune.precision = "mixed"
     assert "not supported by the MCL pipeline" in _one_line_error(mcl)
+
+
+def test_a_mixed_stage_saves_float32_and_export_writes_it_or_the_asked_dtype(bf16_checkpoints, tmp_path):
+    stages = Stages(str(tmp_path))
+    texts = ["Ada Lovelace was born in London in 1815.", "Alan Turing studied at Cambridge."] * 10
+    stages.run("tokenizer", {"t": 1}, lambda d: {"path": d, "vocab_size": len(train_bpe_tokenizer(texts, 300, d))})
+
+    def train(stage_dir):
+        model, cfg = factory.load_params(bf16_checkpoints["hf"], _mesh(), precision="mixed")
+        tcfg = defaults.train_config(steps=1, batch_size=4, log_every=1, checkpoint_every=100, precision="mixed")
+        return common.train_model(stage_dir, model, cfg, ArrayBatchSource(_data(), 4, seed=0), tcfg, _mesh())
+
+    stages.run("cpt_mixed", {"s": 1}, train)
+    saved, cfg = factory.load_params(str(tmp_path / "stages" / "cpt_mixed" / "model"), _mesh())
+    assert (cfg.param_dtype, cfg.dtype) == ("float32", "bfloat16")
+    assert _float_dtypes(nnx.state(saved, nnx.Param)) == {"float32"}
+    for dtype, expected in (("", "F32"), ("bfloat16", "BF16")):
+        out = tmp_path / f"hf_{dtype or 'own'}"
+        assert export.main(["--workdir", str(tmp_path), "--stage", "cpt_mixed", "--out", str(out)]
+                           + (["--dtype", dtype] if dtype else [])) == 0
+        header = _safetensors_header(out / hf.SINGLE_FILE)
+        assert {v["dtype"] for k, v in header.items() if k != "__metadata__"} == {expected}
+        assert json.loads((out / "config.json").read_text())["dtype"] == (dtype or "float32")
+
+
+def _safetensors_header(path) -> dict:
+    with open(path, "rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        return json.loads(f.read(size))
