@@ -1,12 +1,14 @@
 """Weights back out: the trained model of a finished stage as a Hugging Face directory.
 
-    python -m clue_jax.export --workdir W --stage STAGE --out DIR [--max_shard_size 5GB]
+    python -m clue_jax.export --workdir W --stage STAGE --out DIR [--max_shard_size 5GB] [--dtype bfloat16]
 
 DIR gets config.json, safetensors shards (model-0000k-of-0000n.safetensors
 + model.safetensors.index.json once the model passes --max_shard_size, else
 one model.safetensors) and the run's tokenizer, so
 `transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads the student.
-LoRA students are exported merged: their stage saved W + (alpha / r) A B
+Tensors are written in the stage's parameter dtype (float32 for a stage
+trained with train.precision='mixed') unless --dtype casts them (e.g.
+bfloat16, half the bytes). LoRA students are exported merged: their stage saved W + (alpha / r) A B
 (clue_jax.models.lora.merge_lora), so the export is an ordinary checkpoint.
 
 At scale: run it on every host like training (same launcher, JAX
@@ -21,6 +23,7 @@ unreachable URL -- is one line and exit code 2, with nothing saved touched.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -133,8 +136,12 @@ def _agree(check) -> None:
         raise UserInputError(message)
 
 
-def export(workdir: str, stage: str, out: str, max_shard_bytes: int | None = 5 * 10**9) -> str:
-    """Writes the stage's model as an HF directory at `out` (a local path or a URL); returns `out`."""
+def export(workdir: str, stage: str, out: str, max_shard_bytes: int | None = 5 * 10**9,
+           dtype: str | None = None) -> str:
+    """Writes the stage's model as an HF directory at `out` (a local path or a URL); returns `out`.
+
+    dtype: the tensors' dtype (None: the parameters' own)."""
+    from clue_jax.clues import scoring
     from clue_jax.models import factory, hf, lora
     from clue_jax.train import mesh as mesh_lib
 
@@ -146,6 +153,8 @@ def export(workdir: str, stage: str, out: str, max_shard_bytes: int | None = 5 *
     model, cfg = factory.load_params(model_dir, mesh)
     if lora.has_lora(model):
         lora.merge_lora(model)
+    if dtype:
+        model, cfg = scoring.in_dtype(model, dtype), dataclasses.replace(cfg, dtype=dtype, param_dtype=dtype)
     extra = {k: getattr(tokenizer, k) for k in ("bos_token_id", "eos_token_id", "pad_token_id")
              if getattr(tokenizer, k, None) is not None}
 
@@ -185,11 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--stage", required=True, help="a finished stage with a model, e.g. cpt_small_plain_s0")
     parser.add_argument("--out", required=True, help="new or empty directory (local or a URL) for the HF model")
     parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors file (default 5GB)")
+    parser.add_argument("--dtype", default="", choices=("", "float32", "bfloat16", "float16"),
+                        help="tensor dtype of the export (default: the parameters' dtype)")
     args = parser.parse_args(argv)
     from clue_jax import distributed
 
     distributed.maybe_initialize()
-    out = export(args.workdir, args.stage, args.out, parse_size(args.max_shard_size))
+    out = export(args.workdir, args.stage, args.out, parse_size(args.max_shard_size), args.dtype or None)
     print(f"exported stage {args.stage} to {out}")
     return 0
 

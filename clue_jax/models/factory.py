@@ -3,8 +3,9 @@
 `create` initialises under jit with out_shardings taken from the parameters'
 logical names, so a large model is born sharded instead of on one device.
 `save_params`/`load_params` store a finished model (a pipeline stage's output)
-with orbax; a load checks the saved config against the expected one. Paths
-may be URLs (clue_jax.paths); HF checkpoint directories there are read
+with orbax; a load checks the saved config against the expected one and
+reads the weights straight into the dtypes of `precision` (train.precision,
+clue_jax.models.precision; float32 masters under "mixed"). Paths may be URLs (clue_jax.paths); HF checkpoint directories there are read
 through a local cache.
 """
 from __future__ import annotations
@@ -18,6 +19,7 @@ from flax import nnx
 from clue_jax import paths
 from clue_jax.errors import UserInputError
 from clue_jax.models.causal_lm import CausalLM
+from clue_jax.models import precision as precision_lib
 from clue_jax.models.config import ModelConfig
 from clue_jax.train import sharding as shard_lib
 
@@ -48,16 +50,24 @@ def is_hf_directory(directory: str) -> bool:
         paths.join(directory, "model_config.json"))
 
 
-def load_params(directory: str, mesh, expected: ModelConfig | None = None) -> tuple[CausalLM, ModelConfig]:
-    """Restores a model saved by `save_params` (or an HF checkpoint directory, local or a URL), placed on `mesh`."""
+def load_params(directory: str, mesh, expected: ModelConfig | None = None,
+                precision: str = "checkpoint") -> tuple[CausalLM, ModelConfig]:
+    """Restores a model saved by `save_params` (or an HF checkpoint directory, local or a URL), placed on `mesh`.
+
+    `expected` is compared with the saved config; the returned config is the one
+    `precision` trains in (the saved one under "checkpoint").
+    """
     directory = paths.absolute(directory)
     if is_hf_directory(directory):
         from clue_jax.models import hf
 
-        return hf.load(directory, mesh=mesh)
+        cfg = precision_lib.model_config(read_config(directory), precision)
+        model, loaded = hf.load(directory, dtype=None if precision == "checkpoint" else cfg.param_dtype, mesh=mesh)
+        return (model, loaded) if loaded == cfg else (_with_config(model, cfg), cfg)
     cfg = read_config(directory)
     if expected is not None and cfg != expected:
         raise UserInputError(f"model in {directory} has another config than the one asked for")
+    cfg = precision_lib.model_config(cfg, precision)  # orbax casts to the target's dtype on restore
     abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     shardings = shard_lib.state_shardings(params, mesh)
@@ -70,6 +80,12 @@ def load_params(directory: str, mesh, expected: ModelConfig | None = None) -> tu
             f"unreadable model checkpoint {directory}/params: {str(err).splitlines()[0][:200]}") from None
     model = nnx.merge(graphdef, restored, _concrete_rest(cfg, mesh))
     return model, cfg
+
+
+def _with_config(model: CausalLM, cfg: ModelConfig) -> CausalLM:
+    """The same weights under `cfg`'s graph: flax layers hold their compute dtype in the graph, not the weights."""
+    graphdef = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))))[0]
+    return nnx.merge(graphdef, nnx.state(model))
 
 
 def read_config(directory: str) -> ModelConfig:

@@ -64,7 +64,7 @@ from clue_jax.errors import UserInputError
 from clue_jax.eval import decode, prompts
 from clue_jax.extraction import finetune_data, mixing, report, shock
 from clue_jax.extraction.arm_metrics import arm_metrics, best_of, choose_steps, exact_match_rate
-from clue_jax.models import factory
+from clue_jax.models import factory, precision
 from clue_jax.pipelines import common, knowledge
 from clue_jax.pipelines.stages import Stages
 from clue_jax.train import logging_utils
@@ -87,9 +87,9 @@ def pretraining_corpus(people, qa_people, bios_per_person: int, seed: int) -> li
     return [texts[i] for i in order]
 
 
-def load_model(model_dir: str, mesh):
-    """A clue_jax model directory (save_params) or a Hugging Face checkpoint directory."""
-    return factory.load_params(model_dir, mesh)
+def load_model(model_dir: str, mesh, precision: str = "checkpoint"):
+    """A clue_jax model directory (save_params) or a Hugging Face checkpoint directory, in `precision`'s dtypes."""
+    return factory.load_params(model_dir, mesh, precision=precision)
 
 
 def _encode_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
@@ -199,7 +199,8 @@ def _read_predictions(path: str) -> dict:
 
 # ------------------------------------------------------------------ stages
 def pretrain_stage(config, texts, tokenizer, mesh, stage_dir):
-    cfg = knowledge.model_config(config, "small", tokenizer)
+    cfg = precision.model_config(knowledge.model_config(config, "small", tokenizer),
+                                 config.pretrain.get("precision", "checkpoint"))
     data = lm_data.pack_documents(tokenizer, texts, config.pretrain.seq_len)
     model = factory.create(cfg, config.seed, mesh)
     source = ArrayBatchSource(data, config.pretrain.batch_size, seed=config.pretrain.seed)
@@ -211,7 +212,7 @@ def pretrain_stage(config, texts, tokenizer, mesh, stage_dir):
 def finetune_stage(config, kind, seed, base_dir, ft_data, mix_data, mesh, stage_dir, steps: int | None = None):
     """Fine-tunes the base model: `steps` steps (default ft.steps) on the QA set alone ("vanilla"), or ft.steps
     QA batches with replay batches interleaved ("mixture")."""
-    model, cfg = load_model(base_dir, mesh)
+    model, cfg = load_model(base_dir, mesh, config.ft.get("precision", "checkpoint"))
     train_cfg = config.ft.copy_and_resolve_references()
     train_cfg.seed = seed
     if steps is not None:

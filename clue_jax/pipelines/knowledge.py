@@ -31,7 +31,7 @@ from clue_jax.data.batching import ArrayBatchSource, ConcatBatchSource
 from clue_jax.data.tokenizer import load_tokenizer, protected_token_ids, require_same_tokenizer, train_bpe_tokenizer
 from clue_jax.errors import UserInputError
 from clue_jax.eval import qa_eval, value_nll
-from clue_jax.models import factory, lora
+from clue_jax.models import factory, lora, precision
 from clue_jax.models.config import ModelConfig
 from clue_jax.pipelines import common, protocol, validate
 from clue_jax.pipelines.stages import Stages, fingerprint
@@ -188,11 +188,11 @@ def model_config(config, size: str, tokenizer) -> ModelConfig:
 
 
 def pretrain_stage(config, size, world_dir, tokenizer, mesh, stage_dir):
-    cfg = model_config(config, size, tokenizer)
+    train_cfg = pretrain_config(config, size)
+    cfg = precision.model_config(model_config(config, size, tokenizer), train_cfg.get("precision", "checkpoint"))
     texts = pretraining_texts(load_people(world_dir, "background"), config.data.bios_per_person,
                               config.seed, config.data.pretrain_qa)
     data = lm_data.pack_documents(tokenizer, texts, config.pretrain.seq_len)
-    train_cfg = pretrain_config(config, size)
     model = factory.create(cfg, config.seed, mesh)
     source = ArrayBatchSource(data, train_cfg.batch_size, seed=train_cfg.seed)
     result = common.train_model(stage_dir, model, cfg, source, train_cfg, mesh, stage=f"pretrain_{size}")
@@ -263,7 +263,11 @@ def cpt_stage(ctx, student: str, arm: str, seed: int, knowledge_name: str, drop:
     With train["eval_every"], the cloze EM of the documents' people is measured every that many steps
     (the learning curve, in the stage's result)."""
     config, mesh, tokenizer = ctx.config, ctx.mesh, ctx.tokenizer
-    model, cfg = factory.load_params(ctx.bases[student]["model_dir"], mesh)
+    train_cfg = config.cpt.copy_and_resolve_references()
+    train_cfg.update(train or {})
+    train_cfg.seed = seed
+    model, cfg = factory.load_params(ctx.bases[student]["model_dir"], mesh,
+                                     precision=train_cfg.get("precision", "checkpoint"))
     data = dict(ctx.docs_data[knowledge_name])
     mode = mode or config.clues.mode
     drop_cfg = dropout_config(config, arm, tokenizer, **drop)
@@ -271,9 +275,6 @@ def cpt_stage(ctx, student: str, arm: str, seed: int, knowledge_name: str, drop:
     if needs_scores and mode in ("cached", "fixed_copies"):
         scores = workdir_fs.load_npz(ctx.scores[knowledge_name]["path"])
         data["scores_large"], data["scores_small"] = scores["large"], scores["small"]
-    train_cfg = config.cpt.copy_and_resolve_references()
-    train_cfg.update(train or {})
-    train_cfg.seed = seed
     transform, extras = None, None
     if arm != "plain" and mode == "fixed_copies":  # the paper's offline K copies + originals
         ranking = dropout.ranking_scores(arm, data)  # "shuffled": another document's d, over the whole set

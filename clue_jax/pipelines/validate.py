@@ -27,6 +27,7 @@ SCHEDULES = ("cosine", "linear", "constant")
 DTYPES = ("float32", "bfloat16", "float16")
 FLAVOURS = ("gpt2", "llama", "gemma2")  # models/config.py FLAVOURS (not imported: it pulls in jax)
 TRAIN_SECTIONS = ("pretrain", "cpt", "ft", "finetune")
+PRECISIONS = ("checkpoint", "mixed")  # models/precision.py PRECISIONS
 CORPUS_PIPELINES = ("knowledge", "replicate")  # the pipelines that read data.corpus / data.qa_file
 
 Check = Callable[[Any], str | None]  # value -> what is allowed, or None when the value is fine
@@ -86,7 +87,7 @@ BETA: Check = lambda v: None if _is_number(v) and 0 <= v < 1 else "must be a num
 TRAIN_RULES: dict[str, Check] = {
     "steps": POS, "batch_size": POS, "micro_batches": POS, "seq_len": POS, "lr": POS_NUM, "warmup_steps": NONNEG,
     "schedule": one_of(SCHEDULES), "weight_decay": NONNEG_NUM, "clip_norm": NONNEG_NUM, "b1": BETA, "b2": BETA, "seed": NONNEG, "log_every": POS, "eval_every": POS, "checkpoint_every": POS,
-    "keep_checkpoints": POS,
+    "keep_checkpoints": POS, "precision": one_of(PRECISIONS),
 }
 
 # Glob pattern over the dotted key -> check; a key matches the first pattern that fits it.
@@ -204,7 +205,7 @@ def cross_errors(config: ml_collections.ConfigDict) -> list[str]:
         steps, warm = _get(config, f"{section}.steps"), _get(config, f"{section}.warmup_steps")
         if _is_int(steps) and _is_int(warm) and warm > steps > 0:
             errors.append(f"--config.{section}.warmup_steps={warm} is more than {section}.steps={steps}")
-    errors += position_errors(config)
+    errors += position_errors(config) + precision_errors(config)
     shape = _get(config, "mesh.shape")
     if shape is not None and not (isinstance(shape, (tuple, list)) and len(shape) == 3 and all(
             _is_int(s) and (s > 0 or s == -1) for s in shape) and list(shape).count(-1) <= 1):
@@ -233,6 +234,20 @@ def position_errors(config: ml_collections.ConfigDict) -> list[str]:
                               f"than {section}.seq_len={seq_len}: raise --config.models.{size}.max_len or lower "
                               f"--config.{section}.seq_len")
     return errors
+
+
+def precision_errors(config: ml_collections.ConfigDict) -> list[str]:
+    """train.precision='mixed' is for full fine-tuning of the causal LMs (models/precision.py)."""
+    mixed = [s for s in TRAIN_SECTIONS if _get(config, f"{s}.precision") == "mixed"]
+    if mixed and config.get("pipeline") == "mcl":
+        return [f"--config.{mixed[0]}.precision='mixed' is not supported by the MCL pipeline (its encoders "
+                f"train in float32); set --config.{mixed[0]}.precision=checkpoint"]
+    rank = _get(config, "lora.rank", 0)
+    if "cpt" in mixed and _is_int(rank) and rank > 0:
+        return [f"--config.cpt.precision='mixed' is for full fine-tuning, but lora.rank={rank}: the LoRA adapters "
+                "(all that trains) are float32 already and the frozen base stays in its checkpoint dtype; set "
+                "--config.cpt.precision=checkpoint or --config.lora.rank=0"]
+    return []
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:

@@ -24,6 +24,9 @@ def train_config(**overrides) -> ml_collections.ConfigDict:
             checkpoint_every=1000,
             keep_checkpoints=2,
             remat="none",  # none | full | dots: recompute block activations in the backward pass
+            # checkpoint: weights, AdamW moments and compute in the model's dtype (a bf16 checkpoint trains in
+            # bf16); mixed: float32 master weights and moments, bfloat16 compute (clue_jax.models.precision)
+            precision="checkpoint",
         )
     )
     cfg.update(overrides)

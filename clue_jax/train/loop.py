@@ -35,7 +35,7 @@ from jax.experimental import multihost_utils
 
 from clue_jax.data import batching
 from clue_jax.errors import UserInputError
-from clue_jax.models import attention, layers
+from clue_jax.models import attention, layers, precision
 from clue_jax.train import sharding as shard_lib
 from clue_jax.train.checkpoint import Checkpointer, abstract_like
 from clue_jax.train.logging_utils import MetricsWriter, Progress
@@ -130,6 +130,7 @@ class Trainer:
         self.meta = dict(meta or {})
         layers.set_remat(model, cfg.get("remat", "none"))  # every trained model, HF-loaded ones included
         self.graphdef, params, frozen = nnx.split(model, trainable, ...)
+        precision.check_trained(model, params, cfg.get("precision", "checkpoint"))  # set where it was built/loaded
         self.tx = make_optimizer(cfg)
         self.schedule = learning_rate_schedule(cfg.lr, cfg.steps, cfg.warmup_steps, cfg.schedule)
         data_ways = mesh.shape["data"] * mesh.shape["fsdp"]
