@@ -7,12 +7,11 @@ stack is built with `nnx.vmap` over split rngs: every parameter gets a leading
 sharding rules map to no mesh axis (`clue_jax.train.sharding` replicates names
 it has no rule for). Parameter paths are therefore `.../layers/query/kernel`
 with shape [L, ...]; the per-layer layout (`.../layers/0/query/kernel`, before
-the scan) is recognised in saved trees by `per_layer_paths` so a restore can
-refuse it with one line instead of misloading.
+the scan) is refused on restore with one line by
+`clue_jax.train.checkpoint.check_layer_layout`.
 """
 from __future__ import annotations
 
-import re
 from typing import Callable
 
 import jax
@@ -21,7 +20,6 @@ from flax import nnx
 from clue_jax.models import layers
 
 LAYER_AXIS = "layers"
-_PER_LAYER = re.compile(r"(^|/)layers/\d+/")
 
 
 def stack(make: Callable[[nnx.Rngs], nnx.Module], num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
@@ -62,8 +60,3 @@ def scan(stacked: nnx.Module, remat: str, x: jax.Array, *args, dropout_key: jax.
         step = jax.checkpoint(step, policy=layers.REMAT_POLICIES[remat])
     x, _ = jax.lax.scan(step, x, (state, keys))
     return x
-
-
-def per_layer_paths(paths) -> list[str]:
-    """The '/'-joined paths of a saved tree that are in the old per-layer layout (`layers/<i>/...`)."""
-    return [p for p in paths if _PER_LAYER.search(p)]
