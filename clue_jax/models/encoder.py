@@ -16,6 +16,11 @@ widths differ) and the MLM head reads the word table from that same module at
 call time. The parameter therefore exists once in `nnx.state(pair)`, receives
 gradient from both losses, and checkpoints / weight soups see plain paths.
 
+Layers: `EncoderBody.layers` is ONE `EncoderLayer` whose parameters are stacked
+[num_layers, ...] and run under `jax.lax.scan` (`clue_jax.models.encoder_scan`),
+so compile time does not grow with depth; HF import/export maps layer i to
+slice i.
+
 Dropout: `cfg.dropout` is applied after the embeddings and after each
 residual branch (HF's hidden_dropout_prob), only when a `dropout_key` is passed
 to `__call__`; without one the model is deterministic (eval, scoring, tests).
