@@ -19,7 +19,7 @@ from clue_jax.models import hf_electra as H  # noqa: E402
 from clue_jax.train.mesh import make_mesh  # noqa: E402
 
 HF_CONFIG = dict(
-    vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+    vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
     intermediate_size=64, max_position_embeddings=32,
 )
 CLASSES = {"discriminator": "ElectraForPreTraining", "generator": "ElectraForMaskedLM", "encoder": "ElectraModel"}
@@ -84,7 +84,7 @@ def test_logits_match_pytorch_and_survive_save(ckpts, kind, tmp_path):
     root, ref = ckpts
     ids, mask, types = _inputs()
     module, cfg = H.load_electra(root / kind, kind)
-    assert (cfg.hidden_size, cfg.embedding_size, cfg.num_layers) == (32, 16, 2)
+    assert (cfg.hidden_size, cfg.embedding_size, cfg.num_layers) == (32, 16, 3)  # stacked, scanned layers
     assert np.abs(ref[kind]).max() > 1.0  # the random weights give non-trivial logits
     ours = _jax_out(module, ids, mask, types)
     assert ours.shape == ref[kind].shape
@@ -116,9 +116,12 @@ def test_load_on_mesh_shards_parameters(ckpts):
     ids, mask, types = _inputs()
     mesh = make_mesh((1, 2, 4))
     module, _ = H.load_electra(root / "discriminator", "discriminator", mesh=mesh)
-    kernel = module.encoder.body.layers[0].intermediate.kernel[...]
-    assert kernel.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+    kernel = module.encoder.body.layers.intermediate.kernel[...]  # [layers, embed, mlp]: no mesh axis for layers
+    assert kernel.shape[0] == 3 and kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor")
     assert len(kernel.addressable_shards) == 8
+    hf = load_file(root / "discriminator" / "model.safetensors")
+    for i in range(3):  # HF layer i is slice i of the stack (transposed: torch stores [out, in])
+        np.testing.assert_array_equal(np.asarray(kernel[i]), hf[f"electra.encoder.layer.{i}.intermediate.dense.weight"].T)
     _close_on_real(_jax_out(module, ids, mask, types), ref["discriminator"], mask, atol=1e-4)
 
 

@@ -44,9 +44,10 @@ def _loss_and_grads(model, loss_fn):
 
 
 def _assert_same(a, b):
-    np.testing.assert_allclose(a[0], b[0], rtol=1e-6)
+    np.testing.assert_allclose(a[0], b[0], rtol=1e-5)  # a sum of ~800 terms; a scanned step fuses differently
     for x, y in zip(jax.tree.leaves(a[1]), jax.tree.leaves(b[1])):
-        np.testing.assert_allclose(x, y, rtol=1e-4, atol=2e-6)  # float reassociation only
+        scale = max(1.0, float(np.abs(y).max()))  # reassociation error grows with the leaf's largest terms
+        np.testing.assert_allclose(x, y, rtol=1e-4, atol=max(2e-6, 5e-7 * scale))  # float reassociation only
 
 
 @pytest.mark.parametrize("flavour", ["llama", "gemma2"])

@@ -16,6 +16,11 @@ widths differ) and the MLM head reads the word table from that same module at
 call time. The parameter therefore exists once in `nnx.state(pair)`, receives
 gradient from both losses, and checkpoints / weight soups see plain paths.
 
+Layers: `EncoderBody.layers` is ONE `EncoderLayer` whose parameters are stacked
+[num_layers, ...] and run under `jax.lax.scan` (`clue_jax.models.encoder_scan`),
+so compile time does not grow with depth; HF import/export maps layer i to
+slice i.
+
 Dropout: `cfg.dropout` is applied after the embeddings and after each
 residual branch (HF's hidden_dropout_prob), only when a `dropout_key` is passed
 to `__call__`; without one the model is deterministic (eval, scoring, tests).
@@ -33,7 +38,7 @@ from flax import nnx
 
 from clue_jax.errors import UserInputError
 from clue_jax.models import attention as attn
-from clue_jax.models import layers
+from clue_jax.models import encoder_scan, layers
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form
@@ -204,7 +209,7 @@ class EncoderLayer(nnx.Module):
 
 
 class EncoderBody(nnx.Module):
-    """Everything after the embeddings: optional embeddings_project, then the layers."""
+    """Everything after the embeddings: optional embeddings_project, then the layers (stacked, scanned)."""
 
     def __init__(self, cfg: EncoderConfig, rngs: nnx.Rngs):
         self.cfg = cfg
@@ -212,7 +217,8 @@ class EncoderBody(nnx.Module):
             _linear(cfg, cfg.embedding_size, cfg.hidden_size, (None, "embed"), rngs)
             if cfg.embedding_size != cfg.hidden_size else None
         )
-        self.layers = nnx.List([EncoderLayer(cfg, rngs) for _ in range(cfg.num_layers)])
+        # One EncoderLayer whose parameters are stacked [num_layers, ...], run under scan.
+        self.layers = encoder_scan.stack(lambda r: EncoderLayer(cfg, r), cfg.num_layers, rngs)
         self.remat = cfg.remat  # layers.set_remat changes it for training
 
     def __call__(self, embedded, attention_mask=None, dropout_key=None):
@@ -221,9 +227,7 @@ class EncoderBody(nnx.Module):
             attention_mask = jnp.ones(embedded.shape[:2], jnp.int32)
         allowed = attn.allowed_keys(attention_mask, causal=False)
         x = embedded if self.embeddings_project is None else self.embeddings_project(embedded)
-        for layer, key in zip(self.layers, _split(dropout_key, len(self.layers))):
-            x = layers.call_block(layer, self.remat, x, allowed, key)
-        return x
+        return encoder_scan.scan(self.layers, self.remat, x, allowed, dropout_key=dropout_key)
 
 
 class Encoder(nnx.Module):

@@ -2,7 +2,8 @@
 
 Loading follows the bonsai recipe: build the module abstractly with
 `nnx.eval_shape`, map every parameter path to its HF tensor name with a small
-regex table, transpose Linear weights (torch stores [out, in], nnx [in, out]),
+regex table (a stacked layer parameter [L, ...] to the L per-layer tensors),
+transpose Linear weights (torch stores [out, in], nnx [in, out]),
 check the shape, and place each array straight onto its mesh sharding
 (`clue_jax.train.sharding.state_shardings`) with `make_array_from_callback`,
 so no device holds more than its shard. Tensors are read whole into host
@@ -52,17 +53,19 @@ _TIED = "generator_lm_head.weight"
 
 # nnx module path (joined with "/", encoder paths rooted at "encoder/") -> HF module name.
 # The leaf name maps separately: kernel -> weight (transposed), scale/embedding -> weight, bias -> bias.
-_LAYER = r"encoder/body/layers/(\d+)/"
+# The layers are one stacked module (`encoder_scan`): its [L, ...] parameter is HF's L tensors
+# `electra.encoder.layer.{layer}....`, one per layer, stacked in layer order.
+_LAYER = "encoder/body/layers/"
 _MODULE_RULES = [
     (r"encoder/embeddings/(word_embeddings|position_embeddings|token_type_embeddings)", r"electra.embeddings.\1"),
     (r"encoder/embeddings/layer_norm", "electra.embeddings.LayerNorm"),
     (r"encoder/body/embeddings_project", "electra.embeddings_project"),
-    (_LAYER + "(query|key|value)", r"electra.encoder.layer.\1.attention.self.\2"),
-    (_LAYER + "attention_output", r"electra.encoder.layer.\1.attention.output.dense"),
-    (_LAYER + "attention_norm", r"electra.encoder.layer.\1.attention.output.LayerNorm"),
-    (_LAYER + "intermediate", r"electra.encoder.layer.\1.intermediate.dense"),
-    (_LAYER + "output", r"electra.encoder.layer.\1.output.dense"),
-    (_LAYER + "output_norm", r"electra.encoder.layer.\1.output.LayerNorm"),
+    (_LAYER + "(query|key|value)", r"electra.encoder.layer.{layer}.attention.self.\1"),
+    (_LAYER + "attention_output", "electra.encoder.layer.{layer}.attention.output.dense"),
+    (_LAYER + "attention_norm", "electra.encoder.layer.{layer}.attention.output.LayerNorm"),
+    (_LAYER + "intermediate", "electra.encoder.layer.{layer}.intermediate.dense"),
+    (_LAYER + "output", "electra.encoder.layer.{layer}.output.dense"),
+    (_LAYER + "output_norm", "electra.encoder.layer.{layer}.output.LayerNorm"),
 ]
 _HEAD_RULES = {
     "discriminator": [
@@ -80,7 +83,10 @@ _LEAVES = {"kernel": "weight", "scale": "weight", "embedding": "weight", "bias":
 
 
 def hf_name(path: tuple, kind: str, prefix: str = "electra.") -> tuple[str, bool]:
-    """(HF tensor name, transpose?) for an nnx parameter path of a `kind` model."""
+    """(HF tensor name, transpose?) for an nnx parameter path of a `kind` model.
+
+    A stacked layer parameter's name keeps a `{layer}` field (see `hf_names`).
+    """
     parts = [str(p) for p in path]
     if kind == "encoder":
         parts = ["encoder", *parts]
@@ -93,6 +99,14 @@ def hf_name(path: tuple, kind: str, prefix: str = "electra.") -> tuple[str, bool
                 name = prefix + name[len("electra."):]
             return name, leaf == "kernel"
     raise KeyError(f"no HF name for parameter {'/'.join(parts)} of a {kind}")
+
+
+def hf_names(path: tuple, kind: str, num_layers: int, prefix: str = "electra.") -> tuple[list[str], bool, bool]:
+    """(HF tensor names, transpose?, stacked?): one name, or one per layer for a stacked layer parameter."""
+    name, transpose = hf_name(path, kind, prefix)
+    if "{layer}" not in name:
+        return [name], transpose, False
+    return [name.format(layer=i) for i in range(num_layers)], transpose, True
 
 
 # ----------------------------------------------------------------------------- config
@@ -226,8 +240,8 @@ def load_electra(
     graphdef, state = nnx.split(abstract)
     flat_shardings = dict(nnx.to_flat_state(state_shardings(state, mesh))) if mesh is not None else {}
     flat = nnx.to_flat_state(state)
-    names = {p: hf_name(p, kind, prefix) for p, _ in flat}
-    wanted = [n for n, _ in names.values()]
+    names = {p: hf_names(p, kind, cfg.num_layers, prefix) for p, _ in flat}
+    wanted = [n for ns, _, _ in names.values() for n in ns]
     if kind == "generator" and _TIED in index:
         wanted.append(_TIED)
     missing = [n for n in wanted if n not in index]
@@ -239,14 +253,18 @@ def load_electra(
 
     leaves = []
     for p, var in flat:
-        name, transpose = names[p]
-        array = tensors[name].T if transpose else tensors[name]
+        layer_names, transpose, stacked = names[p]
         expected = var.get_value().shape
-        if tuple(array.shape) != tuple(expected):
-            raise UserInputError(
-                f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, config.json implies "
-                f"{tuple(expected)}{' (transposed)' if transpose else ''}"
-            )
+        arrays = []
+        for name in layer_names:
+            array = tensors[name].T if transpose else tensors[name]
+            if tuple(array.shape) != tuple(expected[1:] if stacked else expected):
+                raise UserInputError(
+                    f"{path}: tensor {name} has shape {tuple(tensors[name].shape)}, config.json implies "
+                    f"{tuple(expected[1:] if stacked else expected)}{' (transposed)' if transpose else ''}"
+                )
+            arrays.append(array)
+        array = np.stack(arrays) if stacked else arrays[0]
         array = np.ascontiguousarray(array, dtype=cfg.weights_dtype)
         sharding = flat_shardings[p].get_value() if p in flat_shardings else None
         leaves.append((p, var.replace(_place(array, sharding))))
@@ -291,9 +309,10 @@ def save_electra(module, cfg: EncoderConfig, path: str | os.PathLike, kind: str 
     prefix = "" if kind == "encoder" else "electra."
     tensors = {}
     for p, var in nnx.to_flat_state(nnx.state(module, nnx.Param)):
-        name, transpose = hf_name(p, kind, prefix)
+        layer_names, transpose, stacked = hf_names(p, kind, cfg.num_layers, prefix)
         array = _to_host(var.get_value())
-        tensors[name] = np.ascontiguousarray(array.T if transpose else array)
+        for name, one in zip(layer_names, array if stacked else [array]):
+            tensors[name] = np.ascontiguousarray(one.T if transpose else one)
     path = Path(path)
     if jax.process_index() == 0:
         path.mkdir(parents=True, exist_ok=True)
