@@ -28,9 +28,11 @@ def stack(make: Callable[[nnx.Rngs], nnx.Module], count: int, rngs: nnx.Rngs) ->
     return build(rngs)
 
 
-def depth(stacked: nnx.Module) -> int:
-    """How many layers a stacked module holds (the leading size of its Variables)."""
-    return jax.tree.leaves(nnx.state(stacked))[0].shape[0]
+def unstack(stacked: nnx.Module) -> list[nnx.Module]:
+    """The stacked layers as separate modules (copies of their slices): for inspection and references."""
+    graphdef, state = nnx.split(stacked)
+    count = jax.tree.leaves(state)[0].shape[0]
+    return [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(count)]
 
 
 def scan(stacked: nnx.Module, remat: str, body: Callable, carry, xs=None):

@@ -9,11 +9,14 @@ _METADATA, garbled meta) or whose checksums differ (flipped bytes) is moved
 aside to `<checkpoints>.damaged/<step>` with a warning, so training goes on
 from the previous step and can save that step again. A checkpoint written for
 another model config is refused with a one-line error before anything is
-overwritten.
+overwritten, and so is one of the old per-layer parameter layout
+(`blocks/0/...`, from before the layers were stacked and scanned): its paths
+are read from the saved tree's metadata before anything is restored.
 """
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 import jax
@@ -25,6 +28,31 @@ from clue_jax.config_check import workdir_path
 from clue_jax.errors import UserInputError
 
 log = logging.getLogger(__name__)
+
+# Layer containers whose layers are stacked now (clue_jax.models.stacking); a
+# saved path with a layer index right after one is the old per-layer layout.
+PER_LAYER_CONTAINERS = ("blocks",)
+_PER_LAYER = re.compile(r"\['(%s)'\]\['?(\d+)'?\]" % "|".join(PER_LAYER_CONTAINERS))
+
+
+def refuse_per_layer_layout(saved_tree: Any, where: str) -> None:
+    """UserInputError if a saved tree (orbax tree metadata) keeps its layers per index, not stacked."""
+    for path, _ in jax.tree_util.tree_leaves_with_path(saved_tree):
+        hit = _PER_LAYER.search(jax.tree_util.keystr(path))
+        if hit:
+            raise UserInputError(
+                f"{where} has the old per-layer parameter layout ({hit[1]}/{hit[2]}/...); this version stacks "
+                f"the layers ({hit[1]}/... [layers, ...]) and cannot restore it: retrain, or export it to Hugging "
+                "Face format with the clue_jax version that wrote it and load that")
+
+
+def saved_tree(path: str) -> Any:
+    """The tree metadata (paths, shapes) of an orbax PyTree item, without reading arrays; None if unreadable."""
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            return ckpt.metadata(path)
+    except Exception:  # an unreadable item is reported by the restore that follows
+        return None
 
 
 class Checkpointer:
@@ -71,6 +99,8 @@ class Checkpointer:
                         f"checkpoint {self.directory}/{step} was written for another {key} config "
                         f"(saved {key}={_diff(meta.get(key), expected_meta[key])}); use a new --workdir"
                     )
+            refuse_per_layer_layout(saved_tree(self.directory / str(step) / "state"),
+                                    f"checkpoint {self.directory}/{step}")
             try:
                 restored = self.manager.restore(
                     step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
