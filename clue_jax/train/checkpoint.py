@@ -50,7 +50,8 @@ def saved_tree(path: str) -> Any:
     """The tree metadata (paths, shapes) of an orbax PyTree item, without reading arrays; None if unreadable."""
     try:
         with ocp.StandardCheckpointer() as ckpt:
-            return ckpt.metadata(path)
+            saved = ckpt.metadata(path)
+        return getattr(saved, "item_metadata", saved)  # a StepMetadata (newer orbax) wraps the tree
     except Exception:  # an unreadable item is reported by the restore that follows
         return None
 
