@@ -364,8 +364,9 @@ def _per_layer(cfg: ModelConfig, params: dict[str, Any]) -> dict[str, tuple[str,
         if parts[0] != "blocks":
             out[path] = (path, None)
             continue
-        offset = PAIR_NAMES.index(parts[1]) if per_step == 2 else 0
-        rest = ".".join(parts[per_step:])
+        paired = per_step == 2
+        offset = PAIR_NAMES.index(parts[1]) if paired else 0
+        rest = ".".join(parts[2:] if paired else parts[1:])
         for step in range(cfg.num_layers // per_step):
             out[f"blocks.{step * per_step + offset}.{rest}"] = (path, step)
     return out
