@@ -36,7 +36,7 @@ def _ids(vocab, seed=0):
 def _sharpen(model, factor=6.0):
     """Random init gives near-uniform attention; larger q/k make the check discriminating."""
     for path, proj in nnx.iter_modules(model):
-        if path[-1] in ("q_proj", "k_proj"):  # the stacked kernels of every layer
+        if path and path[-1] in ("q_proj", "k_proj"):  # the stacked kernels of every layer
             proj.kernel[...] = proj.kernel[...] * factor
 
 
