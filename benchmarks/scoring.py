@@ -148,22 +148,24 @@ def worker_jax(weights: str, t: int, repeats: int, scores_out: str) -> dict:
     params = {("embed_tokens", "embedding"): w["transformer.wte.weight"],
               ("embed_positions", "embedding"): w["transformer.wpe.weight"],
               ("final_norm", "scale"): w["transformer.ln_f.weight"], ("final_norm", "bias"): w["transformer.ln_f.bias"]}
-    for i in range(cfg.num_layers):
+    per_layer = [{} for _ in range(cfg.num_layers)]  # the model stacks its layers: one [L, ...] array per param
+    for i, layer in enumerate(per_layer):
         h = f"transformer.h.{i}."
-        blk = ("blocks", i)
+        blk = ("blocks",)
         c_w, c_b = w[h + "attn.c_attn.weight"], w[h + "attn.c_attn.bias"]
         for j, name in enumerate(("q_proj", "k_proj", "v_proj")):
-            params[blk + ("attn", name, "kernel")] = c_w[:, j * d:(j + 1) * d]
-            params[blk + ("attn", name, "bias")] = c_b[j * d:(j + 1) * d]
-        params[blk + ("attn", "o_proj", "kernel")] = w[h + "attn.c_proj.weight"]
-        params[blk + ("attn", "o_proj", "bias")] = w[h + "attn.c_proj.bias"]
-        params[blk + ("mlp", "up_proj", "kernel")] = w[h + "mlp.c_fc.weight"]
-        params[blk + ("mlp", "up_proj", "bias")] = w[h + "mlp.c_fc.bias"]
-        params[blk + ("mlp", "down_proj", "kernel")] = w[h + "mlp.c_proj.weight"]
-        params[blk + ("mlp", "down_proj", "bias")] = w[h + "mlp.c_proj.bias"]
+            layer[blk + ("attn", name, "kernel")] = c_w[:, j * d:(j + 1) * d]
+            layer[blk + ("attn", name, "bias")] = c_b[j * d:(j + 1) * d]
+        layer[blk + ("attn", "o_proj", "kernel")] = w[h + "attn.c_proj.weight"]
+        layer[blk + ("attn", "o_proj", "bias")] = w[h + "attn.c_proj.bias"]
+        layer[blk + ("mlp", "up_proj", "kernel")] = w[h + "mlp.c_fc.weight"]
+        layer[blk + ("mlp", "up_proj", "bias")] = w[h + "mlp.c_fc.bias"]
+        layer[blk + ("mlp", "down_proj", "kernel")] = w[h + "mlp.c_proj.weight"]
+        layer[blk + ("mlp", "down_proj", "bias")] = w[h + "mlp.c_proj.bias"]
         for ours, theirs in (("input_norm", "ln_1"), ("mlp_norm", "ln_2")):
-            params[blk + (ours, "scale")] = w[h + theirs + ".weight"]
-            params[blk + (ours, "bias")] = w[h + theirs + ".bias"]
+            layer[blk + (ours, "scale")] = w[h + theirs + ".weight"]
+            layer[blk + (ours, "bias")] = w[h + theirs + ".bias"]
+    params.update({key: np.stack([layer[key] for layer in per_layer]) for key in per_layer[0]})
     graphdef, state = nnx.split(model)
     flat = dict(nnx.to_flat_state(state))
     missing = set(k for k, v in flat.items() if isinstance(v, nnx.Param)) - set(params)

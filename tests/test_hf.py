@@ -33,14 +33,14 @@ def _hf_configs():
     gqa = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2)
     return {
         "gpt2": t.GPT2Config(n_embd=32, n_layer=2, n_head=4, n_positions=32, **SMALL),
-        "llama": t.LlamaConfig(**gqa, head_dim=8, rope_theta=10000.0, **SMALL),
+        "llama": t.LlamaConfig(**{**gqa, "num_hidden_layers": 3}, head_dim=8, rope_theta=10000.0, **SMALL),
         "llama3": t.LlamaConfig(
             **gqa, head_dim=16, rope_theta=10000.0, tie_word_embeddings=True, **SMALL,
             rope_scaling={"rope_type": "llama3", "factor": 4.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                           "original_max_position_embeddings": 16},
         ),
-        "gemma2": t.Gemma2Config(
-            **gqa, head_dim=8, sliding_window=4, query_pre_attn_scalar=12, attn_logit_softcapping=2.0,
+        "gemma2": t.Gemma2Config(  # 4 layers: two scanned sliding/global pairs
+            **{**gqa, "num_hidden_layers": 4}, head_dim=8, sliding_window=4, query_pre_attn_scalar=12, attn_logit_softcapping=2.0,
             final_logit_softcapping=3.0, **SMALL,
         ),
     }
@@ -120,11 +120,11 @@ def test_rope_scaling_and_sliding_window_change_the_logits(refs, name):
     path, ref_logits, _ = refs[name]
     ids, mask = _inputs()
     model, cfg = hf.load(path)
-    for block in model.blocks:
-        if name == "llama3":  # the plain RoPE table in place of LLaMA-3's scaled one
-            block.attn.inv_freq.set_value(rope_inverse_frequencies(cfg.head_size, cfg.rope_theta))
-        else:
-            block.attn.sliding_window = 0
+    if name == "llama3":  # the plain RoPE table in place of LLaMA-3's scaled one, in every stacked layer
+        inv_freq = model.blocks.attn.inv_freq
+        inv_freq.set_value(jnp.broadcast_to(rope_inverse_frequencies(cfg.head_size, cfg.rope_theta), inv_freq.shape))
+    else:  # the sliding layers of the scanned pairs attend globally
+        model.blocks.sliding.attn.sliding_window = 0
     real = mask.astype(bool)
     assert np.abs(_logits(model, ids, mask)[real] - ref_logits[real]).max() > 1e-2
 
@@ -156,11 +156,11 @@ def test_sharded_load_equals_unsharded(refs):
     plain, _ = hf.load(path)
     mesh = make_mesh((2, 2, 2))
     sharded, _ = hf.load(path, mesh=mesh)
-    kernel = sharded.blocks[0].attn.q_proj.kernel[...]
-    assert kernel.sharding.spec == P("fsdp", "tensor")
-    assert {s.data.shape for s in kernel.addressable_shards} == {(16, 16)}  # a quarter of [32, 32] per device
+    kernel = sharded.blocks.attn.q_proj.kernel[...]  # stacked [3 layers, 32, 32]; the layers axis is not split
+    assert kernel.sharding.spec == P(None, "fsdp", "tensor")
+    assert {s.data.shape for s in kernel.addressable_shards} == {(3, 16, 16)}  # a quarter of each layer per device
     assert sharded.embed_tokens.embedding[...].sharding.spec == P("tensor", "fsdp")
-    assert sharded.blocks[0].attn.k_proj.kernel[...].sharding.spec == P("fsdp", "tensor")
+    assert sharded.blocks.attn.k_proj.kernel[...].sharding.spec == P(None, "fsdp", "tensor")
     _assert_same_params(plain, sharded)
     real = mask.astype(bool)
     np.testing.assert_allclose(_logits(sharded, ids, mask)[real], ref_logits[real], atol=1e-4, rtol=1e-5)

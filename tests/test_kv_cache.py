@@ -17,7 +17,7 @@ FLAVOURS = {
     "gpt2": config.gpt2(**SMALL),
     "llama": config.llama(**dict(SMALL, num_kv_heads=1, rope_scaling=(8.0, 1.0, 4.0, 16))),  # GQA 4:1
     # Sliding window 3 (layers 0 and 2) is far shorter than prompt + answer; both soft caps bite.
-    "gemma2": config.gemma2(**dict(SMALL, num_layers=3, num_kv_heads=2, sliding_window=3, attn_logit_softcap=2.0,
+    "gemma2": config.gemma2(**dict(SMALL, num_layers=4, num_kv_heads=2, sliding_window=3, attn_logit_softcap=2.0,
                                    final_logit_softcap=4.0, query_pre_attn_scalar=16.0)),
 }
 PROMPTS = [[3], [1, 4, 1, 5, 9, 2, 6], [9, 2], [7, 7, 7, 8], [10, 0, 6, 2, 2, 13, 40, 33, 21, 5], [59]]

@@ -8,7 +8,7 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from clue_jax.errors import UserInputError
-from clue_jax.models import hf, lora
+from clue_jax.models import hf, lora, stacking
 from clue_jax.models.causal_lm import CausalLM
 from clue_jax.models.config import gpt2, llama
 from clue_jax.train.mesh import make_mesh
@@ -115,8 +115,8 @@ def test_merge_folds_adapters_exactly(trained, tmp_path):
     assert [p for p, _ in nnx.to_flat_state(nnx.state(plain))] == [p for p, _ in nnx.to_flat_state(nnx.state(model))]
     hf.save(model, CFG, tmp_path)
     again, _ = hf.load(tmp_path)
-    np.testing.assert_array_equal(np.asarray(again.blocks[0].mlp.down_proj.kernel[...]),
-                                  np.asarray(model.blocks[0].mlp.down_proj.kernel[...]))
+    np.testing.assert_array_equal(np.asarray(again.blocks.mlp.down_proj.kernel[...]),
+                                  np.asarray(model.blocks.mlp.down_proj.kernel[...]))
 
 
 def test_targets_scale_and_sharding_names():
@@ -124,8 +124,12 @@ def test_targets_scale_and_sharding_names():
     model = CausalLM(cfg, rngs=nnx.Rngs(0))
     lora.apply_lora(model, RANK, ALPHA, ("q_proj", "v_proj", "gate_proj"), nnx.Rngs(1))  # GPT-2 has no gate_proj
     wrapped = sorted(p for p, m in nnx.iter_modules(model) if isinstance(m, lora.LoRALinear))
-    assert wrapped == [("blocks", i, "attn", n) for i in range(2) for n in ("q_proj", "v_proj")]
-    q = model.blocks[0].attn.q_proj
+    assert wrapped == [("blocks", "attn", n) for n in ("q_proj", "v_proj")]  # each over the 2 stacked layers
+    stacked = model.blocks.attn.q_proj
+    assert stacked.lora_a.shape == (2, 32, RANK) and stacked.lora_b.shape == (2, RANK, 32)
+    assert stacked.lora_a[...].dtype == jnp.float32
+    assert not np.allclose(np.asarray(stacked.lora_a[0]), np.asarray(stacked.lora_a[1]))  # each layer its own init
+    q = stacking.unstack(model.blocks)[0].attn.q_proj  # layer 0's adapters, as an unstacked module
     assert q.scale == ALPHA / RANK and q.lora_a.shape == (32, RANK) and q.lora_b.shape == (RANK, 32)
     # With B non-zero the output is base + (alpha / r) x A B.
     q.lora_b.set_value(jax.random.normal(jax.random.key(2), (RANK, 32)))
@@ -133,9 +137,9 @@ def test_targets_scale_and_sharding_names():
     want = q.base_module(x) + (ALPHA / RANK) * (x @ q.lora_a[...] @ q.lora_b[...])
     np.testing.assert_allclose(np.asarray(q(x)), np.asarray(want), atol=1e-5, rtol=1e-5)
     shardings = state_shardings(nnx.state(model), make_mesh((2, 2, 2)))
-    q_sh = shardings["blocks"][0]["attn"]["q_proj"]
-    assert q_sh["lora_a"].get_value().spec == P("fsdp", None)
-    assert q_sh["lora_b"].get_value().spec == P(None, "tensor")
+    q_sh = shardings["blocks"]["attn"]["q_proj"]
+    assert q_sh["lora_a"].get_value().spec == P(None, "fsdp", None)
+    assert q_sh["lora_b"].get_value().spec == P(None, None, "tensor")
     assert lora.trainable_filter(False) is nnx.Param
 
     with pytest.raises(ValueError, match="already has LoRA"):

@@ -9,7 +9,7 @@ from flax import nnx
 from clue_jax.clues import scoring
 from clue_jax.errors import UserInputError
 from clue_jax.models import config as mc
-from clue_jax.models import layers
+from clue_jax.models import layers, stacking
 from clue_jax.models.causal_lm import CausalLM
 
 T = 13
@@ -35,9 +35,14 @@ def _ids(vocab, seed=0):
 
 def _sharpen(model, factor=6.0):
     """Random init gives near-uniform attention; larger q/k make the check discriminating."""
-    for block in model.blocks:
-        block.attn.q_proj.kernel[...] = block.attn.q_proj.kernel[...] * factor
-        block.attn.k_proj.kernel[...] = block.attn.k_proj.kernel[...] * factor
+    for path, proj in nnx.iter_modules(model):
+        if path and path[-1] in ("q_proj", "k_proj"):  # the stacked kernels of every layer
+            proj.kernel[...] = proj.kernel[...] * factor
+
+
+def _layers(model):
+    """The model's Blocks in layer order, unstacked (the scanned units' sublayers)."""
+    return [block for unit in stacking.unstack(model.blocks) for block in unit.sublayers()]
 
 
 @functools.lru_cache(maxsize=None)
@@ -63,7 +68,7 @@ def _projections(model, ids, mask):
     positions = layers.positions_from_mask(mask)
     x = model._embed(ids, positions)
     out = []
-    for block in model.blocks:
+    for block in _layers(model):
         a = block.attn
         h = block.input_norm(x)
         q = a.q_proj(h).reshape(b, t, cfg.num_heads, cfg.head_size)
@@ -170,7 +175,7 @@ def test_scorer_sharded_bf16_and_corpus():
     approx = np.asarray(bf16(ids, mask))
     assert np.abs(approx - want).max() < 0.05 * np.abs(want).max()
     assert not np.allclose(approx, want, atol=1e-6)  # it really ran in bf16
-    assert model.blocks[0].attn.q_proj.kernel[...].dtype == jnp.float32  # the model is untouched
+    assert model.blocks.attn.q_proj.kernel[...].dtype == jnp.float32  # the model is untouched
 
     with pytest.raises(UserInputError, match="max_len"):
         scorer(np.zeros((4, 40), np.int32))
@@ -186,27 +191,29 @@ def _copy_torch_gpt2(tmodel, cfg):
     sd = {k: v.detach().numpy() for k, v in tmodel.state_dict().items()}
     d = cfg.d_model
 
-    def put(var, value):
-        var[...] = jnp.asarray(value, jnp.float32)
+    def put(var, value, layer=None):  # layer: the slice of a stacked param
+        value = jnp.asarray(value, jnp.float32)
+        var[...] = value if layer is None else var[...].at[layer].set(value)
 
     put(model.embed_tokens.embedding, sd["transformer.wte.weight"])
     put(model.embed_positions.embedding, sd["transformer.wpe.weight"][: cfg.max_len])
-    for i, block in enumerate(model.blocks):
+    block = model.blocks
+    for i in range(cfg.num_layers):
         p = f"transformer.h.{i}."
-        put(block.input_norm.scale, sd[p + "ln_1.weight"])
-        put(block.input_norm.bias, sd[p + "ln_1.bias"])
+        put(block.input_norm.scale, sd[p + "ln_1.weight"], i)
+        put(block.input_norm.bias, sd[p + "ln_1.bias"], i)
         w, bias = sd[p + "attn.c_attn.weight"], sd[p + "attn.c_attn.bias"]
         for j, proj in enumerate((block.attn.q_proj, block.attn.k_proj, block.attn.v_proj)):
-            put(proj.kernel, w[:, j * d:(j + 1) * d])
-            put(proj.bias, bias[j * d:(j + 1) * d])
-        put(block.attn.o_proj.kernel, sd[p + "attn.c_proj.weight"])
-        put(block.attn.o_proj.bias, sd[p + "attn.c_proj.bias"])
-        put(block.mlp_norm.scale, sd[p + "ln_2.weight"])
-        put(block.mlp_norm.bias, sd[p + "ln_2.bias"])
-        put(block.mlp.up_proj.kernel, sd[p + "mlp.c_fc.weight"])
-        put(block.mlp.up_proj.bias, sd[p + "mlp.c_fc.bias"])
-        put(block.mlp.down_proj.kernel, sd[p + "mlp.c_proj.weight"])
-        put(block.mlp.down_proj.bias, sd[p + "mlp.c_proj.bias"])
+            put(proj.kernel, w[:, j * d:(j + 1) * d], i)
+            put(proj.bias, bias[j * d:(j + 1) * d], i)
+        put(block.attn.o_proj.kernel, sd[p + "attn.c_proj.weight"], i)
+        put(block.attn.o_proj.bias, sd[p + "attn.c_proj.bias"], i)
+        put(block.mlp_norm.scale, sd[p + "ln_2.weight"], i)
+        put(block.mlp_norm.bias, sd[p + "ln_2.bias"], i)
+        put(block.mlp.up_proj.kernel, sd[p + "mlp.c_fc.weight"], i)
+        put(block.mlp.up_proj.bias, sd[p + "mlp.c_fc.bias"], i)
+        put(block.mlp.down_proj.kernel, sd[p + "mlp.c_proj.weight"], i)
+        put(block.mlp.down_proj.bias, sd[p + "mlp.c_proj.bias"], i)
     put(model.final_norm.scale, sd["transformer.ln_f.weight"])
     put(model.final_norm.bias, sd["transformer.ln_f.bias"])
     return model

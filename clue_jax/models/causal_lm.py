@@ -4,6 +4,14 @@
 attention). `model.received_attention_sums(...)` runs the same weights through
 the blocked scoring attention and returns, summed over layers, heads and real
 queries, the attention each token receives (clue dropout's raw material).
+
+The layers are stacked and scanned (clue_jax.models.stacking), so compile
+time does not grow with depth. The scanned unit must be the same program every
+step, and Gemma-2's alternating windows are static (the fused kernels need
+them at trace time), so with a window the unit is a `LayerPair` (a sliding
+and a global Block; layer 2u is pair u's sliding one, 2u+1 its global one)
+and `model.blocks` holds num_layers / 2 of them; otherwise it holds
+num_layers Blocks.
 """
 from __future__ import annotations
 
@@ -13,7 +21,7 @@ from flax import nnx
 
 from clue_jax.errors import UserInputError
 from clue_jax.models import attention as attn
-from clue_jax.models import layers
+from clue_jax.models import layers, stacking
 from clue_jax.models.config import ModelConfig
 
 
@@ -115,6 +123,38 @@ class Block(nnx.Module):
             h = self.post_mlp_norm(h)
         return x + h, extra
 
+    def sublayers(self) -> tuple:
+        """The layers of one scanned step, in order."""
+        return (self,)
+
+
+class LayerPair(nnx.Module):
+    """Gemma-2's period of two layers: a sliding-window Block, then a global one."""
+
+    def __init__(self, cfg: ModelConfig, rngs: nnx.Rngs):
+        self.sliding = Block(cfg, 0, rngs)
+        self.full = Block(cfg, 1, rngs)
+
+    def sublayers(self) -> tuple:
+        return (self.sliding, self.full)
+
+
+PAIR_NAMES = ("sliding", "full")  # LayerPair's attributes, by layer parity
+
+
+def period(cfg: ModelConfig) -> int:
+    """Layers per scanned step: 2 with Gemma-2's alternating windows, else 1."""
+    return 2 if cfg.sliding_window else 1
+
+
+def _layer_unit(cfg: ModelConfig):
+    if not cfg.sliding_window:
+        return lambda rngs: Block(cfg, 0, rngs)
+    if cfg.num_layers % 2:
+        raise UserInputError(f"model.num_layers={cfg.num_layers} must be even with model.sliding_window="
+                             f"{cfg.sliding_window} (layers are scanned in sliding/global pairs)")
+    return lambda rngs: LayerPair(cfg, rngs)
+
 
 class CausalLM(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs):
@@ -123,7 +163,7 @@ class CausalLM(nnx.Module):
         self.embed_tokens = layers.embed(cfg.vocab_size, cfg.d_model, ("vocab", "embed"), **kw)
         if cfg.flavour == "gpt2":
             self.embed_positions = layers.embed(cfg.max_len, cfg.d_model, ("pos", "embed"), **kw)
-        self.blocks = nnx.List([Block(cfg, i, rngs) for i in range(cfg.num_layers)])
+        self.blocks = stacking.stack(_layer_unit(cfg), cfg.num_layers // period(cfg), rngs)
         self.final_norm = _norm(cfg, rngs)
         self.remat = cfg.remat  # layers.set_remat changes it for training
         if not cfg.tie_embeddings:
@@ -150,8 +190,13 @@ class CausalLM(nnx.Module):
     def hidden_states(self, input_ids, attention_mask=None, positions=None):
         attention_mask, positions = self._inputs(input_ids, attention_mask, positions)
         x = self._embed(input_ids, positions)
-        for block in self.blocks:
-            x, _ = layers.call_block(block, self.remat, x, positions, attention_mask)
+
+        def step(unit, x, _):
+            for block in unit.sublayers():
+                x, _ = block(x, positions, attention_mask)
+            return x, None
+
+        x, _ = stacking.scan(self.blocks, self.remat, step, x)
         return self.final_norm(x)
 
     def __call__(self, input_ids, attention_mask=None, positions=None):
@@ -172,11 +217,16 @@ class CausalLM(nnx.Module):
         attention_mask, positions = self._inputs(input_ids, attention_mask, None)
         request = attn.ScoreRequest(query_block=query_block, query_index=query_index)
         x = self._embed(input_ids, positions)
-        colsum = jnp.zeros(input_ids.shape, jnp.float32)
-        row = jnp.zeros(input_ids.shape, jnp.float32)
-        for block in self.blocks:
-            x, (c, r) = block(x, positions, attention_mask, request)
-            colsum = colsum + c
-            if r is not None:
-                row = row + r
+        zeros = jnp.zeros(input_ids.shape, jnp.float32)
+
+        def step(unit, carry, _):
+            x, colsum, row = carry
+            for block in unit.sublayers():
+                x, (c, r) = block(x, positions, attention_mask, request)
+                colsum = colsum + c
+                if r is not None:
+                    row = row + r
+            return (x, colsum, row), None
+
+        (_, colsum, row), _ = stacking.scan(self.blocks, "none", step, (x, zeros, zeros))
         return {"colsum": colsum, "row": row if query_index is not None else None}

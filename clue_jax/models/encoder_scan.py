@@ -8,7 +8,7 @@ sharding rules map to no mesh axis (`clue_jax.train.sharding` replicates names
 it has no rule for). Parameter paths are therefore `.../layers/query/kernel`
 with shape [L, ...]; the per-layer layout (`.../layers/0/query/kernel`, before
 the scan) is refused on restore with one line by
-`clue_jax.train.checkpoint.check_layer_layout`.
+`clue_jax.train.checkpoint.refuse_per_layer_layout`.
 """
 from __future__ import annotations
 

@@ -21,6 +21,7 @@ from clue_jax.errors import UserInputError
 from clue_jax.models.causal_lm import CausalLM
 from clue_jax.models import precision as precision_lib
 from clue_jax.models.config import ModelConfig
+from clue_jax.train import checkpoint
 from clue_jax.train import sharding as shard_lib
 
 
@@ -72,9 +73,11 @@ def load_params(directory: str, mesh, expected: ModelConfig | None = None,
     graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
     shardings = shard_lib.state_shardings(params, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
+    item = paths.join(directory, "params")
+    checkpoint.refuse_per_layer_layout(checkpoint.saved_tree(item), f"model checkpoint {item}")
     try:
         with ocp.StandardCheckpointer() as ckpt:
-            restored = ckpt.restore(paths.join(directory, "params"), target)
+            restored = ckpt.restore(item, target)
     except Exception as err:
         raise UserInputError(
             f"unreadable model checkpoint {directory}/params: {str(err).splitlines()[0][:200]}") from None

@@ -9,14 +9,16 @@ memory-mapped safetensors file only the slice one device needs
 own shard, which is what lets a 70B model load onto a pod. What a host reads:
 each distinct slice its own devices need, once (slices replicated over several
 local devices are shared); a parameter that is replicated everywhere is read
-whole, once per host. Host memory peaks at about one tensor's local slices.
+whole, once per host. The layers are stacked (clue_jax.models.stacking): a
+stacked param [L, ...] is filled from the L per-layer HF tensors, so host
+memory peaks at about one stacked param's local slices (L tensors' worth).
 torch is not needed: safetensors' numpy backend reads bf16 as ml_dtypes.bfloat16.
 
 HF names map to NNX paths through a small table of templates (the bonsai
 style); the same table drives `save`, so the two directions cannot drift.
-`save` streams: each HF tensor in turn is gathered, appended to its shard
-file and dropped, so a host holds about one tensor, never the model. A
-checkpoint at a URL (gs://...) is loaded from a local cached copy.
+`save` streams: each HF tensor (one layer's slice of a stacked param) in turn
+is gathered, appended to its shard file and dropped, so a host holds about
+one tensor, never the model. A checkpoint at a URL (gs://...) is loaded from a local cached copy.
 """
 from __future__ import annotations
 
@@ -38,7 +40,7 @@ from safetensors import safe_open
 
 from clue_jax import paths
 from clue_jax.errors import UserInputError
-from clue_jax.models.causal_lm import CausalLM
+from clue_jax.models.causal_lm import PAIR_NAMES, CausalLM, period
 from clue_jax.models.config import ModelConfig
 
 COPY, TRANSPOSE, SPLIT = "copy", "transpose", "split"
@@ -348,6 +350,39 @@ def _path_str(path: tuple) -> str:
     return ".".join(str(p) for p in path)
 
 
+def _per_layer(cfg: ModelConfig, params: dict[str, Any]) -> dict[str, tuple[str, int | None]]:
+    """The per-layer names the rules use (blocks.{i}.…) for the model's stacked params.
+
+    A stacked param blocks.<rest> [L, ...] (or blocks.sliding|full.<rest>
+    [L/2, ...], Gemma-2's pairs) is L per-layer params blocks.{i}.<rest>.
+    Returns name -> (param path, index along its layers axis; None if unstacked).
+    """
+    per_step = period(cfg)
+    out: dict[str, tuple[str, int | None]] = {}
+    for path in params:
+        parts = path.split(".")
+        if parts[0] != "blocks":
+            out[path] = (path, None)
+            continue
+        paired = per_step == 2
+        offset = PAIR_NAMES.index(parts[1]) if paired else 0
+        rest = ".".join(parts[2:] if paired else parts[1:])
+        for step in range(cfg.num_layers // per_step):
+            out[f"blocks.{step * per_step + offset}.{rest}"] = (path, step)
+    return out
+
+
+def _layer(params: dict[str, Any], at: tuple[str, int | None], abstract: bool = False):
+    """One layer's slice of a stacked param (the param itself if unstacked); abstract: only its shape."""
+    path, index = at
+    value = params[path]
+    if index is None:
+        return jax.ShapeDtypeStruct(value.shape, value.dtype) if abstract else value
+    if abstract:
+        return jax.ShapeDtypeStruct(value.shape[1:], value.dtype)
+    return value[index]
+
+
 # ----------------------------------------------------------------------------- load
 
 
@@ -445,9 +480,8 @@ def _split_offsets(src: _Source, params: dict[str, Any], path_groups: dict) -> l
     return [0] + [int(x) for x in np.cumsum(widths)]
 
 
-def _fill(path: str, abstract, sharding, src: _Source, handle, params: dict) -> jax.Array:
-    """One param as a (sharded) jax.Array; each device's slice is read from disk on its own."""
-    shape, dtype = tuple(abstract.shape), abstract.dtype
+def _reader(path: str, shape: tuple, dtype, src: _Source, handle, params: dict):
+    """read(index) of the HF tensor behind the (per-layer) param `path` of `shape`, in its layout."""
     tensor = handle.get_slice(src.key)
     src_shape = tuple(tensor.get_shape())
     if src.kind == SPLIT:
@@ -460,16 +494,7 @@ def _fill(path: str, abstract, sharding, src: _Source, handle, params: dict) -> 
             f"{src.file}: tensor {src.key} has shape {list(src_shape)}, expected {list(expected)} for {path}"
         )
 
-    blocks: dict[tuple, np.ndarray] = {}  # devices that replicate a slice share one read
-
     def read(idx):
-        idx = _normalise(idx, shape)
-        memo = tuple((s.start, s.stop) for s in idx)
-        if memo not in blocks:
-            blocks[memo] = _read(idx)
-        return blocks[memo]
-
-    def _read(idx):
         try:
             if src.kind == TRANSPOSE:
                 block = np.asarray(tensor[idx[1], idx[0]]).T
@@ -482,6 +507,28 @@ def _fill(path: str, abstract, sharding, src: _Source, handle, params: dict) -> 
         except Exception as e:
             raise UserInputError(f"{src.file}: cannot read tensor {src.key} ({type(e).__name__}: {e})") from None
         return np.ascontiguousarray(block.astype(dtype))
+
+    return read
+
+
+def _fill(abstract, sharding, readers: list, stacked: bool) -> jax.Array:
+    """One param as a (sharded) jax.Array; each device's slice is read from disk on its own.
+
+    stacked: the param is [L, ...] and readers[l] reads layer l's tensor.
+    """
+    shape = tuple(abstract.shape)
+    blocks: dict[tuple, np.ndarray] = {}  # devices that replicate a slice share one read
+
+    def read(idx):
+        idx = _normalise(idx, shape)
+        memo = tuple((s.start, s.stop) for s in idx)
+        if memo not in blocks:
+            if stacked:
+                layers = range(idx[0].start, idx[0].stop, idx[0].step)
+                blocks[memo] = np.stack([readers[l](idx[1:]) for l in layers])
+            else:
+                blocks[memo] = readers[0](idx)
+        return blocks[memo]
 
     return jax.make_array_from_callback(shape, sharding, read)
 
@@ -528,8 +575,13 @@ def _load_local(path: Path, dtype: str | None, mesh):
         return replicated if shardings is None else shardings[p].get_value()
 
     flat = list(nnx.to_flat_state(abstract))
-    params = {_path_str(p): v.get_value() for p, v in flat if isinstance(v, nnx.Param)}
+    stacked = {_path_str(p): v.get_value() for p, v in flat if isinstance(v, nnx.Param)}
+    views = _per_layer(cfg, stacked)
+    params = {name: _layer(stacked, at, abstract=True) for name, at in views.items()}
     sources = _plan(cfg, params, files, path)
+    layer_names: dict[str, list[str]] = {}  # param -> its per-layer names, in layer order
+    for name, (param, _) in views.items():
+        layer_names.setdefault(param, []).append(name)
 
     # Non-parameter variables (RoPE tables) are computed, not read: run the
     # constructor under jit and keep only them, so XLA drops the param inits.
@@ -544,14 +596,19 @@ def _load_local(path: Path, dtype: str | None, mesh):
             if not isinstance(var, nnx.Param):
                 filled.append((p, var.replace(jax.device_put(buffers[name], sharding_of(p)))))
                 continue
-            src = sources[name]
-            if src.file not in handles:
-                handle = _open(src.file, stack)
-                handles[src.file] = (handle, set(handle.keys()))
-            handle, keys = handles[src.file]
-            if src.key not in keys:
-                raise UserInputError(f"{src.file}: tensor {src.key} not found (the index names this file)")
-            array = _fill(name, var.get_value(), sharding_of(p), src, handle, params)
+            readers = []
+            for layer_name in layer_names[name]:
+                src = sources[layer_name]
+                if src.file not in handles:
+                    handle = _open(src.file, stack)
+                    handles[src.file] = (handle, set(handle.keys()))
+                handle, keys = handles[src.file]
+                if src.key not in keys:
+                    raise UserInputError(f"{src.file}: tensor {src.key} not found (the index names this file)")
+                layer = params[layer_name]
+                readers.append(_reader(layer_name, tuple(layer.shape), layer.dtype, src, handle, params))
+            is_stacked = views[layer_names[name][0]][1] is not None
+            array = _fill(var.get_value(), sharding_of(p), readers, is_stacked)
             filled.append((p, var.replace(array)))
     model = nnx.merge(graphdef, nnx.from_flat_state(filled))
     return model, cfg
@@ -663,7 +720,9 @@ def save(model: CausalLM, model_config: ModelConfig, path: str | Path, *, max_sh
     """
     path = Path(path)
     state = nnx.state(model, nnx.Param)
-    params = {_path_str(p): v.get_value() for p, v in nnx.to_flat_state(state)}
+    stacked = {_path_str(p): v.get_value() for p, v in nnx.to_flat_state(state)}
+    views = _per_layer(model_config, stacked)
+    params = {name: _layer(stacked, at, abstract=True) for name, at in views.items()}
     tensors = _hf_tensors(model_config, params)
     layout = {}
     for key, (rule, parts) in tensors.items():
@@ -685,7 +744,7 @@ def save(model: CausalLM, model_config: ModelConfig, path: str | Path, *, max_sh
         with _SafetensorsStream(path / name, [(k, *layout[k]) for k in keys], enabled=writer) as out:
             for key in keys:
                 rule, parts = tensors[key]
-                arrays = [_to_host(params[p]) for p in parts]
+                arrays = [_to_host(_layer(stacked, views[p])) for p in parts]
                 if rule.kind == SPLIT:
                     array = np.concatenate(arrays, axis=-1)
                 elif rule.kind == TRANSPOSE:

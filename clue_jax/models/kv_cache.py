@@ -1,11 +1,13 @@
 """KV-cached incremental forward passes of a `CausalLM`, for decoding and candidate scoring.
 
-A cache holds, per layer, the rotated keys and the values of every token seen
-so far in a fixed number of slots S (static shapes: one compile per S), plus
-the key mask of the slots. `extend` runs T new tokens through the model's own
+A cache holds the rotated keys and the values of every token seen so far, for
+every layer, stacked [L, B, S, K, H] like the model's layers, in a fixed
+number of slots S (static shapes: one compile per S), plus the key mask of
+the slots. `extend` runs T new tokens through the model's own
 blocks (their projections, norms, MLPs and rope frequencies; nothing is copied)
 attending to the cached slots and themselves, writes their keys/values into the
-next T slots and returns their hidden states; `logits` applies the model's head.
+next T slots and returns their hidden states (a scan over the stacked layers,
+the cache in the carry, so each step updates its layer's slice in place); `logits` applies the model's head.
 Prefill is `extend` of a whole left-padded prompt into an empty cache, a
 decoding step is `extend` of one token.
 
@@ -22,18 +24,18 @@ import jax.numpy as jnp
 from flax import struct
 
 from clue_jax.errors import UserInputError
-from clue_jax.models import layers
-from clue_jax.models.causal_lm import CausalLM
+from clue_jax.models import layers, stacking
+from clue_jax.models.causal_lm import CausalLM, period
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 
 @struct.dataclass
 class KVCache:
-    """keys/values: per layer [B, S, K, H]; mask [B, S] int32 (1 = real token); length: slots filled."""
+    """keys/values: [L, B, S, K, H]; mask [B, S] int32 (1 = real token); length: slots filled."""
 
-    keys: tuple
-    values: tuple
+    keys: jax.Array
+    values: jax.Array
     mask: jax.Array
     length: jax.Array
 
@@ -47,8 +49,7 @@ def init(model: CausalLM, batch: int, slots: int) -> KVCache:
     cfg = model.cfg
     if cfg.flavour == "gpt2" and slots > cfg.max_len:
         raise UserInputError(f"sequence length {slots} exceeds the GPT-2 model's max_len={cfg.max_len} positions")
-    shape = (batch, slots, cfg.kv_heads, cfg.head_size)
-    zeros = tuple(jnp.zeros(shape, cfg.compute_dtype) for _ in model.blocks)
+    zeros = jnp.zeros((cfg.num_layers, batch, slots, cfg.kv_heads, cfg.head_size), cfg.compute_dtype)
     return KVCache(keys=zeros, values=zeros, mask=jnp.zeros((batch, slots), jnp.int32), length=jnp.int32(0))
 
 
@@ -104,12 +105,20 @@ def extend(model: CausalLM, cache: KVCache, input_ids: jax.Array, attention_mask
     causal = jnp.arange(cache.slots)[None, :] <= q_idx[:, None]  # [T, S]
     allowed = causal[None] & (mask[:, None, :] > 0)  # [B, T, S]
     x = model._embed(input_ids, positions)
-    keys, values = [], []
-    for block, k_cache, v_cache in zip(model.blocks, cache.keys, cache.values):
-        x, k_cache, v_cache = _block(block, x, positions, k_cache, v_cache, start, allowed)
-        keys.append(k_cache)
-        values.append(v_cache)
-    cache = KVCache(keys=tuple(keys), values=tuple(values), mask=mask, length=start + t)
+    per_step = period(model.cfg)
+
+    def run(unit, carry, step):
+        x, keys, values = carry
+        for j, block in enumerate(unit.sublayers()):
+            layer = step * per_step + j
+            x, k_cache, v_cache = _block(block, x, positions, keys[layer], values[layer], start, allowed)
+            keys = jax.lax.dynamic_update_index_in_dim(keys, k_cache, layer, axis=0)
+            values = jax.lax.dynamic_update_index_in_dim(values, v_cache, layer, axis=0)
+        return (x, keys, values), None
+
+    steps = jnp.arange(model.cfg.num_layers // per_step)
+    (x, keys, values), _ = stacking.scan(model.blocks, "none", run, (x, cache.keys, cache.values), steps)
+    cache = KVCache(keys=keys, values=values, mask=mask, length=start + t)
     return cache, model.final_norm(x)
 
 
@@ -134,6 +143,5 @@ def step(model: CausalLM, cache: KVCache, token: jax.Array):
 
 def repeat(cache: KVCache, index: jax.Array) -> KVCache:
     """The cache rows `index` [R] (a prefix shared by several continuations), e.g. candidate answers."""
-    take = lambda a: jnp.take(a, index, axis=0)
-    return KVCache(keys=tuple(map(take, cache.keys)), values=tuple(map(take, cache.values)),
-                   mask=take(cache.mask), length=cache.length)
+    return KVCache(keys=jnp.take(cache.keys, index, axis=1), values=jnp.take(cache.values, index, axis=1),
+                   mask=jnp.take(cache.mask, index, axis=0), length=cache.length)

@@ -11,7 +11,10 @@ W + (alpha / r) * A @ B back into the kernels and restores plain Linears, so
 
 Adapter params carry the logical names (<kernel's input axis>, "lora") and
 ("lora", <kernel's output axis>), which clue_jax.train.sharding maps like the
-kernel they adapt ("lora" itself is replicated).
+kernel they adapt ("lora" itself is replicated). A Linear of stacked layers
+(kernel [L, in, out], clue_jax.models.stacking) gets stacked adapters
+[L, in, r] and [L, r, out], each layer initialised with its own key, under the
+kernel's leading axis names; the scan hands every layer its own slices.
 """
 from __future__ import annotations
 
@@ -34,7 +37,8 @@ class LoRALinear(nnx.LoRA):
     """
 
     def __init__(self, base: nnx.Linear, *, rank: int, alpha: float, rngs: nnx.Rngs, param_dtype=jnp.float32):
-        names = base.kernel.get_metadata().get("out_sharding") or (None, None)
+        lead = tuple(base.kernel.shape[:-2])  # the stacked-layer axes, if any
+        names = base.kernel.get_metadata().get("out_sharding") or (None,) * (len(lead) + 2)
         super().__init__(
             base.in_features,
             rank,
@@ -43,8 +47,10 @@ class LoRALinear(nnx.LoRA):
             dtype=base.dtype,
             param_dtype=param_dtype,
             rngs=rngs,
-            a_metadata={"out_sharding": (names[0], "lora")},
-            b_metadata={"out_sharding": ("lora", names[1])},
+            a_initializer=_stacked(nnx.initializers.he_uniform(), lead),
+            b_initializer=_stacked(nnx.initializers.zeros_init(), lead),
+            a_metadata={"out_sharding": (*names[:-1], "lora")},
+            b_metadata={"out_sharding": (*names[:-2], "lora", names[-1])},
         )
         self.rank = rank
         self.alpha = alpha
@@ -63,6 +69,21 @@ class LoRALinear(nnx.LoRA):
             precision=jax.lax.Precision.HIGHEST,
         )
         return (w.astype(jnp.float32) + self.scale * delta).astype(w.dtype)
+
+
+def _stacked(init, lead: tuple):
+    """`init` applied per layer (its own key each) over the leading stacked axes `lead`."""
+    if not lead:
+        return init
+
+    def stacked(key, shape, dtype):
+        keys = jax.random.split(key, lead)
+        fn = lambda k: init(k, shape, dtype)
+        for _ in lead:
+            fn = jax.vmap(fn)
+        return fn(keys)
+
+    return stacked
 
 
 def trainable_filter(lora_enabled: bool):

@@ -54,7 +54,7 @@ from clue_jax.models.encoder import ElectraPair, EncoderConfig, generator_config
 from clue_jax.pipelines import common
 from clue_jax.pipelines.stages import Stages, fingerprint
 from clue_jax.train import logging_utils, loop, sharding as shard_lib
-from clue_jax.train.checkpoint import check_layer_layout
+from clue_jax.train.checkpoint import refuse_per_layer_layout
 
 log = logging.getLogger("clue_jax")
 
@@ -124,7 +124,7 @@ def load_pair(directory: str, mesh) -> ElectraPair:
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
     with ocp.StandardCheckpointer() as ckpt:
         saved = ckpt.metadata(os.path.join(directory, "params")).item_metadata.tree
-        check_layer_layout(saved, target, f"model {directory}/params")
+        refuse_per_layer_layout(saved, f"model {directory}/params")
         restored = ckpt.restore(os.path.join(directory, "params"), target)
     _PAIRS[directory] = nnx.merge(graphdef, restored)
     return _PAIRS[directory]

@@ -8,9 +8,10 @@ newest sound step wins: a step that cannot be read (truncated file, missing
 _METADATA, garbled meta) or whose checksums differ (flipped bytes) is moved
 aside to `<checkpoints>.damaged/<step>` with a warning, so training goes on
 from the previous step and can save that step again. A checkpoint written for
-another model config, or in the per-layer layout from before layers were
-stacked under scan, is refused with a one-line error before anything is
-overwritten.
+another model config is refused with a one-line error before anything is
+overwritten, and so is one of the old per-layer parameter layout
+(`blocks/0/...`, from before the layers were stacked and scanned): its paths
+are read from the saved tree's metadata before anything is restored.
 """
 from __future__ import annotations
 
@@ -27,6 +28,32 @@ from clue_jax.config_check import workdir_path
 from clue_jax.errors import UserInputError
 
 log = logging.getLogger(__name__)
+
+# Layer containers whose layers are stacked now (clue_jax.models.stacking); a
+# saved path with a layer index right after one is the old per-layer layout.
+PER_LAYER_CONTAINERS = ("blocks", "layers")  # the causal LM's and the encoder's layer stacks
+_PER_LAYER = re.compile(r"\['(%s)'\]\['?(\d+)'?\]" % "|".join(PER_LAYER_CONTAINERS))
+
+
+def refuse_per_layer_layout(saved_tree: Any, where: str) -> None:
+    """UserInputError if a saved tree (orbax tree metadata) keeps its layers per index, not stacked."""
+    for path, _ in jax.tree_util.tree_leaves_with_path(saved_tree):
+        hit = _PER_LAYER.search(jax.tree_util.keystr(path))
+        if hit:
+            raise UserInputError(
+                f"{where} has the old per-layer parameter layout ({hit[1]}/{hit[2]}/...); this version stacks "
+                f"the layers ({hit[1]}/... [layers, ...]) and cannot restore it: retrain, or export it to Hugging "
+                "Face format with the clue_jax version that wrote it and load that")
+
+
+def saved_tree(path: str) -> Any:
+    """The tree metadata (paths, shapes) of an orbax PyTree item, without reading arrays; None if unreadable."""
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            saved = ckpt.metadata(path)
+        return getattr(saved, "item_metadata", saved)  # a StepMetadata (newer orbax) wraps the tree
+    except Exception:  # an unreadable item is reported by the restore that follows
+        return None
 
 
 class Checkpointer:
@@ -73,11 +100,8 @@ class Checkpointer:
                         f"checkpoint {self.directory}/{step} was written for another {key} config "
                         f"(saved {key}={_diff(meta.get(key), expected_meta[key])}); use a new --workdir"
                     )
-            try:  # unreadable tree metadata: the restore below reports the damage
-                saved_tree = self.manager.item_metadata(step)["state"].tree
-            except Exception:
-                saved_tree = None
-            check_layer_layout(saved_tree, abstract_state, f"checkpoint {self.directory}/{step}")
+            refuse_per_layer_layout(saved_tree(self.directory / str(step) / "state"),
+                                    f"checkpoint {self.directory}/{step}")
             try:
                 restored = self.manager.restore(
                     step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
@@ -125,29 +149,6 @@ def _diff(saved, expected) -> str:
         keys = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
         return ", ".join(f"{k}: {saved.get(k)!r} vs now {expected.get(k)!r}" for k in keys[:4])
     return f"{saved!r} vs now {expected!r}"
-
-
-_PER_LAYER = re.compile(r"(^|/)layers/\d+/")
-
-
-def _paths(tree: Any) -> list[str]:
-    return ["/".join(str(getattr(k, "key", getattr(k, "idx", k))) for k in path)
-            for path, _ in jax.tree_util.tree_flatten_with_path(tree)[0]]
-
-
-def check_layer_layout(saved_tree: Any, expected_tree: Any, where: str) -> None:
-    """Refuses a saved tree with per-layer parameters (`.../layers/0/...`) where stacked ones are expected.
-
-    Layers now live in one stacked module run under scan (`.../layers/query/kernel`,
-    [num_layers, ...]); restoring the old layout would fail deep in orbax or,
-    for a Trainer, set the checkpoint aside and silently start over.
-    """
-    old = [p for p in _paths(saved_tree) if _PER_LAYER.search(p)]
-    if old and not any(_PER_LAYER.search(p) for p in _paths(expected_tree)):
-        raise UserInputError(
-            f"{where} holds per-layer parameters (e.g. {old[0]}), the layout from before layers were stacked "
-            "under scan; this version reads only stacked layers (.../layers/<name> of shape [num_layers, ...]): "
-            "retrain it or load its weights through an HF export")
 
 
 def abstract_like(tree: Any) -> Any:

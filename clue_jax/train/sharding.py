@@ -19,6 +19,7 @@ RULES: dict[str, str | None] = {
     "mlp": "tensor",
     "pos": None,
     "lora": None,
+    "layers": None,  # the stacked-layer axis (clue_jax.models.stacking): every device holds its shard of each layer
 }
 
 BATCH_AXES = ("data", "fsdp")  # the batch is split over both data-parallel axes
