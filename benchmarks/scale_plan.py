@@ -4,8 +4,10 @@ Nothing is allocated: models are built with `nnx.eval_shape`, every input is a
 `jax.ShapeDtypeStruct` carrying the sharding the project would give it
 (`clue_jax.train.sharding` rules on configs/llama3_pod.py's mesh, (1, 8, -1)
 over 64 devices), and each step is `jit(...).lower(...).compile()`d; the
-numbers come from `memory_analysis()` and `cost_analysis()` of the compiled
-per-device program.
+bytes come from `memory_analysis()` of the compiled per-device program; the
+FLOPs per step are counted analytically (benchmarks/model_flops.py: XLA's
+`cost_analysis()` counts the scanned layers' loop body once; its number is
+kept beside as xla_flops_per_step).
 
 Cases (configs/llama3_pod.py: its models, `cpt` training settings with
 remat, LoRA rank 16, score_batch and query_block):
@@ -69,6 +71,7 @@ import jax.numpy as jnp  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from benchmarks import model_flops  # noqa: E402
 from clue_jax.clues import scoring  # noqa: E402
 from clue_jax.models import layers, lora  # noqa: E402
 from clue_jax.models.causal_lm import CausalLM  # noqa: E402
@@ -93,7 +96,7 @@ def _batch(mesh, batch: int, seq: int) -> dict:
     return {"input_ids": sds, "attention_mask": sds}
 
 
-def _report(name: str, compiled, mesh, seconds: float, **extra) -> dict:
+def _report(name: str, compiled, mesh, seconds: float, flops_per_step: float, **extra) -> dict:
     mem = compiled.memory_analysis()
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -103,7 +106,8 @@ def _report(name: str, compiled, mesh, seconds: float, **extra) -> dict:
             "output_bytes_per_device": int(mem.output_size_in_bytes),
             "temp_bytes_per_device": int(mem.temp_size_in_bytes),
             "alias_bytes_per_device": int(mem.alias_size_in_bytes),  # donated state: outputs reuse these
-            "flops_per_device": flops_device, "flops_per_step": flops_device * mesh.size,
+            "flops_per_step": flops_per_step,  # analytic (model_flops): XLA counts a scanned layer once
+            "xla_flops_per_step": flops_device * mesh.size,
             "compile_s": round(seconds, 1), **extra}
 
 
@@ -136,7 +140,9 @@ def train_case(name: str, cfg: ModelConfig, train_cfg, mesh, *, lora_cfg=None) -
     compiled = trainer._build_step().lower(state, _batch(mesh, train_cfg.batch_size, train_cfg.seq_len),
                                            _abstract_inputs(frozen, trainer.frozen_shardings), None).compile()
     n_trainable = sum(x.size for x in jax.tree.leaves(params))
-    return _report(name, compiled, mesh, time.perf_counter() - t0, trainable_params=int(n_trainable),
+    flops = model_flops.train_step_flops(cfg, train_cfg.batch_size, train_cfg.seq_len,
+                                         frozen_base=lora_cfg is not None, remat=train_cfg.remat)
+    return _report(name, compiled, mesh, time.perf_counter() - t0, flops, trainable_params=int(n_trainable),
                    layers=cfg.num_layers, batch=train_cfg.batch_size, seq_len=train_cfg.seq_len, remat=train_cfg.remat)
 
 
@@ -159,7 +165,8 @@ def scoring_case(name: str, cfgs: list[ModelConfig], mesh, *, batch: int, seq: i
     t0 = time.perf_counter()
     compiled = jax.jit(score, out_shardings=[batch_sh] * len(cfgs)).lower(
         states, inputs["input_ids"], inputs["attention_mask"]).compile()
-    return _report(name, compiled, mesh, time.perf_counter() - t0, layers=[c.num_layers for c in cfgs],
+    flops = sum(model_flops.scoring_flops(c, batch, seq) for c in cfgs)
+    return _report(name, compiled, mesh, time.perf_counter() - t0, flops, layers=[c.num_layers for c in cfgs],
                    batch=batch, seq_len=seq, query_block=query_block)
 
 
