@@ -34,7 +34,7 @@ def test_tiny_quickstart_outputs_and_rerun_reuses_every_stage(tmp_path):
         assert (workdir / name).exists(), name
     assert any(f.startswith("events") for _, _, files in os.walk(workdir / "tensorboard") for f in files)
     summary = json.loads((workdir / "summary.json").read_text())
-    assert {"base_small", "plain_s0", "random_s0", "contrast_s0"} <= set(summary["models"])
+    assert {"base_small", "plain_s0", "attention_s0", "contrast_s0"} <= set(summary["models"])
     qa = summary["models"]["plain_s0"]["qa"]
     assert {"birth_date", "birth_city", "university", "major", "company", "all"} <= set(qa)
     assert summary["distance_from_name"]["company"] > summary["distance_from_name"]["birth_date"]

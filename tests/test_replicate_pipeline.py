@@ -131,6 +131,11 @@ def test_protocol_step_counts():
     eq = arm_settings(config, "equal_compute", "shuffled", 70)
     assert eq["mode"] == "cached" and eq["train"]["steps"] == 88
     assert arm_settings(config, "equal_compute", "plain", 70) == arm_settings(config, "paper", "plain", 70)
+    # long: every arm, plain included, the paper's dropout-arm steps, dropout drawn fresh
+    for arm in ("plain", "contrast"):
+        assert protocol_steps("long", arm, 70, 10, 16, 10) == 482
+    assert arm_settings(config, "long", "contrast", 70)["mode"] == "cached"
+    assert arm_settings(config, "long", "plain", 70)["train"]["steps"] == 963
 
 
 def test_setting_rule_prefers_higher_em_then_the_milder_point():

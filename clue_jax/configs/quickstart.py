@@ -5,15 +5,18 @@
 
 A small and a large LLaMA-style base model are pre-trained on 200 background
 people (rich bios + QA), then the small one learns 100 new people's bios
-(plain continual pre-training, plus the random and contrast clue-dropout
-arms) and is asked about them 5-shot.
+(plain continual pre-training, plus the attention (large teacher alone) and
+contrast clue-dropout arms) and is asked about them 5-shot.
 
-Dropout settings: alpha 0.7 / beta 0.03, which no search chose. The replication
-(configs/replicate_bios.py) chooses them by its written rule on dev people, with
-a teacher pair that has a real capability gap; once it has run, its
-summary.json["chosen"]["small"] goes into clues.chosen below (per arm,
-dict(alpha=..., beta=...)) and the arms become plain / attention / contrast.
-Until then this quickstart stays the measured one of README.
+Dropout settings, by a written rule: the replication (configs/replicate_bios.py,
+reports/replication/) trains, for the small student and each method, every
+published point alpha {0.6, 0.7} x beta {0.005, 0.01, 0.03, 0.05} on 30 dev
+people under the paper's protocol and keeps the highest cloze exact match (a
+tie to the milder point); its summary.json["chosen"]["small"] is copied into
+clues.chosen below: attention and contrast alpha 0.7 / beta 0.005. The
+quickstart itself trains every arm the same 240 steps with fresh dropout (the
+equal-compute budget, at which plain learns the new people); the paper's
+protocol and the controls are the replication's.
 """
 import ml_collections
 
@@ -49,9 +52,11 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                          weight_decay=0.0, log_every=40, checkpoint_every=240)
     # mode: cached (teachers score the corpus once), live (inside every step), fixed_copies (the paper's
     # offline K copies + originals). render_examples: HTML/PNG clue views written to workdir/clues/.
-    c.clues = dict(arms=("plain", "random", "contrast"), alpha=0.7, beta=0.03, original_fraction=1 / 11,
+    # chosen: per arm, the replication's choice (see the docstring); alpha / beta: any other arm's setting.
+    chosen = dict(alpha=0.7, beta=0.005)
+    c.clues = dict(arms=("plain", "attention", "contrast"), alpha=0.7, beta=0.005, original_fraction=1 / 11,
                    mode="cached", copies=10, protected_extra=(), teacher_dtype="float32", query_block=64,
-                   score_batch=32, render_examples=4, chosen=dict())
+                   score_batch=32, render_examples=4, chosen=dict(attention=chosen, contrast=dict(chosen)))
     # primary: the probe reports and dev choices rank by. "cloze" ('{name} had a professional role at') tests
     # whether a fact is tied to the name; k-shot "qa" additionally needs extraction skill, which models
     # this small lack for people they met only after pre-training (QA is reported too).

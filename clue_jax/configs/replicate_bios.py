@@ -7,21 +7,23 @@ Arms: plain, random, attention, contrast, and two controls: rate_matched (contra
 drops per document, spread evenly) and shuffled (contrast's p(r), ranks from another document). Student: the
 small base model (it learns with the large - small teacher contrast); 3 seeds; 70 test people, 30 dev
 people. Protocols (pipelines/protocol.py): "paper" (20 epochs, within the paper's 10-30, over 1 original +
-K = 10 fixed copies: a dropout arm trains 11x plain's steps) and "equal_compute" (every arm plain's steps,
-fresh dropout). The teacher gate (clues/gate.py) is measured and printed first.
+K = 10 fixed copies: a dropout arm trains 11x plain's steps), "equal_compute" (every arm plain's steps,
+fresh dropout) and, beside them, "long" (every arm, plain included, the paper's dropout-arm steps, fresh
+dropout: does plain catch up when it trains as long?). The teacher gate (clues/gate.py) is measured and
+printed first.
 
-Cut to fit about 2 hours on 2 CPU cores: the large student (the 3.4M large teacher continually pre-trained,
---config.students="('small','large')") is off by default: its steps cost about 6x the small student's, so
-it alone would take about 2.5 h at 20 epochs; both students with --config.protocol.epochs=10 about 1.5 h.
-The default: about 27 min with the teachers cached, extrapolated from timed stages (README).
+Cut to fit about an hour on 2 CPU cores: the large student (the 3.4M large teacher continually pre-trained,
+--config.students="('small','large')") is off by default: its steps cost about 6x the small student's.
+Measured (README): 46 min for everything but the long protocol on the loaded 2-core machine, 12.5 min more for
+long.
 
 Rule for the settings (written before any run): per student and per method, on the 30 dev people, under the
 paper's protocol with seed grid.seed, every published point alpha in {0.6, 0.7} x beta in {0.005, 0.01,
 0.03, 0.05} is trained (random: alpha only) and plain beside them; the point with the highest cloze exact
 match over all attributes wins, a tie going to the milder setting (smaller alpha, then smaller beta).
-rate_matched and shuffled take contrast's winner. The winners are then trained on the test people under both
-protocols; nothing on the test people chooses anything. The small student's winners are what
-configs/quickstart.py's clues.chosen should hold once measured.
+rate_matched and shuffled take contrast's winner. The winners are then trained on the test people under every
+protocol; nothing on the test people chooses anything. The small student's winners are what
+configs/quickstart.py's clues.chosen holds (alpha 0.7, beta 0.005 for attention and contrast, measured).
 
 Built on the quickstart's world and recipe, with its own tokenizer (4096 entries requested: a name in about
 2 tokens) and its own teacher pair with a real capability gap: small 2 layers d=64 (0.28M parameters, 300
@@ -52,9 +54,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # per base model: the large teacher pre-trains longer (a real capability gap, not only a size gap)
     c.pretrain_steps = dict(small=300, large=600)
     c.eval.max_new_tokens = 16
-    # names: the budgets run (paper, equal_compute); epochs within the paper's 10-30; curve_points: cloze EM
-    # measured this many times during each run (EM against steps).
-    c.protocol = dict(names=("paper", "equal_compute"), epochs=20, warmup_fraction=0.1, curve_points=4)
+    # names: the budgets run (paper, equal_compute, long; pipelines/protocol.py); epochs within the paper's
+    # 10-30; curve_points: cloze EM measured this many times during each run (EM against steps).
+    c.protocol = dict(names=("paper", "equal_compute", "long"), epochs=20, warmup_fraction=0.1, curve_points=4)
     c.seeds = (0, 1, 2)
     c.students = ("small",)  # ("small", "large") adds the large student (see the cut above)
     c.data.num_dev = 30  # of the 100 new people

@@ -1,4 +1,4 @@
-"""Replication of the clue-dropout paper's Table 2 on the biography world, under two protocols.
+"""Replication of the clue-dropout paper's Table 2 on the biography world, under three protocols.
 
 Order of the run (every step a cached stage, so a long run resumes):
 1. teacher gate (clues/gate.py): both teachers' EM on background people and
@@ -10,7 +10,8 @@ Order of the run (every step a cached stage, so a long run resumes):
 3. test people, each protocol (`protocol_steps`):
    paper (equal epochs over 1 original + K fixed copies: a dropout arm trains
    K + 1 times plain's steps) and equal_compute (plain's steps for every arm,
-   dropout drawn fresh); see protocol.py.
+   dropout drawn fresh), and long (the paper's dropout-arm steps for every arm,
+   plain included, dropout drawn fresh); see protocol.py.
    Cloze EM is measured at protocol.curve_points checkpoints of every run (EM
    against steps); EM, QA and the values' NLL at the end; contrast against
    every other arm with a paired bootstrap over people x seeds.
@@ -39,7 +40,8 @@ FAR = ("university", "major", "company")
 
 def run_arm(ctx, student, arm, seed, protocol, split="test", drop=None, tag="", curve=True) -> dict:
     settings = arm_settings(ctx.config, protocol, arm, len(ctx.knowledge[split].docs), curve=curve)
-    suffix = "" if protocol == "paper" or arm == "plain" else "_eq"  # plain: one run for both protocols
+    suffix = {"paper": "", "equal_compute": "_eq", "long": "_long"}[protocol]
+    suffix = "" if arm == "plain" and protocol != "long" else suffix  # plain: one run for paper and equal_compute
     return knowledge.train_and_evaluate(ctx, student, arm, seed, split=split, drop=drop, tag=tag + suffix,
                                         **settings)
 

@@ -9,7 +9,8 @@ from clue_jax.eval import bootstrap
 from clue_jax.pipelines import common, knowledge
 
 PROTOCOL_TITLES = {"paper": "the paper's protocol (equal epochs over 1 original + K fixed copies)",
-                   "equal_compute": "equal compute (every arm plain's steps, dropout drawn fresh)"}
+                   "equal_compute": "equal compute (every arm plain's steps, dropout drawn fresh)",
+                   "long": "long (every arm, plain included, the paper's dropout-arm steps; dropout drawn fresh)"}
 
 
 def _attrs(summary, results):

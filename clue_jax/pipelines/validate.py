@@ -17,6 +17,7 @@ import ml_collections
 from clue_jax.config_check import flat_items
 from clue_jax.errors import UserInputError
 from clue_jax.pipelines import PIPELINES
+from clue_jax.pipelines.protocol import PROTOCOLS
 
 log = logging.getLogger("clue_jax")
 
@@ -110,6 +111,7 @@ RULES: dict[str, Check] = {
     "eval.k_shot": NONNEG, "eval.max_new_tokens": POS, "eval.batch_size": POS, "eval.score_batch": POS,
     "eval.primary": one_of(("cloze", "qa")),
     "grid.alphas": tuple_of(PROB), "grid.betas": tuple_of(PROB), "students": tuple_of(one_of(("small", "large"))),
+    "protocol.names": tuple_of(one_of(PROTOCOLS)), "grid.protocol": one_of(PROTOCOLS),
     # extraction
     "splits.*": NONNEG, "skew.strata": POS, "skew.left_out": PROB, "skew.oversampled": PROB,
     "skew.repeat": POS, "sweep.steps": tuple_of(POS), "shock.null_draws": NONNEG,
