@@ -1,7 +1,7 @@
 """Compile time of the encoder's forward + grad against its depth: scanned layers against an unrolled loop.
 
 The encoder's layers are one stacked module run under `jax.lax.scan`
-(`clue_jax.models.encoder_scan`), so XLA compiles one layer whatever the
+(`clue_jax.models.stacking`), so XLA compiles one layer whatever the
 depth. For each depth this times `jax.jit(value_and_grad(loss)).lower(...)
 .compile()` (tracing included: it grows with depth too) of a fresh function,
 best of `--repeats` (a shared machine makes single timings noisy), for

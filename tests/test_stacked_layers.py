@@ -43,6 +43,22 @@ def test_scan_equals_per_layer_loop(name):
     np.testing.assert_allclose(np.asarray(model(ids, mask)), np.asarray(want), atol=2e-5, rtol=1e-5)
 
 
+def test_unrolled_scan_gives_the_same_logits_scores_and_grads():
+    import dataclasses
+    cfg = CONFIGS["llama3"]
+    ids = jax.random.randint(jax.random.key(2), (2, 12), 0, cfg.vocab_size)
+    loss = lambda m: jnp.mean(m(ids) ** 2)
+    out = {}
+    for unroll in (1, 3):
+        model = CausalLM(dataclasses.replace(cfg, scan_unroll=unroll), rngs=nnx.Rngs(0))
+        out[unroll] = (model(ids), model.received_attention_sums(ids)["colsum"],
+                       jax.tree.leaves(nnx.grad(loss)(model)))
+    for a, b in zip(jax.tree.leaves(out[1]), jax.tree.leaves(out[3])):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-5, rtol=1e-5)
+    with pytest.raises(UserInputError, match=r"^model\.scan_unroll=0 must be an integer >= 1$"):
+        dataclasses.replace(cfg, scan_unroll=0)
+
+
 def test_gemma2_pairs_keep_static_alternating_windows():
     model = CausalLM(CONFIGS["gemma2"], rngs=nnx.Rngs(0))
     units = stacking.unstack(model.blocks)

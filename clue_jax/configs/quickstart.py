@@ -38,7 +38,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
                   cpt_replay_rows=0)
     c.tokenizer = dict(path="", vocab_size=1024)
     small = dict(flavour="llama", d_model=96, num_layers=3, num_heads=4, num_kv_heads=2, mlp_dim=256,
-                 max_len=256, tie_embeddings=True, rope_theta=10000.0)
+                 max_len=256, tie_embeddings=True, rope_theta=10000.0, scan_unroll=4)  # 4: unrolled (CPU speed)
     large = dict(small, d_model=128, num_layers=4, num_heads=4, num_kv_heads=4, mlp_dim=384)
     c.models = dict(small=small, large=large)
     # HF checkpoint directories to use instead of pre-training the base models (e.g. LLaMA-3 8B / 70B).

@@ -196,7 +196,7 @@ class CausalLM(nnx.Module):
                 x, _ = block(x, positions, attention_mask)
             return x, None
 
-        x, _ = stacking.scan(self.blocks, self.remat, step, x)
+        x, _ = stacking.scan(self.blocks, self.remat, step, x, unroll=self.cfg.scan_unroll)
         return self.final_norm(x)
 
     def __call__(self, input_ids, attention_mask=None, positions=None):
@@ -228,5 +228,6 @@ class CausalLM(nnx.Module):
                     row = row + r
             return (x, colsum, row), None
 
-        (_, colsum, row), _ = stacking.scan(self.blocks, "none", step, (x, zeros, zeros))
+        (_, colsum, row), _ = stacking.scan(self.blocks, "none", step, (x, zeros, zeros),
+                                            unroll=self.cfg.scan_unroll)
         return {"colsum": colsum, "row": row if query_index is not None else None}

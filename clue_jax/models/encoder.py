@@ -17,7 +17,7 @@ call time. The parameter therefore exists once in `nnx.state(pair)`, receives
 gradient from both losses, and checkpoints / weight soups see plain paths.
 
 Layers: `EncoderBody.layers` is ONE `EncoderLayer` whose parameters are stacked
-[num_layers, ...] and run under `jax.lax.scan` (`clue_jax.models.encoder_scan`),
+[num_layers, ...] and run under `jax.lax.scan` (`clue_jax.models.stacking`),
 so compile time does not grow with depth; HF import/export maps layer i to
 slice i.
 
@@ -38,7 +38,7 @@ from flax import nnx
 
 from clue_jax.errors import UserInputError
 from clue_jax.models import attention as attn
-from clue_jax.models import encoder_scan, layers
+from clue_jax.models import layers, stacking
 
 ACTIVATIONS = {
     "gelu": lambda x: jax.nn.gelu(x, approximate=False),  # HF "gelu" is the exact erf form
@@ -218,7 +218,7 @@ class EncoderBody(nnx.Module):
             if cfg.embedding_size != cfg.hidden_size else None
         )
         # One EncoderLayer whose parameters are stacked [num_layers, ...], run under scan.
-        self.layers = encoder_scan.stack(lambda r: EncoderLayer(cfg, r), cfg.num_layers, rngs)
+        self.layers = stacking.stack(lambda r: EncoderLayer(cfg, r), cfg.num_layers, rngs)
         self.remat = cfg.remat  # layers.set_remat changes it for training
 
     def __call__(self, embedded, attention_mask=None, dropout_key=None):
@@ -227,7 +227,10 @@ class EncoderBody(nnx.Module):
             attention_mask = jnp.ones(embedded.shape[:2], jnp.int32)
         allowed = attn.allowed_keys(attention_mask, causal=False)
         x = embedded if self.embeddings_project is None else self.embeddings_project(embedded)
-        return encoder_scan.scan(self.layers, self.remat, x, allowed, dropout_key=dropout_key)
+        # layer l gets the l-th of split(dropout_key, L) (the keys the unrolled loop used); None: deterministic
+        keys = None if dropout_key is None else jax.random.split(dropout_key, self.cfg.num_layers)
+        x, _ = stacking.scan(self.layers, self.remat, lambda layer, x, key: (layer(x, allowed, key), None), x, keys)
+        return x
 
 
 class Encoder(nnx.Module):

@@ -53,7 +53,7 @@ _TIED = "generator_lm_head.weight"
 
 # nnx module path (joined with "/", encoder paths rooted at "encoder/") -> HF module name.
 # The leaf name maps separately: kernel -> weight (transposed), scale/embedding -> weight, bias -> bias.
-# The layers are one stacked module (`encoder_scan`): its [L, ...] parameter is HF's L tensors
+# The layers are one stacked module (`stacking`): its [L, ...] parameter is HF's L tensors
 # `electra.encoder.layer.{layer}....`, one per layer, stacked in layer order.
 _LAYER = "encoder/body/layers/"
 _MODULE_RULES = [

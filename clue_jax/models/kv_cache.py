@@ -117,7 +117,8 @@ def extend(model: CausalLM, cache: KVCache, input_ids: jax.Array, attention_mask
         return (x, keys, values), None
 
     steps = jnp.arange(model.cfg.num_layers // per_step)
-    (x, keys, values), _ = stacking.scan(model.blocks, "none", run, (x, cache.keys, cache.values), steps)
+    (x, keys, values), _ = stacking.scan(model.blocks, "none", run, (x, cache.keys, cache.values), steps,
+                                         unroll=model.cfg.scan_unroll)
     cache = KVCache(keys=keys, values=values, mask=mask, length=start + t)
     return cache, model.final_norm(x)
 

@@ -125,24 +125,6 @@ def remat_policy_name(value, where: str) -> str:
     return value
 
 
-def call_block(block: nnx.Module, remat: str, *args):
-    """block(*args), under `jax.checkpoint` with the named policy unless remat is "none".
-
-    The block is split into (graphdef, state) and the checkpoint wraps a pure
-    function of the state: nothing is written back into Variables from inside
-    the checkpoint's trace (what made `nnx.remat(Block.__call__)` fail under
-    the Trainer's jit + grad with a TraceContextError).
-    """
-    if remat == "none":
-        return block(*args)
-    graphdef, state = nnx.split(block)
-
-    def pure(state, *args):
-        return nnx.merge(graphdef, state)(*args)
-
-    return jax.checkpoint(pure, policy=REMAT_POLICIES[remat])(state, *args)
-
-
 def set_remat(model: nnx.Module, remat) -> nnx.Module:
     """Sets the remat policy of every layer stack in `model` (the causal LM, encoder bodies)."""
     policy = remat_policy_name(remat, "train.remat")

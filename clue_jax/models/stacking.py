@@ -35,13 +35,14 @@ def unstack(stacked: nnx.Module) -> list[nnx.Module]:
     return [nnx.merge(graphdef, jax.tree.map(lambda a: a[i], state)) for i in range(count)]
 
 
-def scan(stacked: nnx.Module, remat: str, body: Callable, carry, xs=None):
+def scan(stacked: nnx.Module, remat: str, body: Callable, carry, xs=None, unroll: int = 1):
     """`jax.lax.scan` of `body(layer, carry, x) -> (carry, y)` over the stacked layers (and `xs`).
 
     `layer` is one layer's module, merged from its slice of the stacked state
     inside the scan (a pure function of that state, so nothing is written back
     into the outer Variables from the inner trace). Unless remat is "none",
     each scanned step runs under `jax.checkpoint` with the named policy.
+    `unroll` steps run per loop iteration (`jax.lax.scan`'s unroll).
     """
     graphdef, state = nnx.split(stacked)
 
@@ -51,4 +52,4 @@ def scan(stacked: nnx.Module, remat: str, body: Callable, carry, xs=None):
 
     if remat != "none":
         step = jax.checkpoint(step, policy=REMAT_POLICIES[remat])
-    return jax.lax.scan(step, carry, (state, xs))
+    return jax.lax.scan(step, carry, (state, xs), unroll=unroll)
