@@ -38,10 +38,13 @@ def test_tiny_replication_end_to_end(tmp_path):
         assert chosen[arm] == replicate.choose(grid[arm], tuple(k for k in grid[arm][0] if k != "dev_em"))
     assert chosen["rate_matched"] == chosen["shuffled"] == chosen["contrast"]
 
-    # Both protocols, every arm, with EM against steps and the values' NLL; paper: dropout arms train longer.
-    paper, equal = summary["protocols"]["paper"], summary["protocols"]["equal_compute"]
+    # Every protocol, every arm, with EM against steps and the values' NLL; paper: dropout arms train longer;
+    # long: every arm, plain included, the paper's dropout-arm steps.
+    paper, equal, long = (summary["protocols"][p] for p in ("paper", "equal_compute", "long"))
     assert paper["steps"]["contrast"] > paper["steps"]["plain"] == equal["steps"]["contrast"]
-    for p in (paper, equal):
+    assert long["steps"]["plain"] == long["steps"]["contrast"] == paper["steps"]["contrast"]
+    assert long["results"]["small"]["plain"][0]["train"]["steps"] == paper["steps"]["contrast"]
+    for p in (paper, equal, long):
         arms = p["results"]["small"]
         assert set(arms) == {"base", *ARMS}
         for arm in ARMS:
@@ -113,6 +116,23 @@ def test_protocol_note_counts_views_over_the_test_people_only():
     note = protocol_note(config, "paper", {"plain": 44, "contrast": 482}, 70)
     assert "plain trains 44 steps of 16 (10 views of each of the 70 documents)" in note
     assert "a dropout arm trains 482 steps" in note and "intact about 10.0 times" in note
+
+
+def test_large_student_runs_with_its_own_grid_free_settings(tmp_path):
+    """The large student (the large teacher continually pre-trained) through the same path, cut to one arm pair."""
+    env = dict(os.environ, CI="1")
+    env.pop("XLA_FLAGS", None)
+    cmd = [sys.executable, "-m", "clue_jax.main", "--config", "configs/replicate_bios.py:tiny",
+           "--workdir", str(tmp_path / "rep"), "--config.students=('large',)", "--config.grid.enabled=False",
+           "--config.clues.arms=('plain','contrast')", "--config.protocol.names=('paper',)", "--config.seeds=(0,)",
+           "--config.clues.render_examples=0"]
+    proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
+    arms = summary["protocols"]["paper"]["results"]["large"]
+    assert set(arms) == {"base", "plain", "contrast"}
+    assert set(summary["protocols"]["paper"]["comparisons"]) == {"large"}
+    assert "cpt_large_contrast_s0" in summary["stages_ran"]
 
 
 def test_protocol_step_counts():
