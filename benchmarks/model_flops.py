@@ -9,7 +9,8 @@ weights of the projections, the MLP and (for training) the LM head. A
 trained weight's backward costs two more of its forward (input and weight
 gradients), a frozen weight's one (input gradient only: LoRA, whose rank-r
 adapters are left out); attention's backward costs two; remat "full"
-recomputes the forward once ("dots" saves the matmul outputs).
+recomputes the layers' forward once (the LM head is outside the checkpoint;
+"dots" saves the matmul outputs).
 tests/test_model_flops.py checks the count against XLA's on a one-layer model.
 """
 from __future__ import annotations
@@ -32,11 +33,13 @@ def forward_flops(cfg, batch: int, seq: int, lm_head: bool = True) -> tuple[floa
 
 
 def train_step_flops(cfg, batch: int, seq: int, *, frozen_base: bool, remat: str) -> float:
-    """Forward + backward (+ the remat recompute) of one training step."""
+    """Forward + backward (+ the remat recompute of the scanned layers, not of the LM head) of one step."""
     weights, attention = forward_flops(cfg, batch, seq)
+    head = 2.0 * cfg.d_model * cfg.vocab_size * batch * seq
     recompute = 1.0 if remat == "full" else 0.0
-    weight_passes = 1.0 + (1.0 if frozen_base else 2.0) + recompute
-    return weight_passes * weights + (3.0 + recompute) * attention
+    backward = 1.0 if frozen_base else 2.0
+    return ((1.0 + backward + recompute) * (weights - head) + (1.0 + backward) * head
+            + (3.0 + recompute) * attention)
 
 
 def scoring_flops(cfg, batch: int, seq: int) -> float:

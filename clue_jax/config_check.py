@@ -129,7 +129,7 @@ def prepare_workdir(workdir: str) -> str:
             raise UserInputError(f"the parent of --workdir does not exist: {path.parent}")
         if path.exists() and not path.is_dir():
             raise UserInputError(f"--workdir is a file, not a directory: {path}")
-    with workdir_fs._errors(path, "reach"):  # an unreachable bucket: one line naming it
+    with workdir_fs.errors(path, "reach"):  # an unreachable bucket: one line naming it
         path.mkdir(parents=True, exist_ok=True)
     return str(path)
 

@@ -18,8 +18,8 @@ from __future__ import annotations
 import errno
 import fcntl
 import logging
-import os
 import json
+import os
 import socket
 import threading
 import time
@@ -80,13 +80,20 @@ def _acquire_lease(workdir: str) -> None:
         raise UserInputError(f"--workdir {workdir} is in use by {_holder(now or {})} (lock {lock}, taken at the "
                              f"same moment as this run); use another --workdir")
     stop = threading.Event()
-    threading.Thread(target=_renew, args=(lock, mine, stop), daemon=True, name="workdir-lock").start()
-    _leases[workdir] = (mine, stop)
+    thread = threading.Thread(target=_renew, args=(lock, mine, stop), daemon=True, name="workdir-lock")
+    thread.start()
+    _leases[workdir] = (mine, stop, thread)
 
 
 def _renew(lock: str, mine: dict, stop: threading.Event) -> None:
+    """Rewrites the lease while it is still ours; a run that stalled past LEASE_S and lost it stops renewing."""
     while not stop.wait(RENEW_S):
         try:
+            held = _read_lease(lock)
+            if held is not None and held.get("token") != mine["token"]:
+                log.error("lock %s was taken over by %s after this run stopped renewing it; no longer renewed",
+                          lock, _holder(held))
+                return
             _write_lease(lock, mine)
         except Exception as err:  # a network hiccup: the next renewal may succeed, the lease is long
             log.warning("cannot renew the lock %s: %s", lock, err)
@@ -113,11 +120,13 @@ def _holder(record: dict) -> str:
 def release(workdir: str) -> None:
     lease = _leases.pop(workdir, None)
     if lease is not None:
-        mine, stop = lease
+        mine, stop, thread = lease
         stop.set()
+        thread.join()  # no renewal in flight may land after the unlink
         lock = workdir_fs.join(workdir, ".lock")
         if (_read_lease(lock) or {}).get("token") == mine["token"]:
-            workdir_fs.path(lock).unlink()
+            with workdir_fs.errors(lock, "release"):
+                workdir_fs.path(lock).unlink()
     fd = _held.pop(workdir, None)
     if fd is not None:
         os.ftruncate(fd, 0)

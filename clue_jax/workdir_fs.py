@@ -46,7 +46,7 @@ def path(p) -> epath.Path:
     return epath.Path(os.path.abspath(text))
 
 
-def _errors(target, doing: str):
+def errors(target, doing: str):
     """A bucket's errors (no backend, no credentials, no network) as one line naming the path; local ones as raised."""
     return remote_errors(os.fspath(target), doing) if is_remote(target) else contextlib.nullcontext()
 
@@ -63,7 +63,7 @@ def open_write(p, mode: str = "w"):
         buffer = io.BytesIO() if "b" in mode else io.StringIO()
         yield buffer
         data = buffer.getvalue()
-        with _errors(target, "write"):
+        with errors(target, "write"):
             target.write_bytes(data if isinstance(data, bytes) else data.encode())
         return
     os.makedirs(target.parent, exist_ok=True)
@@ -89,19 +89,19 @@ def write_bytes(p, data: bytes) -> None:
 
 def read_text(p) -> str:
     target = path(p)
-    with _errors(target, "read"):
+    with errors(target, "read"):
         return target.read_text()
 
 
 def read_bytes(p) -> bytes:
     target = path(p)
-    with _errors(target, "read"):
+    with errors(target, "read"):
         return target.read_bytes()
 
 
 def exists(p) -> bool:
     target = path(p)
-    with _errors(target, "reach"):
+    with errors(target, "reach"):
         return target.exists()
 
 
@@ -119,7 +119,7 @@ def append_line(p, line: str) -> None:
 def rename(src, dst) -> None:
     """Moves a file or directory to a new name (in a bucket: copied, then deleted); dst's parent is created."""
     source, target = path(src), path(dst)
-    with _errors(source, "move"):
+    with errors(source, "move"):
         target.parent.mkdir(parents=True, exist_ok=True)
         source.rename(target)
 
@@ -127,7 +127,7 @@ def rename(src, dst) -> None:
 def replace(src, dst) -> None:
     """Like rename, but an existing file `dst` is overwritten."""
     source, target = path(src), path(dst)
-    with _errors(source, "move"):
+    with errors(source, "move"):
         source.replace(target)
 
 
@@ -145,7 +145,7 @@ def copytree(src, dst) -> None:
 
 def rmtree(p) -> None:
     target = path(p)
-    with _errors(target, "delete"):
+    with errors(target, "delete"):
         if target.exists():
             target.rmtree()
 

@@ -1,6 +1,5 @@
 """The encoder's stacked layers under scan: layout, dropout per layer, old checkpoints, compile time vs depth."""
 import json
-import os
 
 import jax
 import jax.numpy as jnp

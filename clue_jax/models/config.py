@@ -48,7 +48,7 @@ class ModelConfig:
     # it from train.remat for every model it trains.
     remat: str = "none"
     # Scanned layer steps unrolled per loop iteration: 1 compiles one layer whatever the depth (pods, deep
-    # models); >= num_layers unrolls the loop (a 4-layer quickstart model trains about 1.3x faster on a CPU,
+    # models); >= the number of steps (num_layers; num_layers / 2 for Gemma-2's window pairs) unrolls the loop (a 4-layer quickstart model trains about 1.3x faster on a CPU,
     # benchmarks/compile_depth.py shows what it costs in compile time).
     scan_unroll: int = 1
 

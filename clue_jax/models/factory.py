@@ -55,8 +55,8 @@ def load_params(directory: str, mesh, expected: ModelConfig | None = None,
                 precision: str = "checkpoint") -> tuple[CausalLM, ModelConfig]:
     """Restores a model saved by `save_params` (or an HF checkpoint directory, local or a URL), placed on `mesh`.
 
-    `expected` is compared with the saved config; the returned config is the one
-    `precision` trains in (the saved one under "checkpoint").
+    `expected` is compared with a clue_jax directory's saved config (an HF directory is taken as it is);
+    the returned config is the one `precision` trains in (the saved one under "checkpoint").
     """
     directory = paths.absolute(directory)
     if is_hf_directory(directory):

@@ -54,7 +54,7 @@ from clue_jax.models.encoder import ElectraPair, EncoderConfig, generator_config
 from clue_jax.pipelines import common
 from clue_jax.pipelines.stages import Stages, fingerprint
 from clue_jax.train import logging_utils, loop, sharding as shard_lib
-from clue_jax.train.checkpoint import refuse_per_layer_layout
+from clue_jax.train.checkpoint import refuse_per_layer_layout, saved_tree
 
 log = logging.getLogger("clue_jax")
 
@@ -122,9 +122,8 @@ def load_pair(directory: str, mesh) -> ElectraPair:
     graphdef, params = nnx.split(nnx.eval_shape(lambda: ElectraPair(disc, gen, nnx.Rngs(0))), nnx.Param)
     shardings = shard_lib.state_shardings(params, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
+    refuse_per_layer_layout(saved_tree(os.path.join(directory, "params")), f"model {directory}/params")
     with ocp.StandardCheckpointer() as ckpt:
-        saved = ckpt.metadata(os.path.join(directory, "params")).item_metadata.tree
-        refuse_per_layer_layout(saved, f"model {directory}/params")
         restored = ckpt.restore(os.path.join(directory, "params"), target)
     _PAIRS[directory] = nnx.merge(graphdef, restored)
     return _PAIRS[directory]
