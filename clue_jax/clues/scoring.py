@@ -31,6 +31,7 @@ from flax import nnx
 
 from clue_jax.data.batching import rows_of
 from clue_jax.errors import UserInputError
+from clue_jax.models import precision
 from clue_jax.train.sharding import batch_sharding, state_shardings
 
 
@@ -78,22 +79,6 @@ def _is_float(x) -> bool:
     return hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)
 
 
-def _graphdef_for_dtype(model, graphdef, dtype):
-    """Graph of the same model whose compute and parameter dtype is `dtype`.
-
-    Flax layers promote weights to their static `dtype`, so casting the
-    weights alone would save memory but still compute in float32. Models
-    built from a `ModelConfig` are rebuilt abstractly with the new dtype;
-    anything else keeps its graph (weights still stored in `dtype`).
-    """
-    cfg = getattr(model, "cfg", None)
-    if cfg is None or not dataclasses.is_dataclass(cfg) or not hasattr(cfg, "dtype"):
-        return graphdef
-    new_cfg = dataclasses.replace(cfg, dtype=dtype.name, param_dtype=dtype.name)
-    abstract = nnx.eval_shape(lambda: type(model)(new_cfg, rngs=nnx.Rngs(0)))
-    return nnx.split(abstract, nnx.Param, ...)[0]
-
-
 def in_dtype(model, dtype):
     """The same teacher with its weights and compute in `dtype` (None: unchanged).
 
@@ -105,7 +90,11 @@ def in_dtype(model, dtype):
     dtype = jnp.dtype(dtype)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
     params = jax.tree.map(lambda x: x.astype(dtype) if _is_float(x) else x, params)
-    return nnx.merge(_graphdef_for_dtype(model, graphdef, dtype), params, rest)
+    cast = nnx.merge(graphdef, params, rest)
+    cfg = getattr(model, "cfg", None)
+    if cfg is None or not dataclasses.is_dataclass(cfg) or not hasattr(cfg, "dtype"):
+        return cast  # not built from a config: its graph stays (weights still stored in `dtype`)
+    return precision.regraph(cast, dataclasses.replace(cfg, dtype=dtype.name, param_dtype=dtype.name))
 
 
 def check_finite(scores: np.ndarray, where: str) -> np.ndarray:

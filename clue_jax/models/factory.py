@@ -64,7 +64,7 @@ def load_params(directory: str, mesh, expected: ModelConfig | None = None,
 
         cfg = precision_lib.model_config(read_config(directory), precision)
         model, loaded = hf.load(directory, dtype=None if precision == "checkpoint" else cfg.param_dtype, mesh=mesh)
-        return (model, loaded) if loaded == cfg else (_with_config(model, cfg), cfg)
+        return (model, loaded) if loaded == cfg else (precision_lib.regraph(model, cfg), cfg)
     cfg = read_config(directory)
     if expected is not None and cfg != expected:
         raise UserInputError(f"model in {directory} has another config than the one asked for")
@@ -83,12 +83,6 @@ def load_params(directory: str, mesh, expected: ModelConfig | None = None,
             f"unreadable model checkpoint {directory}/params: {str(err).splitlines()[0][:200]}") from None
     model = nnx.merge(graphdef, restored, _concrete_rest(cfg, mesh))
     return model, cfg
-
-
-def _with_config(model: CausalLM, cfg: ModelConfig) -> CausalLM:
-    """The same weights under `cfg`'s graph: flax layers hold their compute dtype in the graph, not the weights."""
-    graphdef = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))))[0]
-    return nnx.merge(graphdef, nnx.state(model))
 
 
 def read_config(directory: str) -> ModelConfig:

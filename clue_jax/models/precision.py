@@ -59,3 +59,13 @@ def check_trained(model: nnx.Module, params: nnx.State, precision: str) -> None:
         if jnp.issubdtype(value.dtype, jnp.floating) and value.dtype != jnp.float32:
             raise ValueError(f"train.precision='mixed' but parameter {'/'.join(map(str, path))} is {value.dtype}: "
                              "build or load the model through clue_jax.models.factory with the precision")
+
+
+def regraph(model: nnx.Module, cfg) -> nnx.Module:
+    """`model`'s weights under the graph of `type(model)(cfg)`, built abstractly.
+
+    Flax layers hold their compute and parameter dtypes in the graph, not in
+    the weights: casting the weights alone would still compute in the old dtype.
+    """
+    graphdef = nnx.split(nnx.eval_shape(lambda: type(model)(cfg, rngs=nnx.Rngs(0))))[0]
+    return nnx.merge(graphdef, nnx.state(model))
