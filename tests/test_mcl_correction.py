@@ -1,4 +1,4 @@
-"""MCL correction notebook: the worked example of METHODS.md and random-input properties."""
+"""MCL correction notebook: the worked example of docs/methods.md ("MCL") and random-input properties."""
 
 import functools
 

@@ -1,4 +1,4 @@
-"""MCL objective: each course's losses on tiny fixed inputs, the correction losses as METHODS.md wires them,
+"""MCL objective: each course's losses on tiny fixed inputs, the correction losses as docs/methods.md ("MCL") has them,
 static == dynamic settings, and a few Trainer steps lower the ELECTRA loss."""
 
 import dataclasses

@@ -1,4 +1,4 @@
-"""Is the head entity the clue? Measures behind the paper's analysis (METHODS.md section 1).
+"""Is the head entity the clue? Measures behind the paper's analysis (docs/methods.md, "Clue dropout").
 
 The paper's finding: the tokens the large model attends to more than the
 small one are most often the person's name, especially as seen from an

@@ -1,6 +1,6 @@
 """Clue dropout: delete tokens with a probability that grows with their contrast rank.
 
-METHODS.md section 1, steps 3 to 6. Everything here is jitted with fixed
+docs/methods.md, "Clue dropout", steps 3 to 6. Everything here is jitted with fixed
 shapes, so augmentation can run inside the training step (the big_vision
 way for mixup) with no host round trip:
 

@@ -1,4 +1,4 @@
-"""The teacher gate: can this teacher pair show the paper's effect at all? (METHODS.md, "a gate before the result")
+"""The teacher gate: can this teacher pair show the effect at all? (docs/methods.md, "How every claim is tested")
 
 Clue dropout rests on two premises about its teachers; where they fail, a
 student result says nothing about the method, so the report prints the gate

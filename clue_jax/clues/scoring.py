@@ -1,4 +1,4 @@
-"""Received-attention scores: what clue dropout ranks tokens by (METHODS.md section 1, step 2).
+"""Received-attention scores: what clue dropout ranks tokens by (docs/methods.md, "Clue dropout", step 2).
 
 For one example with attention matrices A^{l,h} (causal softmax, layer l, head h):
 
@@ -10,7 +10,7 @@ For one example with attention matrices A^{l,h} (causal softmax, layer l, head h
 so left padding gives the same scores as right padding. Padding scores 0.
 This is the *received* attention (column means over the later queries); the
 authors' released script summed rows instead, which is identically 1 and
-carries no information (see METHODS.md).
+carries no information (docs/methods.md, "Clue dropout").
 
 On sliding-window layers (Gemma-2) A[i, j] is 0 when i - j >= window, and the
 normaliser still counts every later real query: s_j stays "the mean attention

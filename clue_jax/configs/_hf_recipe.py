@@ -21,7 +21,7 @@ def load_config_module(name: str):
 
 
 def paper_recipe(c: ml_collections.ConfigDict) -> None:
-    """LoRA 16, lr 5e-4 linear with 10% warm-up, clip 1.0, batch 8 (METHODS.md, section 1)."""
+    """LoRA 16, lr 5e-4 linear with 10% warm-up, clip 1.0, batch 8 (docs/methods.md, "Clue dropout")."""
     c.lora.rank = 16
     c.cpt.update(batch_size=8, lr=5e-4, schedule="linear", clip_norm=1.0, weight_decay=0.0)
     c.cpt.warmup_steps = c.cpt.get_ref("steps") // 10

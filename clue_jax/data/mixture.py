@@ -1,6 +1,6 @@
 """Mixture fine-tuning input: interleave two batch sources at a set ratio.
 
-METHODS.md section 2, remedy 2: pre-training batches are interleaved with the
+docs/methods.md, "Frequency shock", mixture fine-tuning: pre-training batches are interleaved with the
 fine-tuning batches, so the ordinary training loop (and its pluggable
 objective) sees one deterministic stream and no second loop is needed.
 

@@ -1,4 +1,4 @@
-"""Data for the frequency-shock experiment (METHODS.md section 2) on the biography world.
+"""Data for the frequency-shock experiment (docs/methods.md, "Frequency shock") on the biography world.
 
 - People are split into disjoint groups: `pretrain_qa` (their QA pairs are in
   the pre-training corpus, so the base model knows the question format; 0 in

@@ -1,6 +1,6 @@
 """Model mixing against frequency shock: combine a fine-tuned and a pre-trained LM.
 
-METHODS.md section 2, remedy 1. The published form is not available; two
+docs/methods.md, "Frequency shock", model mixing. The published form is not available; two
 standard forms are implemented, per decoding step and for ranking a
 candidate answer set, with lambda (weight of the fine-tuned model) picked on a
 dev split:

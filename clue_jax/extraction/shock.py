@@ -1,4 +1,4 @@
-"""Measuring frequency shock in fine-tuning for knowledge extraction (METHODS.md section 2).
+"""Measuring frequency shock in fine-tuning for knowledge extraction (docs/methods.md, "Frequency shock").
 
 Per object entity e (keyed by its SQuAD-normalised string, so "The Louvre" and
 "louvre" are one entity, as the exact-match metric sees them):

@@ -1,4 +1,4 @@
-"""MCL self-correction courses: the "correction notebook" (METHODS.md section 3).
+"""MCL self-correction courses: the "correction notebook" (docs/methods.md, "MCL").
 
 D's verdicts against the truth (truth = corrupted != original) form four cells:
   original judged original  -> nothing to learn;
@@ -72,7 +72,7 @@ def correction_inputs(
     mask_id: int | jax.Array,
     attention_mask: jax.Array | None = None,
 ) -> tuple[jax.Array, jax.Array]:
-    """(regeneration_ids, rediscrimination_ids) exactly as METHODS.md defines them.
+    """(regeneration_ids, rediscrimination_ids) exactly as docs/methods.md ("MCL") defines them.
 
     Padding positions are left as in original_ids (which equal corrupted_ids
     there for every course).

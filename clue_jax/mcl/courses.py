@@ -1,4 +1,4 @@
-"""MCL self-supervision courses: RTD, STD and ITD corruptions (METHODS.md section 3).
+"""MCL self-supervision courses: RTD, STD and ITD corruptions (docs/methods.md, "MCL").
 
 Every function here is pure JAX with fixed shapes [B, T], so a training step
 can jit it together with the models. Conventions shared by all of them:

@@ -1,4 +1,4 @@
-"""ELECTRA and MCL pre-training objectives for the shared Trainer (METHODS.md section 3).
+"""ELECTRA and MCL pre-training objectives for the shared Trainer (docs/methods.md, "MCL").
 
 One objective `fn(pair, batch, rng) -> (loss_mean, aux)` covers every arm:
 ELECTRA (RTD alone), any mix of the self-supervision courses RTD, STD and
@@ -34,7 +34,7 @@ Loss: gen_weight * gen + disc_weight * disc + regen_weight * re_gen +
 redisc_weight * re_disc, each term a mean over the positions it counts,
 pooled over the rows that have it.
 
-Choices where METHODS.md is silent (settings in `ObjectiveConfig`):
+Choices where the paper is silent (settings in `ObjectiveConfig`):
 - `sampling="step"` (default): one course per step for the whole batch (per
   micro-batch under accumulation), drawn with probabilities `course_weights`
   (uniform over the enabled courses by default); `"example"`: one course per

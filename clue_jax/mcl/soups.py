@@ -1,6 +1,6 @@
 """Course soups: average the weights of models trained with different course mixes.
 
-METHODS.md section 3: ingredients share a start (one warm-up checkpoint) and
+docs/methods.md, "MCL": ingredients share a start (one warm-up checkpoint) and
 differ in which self-correction losses they used; their weights are averaged
 uniformly, with weights (e.g. from dev scores), or greedily (Wortsman et al.
 2022, "Model soups"). Everything works on any pytree: nnx.State, nested dicts

@@ -1,4 +1,4 @@
-"""Knowledge extraction and frequency shock (METHODS.md section 2), end to end.
+"""Knowledge extraction and frequency shock (docs/methods.md, "Frequency shock"), end to end.
 
 Stages (each cached in workdir/stages, see stages.py):
   world -> tokenizer (both shared with the knowledge pipeline) -> pretrain

@@ -1,4 +1,4 @@
-"""MCL (METHODS.md section 3) end to end: ELECTRA vs course arms vs course soups, on the biography world.
+"""MCL (docs/methods.md, "MCL") end to end: ELECTRA vs course arms vs course soups, on the biography world.
 
 Stages (each cached in workdir/stages, see stages.py):
   world -> tokenizer -> pre_<arm>_s<seed> (an ElectraPair pre-trained for

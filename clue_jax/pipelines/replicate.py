@@ -1,4 +1,4 @@
-"""Replication of the clue-dropout paper's Table 2 on the biography world, under three protocols.
+"""Replication of Table 2 of the clue-dropout paper (Gao et al., AAAI 2025) on the biography world.
 
 Order of the run (every step a cached stage, so a long run resumes):
 1. teacher gate (clues/gate.py): both teachers' EM on background people and
