@@ -103,9 +103,9 @@ DESCRIPTIONS = {
     "clues.chosen.contrast.alpha": "alpha of the `contrast` arm (the replication's choice on dev)",
     "clues.chosen.contrast.beta": "beta of the `contrast` arm",
     "clues.original_fraction": "share of rows left intact (no dropout) when dropout is drawn fresh",
-    "clues.mode": "`cached` (teachers score once), `live` (inside every step) or `fixed_copies` (the paper's "
-                  "offline copies + originals)",
-    "clues.copies": "augmented copies per document under `fixed_copies` (the paper: 10)",
+    "clues.mode": "`cached` (teachers score once), `live` (inside every step) or `fixed_copies` (offline "
+                  "copies + originals, as the clue-dropout paper trained)",
+    "clues.copies": "augmented copies per document under `fixed_copies` (the clue-dropout paper: 10)",
     "clues.protected_extra": "extra tokens never dropped (besides BOS, padding, \",\" and \".\")",
     "clues.teacher_dtype": "dtype the teachers score in (`float32` or `bfloat16`)",
     "clues.query_block": "query rows per block of the blocked scoring attention",
@@ -123,7 +123,7 @@ DESCRIPTIONS = {
     "pretrain_steps.small": "pre-training steps of the small teacher",
     "pretrain_steps.large": "pre-training steps of the large teacher (longer: a real capability gap)",
     "protocol.names": "budgets run: `paper`, `equal_compute`, `long`",
-    "protocol.epochs": "epochs over 1 original + `clues.copies` copies under the paper's protocol",
+    "protocol.epochs": "epochs over 1 original + `clues.copies` copies under the clue-dropout paper's protocol",
     "protocol.warmup_fraction": "warm-up as a share of each run's steps",
     "protocol.curve_points": "times cloze EM is measured during each run (EM against steps)",
     "students": "students trained: `small`, and optionally `large`",

@@ -1,9 +1,11 @@
 """notebooks/quickstart.ipynb runs top to bottom (tiny variant) in a real Jupyter kernel, outside a checkout.
 
 The parameters cell is overridden the papermill way: a cell with the test's
-values is inserted right after the cell tagged "parameters". The install cell's
-three ways (checkout, INSTALL_FROM as on Colab, neither) are run on their own.
+values is inserted right after the cell tagged "parameters" (TensorBoard is not
+started: it is a server). The install cell's ways (checkout, INSTALL_FROM as on
+Colab, neither, and an accelerator jax kept) are run on their own.
 """
+import importlib.metadata
 import importlib.util
 import os
 import subprocess
@@ -30,13 +32,20 @@ def test_notebook_is_valid_and_parameterised():
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")  # stored without outputs
 
 
-def _install_cell(cwd, monkeypatch, importable: bool, install_from: str = ""):
-    """Runs the notebook's install cell in `cwd` with pip recorded, not run; returns the pip commands."""
+def _install_cell(cwd, monkeypatch, importable: bool, install_from: str = "", backend: str = "cpu"):
+    """Runs the notebook's install cell in `cwd` with pip recorded, not run, and the installed jax's backend
+    reported as `backend`; returns the pip commands."""
     nb = nbformat.read(NOTEBOOK, as_version=4)
     (cell,) = [c for c in nb.cells if c.cell_type == "code" and "checkout_root" in c.source]
     calls = []
+
+    def run(cmd, check=False, capture_output=False, text=False):
+        if cmd[1:3] == ["-m", "pip"]:
+            calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 0, stdout=f"W0000 a warning\n{backend}\n", stderr="")
+
     monkeypatch.chdir(cwd)
-    monkeypatch.setattr(subprocess, "run", lambda cmd, check: calls.append(cmd))
+    monkeypatch.setattr(subprocess, "run", run)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec",
                         lambda name, *a: real(name, *a) if importable or name != "clue_jax" else None)
@@ -47,12 +56,24 @@ def _install_cell(cwd, monkeypatch, importable: bool, install_from: str = ""):
 def test_install_cell_checkout_colab_and_neither(tmp_path, monkeypatch):
     assert _install_cell(os.path.join(ROOT, "notebooks"), monkeypatch, importable=True) == []
     (pip,) = _install_cell(os.path.join(ROOT, "notebooks"), monkeypatch, importable=False)
-    assert pip[-2:] == ["-e", ROOT]
+    assert pip[-2:] == ["-e", ROOT] and "-c" not in pip  # a CPU jax: nothing to keep
     url = "git+https://example.org/me/clue_jax.git"
     (pip,) = _install_cell(tmp_path, monkeypatch, importable=False, install_from=url)  # Colab: no checkout
-    assert pip[-1] == url and pip[1:4] == ["-m", "pip", "install"]
+    assert pip[-1] == url and pip[1:4] == ["-m", "pip", "install"] and "-c" not in pip
     with pytest.raises(RuntimeError, match="set INSTALL_FROM in the parameters cell"):
         _install_cell(tmp_path, monkeypatch, importable=False)
+
+
+@pytest.mark.parametrize("backend", ["gpu", "tpu"])
+def test_install_cell_keeps_an_accelerator_jax(tmp_path, monkeypatch, backend):
+    """A Colab GPU/TPU runtime's jax is pinned for pip, so installing clue_jax cannot replace it."""
+    url = "git+https://example.org/me/clue_jax.git"
+    (pip,) = _install_cell(tmp_path, monkeypatch, importable=False, install_from=url, backend=backend)
+    assert pip[-1] == url and pip[1:4] == ["-m", "pip", "install"]
+    constraints = pip[pip.index("-c") + 1]
+    pins = open(constraints).read().split()
+    assert f"jax=={importlib.metadata.version('jax')}" in pins
+    assert f"jaxlib=={importlib.metadata.version('jaxlib')}" in pins
 
 
 @pytest.mark.slow
@@ -60,7 +81,7 @@ def test_notebook_runs_tiny_quickstart_outside_a_checkout(tmp_path, monkeypatch)
     nb = nbformat.read(NOTEBOOK, as_version=4)
     index = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
     params = (f'VARIANT = "tiny"\nWORKDIR = {str(tmp_path / "nb")!r}\nARMS = ("contrast",)\nINSTALL = True\n'
-              'INSTALL_FROM = ""\n')
+              'INSTALL_FROM = ""\nSHOW_TENSORBOARD = False\nOWN_CORPUS = True\nEXPORT = True\n')
     nb.cells.insert(index + 1, nbformat.v4.new_code_cell(params))
     monkeypatch.setenv("CI", "1")
     monkeypatch.setenv("JAX_PLATFORMS", "cpu")
@@ -72,12 +93,16 @@ def test_notebook_runs_tiny_quickstart_outside_a_checkout(tmp_path, monkeypatch)
                                      resources={"metadata": {"path": str(elsewhere)}})
     client.execute()  # raises CellExecutionError on any failing cell
 
-    images = [o for c in nb.cells for o in _outputs(c, {"display_data"}) if "image/png" in o.get("data", {})]
-    assert len(images) == 1 and len(images[0]["data"]["image/png"]) > 1000
+    views = [o["data"]["text/html"] for c in nb.cells for o in _outputs(c, {"display_data"})
+             if "text/html" in o.get("data", {})]
+    assert len(views) == 1 and "clues: " in views[0] and "<span" in views[0]  # the pipeline's own clue view
     text = "".join(o.get("text", "") for c in nb.cells for o in _outputs(c, {"stream"}))
-    assert "top clues (d = s_large - s_small):" in text
-    assert "QA exact match" in text and "| contrast" in text and "| base_small" in text
-    assert text.count("QA exact match") == 1 and text.count("Cloze exact match") == 1  # the table, once
-    assert text.count("is a smoke test") == 1
-    for name in ("summary.json", "config.json", "clue_heatmap.png"):
+    assert "backend cpu: 1 device(s)" in text
+    assert "Cloze exact match" in text and "| contrast" in text and "| base_small" in text
+    assert "TensorBoard runs: " in text and "'eval'" in text
+    assert "the 4 questions of qa.jsonl" in text  # the own-corpus run's table
+    assert "exported cpt_small_contrast_s0 to " in text and "LlamaForCausalLM" in text
+    for name in ("summary.json", "config.json", "clues/example_0.html"):
         assert (tmp_path / "nb" / name).exists(), name
+    assert (tmp_path / "nb_own_corpus" / "run" / "summary.json").exists()
+    assert (tmp_path / "nb_hf" / "cpt_small_contrast_s0" / "config.json").exists()

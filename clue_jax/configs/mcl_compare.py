@@ -4,7 +4,7 @@
     python -m clue_jax.main --config configs/mcl_compare.py:timing --workdir /tmp/mcl_t     # a short timing run
     python -m clue_jax.main --config configs/mcl_compare.py:tiny --workdir /tmp/mcl_c       # seconds of training
 
-What changes against configs/mcl_tiny.py (issue 13):
+What changes against configs/mcl_tiny.py:
 - three arms, ELECTRA (RTD), RTD+STD+ITD and MCL, with every course on every
   step (`sampling="all"`, as the published comparison), pre-trained longer
   so the generator engages (RTD's replaced share falls clearly below 0.10),
@@ -52,7 +52,7 @@ def get_config(variant: str = ""):
     c.model.max_len = 128
     # measured in a 1000-step ELECTRA run (seed 0, otherwise these settings): RTD replaced share 0.130 at step
     # 100, 0.096 at 500, 0.080 at 800, 0.076 at 1000. 800 steps: the generator has engaged and the run fits
-    # the hour (timing variant: README's MCL section).
+    # the hour (timing variant: docs/methods.md, "MCL").
     c.pretrain.update(steps=800, batch_size=16, warmup_steps=50, lr=5e-3, log_every=100)
     c.probe_every = 100
     c.world.update(num_background=1600, num_new=1000)

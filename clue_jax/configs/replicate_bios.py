@@ -14,7 +14,7 @@ printed first.
 
 Cut to fit about an hour on 2 CPU cores: the large student (the 3.4M large teacher continually pre-trained,
 --config.students="('small','large')") is off by default: its steps cost about 6x the small student's.
-Measured (README): 46 min for everything but the long protocol on the loaded 2-core machine, 12.5 min more for
+Measured (docs/methods.md): 46 min for everything but the long protocol on a loaded 2-core CPU, 12.5 min more for
 long.
 
 Rule for the settings (written before any run): per student and per method, on the 30 dev people, under the
