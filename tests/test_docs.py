@@ -1,4 +1,4 @@
-"""Every relative link in README.md and docs/*.md resolves: the file exists and, for `#anchor`, the heading.
+"""Every relative link in README.md, docs/*.md and benchmarks/README.md resolves, anchors included.
 
 Anchors follow GitHub's rule: the heading's text as rendered, lower-cased, every character that is not a
 letter, digit, space, hyphen or underscore removed, spaces turned into hyphens, and "-1", "-2", ... added to
@@ -12,6 +12,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAGES = ["README.md"] + sorted(os.path.relpath(p, ROOT) for p in glob.glob(os.path.join(ROOT, "docs", "*.md")))
+OTHER_PAGES = ["benchmarks/README.md"]  # linked from docs/, beside the scripts it describes
 
 _FENCE = re.compile(r"^(```|~~~).*?^\1\s*$", re.S | re.M)
 _INLINE_CODE = re.compile(r"`[^`\n]*`")
@@ -81,7 +82,7 @@ def test_the_checker_finds_a_broken_file_and_a_broken_anchor(tmp_path):
                                                    "docs/b.md#nope (no heading with that anchor)"]
 
 
-@pytest.mark.parametrize("page", PAGES)
+@pytest.mark.parametrize("page", PAGES + OTHER_PAGES)
 def test_every_relative_link_resolves(page):
     assert broken_links(page) == []
 
