@@ -91,3 +91,14 @@ def test_docs_pages_are_linked_from_the_readme():
     readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
     for page in PAGES[1:]:
         assert f"]({page})" in readme, f"README.md does not link {page}"
+
+
+def test_readme_opens_with_the_two_commands_and_ci_runs_the_second_exactly():
+    readme = open(os.path.join(ROOT, "README.md"), encoding="utf-8").read()
+    first_block = _FENCE.search(readme).group(0).splitlines()
+    commands = [line for line in first_block[1:-1] if line and not line.startswith("#")]
+    assert commands[0].endswith("pip install -e . && python -m clue_jax.main --config configs/quickstart.py "
+                                "--workdir runs/quickstart")
+    ci = open(os.path.join(ROOT, ".ci", "run"), encoding="utf-8").read().splitlines()
+    assert commands[1] in ci and len(commands) == 2
+    assert readme.index("```bash") < readme.index("## ")  # before any section
