@@ -1,4 +1,4 @@
-"""Replication of the clue-dropout comparison (Table 2 of Gao et al., AAAI 2025) on the biography world, two protocols.
+"""Replication of the clue-dropout comparison (Gao et al., AAAI 2025, Table 2) on the biography world, three protocols.
 
     python -m clue_jax.main --config configs/replicate_bios.py --workdir runs/replicate
     python -m clue_jax.main --config configs/replicate_bios.py:tiny --workdir /tmp/rep_tiny   # tests
