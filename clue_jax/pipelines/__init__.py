@@ -33,7 +33,11 @@ def run(config, workdir: str) -> dict:
 
     config_check.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
     config_check.write_config(config, workdir)
-    summary = importlib.import_module(PIPELINES[name]).run(config, workdir)
+    try:
+        summary = importlib.import_module(PIPELINES[name]).run(config, workdir)
+    except UserInputError:  # refused (a checkpoint or document that does not fit): this config did not run
+        config_check.discard_running_config(workdir)
+        raise
     config_check.finish_config(workdir)
     if config.get("smoke_test") and jax.process_index() == 0:
         print(SMOKE_TEST_NOTE)
