@@ -178,6 +178,10 @@ def test_cli_alpha_given_twice_over_or_where_the_grid_chooses_is_refused():
         check_config(config, ["clues.beta"])
     config.grid.enabled, config.data.num_dev = False, 3
     check_config(config, ["clues.beta"])
+    config.clues.arms = ("plain", "random")
+    with pytest.raises(UserInputError, match=r"--config.clues.beta is read by no arm of clues.arms=\('plain', "
+                                             r"'random'\)"):
+        check_config(config, ["clues.beta"])
     with pytest.raises(UserInputError, match=r"--config.clues.chosen.contrast.alpha is not read by the replicate"):
         check_config(config, ["clues.chosen.contrast.alpha"])
 

@@ -306,6 +306,7 @@ def precision_errors(config: ml_collections.ConfigDict) -> list[str]:
 
 
 DROP_KEYS = ("alpha", "beta")
+NO_DROP_KEYS = {"plain": ("alpha", "beta"), "random": ("beta",)}  # what an arm does not read (random: alpha only)
 
 
 def resolve_dropout_settings(config: ml_collections.ConfigDict, given: Iterable[str]) -> list[str]:
@@ -326,6 +327,11 @@ def resolve_dropout_settings(config: ml_collections.ConfigDict, given: Iterable[
     for key in DROP_KEYS:
         if f"clues.{key}" not in given:
             continue
+        arms = tuple(clues.get("arms", ()))
+        if not [arm for arm in arms if key not in NO_DROP_KEYS.get(arm, ())]:
+            errors.append(f"--config.clues.{key} is read by no arm of clues.arms={arms} (plain drops nothing, "
+                          "random reads alpha only)")
+            continue
         if pipeline == "replicate" and _get(config, "grid.enabled"):
             errors.append(f"--config.clues.{key} is not used while grid.enabled=True (the grid chooses each arm's "
                           f"{key} from grid.{key}s on dev people): set --config.grid.enabled=False to use it, or "
@@ -334,7 +340,7 @@ def resolve_dropout_settings(config: ml_collections.ConfigDict, given: Iterable[
         if pipeline != "knowledge" or not isinstance(chosen, ml_collections.ConfigDict):
             continue
         arms = [arm for arm, setting in chosen.items() if isinstance(setting, ml_collections.ConfigDict)
-                and key in setting and arm in tuple(clues.get("arms", ()))]
+                and key in setting and arm in arms]
         both = [f"clues.chosen.{arm}.{key}" for arm in arms if f"clues.chosen.{arm}.{key}" in given]
         if both:
             errors.append(f"--config.clues.{key} and --config.{both[0]} are both given: give one (clues.{key} "
