@@ -173,6 +173,11 @@ def test_cli_alpha_given_twice_over_or_where_the_grid_chooses_is_refused():
     line = _one_line_error(_cli("--config", TINY, "--workdir", "/nonexistent/w", "--config.clues.alpha=0.3",
                                 "--config.clues.chosen.contrast.alpha=0.6"))
     assert line.startswith("error: --config.clues.alpha and --config.clues.chosen.contrast.alpha are both given")
+    config = _config()
+    config.clues.arms = ("plain", "contrast")
+    with pytest.raises(UserInputError, match=r"--config.clues.chosen.attention.alpha is for an arm not in "
+                                             r"clues.arms=\('plain', 'contrast'\)"):
+        check_config(config, ["clues.chosen.attention.alpha"])
     config = _config("replicate_bios")
     with pytest.raises(UserInputError, match=r"--config.clues.beta is not used while grid.enabled=True"):
         check_config(config, ["clues.beta"])

@@ -85,9 +85,6 @@ def tuple_of(item: Check, *, non_empty: bool = True) -> Check:
     return check
 
 
-ANY: Check = lambda v: None
-
-
 PROB = number(0.0, 1.0)
 POS = integer(1)
 NONNEG = integer(0)
@@ -114,11 +111,11 @@ RULES: dict[str, Check] = {
     "models.*.rope_theta": POS_NUM, "models.*.norm_eps": POS_NUM, "models.*.sliding_window": NONNEG,
     "models.*.dtype": one_of(DTYPES), "models.*.param_dtype": one_of(DTYPES), "models.*.*_softcap": NONNEG_NUM,
     "models.*.query_pre_attn_scalar": NONNEG_NUM, "pipeline": one_of(tuple(sorted(PIPELINES))),
-    "models.*.scan_unroll": POS, "pretrain_steps.*": POS, "lora.targets": tuple_of(ANY),
+    "models.*.scan_unroll": POS, "pretrain_steps.*": POS,
     **{f"models.*.{k}": POS for k in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim", "max_len")},
     "lora.rank": NONNEG, "lora.alpha": POS_NUM,
     "clues.arms": tuple_of(one_of(ARMS)), "clues.alpha": PROB, "clues.beta": PROB, "clues.original_fraction": PROB,
-    "clues.chosen.*.alpha": PROB, "clues.chosen.*.beta": PROB, "clues.protected_extra": tuple_of(ANY, non_empty=False),
+    "clues.chosen.*.alpha": PROB, "clues.chosen.*.beta": PROB,
     "clues.mode": one_of(MODES), "clues.copies": POS, "clues.teacher_dtype": one_of(DTYPES),
     "clues.query_block": POS, "clues.score_batch": POS, "clues.render_examples": NONNEG,
     "eval.k_shot": NONNEG, "eval.max_new_tokens": POS, "eval.batch_size": POS, "eval.score_batch": POS,
@@ -128,7 +125,7 @@ RULES: dict[str, Check] = {
     "protocol.epochs": POS_NUM, "protocol.warmup_fraction": PROB, "protocol.curve_points": POS,
     "gate.people": POS, "gate.min_gap": FRACTION_GAP, "bootstrap.n_boot": POS,
     # extraction
-    "splits.*": NONNEG, "relations": tuple_of(ANY), "skew.strata": POS, "skew.left_out": PROB, "skew.oversampled": PROB,
+    "splits.*": NONNEG, "skew.strata": POS, "skew.left_out": PROB, "skew.oversampled": PROB,
     "skew.repeat": POS, "sweep.steps": tuple_of(POS), "shock.null_draws": NONNEG,
     "mixture.ratio": NONNEG_NUM, "mixing.modes": tuple_of(one_of(("interpolate", "log_linear"))),
     "mixing.grid": tuple_of(PROB), "mixing.rank_grid": tuple_of(PROB), "shock.smoothing": NONNEG_NUM,
@@ -141,9 +138,8 @@ RULES: dict[str, Check] = {
     "downstream.tasks": tuple_of(one_of(("bios_qa", "bios_pair"))), "downstream.*": POS,
     "corpus.segments": one_of((1, 2)), "soups.tau": POS_NUM, "soups.weighting": one_of(("softmax", "min_subtracted")),
     "objective.sampling": one_of(("step", "example", "all")), "intrinsic.num_rows": POS, "real_tasks.doc_stride": NONNEG,
-    "real_tasks.limit_*": POS, "real_tasks.dev_size": POS, "arms": tuple_of(ANY), "curve.arms": tuple_of(ANY),
-    "soups.kinds": tuple_of(one_of(("uniform", "greedy"))), "soups.ingredients.*": tuple_of(ANY),
-    "real_tasks.glue": tuple_of(ANY, non_empty=False),
+    "real_tasks.limit_*": POS, "real_tasks.dev_size": POS,
+    "soups.kinds": tuple_of(one_of(("uniform", "greedy"))),
 }
 
 # Tuples whose items are positions (a mesh shape, per-course weights, rope scaling's four numbers), where a
@@ -317,17 +313,19 @@ def resolve_dropout_settings(config: ml_collections.ConfigDict, given: Iterable[
     clues, pipeline = config.get("clues"), config.get("pipeline")
     if not isinstance(clues, ml_collections.ConfigDict):
         return []
-    chosen = clues.get("chosen")
+    chosen, arms = clues.get("chosen"), tuple(clues.get("arms", ()))
     chosen_given = sorted(k for k in given if k.startswith("clues.chosen."))
     errors = []
     if pipeline == "replicate" and chosen_given:
         errors.append(f"--config.{chosen_given[0]} is not read by the replicate pipeline (clues.chosen is the "
                       "knowledge pipeline's): the grid chooses alpha / beta, or with --config.grid.enabled=False "
                       "every arm takes --config.clues.alpha / --config.clues.beta")
+    unused = [k for k in chosen_given if k.split(".")[2] not in arms]
+    if pipeline == "knowledge" and unused:
+        errors.append(f"--config.{unused[0]} is for an arm not in clues.arms={arms}")
     for key in DROP_KEYS:
         if f"clues.{key}" not in given:
             continue
-        arms = tuple(clues.get("arms", ()))
         if not [arm for arm in arms if key not in NO_DROP_KEYS.get(arm, ())]:
             errors.append(f"--config.clues.{key} is read by no arm of clues.arms={arms} (plain drops nothing, "
                           "random reads alpha only)")
@@ -339,17 +337,18 @@ def resolve_dropout_settings(config: ml_collections.ConfigDict, given: Iterable[
             continue
         if pipeline != "knowledge" or not isinstance(chosen, ml_collections.ConfigDict):
             continue
-        arms = [arm for arm, setting in chosen.items() if isinstance(setting, ml_collections.ConfigDict)
-                and key in setting and arm in arms]
-        both = [f"clues.chosen.{arm}.{key}" for arm in arms if f"clues.chosen.{arm}.{key}" in given]
+        replaced = [arm for arm, setting in chosen.items() if isinstance(setting, ml_collections.ConfigDict)
+                    and key in setting and arm in arms]
+        both = [f"clues.chosen.{arm}.{key}" for arm in replaced if f"clues.chosen.{arm}.{key}" in given]
         if both:
             errors.append(f"--config.clues.{key} and --config.{both[0]} are both given: give one (clues.{key} "
                           f"sets every arm's {key}, clues.chosen.ARM.{key} one arm's)")
             continue
-        for arm in arms:
+        for arm in replaced:
             chosen[arm][key] = clues[key]
-        if arms:
-            log.info("--config.clues.%s=%s replaces clues.chosen's %s for %s", key, clues[key], key, ", ".join(arms))
+        if replaced:
+            log.info("--config.clues.%s=%s replaces clues.chosen's %s for %s", key, clues[key], key,
+                     ", ".join(replaced))
     return errors
 
 
