@@ -169,7 +169,13 @@ def test_alpha_beta_given_on_the_command_line_replace_every_arms_chosen_setting(
     assert "--config.clues.beta=0.05 replaces clues.chosen's beta for attention, contrast" in caplog.text
 
 
-def test_cli_alpha_given_twice_over_or_where_the_grid_chooses_is_refused():
+def test_cli_alpha_given_twice_over_or_where_the_grid_chooses_is_refused(tmp_path):
+    proc = _cli("--config", TINY, "--workdir", str(tmp_path / "w"), "--config.clues.alpha=0.3",
+                "--config.clues.beta=0.05", f"--config.data.corpus={tmp_path / 'missing.jsonl'}",
+                f"--config.data.qa_file={tmp_path / 'missing.jsonl'}")  # stops at the files, after the settings
+    assert "cannot read" in _one_line_error(proc)
+    assert "--config.clues.alpha=0.3 replaces clues.chosen's alpha for attention, contrast" in proc.stderr
+    assert "--config.clues.beta=0.05 replaces clues.chosen's beta for attention, contrast" in proc.stderr
     line = _one_line_error(_cli("--config", TINY, "--workdir", "/nonexistent/w", "--config.clues.alpha=0.3",
                                 "--config.clues.chosen.contrast.alpha=0.6"))
     assert line.startswith("error: --config.clues.alpha and --config.clues.chosen.contrast.alpha are both given")
