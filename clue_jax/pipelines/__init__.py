@@ -2,8 +2,8 @@
 
 `run(config, workdir)` is the Python API and what the CLI calls: it writes the resolved config to
 `workdir/config.running.json`, which becomes `config.json` once the run finished (so config.json always
-matches summary.json) and is removed when the run is refused as bad input (a diverged loss keeps it), and, after the pipeline's tables, says when the config is a `:tiny` smoke test
-whose numbers mean nothing.
+matches summary.json) and is removed when the run is refused as bad input (a diverged loss keeps it), and,
+after the pipeline's tables, says when the config is a `:tiny` smoke test whose numbers mean nothing.
 """
 from __future__ import annotations
 
