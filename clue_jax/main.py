@@ -1,7 +1,8 @@
 """CLI: `python -m clue_jax.main --config configs/<name>.py[:variant] --workdir DIR [--config.key=value]`.
 
-Parses flags, loads the config, locks the workdir (one run at a time), writes
-the config to config.running.json and hands it to the pipeline it names;
+Parses flags (each given once), loads the config, checks its values and the
+user's files before the workdir is touched, locks the workdir (one run at a
+time), writes the config to config.running.json and hands it to the pipeline it names;
 config.json is replaced only when the run succeeds. Bad input, a read-only or
 full disk end in one line on stderr and exit code 2; Ctrl-C saves a checkpoint
 like SIGTERM and exits 130.
