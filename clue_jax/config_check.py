@@ -30,6 +30,30 @@ def all_keys(config: ml_collections.ConfigDict) -> list[str]:
     return [key for key, _ in flat_items(config)]
 
 
+def given_flags(argv: list[str]) -> list[str]:
+    """The flag names on the command line (`config.cpt.lr`, `workdir`), each once; a flag given twice is
+    refused for every flag alike. absl keeps a scalar's last value, while ml_collections joins a tuple's values
+    (`--config.seeds=0 --config.seeds=1` is (0, 1)), so neither rule would hold for all; refusing
+    is the one that never drops a value the user wrote."""
+    names: list[str] = []
+    for arg in argv[1:]:
+        if arg == "--":
+            break
+        if not arg.startswith("-"):
+            continue
+        name = arg.lstrip("-").split("=", 1)[0]
+        if name.startswith("noconfig."):  # --noconfig.eval.cloze: the boolean form of --config.eval.cloze
+            name = name[2:]
+        if not name[:1].isalpha():  # a negative number given as a value, not a flag
+            continue
+        if name in names:
+            value = arg.split("=", 1)[1] if "=" in arg else ""
+            hint = f' (a tuple is one value: --{name}="(a,b)")' if value.lstrip()[:1] in "([" and value else ""
+            raise UserInputError(f"--{name} is given twice: give each flag once{hint}")
+        names.append(name)
+    return names
+
+
 def _load_config_for_hint(argv: list[str]):
     from ml_collections.config_flags import config_flags as cf
 
@@ -53,7 +77,7 @@ _TYPE_NAMES = {bool: "True or False", int: "an integer", float: "a number", str:
                tuple: "a tuple, e.g. \"('a','b')\"", list: "a list"}
 
 
-def _config_spec(argv: list[str]) -> str | None:
+def config_spec(argv: list[str]) -> str | None:
     for i, arg in enumerate(argv):
         if arg.startswith("--config="):
             return arg.split("=", 1)[1]
@@ -86,7 +110,7 @@ def explain_flag_error(err: Exception, argv: list[str]) -> str:
     valid keys, or a config file / variant that does not load."""
     raw = str(err)
     text = " ".join(raw.split())
-    spec = _config_spec(argv)
+    spec = config_spec(argv)
     if "Error whilst parsing config file" in raw or (spec and f"--config={spec}:" in text):
         return _explain_config_file_error(raw, spec or "")
     match = re.search(r"--config\.([\w.]+)", text) or re.search(r"[Kk]ey '?([\w.]+)'? does not exist", text)
@@ -164,6 +188,17 @@ def finish_config(workdir: str) -> None:
 
 
 _RUNNING = "config.running.json"
+
+
+def discard_running_config(workdir: str) -> None:
+    """A run refused as bad input leaves no config.running.json: that file names the run in progress, and
+    the refused config never trained (finished stages keep their own records)."""
+    import jax
+
+    running = workdir_path(workdir) / _RUNNING
+    if jax.process_index() == 0 and workdir_fs.exists(running):
+        with workdir_fs.errors(running, "remove"):
+            running.unlink()
 
 
 def read_json(path: str, what: str) -> dict:

@@ -1,7 +1,8 @@
 """CLI: `python -m clue_jax.main --config configs/<name>.py[:variant] --workdir DIR [--config.key=value]`.
 
-Parses flags, loads the config, locks the workdir (one run at a time), writes
-the config to config.running.json and hands it to the pipeline it names;
+Parses flags (each given once), loads the config, checks its values and the
+user's files before the workdir is touched, locks the workdir (one run at a
+time), writes the config to config.running.json and hands it to the pipeline it names;
 config.json is replaced only when the run succeeds. Bad input, a read-only or
 full disk end in one line on stderr and exit code 2; Ctrl-C saves a checkpoint
 like SIGTERM and exits 130.
@@ -33,16 +34,18 @@ def main(argv: list[str]) -> int:
     if _print_help(argv):
         return 0
     argv = configs.resolve_argv(argv)  # --config NAME: a shipped config
+    given = config_check.given_flags(argv)  # a flag given twice is refused, whatever its type
     try:
         flags.FLAGS(argv)
     except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as err:  # ml_collections raises these
         raise UserInputError(config_check.explain_flag_error(err, argv)) from None
-    config = _load_config()  # before anything in the workdir is touched
+    config = _load_config(argv)  # before anything in the workdir is touched
     if config is None or not _WORKDIR.value:
         raise UserInputError("usage: python -m clue_jax.main --config configs/<name>.py[:variant] --workdir DIR")
-    from clue_jax.pipelines.validate import check_config  # types, ranges, choices: before anything runs
+    from clue_jax.pipelines.validate import check_config, check_files  # before anything runs or is written
 
-    check_config(config)
+    check_config(config, [name[len("config."):] for name in given if name.startswith("config.")])
+    check_files(config)  # the user's corpus and QA file: a bad line leaves no workdir, lock or running config
     from clue_jax import distributed, pipelines, run_lock  # heavy imports after the flags are known to be good
 
     distributed.maybe_initialize(_DISTRIBUTED.value)
@@ -72,7 +75,7 @@ def _print_help(argv: list[str]) -> bool:
     return True
 
 
-def _load_config():
+def _load_config(argv: list[str]):
     """The --config file: a file that fails to load ends here, as one line, before the workdir is touched."""
     try:
         config = _CONFIG.value
@@ -81,7 +84,9 @@ def _load_config():
         return config
     except OSError as err:
         lines = [l.strip() for l in str(err).splitlines() if l.strip()]
-        raise UserInputError(f"cannot load --config: {lines[-1] if lines else err}") from None
+        spec = config_check.config_spec(argv) or ""
+        raise UserInputError(configs.missing_file_hint(spec.split(":", 1)[0])
+                             or f"cannot load --config: {lines[-1] if lines else err}") from None
 
 
 @contextlib.contextmanager

@@ -6,6 +6,7 @@ import pytest
 
 from clue_jax.data import corpus
 from clue_jax.errors import UserInputError
+from clue_jax.eval import qa_file
 
 
 
@@ -63,14 +64,14 @@ def test_qa_jsonl(tmp_path):
     rows = [{"question": "Q1?", "answer": "A1", "name": "N", "extra": 1},
             {"question": "Q2?", "answer": "A2", "attribute": "major"}]
     path = _write(tmp_path / "qa.jsonl", "\n".join(json.dumps(r) for r in rows))
-    assert corpus.read_qa_jsonl(path) == [
+    assert qa_file.read_qa_file(path) == [
         {"question": "Q1?", "answer": "A1", "name": "N"},
         {"question": "Q2?", "answer": "A2", "attribute": "major"}]
     bad = _write(tmp_path / "qa_bad.jsonl", json.dumps(rows[0]) + "\n" + '{"question": "Q"}\n')
     with pytest.raises(UserInputError, match=r"qa_bad\.jsonl:2: missing field 'answer'"):
-        corpus.read_qa_jsonl(bad)
+        qa_file.read_qa_file(bad)
     with pytest.raises(UserInputError, match="empty QA file"):
-        corpus.read_qa_jsonl(_write(tmp_path / "qa_empty.jsonl", ""))
+        qa_file.read_qa_file(_write(tmp_path / "qa_empty.jsonl", ""))
     with pytest.raises(UserInputError, match=r"qa_broken\.jsonl:1: malformed JSON"):
-        corpus.read_qa_jsonl(_write(tmp_path / "qa_broken.jsonl", "{"))
+        qa_file.read_qa_file(_write(tmp_path / "qa_broken.jsonl", "{"))
 

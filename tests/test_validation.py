@@ -157,7 +157,7 @@ def test_missing_and_bad_qa_file_name_file_line_and_key(tmp_path):
     with pytest.raises(UserInputError, match=rf"cannot read {tmp_path}/missing.jsonl: No such file or directory "
                                              r"\(--config.data.qa_file\)"):
         knowledge.user_knowledge(config)
-    _, qa = _user_files(tmp_path, qa='{"question": "q?", "answer": "a"}\n{"question": "r?"}\n')
+    _, qa = _user_files(tmp_path, qa='{"question": "q?", "answer": "Acme"}\n{"question": "r?"}\n')
     config.data.qa_file = str(qa)
     with pytest.raises(UserInputError, match=rf"{qa}:2: missing field 'answer' .* \(--config.data.qa_file\)"):
         knowledge.user_knowledge(config)
@@ -190,6 +190,7 @@ def test_cli_long_document_stops_before_any_pre_training(tmp_path):
                                 f"--config.data.qa_file={qa}"))
     assert f"{docs}:2: document has" in line and "--config.cpt.seq_len" in line
     assert sorted(os.listdir(workdir / "stages")) == ["tokenizer", "world"]  # no base model trained
+    assert not (workdir / "config.running.json").exists()  # the refused config did not run
 
 
 # ------------------------------------------------------------------ item 11: vocabulary and positions

@@ -38,10 +38,10 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from clue_jax.choices import ARMS, CONTRAST_ARMS
 from clue_jax.errors import UserInputError
 
-METHODS = ("plain", "random", "attention", "contrast", "rate_matched", "shuffled")
-CONTRAST_METHODS = ("contrast", "rate_matched", "shuffled")  # rank by d = s_large - s_small
+METHODS, CONTRAST_METHODS = ARMS, CONTRAST_ARMS  # CONTRAST_METHODS rank by d = s_large - s_small
 
 
 @dataclasses.dataclass(frozen=True)

@@ -72,6 +72,16 @@ def resolve_argv(argv: list[str]) -> list[str]:
     return out
 
 
+def missing_file_hint(filename: str | None) -> str | None:
+    """A --config file that does not exist from here: how to name a shipped config instead (None: it exists)."""
+    if not filename or os.path.exists(filename):
+        return None
+    stem = os.path.splitext(os.path.basename(filename))[0]
+    example = stem if stem in names() else "quickstart"
+    return (f"no config file {filename!r} (from {os.getcwd()}); a shipped config is named without a path or .py, "
+            f"e.g. --config {example}:tiny (shipped: {', '.join(names())})")
+
+
 def _resolve(value: str) -> str:
     name, sep, variant = value.partition(":")
     if os.path.exists(name) or name not in names():

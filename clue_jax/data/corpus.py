@@ -1,7 +1,13 @@
-"""User corpora: text / JSONL files and QA files.
+"""User corpora: text / JSONL files, and the JSON-lines reading QA files share.
 
 Every problem with a user's file is a `UserInputError` with one line naming the
 file, the line number and (where relevant) the field, so the CLI can print it.
+
+What a document may be, for `.txt` and `.jsonl` alike: a byte-order mark at the
+start of the file is the encoding's mark, not text, and is dropped (editors on
+Windows write one; `utf-8-sig` is how Python reads such files); a document with
+no text besides whitespace, or with a U+FEFF inside it (files joined together),
+is refused, since it would train on nothing or on an invisible character.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from clue_jax.errors import UserInputError
 def _lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
     """(1-based line number, line) of a UTF-8 file; unreadable files name the path."""
     try:
-        with open(path, encoding="utf-8") as f:
+        with open(path, encoding="utf-8-sig") as f:  # a leading byte-order mark is dropped
             for lineno, line in enumerate(f, start=1):
                 yield lineno, line
     except UnicodeDecodeError as e:
@@ -25,7 +31,7 @@ def _lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
         raise UserInputError(f"cannot read {path}: {e.strerror or e}") from e
 
 
-def _json_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
+def json_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     """Non-blank lines of a JSONL file, each parsed to a JSON object."""
     for lineno, line in _lines(path):
         if not line.strip():
@@ -41,7 +47,7 @@ def _json_objects(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]
         yield lineno, obj
 
 
-def _string_field(path, lineno: int, obj: dict[str, Any], field: str) -> str:
+def string_field(path, lineno: int, obj: dict[str, Any], field: str) -> str:
     if field not in obj:
         raise UserInputError(f"{path}:{lineno}: missing field {field!r} (has {sorted(obj)})")
     value = obj[field]
@@ -57,10 +63,21 @@ def read_jsonl(path: str | os.PathLike, field: str = "text") -> list[str]:
 
 
 def _jsonl_documents(path, field: str) -> list[tuple[int, str]]:
-    docs = [(n, _string_field(path, n, obj, field)) for n, obj in _json_objects(path)]
+    docs = [(n, document(path, n, string_field(path, n, obj, field))) for n, obj in json_objects(path)]
     if not docs:
         raise UserInputError(f"empty corpus: {path}")
     return docs
+
+
+def document(path, lineno: int, text: str) -> str:
+    """`text` when it may be a document (see the module doc), else one line naming file and line."""
+    if not text.strip():
+        raise UserInputError(f"{path}:{lineno}: empty document (no text besides whitespace); a document must "
+                             "have text: remove the line or fill it")
+    if "\ufeff" in text:
+        raise UserInputError(f"{path}:{lineno}: a byte-order mark (U+FEFF) inside the document, e.g. from files "
+                             "joined together; a document must not contain one: remove it")
+    return text
 
 
 def corpus_documents(path: str | os.PathLike, field: str = "text") -> list[tuple[int, str]]:
@@ -84,30 +101,10 @@ def corpus_documents(path: str | os.PathLike, field: str = "text") -> list[tuple
             start = start or lineno
             paragraph.append(line.rstrip("\r\n"))
         elif paragraph:
-            docs.append((start, "\n".join(paragraph).strip()))
+            docs.append((start, document(path, start, "\n".join(paragraph).strip())))
             paragraph, start = [], 0
     if paragraph:
-        docs.append((start, "\n".join(paragraph).strip()))
+        docs.append((start, document(path, start, "\n".join(paragraph).strip())))
     if not docs:
         raise UserInputError(f"empty corpus: {path}")
     return docs
-
-
-QA_REQUIRED = ("question", "answer")
-QA_OPTIONAL = ("attribute", "name")
-
-
-def read_qa_jsonl(path: str | os.PathLike) -> list[dict[str, str]]:
-    """QA pairs from JSONL: each line {"question", "answer"[, "attribute", "name"]} (strings).
-
-    Other keys are ignored; optional keys are kept only when present.
-    """
-    items = []
-    for lineno, obj in _json_objects(path):
-        item = {k: _string_field(path, lineno, obj, k) for k in QA_REQUIRED}
-        item.update({k: _string_field(path, lineno, obj, k) for k in QA_OPTIONAL if k in obj})
-        items.append(item)
-    if not items:
-        raise UserInputError(f"empty QA file: {path}")
-    return items
-

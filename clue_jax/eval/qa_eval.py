@@ -12,7 +12,8 @@ from typing import Sequence
 
 import numpy as np
 
-from clue_jax.eval import decode, metrics, prompts
+from clue_jax.errors import UserInputError
+from clue_jax.eval import decode, metrics, prompts, qa_file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -21,6 +22,11 @@ class Probe:
     answer: str
     attribute: str = "all"
     name: str = ""
+
+    def __post_init__(self):
+        problem = qa_file.answer_problem(self.answer)  # a user's file is checked when read, naming its line
+        if problem:
+            raise ValueError(f"probe {self.question!r}: {problem}")
 
 
 def _bucket(n: int, size: int = 32) -> int:
@@ -43,6 +49,7 @@ def run_probes(model, tokenizer, probes: Sequence[Probe], shots: dict[str, list[
         texts.append(prompts.qa_prompt(p.question, chosen))
     encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
     seqs = [[tokenizer.bos_token_id, *e] for e in encoded]
+    check_positions(model, max(len(s) for s in seqs), max_new_tokens)
     ids, mask = decode.left_pad(seqs, tokenizer.pad_token_id, _bucket(max(len(s) for s in seqs)))
     generated = decode.greedy_decode(decode.model_logits_fn(model), ids, mask, max_new_tokens=max_new_tokens,
                                      eos_id=tokenizer.eos_token_id, batch_size=min(batch_size, len(seqs)))
@@ -55,6 +62,17 @@ def run_probes(model, tokenizer, probes: Sequence[Probe], shots: dict[str, list[
                         "prediction": prediction, "exact_match": metrics.exact_match(prediction, p.answer),
                         "f1": metrics.token_f1(prediction, p.answer)})
     return records
+
+
+def check_positions(model, prompt_tokens: int, max_new_tokens: int) -> None:
+    """Prompt and answer must fit the model's positions (a base model read from a checkpoint brings its own
+    max_len, which the config check before the run cannot know): past them a model decodes nonsense, slowly."""
+    max_len = getattr(getattr(model, "cfg", None), "max_len", None)
+    if isinstance(max_len, int) and prompt_tokens + max_new_tokens > max_len:
+        raise UserInputError(
+            f"--config.eval.max_new_tokens={max_new_tokens} after prompts of up to {prompt_tokens} tokens passes "
+            f"the model's max_len={max_len} positions: lower --config.eval.max_new_tokens to at most "
+            f"{max(max_len - prompt_tokens, 0)} or --config.eval.k_shot")
 
 
 def per_attribute(records: list[dict]) -> dict[str, dict[str, float]]:

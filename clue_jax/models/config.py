@@ -11,10 +11,10 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from clue_jax.choices import FLAVOURS
 from clue_jax.errors import UserInputError
 from clue_jax.models.layers import remat_policy_name
 
-FLAVOURS = ("gpt2", "llama", "gemma2")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -23,9 +23,9 @@ import dataclasses
 import jax.numpy as jnp
 from flax import nnx
 
+from clue_jax.choices import PRECISIONS
 from clue_jax.errors import UserInputError
 
-PRECISIONS = ("checkpoint", "mixed")
 MASTER_DTYPE, COMPUTE_DTYPE = "float32", "bfloat16"
 
 

@@ -2,8 +2,8 @@
 
 `run(config, workdir)` is the Python API and what the CLI calls: it writes the resolved config to
 `workdir/config.running.json`, which becomes `config.json` once the run finished (so config.json always
-matches summary.json), and, after the pipeline's tables, says when the config is a `:tiny` smoke test
-whose numbers mean nothing.
+matches summary.json) and is removed when the run is refused as bad input (a diverged loss keeps it), and,
+after the pipeline's tables, says when the config is a `:tiny` smoke test whose numbers mean nothing.
 """
 from __future__ import annotations
 
@@ -33,7 +33,15 @@ def run(config, workdir: str) -> dict:
 
     config_check.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
     config_check.write_config(config, workdir)
-    summary = importlib.import_module(PIPELINES[name]).run(config, workdir)
+    from clue_jax.train.loop import NonFiniteLoss
+
+    try:
+        summary = importlib.import_module(PIPELINES[name]).run(config, workdir)
+    except NonFiniteLoss:  # this config trained and diverged: its record stays beside the stopped stage
+        raise
+    except UserInputError:  # refused (a checkpoint or document that does not fit): this config did not run
+        config_check.discard_running_config(workdir)
+        raise
     config_check.finish_config(workdir)
     if config.get("smoke_test") and jax.process_index() == 0:
         print(SMOKE_TEST_NOTE)

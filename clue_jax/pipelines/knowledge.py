@@ -26,7 +26,7 @@ from flax import nnx
 
 from clue_jax import paths, workdir_fs
 from clue_jax.clues import analysis, dropout, render, scoring
-from clue_jax.data import bios, corpus, lm_data
+from clue_jax.data import bios, lm_data
 from clue_jax.data.batching import ArrayBatchSource, ConcatBatchSource
 from clue_jax.data.tokenizer import load_tokenizer, protected_token_ids, require_same_tokenizer, train_bpe_tokenizer
 from clue_jax.errors import UserInputError
@@ -101,14 +101,7 @@ def people_knowledge(people) -> Knowledge:
 
 def user_knowledge(config) -> Knowledge:
     """The user's documents and questions, read and checked whole (errors name file, line and config key)."""
-    try:
-        rows = corpus.corpus_documents(config.data.corpus)
-    except UserInputError as err:
-        raise UserInputError(f"{err} (--config.data.corpus)") from None
-    try:
-        qa = corpus.read_qa_jsonl(config.data.qa_file)
-    except UserInputError as err:
-        raise UserInputError(f"{err} (--config.data.qa_file)") from None
+    rows, qa = validate.user_files(config)
     probes = [qa_eval.Probe(r["question"], r["answer"], r.get("attribute", "all"), r.get("name", "")) for r in qa]
     return Knowledge([doc for _, doc in rows], probes, [], None, [f"{config.data.corpus}:{n}" for n, _ in rows])
 

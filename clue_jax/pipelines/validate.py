@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from typing import Any, Callable
+import math
+from typing import Any, Callable, Iterable
 
 import ml_collections
 
+from clue_jax.choices import ARMS, DTYPES, FLAVOURS, PRECISIONS, SCHEDULES
 from clue_jax.config_check import flat_items
 from clue_jax.errors import UserInputError
 from clue_jax.pipelines import PIPELINES
@@ -21,14 +23,9 @@ from clue_jax.pipelines.protocol import PROTOCOLS
 
 log = logging.getLogger("clue_jax")
 
-ARMS = ("plain", "random", "attention", "contrast", "rate_matched", "shuffled")  # clues.dropout.METHODS
 MODES = ("cached", "live", "fixed_copies")
 SOURCES = ("bios", "corpus")
-SCHEDULES = ("cosine", "linear", "constant")
-DTYPES = ("float32", "bfloat16", "float16")
-FLAVOURS = ("gpt2", "llama", "gemma2")  # models/config.py FLAVOURS (not imported: it pulls in jax)
 TRAIN_SECTIONS = ("pretrain", "cpt", "ft", "finetune")
-PRECISIONS = ("checkpoint", "mixed")  # models/precision.py PRECISIONS
 CORPUS_PIPELINES = ("knowledge", "replicate")  # the pipelines that read data.corpus / data.qa_file
 
 Check = Callable[[Any], str | None]  # value -> what is allowed, or None when the value is fine
@@ -42,9 +39,17 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+INT_MAX = 2**31 - 1  # step counters, seeds and sizes become int32 inside JAX and optax
+
+
 def integer(minimum: int) -> Check:
     what = {0: "an integer >= 0", 1: "a positive integer"}.get(minimum, f"an integer >= {minimum}")
-    return lambda v: None if _is_int(v) and v >= minimum else f"must be {what}"
+
+    def check(v):
+        if not (_is_int(v) and v >= minimum):
+            return f"must be {what}"
+        return None if v <= INT_MAX else f"must be at most {INT_MAX} (JAX counts in int32)"
+    return check
 
 
 def number(minimum: float = 0.0, maximum: float | None = None, strict: bool = False) -> Check:
@@ -55,6 +60,8 @@ def number(minimum: float = 0.0, maximum: float | None = None, strict: bool = Fa
 
     def check(v):
         ok = _is_number(v) and (v > minimum if strict else v >= minimum) and (maximum is None or v <= maximum)
+        if _is_number(v) and not math.isfinite(v):
+            return f"must be finite ({what})"
         return None if ok else f"must be {what}"
     return check
 
@@ -64,7 +71,7 @@ def one_of(choices: tuple) -> Check:
 
 
 def tuple_of(item: Check, *, non_empty: bool = True) -> Check:
-    """A tuple whose items each pass `item`; the message shows the tuple syntax of the command line."""
+    """A tuple whose items each pass `item` (distinct items: `repeat_problem`, for every tuple)."""
     def check(v):
         if not isinstance(v, (tuple, list)):
             return "must be a tuple"
@@ -84,6 +91,7 @@ NONNEG = integer(0)
 POS_NUM = number(0.0, strict=True)
 NONNEG_NUM = number(0.0)
 BETA: Check = lambda v: None if _is_number(v) and 0 <= v < 1 else "must be a number in [0, 1)"  # Adam's decays
+FRACTION_GAP = number(-1.0, 1.0)
 
 TRAIN_RULES: dict[str, Check] = {
     "steps": POS, "batch_size": POS, "micro_batches": POS, "seq_len": POS, "lr": POS_NUM, "warmup_steps": NONNEG,
@@ -103,15 +111,19 @@ RULES: dict[str, Check] = {
     "models.*.rope_theta": POS_NUM, "models.*.norm_eps": POS_NUM, "models.*.sliding_window": NONNEG,
     "models.*.dtype": one_of(DTYPES), "models.*.param_dtype": one_of(DTYPES), "models.*.*_softcap": NONNEG_NUM,
     "models.*.query_pre_attn_scalar": NONNEG_NUM, "pipeline": one_of(tuple(sorted(PIPELINES))),
+    "models.*.scan_unroll": POS, "pretrain_steps.*": POS,
     **{f"models.*.{k}": POS for k in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim", "max_len")},
     "lora.rank": NONNEG, "lora.alpha": POS_NUM,
     "clues.arms": tuple_of(one_of(ARMS)), "clues.alpha": PROB, "clues.beta": PROB, "clues.original_fraction": PROB,
+    "clues.chosen.*.alpha": PROB, "clues.chosen.*.beta": PROB,
     "clues.mode": one_of(MODES), "clues.copies": POS, "clues.teacher_dtype": one_of(DTYPES),
     "clues.query_block": POS, "clues.score_batch": POS, "clues.render_examples": NONNEG,
     "eval.k_shot": NONNEG, "eval.max_new_tokens": POS, "eval.batch_size": POS, "eval.score_batch": POS,
     "eval.primary": one_of(("cloze", "qa")),
     "grid.alphas": tuple_of(PROB), "grid.betas": tuple_of(PROB), "students": tuple_of(one_of(("small", "large"))),
     "protocol.names": tuple_of(one_of(PROTOCOLS)), "grid.protocol": one_of(PROTOCOLS),
+    "protocol.epochs": POS_NUM, "protocol.warmup_fraction": PROB, "protocol.curve_points": POS,
+    "gate.people": POS, "gate.min_gap": FRACTION_GAP, "bootstrap.n_boot": POS,
     # extraction
     "splits.*": NONNEG, "skew.strata": POS, "skew.left_out": PROB, "skew.oversampled": PROB,
     "skew.repeat": POS, "sweep.steps": tuple_of(POS), "shock.null_draws": NONNEG,
@@ -127,7 +139,13 @@ RULES: dict[str, Check] = {
     "corpus.segments": one_of((1, 2)), "soups.tau": POS_NUM, "soups.weighting": one_of(("softmax", "min_subtracted")),
     "objective.sampling": one_of(("step", "example", "all")), "intrinsic.num_rows": POS, "real_tasks.doc_stride": NONNEG,
     "real_tasks.limit_*": POS, "real_tasks.dev_size": POS,
+    "soups.kinds": tuple_of(one_of(("uniform", "greedy"))),
 }
+
+# Tuples whose items are positions (a mesh shape, per-course weights, rope scaling's four numbers), where a
+# repeated value means something; in every other tuple (seeds, arms, protocols, courses, grids ...) a
+# repeat would run the same thing twice and count it as two, so it is refused.
+REPEATS_ALLOWED = ("mesh.shape", "mesh.dcn_shape", "objective.course_weights", "models.*.rope_scaling")
 
 
 def rule_for(key: str) -> Check | None:
@@ -145,12 +163,35 @@ def tuple_hint(key: str, value) -> str:
     return f'; a tuple is written --config.{key}="({",".join(quoted)}{"," if len(quoted) == 1 else ""})"'
 
 
+def repeat_problem(key: str, value) -> str | None:
+    """A value given twice in a tuple that must hold distinct values."""
+    if not isinstance(value, (tuple, list)) or any(fnmatch.fnmatchcase(key, p) for p in REPEATS_ALLOWED):
+        return None
+    seen = []
+    for x in value:
+        if x in seen:
+            return f"{_show(x)} is given twice; the items must be distinct (each would run and count again)"
+        seen.append(x)
+    return None
+
+
+def number_problem(value) -> str | None:
+    """Every number in a config, with or without its own rule: inf and nan are never a setting, and an
+    integer must fit the int32 JAX computes with."""
+    for x in value if isinstance(value, (tuple, list)) else (value,):
+        if isinstance(x, float) and not math.isfinite(x):
+            return f"{x} is not a finite number"
+        if _is_int(x) and abs(x) > INT_MAX:
+            return f"{x} is out of range: at most {INT_MAX} in size (JAX counts in int32)"
+    return None
+
+
 def value_errors(config: ml_collections.ConfigDict) -> list[str]:
-    """One message per key whose value breaks its rule (keys without a rule are not checked)."""
+    """One message per key whose value breaks its rule, repeats an item or is not finite."""
     errors = []
     for key, value in flat_items(config):
         check = rule_for(key)
-        problem = check(value) if check else None
+        problem = (check(value) if check else None) or repeat_problem(key, value) or number_problem(value)
         if problem:
             comma = isinstance(value, (tuple, list)) and any("," in str(x) for x in value)
             errors.append(f"--config.{key}={_show(value)}: {problem}{tuple_hint(key, value) if comma else ''}")
@@ -217,11 +258,12 @@ def cross_errors(config: ml_collections.ConfigDict) -> list[str]:
 
 
 def position_errors(config: ml_collections.ConfigDict) -> list[str]:
-    """A model pre-trained here must accept the longest training row (GPT-2's learned positions end at max_len).
+    """A model pre-trained here must accept the longest training row (GPT-2's learned positions end at max_len)
+    and a prompt plus eval.max_new_tokens generated tokens.
 
     Base models read from checkpoints are checked against their own config when the pipeline loads them.
     """
-    errors = []
+    errors, positions = [], {}
     models = config.get("models")
     if not isinstance(models, ml_collections.ConfigDict):
         return errors
@@ -229,12 +271,19 @@ def position_errors(config: ml_collections.ConfigDict) -> list[str]:
         if not isinstance(model, ml_collections.ConfigDict) or _get(config, f"base_models.{size}"):
             continue
         max_len = model.get("max_len")
+        if _is_int(max_len):
+            positions[size] = max_len
         for section in TRAIN_SECTIONS:
             seq_len = _get(config, f"{section}.seq_len")
             if _is_int(max_len) and _is_int(seq_len) and seq_len > max_len:
                 errors.append(f"models.{size} ({model.get('flavour')}) has max_len={max_len} positions, fewer "
                               f"than {section}.seq_len={seq_len}: raise --config.models.{size}.max_len or lower "
                               f"--config.{section}.seq_len")
+    new_tokens = _get(config, "eval.max_new_tokens")
+    if positions and _is_int(new_tokens) and new_tokens >= min(positions.values()):
+        size = min(positions, key=positions.get)
+        errors.append(f"--config.eval.max_new_tokens={new_tokens} leaves no room for a prompt in models.{size}'s "
+                      f"max_len={positions[size]} positions: at most {positions[size] - 1}, less the prompt's tokens")
     return errors
 
 
@@ -252,11 +301,89 @@ def precision_errors(config: ml_collections.ConfigDict) -> list[str]:
     return []
 
 
-def check_config(config: ml_collections.ConfigDict) -> None:
-    """Raises one UserInputError line listing every bad value; fills data.source from the corpus flags."""
+DROP_KEYS = ("alpha", "beta")
+NO_DROP_KEYS = {"plain": ("alpha", "beta"), "random": ("beta",)}  # what an arm does not read (random: alpha only)
+
+
+def resolve_dropout_settings(config: ml_collections.ConfigDict, given: Iterable[str]) -> list[str]:
+    """clues.alpha / clues.beta given on the command line are used, never ignored: for every arm whose
+    clues.chosen entry holds that key, the given value replaces it (logged). Where nothing would read them
+    (the replication's grid chooses; clues.chosen outside the knowledge pipeline) they are refused."""
+    given = set(given)
+    clues, pipeline = config.get("clues"), config.get("pipeline")
+    if not isinstance(clues, ml_collections.ConfigDict):
+        return []
+    chosen, arms = clues.get("chosen"), tuple(clues.get("arms", ()))
+    chosen_given = sorted(k for k in given if k.startswith("clues.chosen."))
+    errors = []
+    if pipeline == "replicate" and chosen_given:
+        errors.append(f"--config.{chosen_given[0]} is not read by the replicate pipeline (clues.chosen is the "
+                      "knowledge pipeline's): the grid chooses alpha / beta, or with --config.grid.enabled=False "
+                      "every arm takes --config.clues.alpha / --config.clues.beta")
+    unused = [k for k in chosen_given if k.split(".")[2] not in arms]
+    if pipeline == "knowledge" and unused:
+        errors.append(f"--config.{unused[0]} is for an arm not in clues.arms={arms}")
+    for key in DROP_KEYS:
+        if f"clues.{key}" not in given:
+            continue
+        if not [arm for arm in arms if key not in NO_DROP_KEYS.get(arm, ())]:
+            errors.append(f"--config.clues.{key} is read by no arm of clues.arms={arms} (plain drops nothing, "
+                          "random reads alpha only)")
+            continue
+        if pipeline == "replicate" and _get(config, "grid.enabled"):
+            errors.append(f"--config.clues.{key} is not used while grid.enabled=True (the grid chooses each arm's "
+                          f"{key} from grid.{key}s on dev people): set --config.grid.enabled=False to use it, or "
+                          f'--config.grid.{key}s="({clues[key]},)"')
+            continue
+        if pipeline != "knowledge" or not isinstance(chosen, ml_collections.ConfigDict):
+            continue
+        replaced = [arm for arm, setting in chosen.items() if isinstance(setting, ml_collections.ConfigDict)
+                    and key in setting and arm in arms]
+        both = [f"clues.chosen.{arm}.{key}" for arm in replaced if f"clues.chosen.{arm}.{key}" in given]
+        if both:
+            errors.append(f"--config.clues.{key} and --config.{both[0]} are both given: give one (clues.{key} "
+                          f"sets every arm's {key}, clues.chosen.ARM.{key} one arm's)")
+            continue
+        for arm in replaced:
+            chosen[arm][key] = clues[key]
+        if replaced:
+            log.info("--config.clues.%s=%s replaces clues.chosen's %s for %s", key, clues[key], key,
+                     ", ".join(replaced))
+    return errors
+
+
+def check_config(config: ml_collections.ConfigDict, given: Iterable[str] = ()) -> None:
+    """Raises one UserInputError line listing every bad value; fills data.source from the corpus flags.
+
+    given: the dotted keys set on the command line (a setting given there is used or refused, never ignored).
+    """
     resolve_corpus_source(config)
     errors = value_errors(config)
     if not errors:  # cross checks assume each value is of the right kind
-        errors = cross_errors(config)
+        errors = cross_errors(config) + resolve_dropout_settings(config, given)
     if errors:
         raise UserInputError("; ".join(errors))
+
+
+def user_files(config: ml_collections.ConfigDict) -> tuple[list[tuple[int, str]], list[dict[str, str]]]:
+    """The user's corpus ((first line, document) rows) and QA pairs, read and checked whole; an error names
+    file, line and the config key. The CLI calls it before the workdir is touched, the pipeline to read them."""
+    from clue_jax.data import corpus
+    from clue_jax.eval import qa_file  # its SQuAD normalisation pulls in scipy: only when a corpus is given
+
+    try:
+        rows = corpus.corpus_documents(config.data.corpus)
+    except UserInputError as err:
+        raise UserInputError(f"{err} (--config.data.corpus)") from None
+    try:
+        qa = qa_file.read_qa_file(config.data.qa_file)
+    except UserInputError as err:
+        raise UserInputError(f"{err} (--config.data.qa_file)") from None
+    return rows, qa
+
+
+def check_files(config: ml_collections.ConfigDict) -> None:
+    """The user's files of a corpus run, checked before anything is written (see `user_files`)."""
+    data = config.get("data")
+    if config.get("pipeline") in CORPUS_PIPELINES and data is not None and data.get("source") == "corpus":
+        user_files(config)

@@ -4,9 +4,8 @@ from __future__ import annotations
 import jax
 import optax
 
+from clue_jax.choices import SCHEDULES
 from clue_jax.errors import UserInputError
-
-SCHEDULES = ("cosine", "linear", "constant")
 
 
 def learning_rate_schedule(lr: float, steps: int, warmup_steps: int, schedule: str) -> optax.Schedule:
