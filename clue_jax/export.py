@@ -142,6 +142,7 @@ def export(workdir: str, stage: str, out: str, max_shard_bytes: int | None = 5 *
 
     dtype: the tensors' dtype (None: the parameters' own)."""
     from clue_jax.clues import scoring
+    from clue_jax.data.tokenizer import bos_first, save_bos_first
     from clue_jax.models import factory, hf, lora
     from clue_jax.train import mesh as mesh_lib
 
@@ -149,6 +150,7 @@ def export(workdir: str, stage: str, out: str, max_shard_bytes: int | None = 5 *
     model_dir, tok_dir = find_model(workdir, stage)
     _agree(lambda: check_out(out))
     tokenizer = hf.load_tokenizer(tok_dir)
+    bos_first(tokenizer)  # a tokenizer that cannot take training's BOS rule is refused before any weight is written
     mesh = mesh_lib.make_mesh((1, -1, 1))  # fsdp over every device: each holds a slice of the model
     model, cfg = factory.load_params(model_dir, mesh)
     if lora.has_lora(model):
@@ -166,7 +168,7 @@ def export(workdir: str, stage: str, out: str, max_shard_bytes: int | None = 5 *
     try:
         hf.save(model, cfg, tmp, max_shard_bytes=max_shard_bytes, extra_config=extra)
         if writer:
-            tokenizer.save_pretrained(tmp)
+            save_bos_first(tokenizer, tmp)
             if paths.is_remote(out):
                 paths.upload_dir(tmp, out)
             else:
