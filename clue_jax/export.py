@@ -255,22 +255,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--dtype", default="", choices=("", "float32", "bfloat16", "float16"),
                         help="tensor dtype of the export (default: the parameters' dtype)")
     parser.add_argument("--verbose", action="store_true", help="show the log (orbax, JAX) and tracebacks")
-    args = parser.parse_args(argv)
-    _quiet(not args.verbose)
+    args = parser.parse_args(argv)  # --verbose acts in run(), before anything logs
     from clue_jax import distributed
 
     distributed.maybe_initialize()
     out = export(args.workdir, args.stage, args.out, parse_size(args.max_shard_size), args.dtype or None)
     print(f"exported stage {args.stage} to {out}")
     return 0
-
-
-def _quiet(quiet: bool) -> None:
-    """Only warnings and errors unless --verbose: loading a checkpoint logs a screenful of orbax INFO lines."""
-    level = logging.WARNING if quiet else logging.INFO
-    logging.getLogger().setLevel(level)
-    for name in ("absl", "clue_jax"):
-        logging.getLogger(name).setLevel(level)
 
 
 _ENVIRONMENT = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)  # the machine's state, not the code
@@ -285,9 +276,12 @@ def _describe(err: Exception) -> str:
 
 def run() -> None:
     """Console entry point: one line and a non-zero exit for whatever stops the export, its temporary removed."""
-    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     verbose = "--verbose" in sys.argv[1:]
+    level = logging.INFO if verbose else logging.WARNING  # loading a checkpoint logs a screenful of orbax INFO lines
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    for name in ("absl", "clue_jax"):
+        logging.getLogger(name).setLevel(level)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     signal.signal(signal.SIGTERM, _raise_stopped)
     signal.signal(signal.SIGINT, _raise_stopped)
     try:

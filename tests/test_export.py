@@ -11,6 +11,7 @@ it at the end of training -- for LoRA, the unmerged adapters.
 import errno
 import fcntl
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -216,12 +217,16 @@ def test_a_stopped_or_failed_export_leaves_nothing_and_says_one_line(run, tmp_pa
     monkeypatch.setattr(sys, "argv", ["export", "--workdir", run["workdir"], "--stage", "cpt_gpt2_full",
                                       "--out", str(tmp_path / "hf")])
     handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    loggers = {name: logging.getLogger(name) for name in ("", "absl", "clue_jax")}
+    levels = {name: lg.level for name, lg in loggers.items()}
     try:
         with pytest.raises(SystemExit) as stop:
             export.run()
-    finally:
+    finally:  # run() is the CLI: it owns the process's signals and log levels, which the tests after this one need
         for s, h in handlers.items():
             signal.signal(s, h)
+        for name, lg in loggers.items():
+            lg.setLevel(levels[name])
     err = capsys.readouterr().err.strip()
     assert stop.value.code == {"SIGTERM": 143, "SIGINT": 130, "ENOSPC": 2, "bug": 1}[fault]
     assert err.splitlines() == [err] and err.startswith("error: export")
