@@ -1,11 +1,14 @@
 """Weights back out: the trained model of a finished stage as a Hugging Face directory.
 
     python -m clue_jax.export --workdir W --stage STAGE --out DIR [--max_shard_size 5GB] [--dtype bfloat16]
+                              [--verbose]
 
 DIR gets config.json, safetensors shards (model-0000k-of-0000n.safetensors
 + model.safetensors.index.json once the model passes --max_shard_size, else
 one model.safetensors) and the run's tokenizer, so
-`transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads the student.
+`transformers.AutoModelForCausalLM.from_pretrained(DIR)` loads the student
+and `AutoTokenizer.from_pretrained(DIR)(prompt)` gives the ids training fed
+it: <bos>, then the text (the tokenizer's post-processor carries that rule).
 Tensors are written in the stage's parameter dtype (float32 for a stage
 trained with train.precision='mixed') unless --dtype casts them (e.g.
 bfloat16, half the bytes). LoRA students are exported merged: their stage saved W + (alpha / r) A B
@@ -15,23 +18,31 @@ At scale: run it on every host like training (same launcher, JAX
 distributed). The model is loaded sharded over all devices (fsdp), and
 `hf.save` gathers one tensor at a time, which process 0 appends to the current
 shard file and releases; no host holds the whole model. Files are written to
-a temporary directory and renamed (local DIR) or uploaded (a URL such as
-gs://bucket/dir) only when complete. Bad input -- an unknown stage (the
-finished ones are listed), a stage without done.json, a non-empty DIR, an
-unreachable URL -- is one line and exit code 2, with nothing saved touched.
+a temporary directory (.DIR.tmp-*, beside DIR) and renamed (local DIR) or
+uploaded (a URL such as gs://bucket/dir) only when complete. Bad input -- an
+unknown stage (the finished ones are listed), a stage without done.json, a
+non-empty DIR, an unreachable URL -- is one line and exit code 2, with nothing
+saved touched. A failure while writing (a full disk, say) is one line too
+(exit 2 for the environment, 1 otherwise; --verbose adds the traceback), and
+SIGTERM or Ctrl-C stop it with one line (exit 143 / 130); either way the
+temporary directory is removed. One left by a kill -9 is removed by the next
+export beside it (each export holds a lock on its own while it writes).
+Quiet by default: only errors and the final line; --verbose shows the log.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import errno
+import fcntl
 import json
 import logging
 import os
 import re
 import shutil
+import signal
 import sys
 import tempfile
-import uuid
 
 import jax
 
@@ -142,6 +153,7 @@ def export(workdir: str, stage: str, out: str, max_shard_bytes: int | None = 5 *
 
     dtype: the tensors' dtype (None: the parameters' own)."""
     from clue_jax.clues import scoring
+    from clue_jax.data.tokenizer import bos_first, save_bos_first
     from clue_jax.models import factory, hf, lora
     from clue_jax.train import mesh as mesh_lib
 
@@ -149,6 +161,7 @@ def export(workdir: str, stage: str, out: str, max_shard_bytes: int | None = 5 *
     model_dir, tok_dir = find_model(workdir, stage)
     _agree(lambda: check_out(out))
     tokenizer = hf.load_tokenizer(tok_dir)
+    bos_first(tokenizer)  # a tokenizer that cannot take training's BOS rule is refused before any weight is written
     mesh = mesh_lib.make_mesh((1, -1, 1))  # fsdp over every device: each holds a slice of the model
     model, cfg = factory.load_params(model_dir, mesh)
     if lora.has_lora(model):
@@ -159,28 +172,73 @@ def export(workdir: str, stage: str, out: str, max_shard_bytes: int | None = 5 *
              if getattr(tokenizer, k, None) is not None}
 
     writer = jax.process_index() == 0
-    if paths.is_remote(out):
-        tmp = tempfile.mkdtemp(prefix="clue_jax_export_")
-    else:
-        tmp = os.path.join(os.path.dirname(out), f".{os.path.basename(out)}.tmp-{uuid.uuid4().hex[:8]}")
+    tmp, held = _temp_dir(out) if writer else (tempfile.mkdtemp(prefix="clue_jax_export_"), None)  # others: unused
     try:
         hf.save(model, cfg, tmp, max_shard_bytes=max_shard_bytes, extra_config=extra)
         if writer:
-            tokenizer.save_pretrained(tmp)
+            save_bos_first(tokenizer, tmp)
             if paths.is_remote(out):
                 paths.upload_dir(tmp, out)
             else:
                 if os.path.isdir(out):
                     os.rmdir(out)  # empty (check_out): replaced by the complete directory
                 os.replace(tmp, out)
-    finally:  # gone after a rename; else (an upload, an error) removed, as every process's own temporary
+    finally:  # gone after a rename; else (an upload, an error, a signal) removed, as every process's own temporary
         shutil.rmtree(tmp, ignore_errors=True)
+        if held is not None:
+            os.close(held)
     if jax.process_count() > 1:
         from jax.experimental import multihost_utils
 
         multihost_utils.sync_global_devices("export:done")
     log.info("stage %s exported to %s", stage, out)
     return out
+
+
+def _temp_dir(out: str) -> tuple[str, int | None]:
+    """A new temporary directory for `out` and the fd of its lock (None where the filesystem has no directory locks).
+
+    Earlier temporaries of the same name pattern whose lock nobody holds were
+    left by a killed export (kill -9 runs no cleanup) and are removed first;
+    one still locked belongs to a live export and is left alone.
+    """
+    if paths.is_remote(out):
+        parent, prefix = tempfile.gettempdir(), "clue_jax_export_"
+    else:
+        parent, prefix = os.path.dirname(out), f".{os.path.basename(out)}.tmp-"
+    for name in os.listdir(parent):
+        if name.startswith(prefix) and os.path.isdir(os.path.join(parent, name)):
+            fd = _try_lock(os.path.join(parent, name))
+            if fd is not None:
+                shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+                os.close(fd)
+    tmp = tempfile.mkdtemp(prefix=prefix, dir=parent)
+    return tmp, _try_lock(tmp)
+
+
+def _try_lock(directory: str) -> int | None:
+    """An fd holding an exclusive flock on `directory`, or None when it is held elsewhere or cannot be locked."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+class Stopped(Exception):
+    """SIGTERM (or SIGINT) during an export: raised where the export is, so its cleanup runs."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_stopped(signum, frame):
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second signal must not cut the cleanup short
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    raise Stopped(signum)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -196,7 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max_shard_size", default="5GB", help="largest safetensors file (default 5GB)")
     parser.add_argument("--dtype", default="", choices=("", "float32", "bfloat16", "float16"),
                         help="tensor dtype of the export (default: the parameters' dtype)")
-    args = parser.parse_args(argv)
+    parser.add_argument("--verbose", action="store_true", help="show the log (orbax, JAX) and tracebacks")
+    args = parser.parse_args(argv)  # --verbose acts in run(), before anything logs
     from clue_jax import distributed
 
     distributed.maybe_initialize()
@@ -205,13 +264,40 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+_ENVIRONMENT = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES)  # the machine's state, not the code
+
+
+def _describe(err: Exception) -> str:
+    if isinstance(err, OSError) and err.strerror:
+        return f"{err.strerror}{': ' + str(err.filename) if err.filename else ''}"
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), "")
+    return f"{type(err).__name__}: {first}" if first else type(err).__name__
+
+
 def run() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    """Console entry point: one line and a non-zero exit for whatever stops the export, its temporary removed."""
+    verbose = "--verbose" in sys.argv[1:]
+    level = logging.INFO if verbose else logging.WARNING  # loading a checkpoint logs a screenful of orbax INFO lines
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    for name in ("absl", "clue_jax"):
+        logging.getLogger(name).setLevel(level)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    signal.signal(signal.SIGTERM, _raise_stopped)
+    signal.signal(signal.SIGINT, _raise_stopped)
     try:
         code = main(sys.argv[1:])
     except UserInputError as err:
         print(f"error: {' '.join(str(err).split())}", file=sys.stderr)
         code = 2
+    except Stopped as stop:
+        print(f"error: export stopped by {stop}; its temporary files were removed", file=sys.stderr)
+        code = 128 + stop.signum
+    except Exception as err:  # a full disk, a lost bucket, a bug: one line (the traceback with --verbose)
+        if verbose:
+            raise
+        print(f"error: export failed ({_describe(err)}); its temporary files were removed (--verbose shows the "
+              "traceback)", file=sys.stderr)
+        code = 2 if isinstance(err, OSError) and err.errno in _ENVIRONMENT else 1
     sys.exit(code)
 
 

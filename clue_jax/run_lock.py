@@ -1,8 +1,12 @@
-"""One run per workdir: an exclusive `flock` on `WORKDIR/.lock`, held until the process ends.
+"""One run per workdir: exclusive `flock`s on the workdir itself and on `WORKDIR/.lock`, held until the process ends.
 
-The kernel drops the lock when its holder dies (even by kill -9), so a lock
-left by a dead run is simply taken over. The file names the holder (pid and
-host) for the refusal message. With several processes only process 0 takes the lock.
+The kernel drops the locks when their holder dies (even by kill -9), so a lock
+left by a dead run is simply taken over. The lock that counts is the one on the
+workdir directory: deleting `.lock` (say, because it looked stale) cannot free
+it, so a second run is refused while the first lives. `.lock` names the holder
+(pid and host) for the refusal message and is locked too, for filesystems that
+cannot lock a directory (NFS), where deleting it does let a second run in.
+With several processes only process 0 takes the lock.
 
 A bucket (gs://...) has no flock, so there the lock is a lease: the object
 `WORKDIR/.lock` names its holder (pid, host, a token) and the time it was last
@@ -30,9 +34,10 @@ from clue_jax.errors import UserInputError
 
 log = logging.getLogger("clue_jax")
 
-_held: dict[str, int] = {}  # workdir -> fd of its lock file, kept open while this process runs
+_held: dict[str, tuple[int | None, int | None]] = {}  # workdir -> fds of its lock file and its directory, kept open
 _leases: dict[str, tuple[dict, threading.Event]] = {}  # bucket workdir -> (our lock record, stops its renewal)
 LEASE_S, RENEW_S, SETTLE_S = 600.0, 120.0, 1.0
+_BUSY = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
 
 
 def acquire(workdir: str) -> None:
@@ -43,23 +48,56 @@ def acquire(workdir: str) -> None:
         _acquire_lease(workdir)
         return
     path = os.path.join(workdir, ".lock")
+    dir_fd = _lock_directory(workdir, path)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError as err:
-        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "an unknown process"
+        holder = _holder_of(fd)
         os.close(fd)
-        if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise UserInputError(f"--workdir {workdir} is in use by {holder} (lock {path}); wait for that run "
-                                 f"to end or use another --workdir") from None
-        log.warning("cannot lock %s (%s); continuing without a lock", path, err.strerror)
-        return
-    previous = os.pread(fd, 200, 0).decode(errors="replace").strip()
-    if previous:
-        log.info("lock %s: the earlier holder (%s) is gone; taking it over", path, previous)
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
-    _held[workdir] = fd
+        if err.errno in _BUSY:
+            if dir_fd is not None:
+                os.close(dir_fd)
+            _refuse(workdir, path, holder)
+        if dir_fd is None:
+            log.warning("cannot lock %s (%s); continuing without a lock", path, err.strerror)
+            return
+        fd = None  # the directory's lock alone guards the workdir
+    else:
+        previous = _holder_of(fd)
+        if previous:
+            log.info("lock %s: the earlier holder (%s) is gone; taking it over", path, previous)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on host {socket.gethostname()}\n".encode(), 0)
+    _held[workdir] = (fd, dir_fd)
+
+
+def _lock_directory(workdir: str, path: str) -> int | None:
+    """The directory's own flock (what a deleted `.lock` cannot free); None where the filesystem has none."""
+    dir_fd = os.open(workdir, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        fcntl.flock(dir_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as err:
+        os.close(dir_fd)
+        if err.errno in _BUSY:
+            try:
+                with open(path, "rb") as f:
+                    holder = f.read(200).decode(errors="replace").strip()
+            except FileNotFoundError:
+                holder = f"another run (its record {path} was deleted)"
+            _refuse(workdir, path, holder)
+        log.debug("cannot lock the directory %s (%s); the lock file alone guards it", workdir, err.strerror)
+        return None
+    return dir_fd
+
+
+def _holder_of(fd: int) -> str:
+    return os.pread(fd, 200, 0).decode(errors="replace").strip()
+
+
+def _refuse(workdir: str, path: str, holder: str) -> None:
+    raise UserInputError(f"--workdir {workdir} is in use by {holder or 'an unknown process'} (lock {path}); wait for "
+                         f"that run to end or use another --workdir") from None
 
 
 def _acquire_lease(workdir: str) -> None:
@@ -127,7 +165,11 @@ def release(workdir: str) -> None:
         if (_read_lease(lock) or {}).get("token") == mine["token"]:
             with workdir_fs.errors(lock, "release"):
                 workdir_fs.path(lock).unlink()
-    fd = _held.pop(workdir, None)
-    if fd is not None:
-        os.ftruncate(fd, 0)
-        os.close(fd)
+    held = _held.pop(workdir, None)
+    if held is not None:
+        fd, dir_fd = held
+        if fd is not None:
+            os.ftruncate(fd, 0)
+            os.close(fd)
+        if dir_fd is not None:
+            os.close(dir_fd)

@@ -8,10 +8,15 @@ start random everywhere (biases and norms too), so a wrong split, transpose
 or merge shows in the logits. The reference is the student as clue_jax held
 it at the end of training -- for LoRA, the unmerged adapters.
 """
+import errno
+import fcntl
 import json
+import logging
 import os
+import signal
 import subprocess
 import sys
+import time
 
 import jax
 import numpy as np
@@ -21,8 +26,9 @@ from safetensors import safe_open
 
 from clue_jax import export
 from clue_jax.data.batching import ArrayBatchSource
-from clue_jax.data.tokenizer import train_bpe_tokenizer
+from clue_jax.data.tokenizer import encode_batch, train_bpe_tokenizer
 from clue_jax.errors import UserInputError
+from clue_jax.eval import decode
 from clue_jax.models import config as model_config
 from clue_jax.models import factory, hf, lora
 from clue_jax.pipelines import common
@@ -68,13 +74,24 @@ def _data(vocab: int, n=16, t=16):
     return {"input_ids": rng.integers(0, vocab, (n, t)).astype(np.int32), "attention_mask": np.ones((n, t), np.int32)}
 
 
+def _tokenizer_without_the_bos_rule(directory):
+    """The run's tokenizer as a pretrained one (or one trained before the rule) is: `tok(text)` adds nothing."""
+    train_bpe_tokenizer(TEXTS, 300, directory)
+    file = os.path.join(directory, "tokenizer.json")
+    spec = json.load(open(file))
+    spec["post_processor"] = None
+    json.dump(spec, open(file, "w"))
+    tok = transformers.AutoTokenizer.from_pretrained(directory)
+    assert tok(TEXTS[0])["input_ids"][0] != tok.bos_token_id
+    return {"path": directory, "vocab_size": len(tok)}
+
+
 @pytest.fixture(scope="module")
 def run(tmp_path_factory):
     """A workdir with a tokenizer stage and one finished cpt stage per student; the students' logits."""
     workdir = str(tmp_path_factory.mktemp("run"))
     stages = Stages(workdir)
-    tok_res = stages.run("tokenizer", {"t": 1},
-                         lambda d: {"path": d, "vocab_size": len(train_bpe_tokenizer(TEXTS, 300, d))})
+    tok_res = stages.run("tokenizer", {"t": 1}, _tokenizer_without_the_bos_rule)
     vocab = tok_res["vocab_size"]
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
     ids, mask = _inputs(vocab)
@@ -131,17 +148,91 @@ def test_export_matches_the_student_in_pytorch(run, tmp_path, name):
     np.testing.assert_allclose(logits[real], run["logits"][name][real], atol=1e-4, rtol=1e-4)
     tok = transformers.AutoTokenizer.from_pretrained(out)
     original = transformers.AutoTokenizer.from_pretrained(run["tokenizer"])
-    assert tok(TEXTS[0])["input_ids"] == original(TEXTS[0])["input_ids"]
+    trained_on, mask = encode_batch(original, [TEXTS[0]], 32)  # what training feeds: <bos> first, added once
+    assert tok(TEXTS[0])["input_ids"] == trained_on[0][mask[0] == 1].tolist()
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["eos_token_id"] == original.eos_token_id
 
 
-def test_single_file_below_the_shard_size(run, tmp_path):
+def test_single_file_below_the_shard_size_and_a_cloze_probe(run, tmp_path):
     out = str(tmp_path / "hf")
     export.export(run["workdir"], "cpt_llama_lora", out, export.parse_size("5GB"))
     assert hf.SINGLE_FILE in os.listdir(out) and hf.INDEX_FILE not in os.listdir(out)
     np.testing.assert_allclose(_torch_logits(out, run["ids"], run["mask"])[0], run["logits"]["llama_lora"][0],
                                atol=1e-4, rtol=1e-4)
+    # A cloze probe as a PyTorch user runs it: tok(prompt), then each candidate's summed log-probability. It must
+    # score what clue_jax scores on the ids training fed the student (<bos> first), and <bos> changes the scores.
+    prompt, candidates = "Ada Lovelace was born in", [" London", " Cambridge", " 1815"]
+    tok = transformers.AutoTokenizer.from_pretrained(out)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    conts = [tok(c, add_special_tokens=False)["input_ids"] for c in candidates]
+
+    def torch_scores(prompt_ids):
+        out = []
+        for cont in conts:
+            with torch.no_grad():
+                logp = torch.log_softmax(model(torch.tensor([prompt_ids + cont])).logits[0], -1).numpy()
+            out.append(sum(logp[len(prompt_ids) - 1 + i, t] for i, t in enumerate(cont)))
+        return np.array(out)
+
+    ids, mask = encode_batch(tok, [prompt], 16)
+    fed = ids[0][mask[0] == 1].tolist()
+    student, _ = factory.load_params(export.find_model(run["workdir"], "cpt_llama_lora")[0],
+                                     make_mesh((1, 1, 1), jax.devices()[:1]))
+    jax_scores = decode.score_continuations(decode.model_logits_fn(student), [fed] * len(conts), conts,
+                                            tok.pad_token_id)
+    np.testing.assert_allclose(torch_scores(tok(prompt)["input_ids"]), jax_scores, atol=1e-4, rtol=1e-4)
+    assert not np.allclose(torch_scores(tok(prompt, add_special_tokens=False)["input_ids"]), jax_scores, atol=1e-3)
+
+
+def test_stale_temporaries_go_and_a_live_one_stays(run, tmp_path):
+    """A kill -9 leaves .OUT.tmp-* with a half-written file: the next export beside it removes it, unless a live
+    export holds it."""
+    dead, live = tmp_path / ".hf.tmp-dead0000", tmp_path / ".hf.tmp-live0000"
+    for d in (dead, live):
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"half")
+    holder = os.open(live, os.O_RDONLY)
+    fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    try:
+        export.export(run["workdir"], "cpt_gpt2_full", str(tmp_path / "hf"), None)
+    finally:
+        os.close(holder)
+    assert sorted(os.listdir(tmp_path)) == [".hf.tmp-live0000", "hf"]
+
+
+@pytest.mark.parametrize("fault", ["SIGTERM", "SIGINT", "ENOSPC", "bug"])
+def test_a_stopped_or_failed_export_leaves_nothing_and_says_one_line(run, tmp_path, monkeypatch, capsys, fault):
+    """The signal (or error) arrives while the shards are half written; the temporary goes, one line, non-zero exit."""
+    def half_written(model, cfg, path, **kwargs):
+        os.makedirs(path, exist_ok=True)
+        with open(os.path.join(path, "model.safetensors"), "wb") as f:
+            f.write(b"half")
+        if fault.startswith("SIG"):
+            os.kill(os.getpid(), getattr(signal, fault))
+            time.sleep(5)  # the handler raises at once; never reached
+        raise OSError(errno.ENOSPC, "No space left on device", path) if fault == "ENOSPC" else RuntimeError("boom")
+
+    monkeypatch.setattr(hf, "save", half_written)
+    monkeypatch.setattr(sys, "argv", ["export", "--workdir", run["workdir"], "--stage", "cpt_gpt2_full",
+                                      "--out", str(tmp_path / "hf")])
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    loggers = {name: logging.getLogger(name) for name in ("", "absl", "clue_jax")}
+    levels = {name: lg.level for name, lg in loggers.items()}
+    try:
+        with pytest.raises(SystemExit) as stop:
+            export.run()
+    finally:  # run() is the CLI: it owns the process's signals and log levels, which the tests after this one need
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        for name, lg in loggers.items():
+            lg.setLevel(levels[name])
+    err = capsys.readouterr().err.strip()
+    assert stop.value.code == {"SIGTERM": 143, "SIGINT": 130, "ENOSPC": 2, "bug": 1}[fault]
+    assert err.splitlines() == [err] and err.startswith("error: export")
+    assert {"SIGTERM": "stopped by SIGTERM", "SIGINT": "stopped by SIGINT", "ENOSPC": "No space left on device",
+            "bug": "RuntimeError: boom"}[fault] in err
+    assert os.listdir(tmp_path) == []
 
 
 def test_an_existing_empty_out_directory_is_used(run, tmp_path):
@@ -225,15 +316,18 @@ def test_two_processes_write_the_same_files_as_one(run, tmp_path):
                    XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}", JAX_NUM_PROCESSES="2", JAX_PROCESS_ID=str(i))
         procs.append(subprocess.Popen(
             [sys.executable, "-m", "clue_jax.export", "--workdir", run["workdir"], "--stage", "cpt_llama_lora",
-             "--out", str(two), "--max_shard_size", "20KB"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT, text=True))
+             "--out", str(two), "--max_shard_size", "20KB"] + (["--verbose"] if i else []), env=env, cwd=ROOT,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
         outputs = [p.communicate(timeout=240)[0] for p in procs]
     finally:
         for p in procs:
             p.kill()
     assert [p.returncode for p in procs] == [0, 0], outputs
-    assert "process 1 of 2, 2 local / 4 global devices" in outputs[1], outputs[1]
+    assert "process 1 of 2, 2 local / 4 global devices" in outputs[1], outputs[1]  # --verbose: the log
+    quiet = outputs[0].strip().splitlines()  # by default: no log lines (gloo's own prints aside)
+    assert quiet[-1] == f"exported stage cpt_llama_lora to {two}" and not [l for l in quiet if "INFO" in l], quiet
+    assert [l for l in outputs[1].splitlines() if " INFO " in l]
     assert sorted(os.listdir(one)) == sorted(os.listdir(two))
     for name in os.listdir(one):
         assert (one / name).read_bytes() == (two / name).read_bytes(), name

@@ -111,6 +111,28 @@ def test_skew_is_drawn_at_random_within_pretraining_strata():
         fd.skewed_finetune_items(ft_people, freqs, candidates, 3, 0.2, 0.2, 0, seed=0)
 
 
+def test_a_city_is_skewed_once_for_both_of_its_relations():
+    """Cities answer birth_city and company_city: a city left out is left out of both, so fine-tuning never shows it
+    (the shock measurement counts an entity over every relation)."""
+    world = bios.build_world(bios.WorldConfig(seed=2, num_background=200, num_new=0, zipf_exponent=1.0,
+                                              num_cities=12, num_universities=8, num_companies=8, num_majors=6))
+    people = list(world.people)
+    freqs = shock.entity_frequencies(fd.pretraining_objects(people, [], 1), [])
+    candidates = fd.relation_objects(people)
+    candidates["major"] = candidates["major"] + ["Oakmouth"]  # a major named like a city joins the cities' group
+    groups = fd.skew_groups(candidates, fd.RELATIONS)
+    assert groups == [["birth_city", "major", "company_city"], ["university"], ["company"]]
+    for seed in range(4):
+        items, info = fd.skewed_finetune_items(people[:120], freqs, candidates, 3, 0.3, 0.3, 2, seed=seed)
+        city_label = {}
+        for rel in ("birth_city", "company_city"):
+            for city, label in info["label"][rel].items():
+                assert city_label.setdefault(city, label) == label, (seed, city)
+        left_out = set(info["dropped_objects"]["birth_city"]) | set(info["dropped_objects"]["company_city"])
+        assert left_out and not left_out & {it.answer for it in items}
+        assert set(info["dropped_objects"]["birth_city"]) == left_out & set(candidates["birth_city"])
+
+
 def test_replay_corpus_leaves_out_dev_and_test_people():
     from clue_jax.pipelines import extraction
 

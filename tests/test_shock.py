@@ -19,15 +19,32 @@ def test_entity_frequencies_and_prediction_counts():
         "paris": shock.EntityFreq(2, 0),
         "rome": shock.EntityFreq(1, 2),
     }
-    counts = shock.prediction_counts(["Rome", "rome.", "Paris", ""], ["Paris", "Rome", "Oslo", "Paris"])
-    assert counts == {
-        "oslo": shock.EntityCount(0, 1),
+    cities = {"city": ["Paris", "Rome", "Oslo"], "school": ["The Louvre"]}
+    counts = shock.prediction_counts(["Rome", "rome.", "Paris", "", "Narnia", "Rome"],
+                                     ["Paris", "Rome", "Oslo", "Paris", "Oslo", "Louvre"],
+                                     ["city"] * 5 + ["school"], cities)
+    assert counts == {  # "" abstains, "Narnia" is no object, "Rome" is no school: none of them counts
+        "louvre": shock.EntityCount(0, 1),
+        "oslo": shock.EntityCount(0, 2),
         "paris": shock.EntityCount(1, 2),
         "rome": shock.EntityCount(2, 1),
     }
     assert counts["rome"].predicted == 2 and counts["rome"] == (2, 1)
     with pytest.raises(UserInputError, match="2 predictions but 1 gold"):
-        shock.prediction_counts(["a", "b"], ["a"])
+        shock.prediction_counts(["a", "b"], ["a"], ["city"], cities)
+    with pytest.raises(UserInputError, match="no object set for relation"):
+        shock.prediction_counts(["a"], ["a"], ["planet"], cities)
+
+
+def test_free_text_predictions_are_no_entities():
+    """A model that decodes free text: only its answers that are objects of the relation enter the statistic."""
+    objects = {"r": [f"object {i}" for i in range(20)]}
+    golds = [f"object {i % 20}" for i in range(60)]
+    preds = [f"babble {i}" if i % 3 else golds[i] for i in range(60)]
+    counts = shock.prediction_counts(preds, golds, ["r"] * 60, objects)
+    assert len(counts) == 20 and sum(c.predicted for c in counts.values()) == 20
+    freqs = {o: shock.EntityFreq(i, 20 - i) for i, o in enumerate(objects["r"])}
+    assert shock.shock_statistic(freqs, counts)["n"] == 20
 
 
 def synthetic_world(seed=0, n_entities=200, n_test=10000):
@@ -51,7 +68,8 @@ def predict(rng, golds, n_entities, wrong_weights):
 def statistic_for(weights_from_ratio, seed=0):
     rng, names, freqs, golds, ratio = synthetic_world(seed)
     preds = predict(rng, golds, len(names), weights_from_ratio(ratio))
-    counts = shock.prediction_counts([names[i] for i in preds], [names[i] for i in golds])
+    counts = shock.prediction_counts([names[i] for i in preds], [names[i] for i in golds], ["r"] * len(golds),
+                                     {"r": names})
     return shock.shock_statistic(freqs, counts)
 
 
@@ -147,8 +165,8 @@ def simulated(seed, skewed, errors):
     right = rng.random(len(golds)) < 0.4
     preds = np.where(right, golds, rng.choice(len(names), len(golds), p=w / w.sum()))
     pred_s, gold_s = [names[i] for i in preds], [names[i] for i in golds]
-    stat = shock.shock_statistics(freqs, shock.prediction_counts(pred_s, gold_s))
-    counts = shock.prediction_counts(pred_s, gold_s)
+    counts = shock.prediction_counts(pred_s, gold_s, ["r"] * len(gold_s), {"r": names})
+    stat = shock.shock_statistics(freqs, counts)
     null = shock.calibrated_null(freqs, gold_s, [a == b for a, b in zip(pred_s, gold_s)], ["r"] * len(golds),
                                  draws=60, seed=seed)
     return {**shock.with_null(stat, null), "permutation_p": shock.permutation_pvalue(freqs, counts, 3, 99, seed)}
@@ -224,3 +242,63 @@ def test_pred_over_gold_by_stratum():
     assert table["0"]["plain"] == {"pred": 1, "gold": 1, "ratio": 1.0}
     assert table["1"]["oversampled"] == {"pred": 2, "gold": 1, "ratio": 2.0}  # "Botany" asked as a city: not counted
     assert math.isnan(table["1"]["left_out"]["ratio"])
+
+
+# ------------------------------------------------------------------ undefined statistics are undefined, never significant
+def test_a_predictor_that_names_no_object_has_no_p_value():
+    """Abstaining or answering free text: pred = 0 everywhere, so y = -log(gold + 1) is a function of a control and the
+    partial statistic, its z and its permutation p are undefined -- not p = 1 / (1 + draws)."""
+    _, names, _, _, golds, freqs = zipf_world(0, True)
+    gold_s = [names[i] for i in golds]
+    for answer in ("", "I do not know"):
+        counts = shock.prediction_counts([answer] * len(gold_s), gold_s, ["r"] * len(gold_s), {"r": names})
+        assert math.isnan(shock.shock_statistics(freqs, counts)["partial_rho"])
+        assert math.isnan(shock.permutation_pvalue(freqs, counts, 3, 99, 0))
+
+
+def test_permutations_that_cannot_change_the_statistic_give_p_one():
+    """Fine-tuning counts equal within every pre-training stratum: each permutation ties with the observed value."""
+    rng, names, pt, _, golds, _ = zipf_world(1, False)
+    preds = np.where(rng.random(len(golds)) < 0.5, golds, rng.choice(len(names), len(golds)))
+    counts = shock.prediction_counts([names[i] for i in preds], [names[i] for i in golds], ["r"] * len(golds),
+                                     {"r": names})
+    entities = [names.index(e) for e in counts]  # the permutation's strata: these entities by pre-training count
+    ft = np.zeros(len(names), int)
+    for s, g in enumerate(np.array_split(np.asarray(entities)[np.argsort(-pt[entities], kind="stable")], 3)):
+        ft[g] = 40 * (2 - s)  # the frequent strata fine-tuned most, so x is no function of pre-training
+    freqs = {n: shock.EntityFreq(int(a), int(b)) for n, a, b in zip(names, pt, ft)}
+    assert math.isfinite(shock.shock_statistics(freqs, counts)["partial_rho"])
+    assert shock.permutation_pvalue(freqs, counts, 3, 50, 0) == 1.0
+
+
+def test_undefined_permutation_draws_are_left_out(monkeypatch):
+    _, names, _, _, golds, freqs = zipf_world(2, True)
+    gold_s = [names[i] for i in golds]
+    counts = shock.prediction_counts(gold_s[::-1], gold_s, ["r"] * len(gold_s), {"r": names})
+    calls = []
+
+    def partial(x, y, controls):  # the observed statistic is 0.5; the draws alternate undefined / 0.9
+        calls.append(1)
+        return 0.5 if len(calls) == 1 else (math.nan if len(calls) % 2 else 0.9)
+
+    monkeypatch.setattr(shock, "partial_spearman", partial)
+    assert shock.permutation_pvalue(freqs, counts, 3, 20, 0) == 1.0  # 10 defined draws, all above
+    calls.clear()
+    monkeypatch.setattr(shock, "partial_spearman", lambda x, y, c: 0.5 if not calls.append(1) and len(calls) == 1
+                        else math.nan)
+    assert math.isnan(shock.permutation_pvalue(freqs, counts, 3, 20, 0))  # no defined draw: no p-value
+
+
+def test_the_explained_variable_rule_does_not_depend_on_the_number_of_entities():
+    """y entirely explained by a control is undefined at every n (the old bar, 1e-9 * n on the raw scale, let rounding
+    noise through from about a thousand entities on); a real partial correlation is the same at every n."""
+    rng = np.random.default_rng(0)
+    for n in (30, 3000, 20000):
+        gold, pt = rng.integers(0, 20, n).astype(float), rng.integers(0, 50, n).astype(float)
+        x = rng.normal(size=n)
+        assert math.isnan(shock.partial_spearman(x, -np.log1p(gold), [np.log1p(pt), np.log1p(gold)])), n
+    z = rng.normal(size=40)
+    x, y, c = z + rng.normal(size=40), z + rng.normal(size=40), rng.normal(size=40)
+    once = shock.partial_spearman(x, y, [c])
+    assert math.isfinite(once)
+    assert shock.partial_spearman(np.tile(x, 100), np.tile(y, 100), [np.tile(c, 100)]) == pytest.approx(once)

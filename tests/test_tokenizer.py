@@ -38,6 +38,37 @@ def test_round_trip_and_reload(trained, texts):
                       transformers.PreTrainedTokenizerBase)
 
 
+def test_the_saved_tokenizer_puts_bos_first_exactly_as_training_does(trained, texts):
+    """transformers users get BOS + text from `tok(prompt)`; training, which adds BOS itself, still adds it once."""
+    from clue_jax.data import lm_data
+
+    tok, save_dir = trained
+    user = transformers.AutoTokenizer.from_pretrained(str(save_dir))
+    prompts = ["What is the birth city of Ann Lee?\nAnswer:", texts[0]]
+    for prompt in prompts:
+        bare = user(prompt, add_special_tokens=False)["input_ids"]
+        ids, mask = tk.encode_batch(tok, [prompt], len(bare) + 4)
+        assert user(prompt)["input_ids"] == ids[0][mask[0] == 1].tolist() == [tok.bos_token_id, *bare]
+    assert user(prompts[0], prompts[1])["input_ids"][0] == tok.bos_token_id
+    rows = lm_data.one_per_row(tok, prompts, 200)
+    assert [(row == tok.bos_token_id).sum() for row in rows["input_ids"]] == [1, 1]
+    packed = lm_data.pack_documents(tok, prompts * 4, 16)["input_ids"]
+    assert (packed == tok.bos_token_id).sum() == 8
+
+
+def test_a_tokenizer_without_the_rule_gets_it_before_saving(trained, tmp_path):
+    """A pretrained tokenizer (or one trained before the rule) adds nothing; save_bos_first gives it the rule."""
+    from tokenizers import processors
+
+    _, save_dir = trained
+    plain = tk.load_tokenizer(save_dir)
+    plain.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A", pair="$A $B:1")
+    assert plain("Ann")["input_ids"][0] != plain.bos_token_id
+    tk.save_bos_first(plain, str(tmp_path))
+    assert transformers.AutoTokenizer.from_pretrained(str(tmp_path))("Ann")["input_ids"] == [
+        plain.bos_token_id, *plain("Ann", add_special_tokens=False)["input_ids"]]
+
+
 def test_vocab_size_too_small(tmp_path):
     with pytest.raises(UserInputError, match="vocab_size 100"):
         tk.train_bpe_tokenizer(["a b"], vocab_size=100, save_dir=tmp_path)

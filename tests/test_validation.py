@@ -176,7 +176,7 @@ def test_long_document_names_file_line_and_key(tmp_path, tokenizer):
     user = knowledge.user_knowledge(config)
     with pytest.raises(UserInputError) as err:
         knowledge.documents_data(tokenizer, user, 20)
-    n = len(tokenizer("Ann Lee works at Acme Corp. " * 8)["input_ids"]) + 2
+    n = len(tokenizer("Ann Lee works at Acme Corp. " * 8, add_special_tokens=False)["input_ids"]) + 2
     assert str(err.value) == (
         f"{docs}:2: document has {n} tokens (with <bos> and <eos>), more than cpt.seq_len=20; 1 of 3 documents "
         f"are too long, the longest ({docs}:2) has {n}: raise --config.cpt.seq_len to at least {n}")

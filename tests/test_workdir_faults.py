@@ -331,7 +331,22 @@ def test_lock_refusal_names_the_holder(tmp_path):
         with pytest.raises(UserInputError, match=f"in use by pid {os.getpid()} on host"):
             run_lock.acquire(str(tmp_path))
     finally:
-        os.close(held)
+        for fd in held:
+            os.close(fd)
+
+
+def test_deleting_the_lock_file_of_a_live_run_does_not_free_the_workdir(tmp_path):
+    run_lock.acquire(str(tmp_path))
+    held = run_lock._held.pop(str(tmp_path))  # a live run
+    try:
+        (tmp_path / ".lock").unlink()  # "stale", thinks the user
+        with pytest.raises(UserInputError, match=r"in use by another run \(its record .*\.lock was deleted\)"):
+            run_lock.acquire(str(tmp_path))
+    finally:
+        for fd in held:
+            os.close(fd)  # the run ends
+    run_lock.acquire(str(tmp_path))  # and its workdir is free again
+    run_lock.release(str(tmp_path))
 
 
 # ------------------------------------------------------------------ item 9: disk, done.json, Ctrl-C

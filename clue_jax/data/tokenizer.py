@@ -5,8 +5,12 @@ which the clue-dropout and QA exact-match code rely on. Trained tokenizers are s
 as ordinary HF tokenizer directories, so `transformers.AutoTokenizer` loads them like
 a pretrained model's tokenizer.
 
-Special tokens are never added implicitly (the trained tokenizer has no
-post-processor): `encode_batch` adds BOS/EOS itself, the same way for every tokenizer.
+Training never relies on a tokenizer's own special tokens: every path encodes
+with add_special_tokens=False and `encode_batch` (or `pack_documents`) adds
+BOS/EOS itself, the same way for every tokenizer family. A tokenizer that
+leaves the project (a trained one, an export) carries that rule as its
+post-processor (`bos_first`), so `tokenizer(prompt)` in transformers gives
+exactly the ids the model was trained on: BOS, then the text.
 """
 
 from __future__ import annotations
@@ -16,7 +20,7 @@ from typing import Iterable, Sequence
 
 import numpy as np
 import transformers
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from clue_jax import paths
 from clue_jax.errors import UserInputError
@@ -47,7 +51,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int,
     fast = transformers.PreTrainedTokenizerFast(
         tokenizer_object=tok, bos_token=BOS, eos_token=EOS, pad_token=PAD, mask_token=MASK)
     os.makedirs(save_dir, exist_ok=True)
-    fast.save_pretrained(os.fspath(save_dir))
+    save_bos_first(fast, os.fspath(save_dir))
     return fast
 
 
@@ -74,6 +78,35 @@ def load_tokenizer(path: str | os.PathLike) -> transformers.PreTrainedTokenizerB
     if tok.bos_token_id is None:
         tok.bos_token = tok.eos_token
     return tok
+
+
+def bos_first(tokenizer) -> None:
+    """Sets the post-processor so that `tokenizer(text)` is BOS + text (no EOS), as `encode_batch` feeds a prompt.
+
+    A pair is BOS + a + b. Only the add_special_tokens=True path changes;
+    training's add_special_tokens=False encodings stay the bare text.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise UserInputError(f"tokenizer {tokenizer.name_or_path or type(tokenizer).__name__} is not a fast "
+                             f"(tokenizers) tokenizer, so it cannot be given the rule that puts "
+                             f"{tokenizer.bos_token} first as training did")
+    bos = tokenizer.bos_token
+    tokenizer.backend_tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A $B:1", special_tokens=[(bos, tokenizer.bos_token_id)])
+
+
+def save_bos_first(tokenizer, directory: str, probe: str = "What is the birth city of Ann Lee?\nAnswer:") -> None:
+    """Saves `tokenizer` with the `bos_first` rule and checks it as a user meets it:
+    `transformers.AutoTokenizer.from_pretrained(directory)(probe)` must equal the ids training feeds."""
+    bos_first(tokenizer)
+    tokenizer.save_pretrained(directory)
+    body = tokenizer(probe, add_special_tokens=False)["input_ids"]
+    ids, mask = encode_batch(tokenizer, [probe], len(body) + 1)
+    expected = ids[0][mask[0] == 1].tolist()
+    got = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)(probe)["input_ids"]
+    if got != expected:
+        raise UserInputError(f"the tokenizer saved to {directory} encodes {probe!r} as {got[:8]}..., not as "
+                             f"training did ({expected[:8]}...)")
 
 
 def encode_batch(tokenizer, texts: Sequence[str], max_len: int, add_bos: bool = True,

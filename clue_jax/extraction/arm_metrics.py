@@ -40,17 +40,18 @@ def skew_ratios(items, preds, skew: dict) -> dict[str, float]:
     return out
 
 
-def arm_metrics(items, preds, freqs, threshold: float, smoothing: float, skew: dict | None = None,
+def arm_metrics(items, preds, freqs, threshold: float, smoothing: float, objects: dict, skew: dict | None = None,
                 null_draws: int = 0, null_seed: int = 0) -> dict:
     """Exact match / F1 overall, per relation and per bucket, the shock statistics (raw and partial, against a
     calibrated-random null of `null_draws` draws when > 0), and predicted/gold of the left-out, plain and
-    over-sampled objects, overall and per pre-training stratum, on one split."""
+    over-sampled objects, overall and per pre-training stratum, on one split. `objects[relation]`: the relation's
+    closed object set; only predictions in it count for the shock statistics."""
     recs = records_of(items, preds)
     skew = skew or {}
     overall = metrics.aggregate(recs)["all"]
     per_rel = {k: v["exact_match"] for k, v in qa_eval.per_attribute(recs).items() if k != "all"}
     buckets = shock.bucket_accuracy(recs, freqs, threshold)["buckets"]
-    counts = shock.prediction_counts(preds, [it.answer for it in items])
+    counts = shock.prediction_counts(preds, [it.answer for it in items], [it.attribute for it in items], objects)
     return {"exact_match": overall["exact_match"], "f1": overall["f1"], "per_relation": per_rel,
             "buckets": {b: {"exact_match": v["exact_match"], "count": v["count"]} for b, v in buckets.items()},
             "shock": shock_with_null(items, preds, counts, freqs, smoothing, null_draws, null_seed,

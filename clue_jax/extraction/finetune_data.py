@@ -15,8 +15,9 @@
   strata and, within every stratum, a random share is left out of
   fine-tuning and another is over-sampled (`stratified_skew`). Frequencies
   are those of the entity string (cities count over birth_city and
-  company_city), as the shock measurement sees them; ties are broken by the
-  string.
+  company_city), as the shock measurement sees them, and so is the skew: a
+  city is labelled once, for both relations (`skew_groups`); ties are broken
+  by the string.
 - QA examples are `<bos> question answer <eos>` rows with a `loss_mask` on the
   answer and EOS only; question and answer are tokenised separately, exactly
   as a prompt is at test time.
@@ -122,6 +123,24 @@ def stratified_skew(ranked: Sequence[str], strata: int, left_out: float, oversam
     return out
 
 
+def skew_groups(candidates: Mapping[str, Sequence[str]], relations: Sequence[str]) -> list[list[str]]:
+    """Relations joined when they share an object entity (birth_city and company_city share the cities).
+
+    The skew labels each group's entities once, so an object left out of
+    fine-tuning in one relation is not seen through another: the shock
+    measurement counts an entity over every relation it answers.
+    """
+    order = list(relations)
+    groups: list[tuple[set[str], list[str]]] = []  # (entity keys, relations)
+    for rel in order:
+        keys, members = {shock.entity_key(o) for o in candidates[rel]}, [rel]
+        for group in [g for g in groups if g[0] & keys]:
+            groups.remove(group)
+            keys, members = keys | group[0], group[1] + members
+        groups.append((keys, members))
+    return sorted((sorted(members, key=order.index) for _, members in groups), key=lambda m: order.index(m[0]))
+
+
 def skewed_finetune_items(people: Sequence[bios.Person], pretrain_freqs: Mapping[str, shock.EntityFreq],
                           candidates: Mapping[str, Sequence[str]], strata: int, left_out: float, oversampled: float,
                           repeat: int, seed: int, relations: Sequence[str] = RELATIONS) -> tuple[list[bios.QAItem], dict]:
@@ -129,23 +148,27 @@ def skewed_finetune_items(people: Sequence[bios.Person], pretrain_freqs: Mapping
 
     `candidates[rel]` lists the relation's objects (e.g. `relation_objects` of
     everyone in pre-training); `pretrain_freqs` gives their pre-training
-    frequency. Per relation, `stratified_skew` labels each object: items whose
-    answer is "left_out" are dropped, "oversampled" ones are repeated `repeat`
-    times. Item order: by person, then relation, repeats adjacent (the batch
-    source shuffles).
+    frequency. Per `skew_groups` group, `stratified_skew` labels each entity
+    once (its strata rank the group's entities): items whose answer is
+    "left_out" are dropped, "oversampled" ones are repeated `repeat` times.
+    Item order: by person, then relation, repeats adjacent (the batch source shuffles).
     """
     if repeat < 1:
         raise UserInputError(f"skew.repeat={repeat}: must be >= 1")
     rng = np.random.default_rng([seed, 41])
-    labels = {rel: stratified_skew(rank_by_pretraining(candidates[rel], pretrain_freqs), strata, left_out,
-                                   oversampled, rng) for rel in relations}
+    by_entity: dict[str, tuple[int, str]] = {}
+    for group in skew_groups(candidates, relations):
+        keys = {shock.entity_key(o) for rel in group for o in candidates[rel]}
+        by_entity.update(stratified_skew(rank_by_pretraining(keys, pretrain_freqs), strata, left_out, oversampled,
+                                         rng))
+    labels = {rel: {o: by_entity[shock.entity_key(o)] for o in candidates[rel]} for rel in relations}
     items = []
     stats = collections.Counter()
     for person in people:
         for item in bios.qa_items(person):
             if item.attribute not in relations:
                 continue
-            label = labels[item.attribute].get(item.answer, (0, "plain"))[1]
+            label = by_entity.get(shock.entity_key(item.answer), (0, "plain"))[1]
             if label == "left_out":
                 stats["dropped"] += 1
                 continue

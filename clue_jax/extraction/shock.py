@@ -10,9 +10,10 @@ Per object entity e (keyed by its SQuAD-normalised string, so "The Louvre" and
 The shock statistic is Spearman's rank correlation between
   y = log((predicted + s) / (gold + s))   (over- or under-prediction) and
   x = log((finetune + s) / (pretrain + s)) (what fine-tuning over-represents)
-over the entities that occur as a gold answer or a prediction; s is additive
-smoothing. rho > 0 is the shock: the model over-predicts what fine-tuning
-over-represents relative to pre-training and under-predicts the converse.
+over the entities that occur as a gold answer, or as a prediction that is an
+object of the relation asked (`prediction_counts`); s is additive smoothing.
+rho > 0 is the shock: the model over-predicts what fine-tuning over-represents
+relative to pre-training and under-predicts the converse.
 Ranks make the statistic indifferent to the scale of either frequency.
 """
 
@@ -21,7 +22,7 @@ from __future__ import annotations
 import collections
 import math
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -66,15 +67,23 @@ def entity_frequencies(pretrain_answers: Sequence[str], finetune_answers: Sequen
     return {e: EntityFreq(pt[e], ft[e]) for e in sorted(pt.keys() | ft.keys())}
 
 
-def prediction_counts(preds: Sequence[str], golds: Sequence[str]) -> dict[str, EntityCount]:
+def prediction_counts(preds: Sequence[str], golds: Sequence[str], relations: Sequence[str],
+                      objects: Mapping[str, Collection[str]]) -> dict[str, EntityCount]:
     """How often each entity is predicted and is the gold answer on the test set.
 
-    Empty predictions (normalising to nothing) are abstentions, not an entity,
-    and are not counted; the gold side of their question still is.
+    A prediction counts only when it is an object of the relation asked
+    (`relations[i]`, with `objects[relation]` its closed set): free text, an
+    abstention or a university given for a city is no entity of that question,
+    and counting it would fill the statistic with strings that were never
+    fine-tuned or pre-trained as answers. The gold side of every question counts.
     """
-    if len(preds) != len(golds):
-        raise UserInputError(f"{len(preds)} predictions but {len(golds)} gold answers")
-    predicted = collections.Counter(k for k in map(entity_key, preds) if k)
+    if not len(preds) == len(golds) == len(relations):
+        raise UserInputError(f"{len(preds)} predictions but {len(golds)} gold answers and {len(relations)} relations")
+    unknown = sorted(set(relations) - set(objects))
+    if unknown:
+        raise UserInputError(f"prediction_counts: no object set for relation(s) {unknown}")
+    keys = {rel: {entity_key(o) for o in objs} - {""} for rel, objs in objects.items()}
+    predicted = collections.Counter(k for k, rel in zip(map(entity_key, preds), relations) if k in keys[rel])
     gold = collections.Counter(k for k in map(entity_key, golds) if k)
     return {e: EntityCount(predicted[e], gold[e]) for e in sorted(predicted.keys() | gold.keys())}
 
@@ -192,10 +201,15 @@ def partial_spearman(x: np.ndarray, y: np.ndarray, controls: Sequence[np.ndarray
     """Spearman correlation of x and y with the ranks of `controls` partialled out.
 
     The ranks of x and of y are each residualised on [1, rank(control)...] by
-    least squares, and the Pearson correlation of the residuals is returned
-    (NaN when a residual is constant). Why: x = log((ft+1)/(pt+1)) falls with
-    pre-training frequency and y = log((pred+1)/(gold+1)) falls with the gold
-    count whatever the skew; what is left of x after pt is what fine-tuning did.
+    least squares, and the Pearson correlation of the residuals is returned.
+    Why: x = log((ft+1)/(pt+1)) falls with pre-training frequency and
+    y = log((pred+1)/(gold+1)) falls with the gold count whatever the skew;
+    what is left of x after pt is what fine-tuning did.
+
+    NaN when undefined: a variable whose ranks the controls explain (all but
+    UNEXPLAINED_MIN of their variance) has no residual, only rounding noise --
+    a predictor that never names an object has y = -log(gold + 1), a function of
+    a control. The bar is a share of the variance, so it does not move with n.
     """
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if len(x) < len(controls) + 3:
@@ -204,10 +218,17 @@ def partial_spearman(x: np.ndarray, y: np.ndarray, controls: Sequence[np.ndarray
     residuals = []
     for v in (_ranks(x), _ranks(y)):
         coef, *_ = np.linalg.lstsq(design, v, rcond=None)
-        residuals.append(v - design @ coef)
+        r = v - design @ coef
+        spread = float(((v - v.mean()) ** 2).sum())
+        if spread == 0.0 or float(r @ r) <= UNEXPLAINED_MIN * spread:
+            return math.nan
+        residuals.append(r)
     rx, ry = residuals
-    scale = math.sqrt(float(rx @ rx) * float(ry @ ry))
-    return float(rx @ ry) / scale if scale > 1e-9 * len(x) else math.nan
+    return float(rx @ ry) / math.sqrt(float(rx @ rx) * float(ry @ ry))
+
+
+UNEXPLAINED_MIN = 1e-10
+"""Share of a variable's rank variance that must be left after the controls for a partial correlation to exist."""
 
 
 def shock_statistics(freqs: Mapping[str, EntityFreq], counts: Mapping[str, EntityCount],
@@ -274,7 +295,11 @@ def permutation_pvalue(freqs: Mapping[str, EntityFreq], counts: Mapping[str, Ent
     The entities are split into `strata` groups by pre-training frequency and
     their fine-tuning counts shuffled within each group, predictions and gold
     fixed: the randomisation the stratified skew made, so the p-value holds
-    whatever structure the model's errors have. NaN when the statistic is.
+    whatever structure the model's errors have. Ties count as exceeding (a
+    permutation that cannot change the statistic gives p = 1); draws whose
+    statistic is undefined are left out of both counts. NaN when the observed
+    statistic is undefined (e.g. a predictor that names no object) or no draw
+    is defined.
     """
     entities, _, y = shock_points(freqs, counts, smoothing)
     zero = EntityFreq(0, 0)
@@ -291,14 +316,22 @@ def permutation_pvalue(freqs: Mapping[str, EntityFreq], counts: Mapping[str, Ent
         return math.nan
     rng = np.random.default_rng([seed, 37])
     groups = np.array_split(np.argsort(-pt, kind="stable"), max(1, min(strata, len(entities))))
-    exceed = 0
+    values = []
     for _ in range(draws):
         shuffled = ft.copy()
         for g in groups:
             shuffled[g] = ft[rng.permutation(g)]
-        value = stat(shuffled)
-        exceed += bool(math.isfinite(value) and value >= observed)
-    return (1 + exceed) / (1 + draws)
+        values.append(stat(shuffled))
+    values = np.asarray(values, np.float64)
+    values = values[np.isfinite(values)]  # a draw whose statistic is undefined says nothing either way
+    if not len(values):
+        return math.nan
+    exceed = int(np.sum(values >= observed - TIE_TOLERANCE))
+    return (1 + exceed) / (1 + len(values))
+
+
+TIE_TOLERANCE = 1e-9
+"""A permuted statistic this close below the observed one ties with it (rounding), and ties count as exceeding."""
 
 
 def with_null(stat: Mapping[str, float], null: Mapping) -> dict:

@@ -183,8 +183,8 @@ def mixed_ranking(items, candidates, scores_ft, scores_pt, lam, mode) -> list[st
 
 # ------------------------------------------------------------------ metrics
 def measure(ctx, items, preds) -> dict:
-    return arm_metrics(items, preds, ctx["freqs"], ctx["threshold"], ctx["smoothing"], ctx["skew"],
-                       ctx["null_draws"], ctx["null_seed"])
+    return arm_metrics(items, preds, ctx["freqs"], ctx["threshold"], ctx["smoothing"], ctx["candidates"],
+                       ctx["skew"], ctx["null_draws"], ctx["null_seed"])
 
 
 def _write_predictions(path: str, preds: dict) -> None:
@@ -511,8 +511,8 @@ def run(config, workdir: str) -> dict:
                     "stage_cpu_seconds": {k: v.get("cpu_seconds") for k, v in stage_info.items() if "cpu_seconds" in v}},
     }
     if jax.process_index() == 0:
-        plots = _plots(workdir, per_seed, stage_info, base_eval, items["test"], freqs, ctx["smoothing"],
-                       list(config.seeds), sweeps)
+        plots = _plots(workdir, per_seed, stage_info, base_eval, items["test"], ctx["candidates"], freqs,
+                       ctx["smoothing"], list(config.seeds), sweeps)
         steps_path = os.path.join(workdir, "plots", "em_vs_steps.png")
         report.plot_steps(steps_sweep, per_seed["base"]["-"]["exact_match"], steps_path)
         plots["em_vs_steps"] = os.path.relpath(steps_path, workdir)
@@ -535,7 +535,7 @@ def mixture_steps(config, ft_data, mix_data) -> int:
     return int(source.steps_for_primary(config.ft.steps))
 
 
-def _plots(workdir, per_seed, stage_info, base_eval, test_items, freqs, smoothing, seeds, sweeps) -> dict:
+def _plots(workdir, per_seed, stage_info, base_eval, test_items, objects, freqs, smoothing, seeds, sweeps) -> dict:
     """Shock scatter per arm (first seed) and the lambda sweep, as PNGs in workdir/plots."""
     out_dir = workdir_fs.join(workdir, "plots")
     golds = [it.answer for it in test_items]
@@ -550,7 +550,8 @@ def _plots(workdir, per_seed, stage_info, base_eval, test_items, freqs, smoothin
         if arm.startswith("rank:"):
             continue
         path = os.path.join(out_dir, f"shock_{arm.replace('/', '_')}.png")
-        shock.plot_shock(freqs, shock.prediction_counts(preds, golds), path, smoothing,
+        counts = shock.prediction_counts(preds, golds, [it.attribute for it in test_items], objects)
+        shock.plot_shock(freqs, counts, path, smoothing,
                          title=f"{arm} (seed {first})" if arm != "base" else "base")
         paths[f"shock:{arm}"] = os.path.relpath(path, workdir)
     sweep_path = os.path.join(out_dir, "lambda_sweep.png")
