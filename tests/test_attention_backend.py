@@ -231,3 +231,51 @@ def test_model_planned_for_a_gpu_gives_the_cpu_logits(monkeypatch, flavour):
     fused = model(ids, mask)
     assert {p.implementation for p in chosen} == ({"chunked"} if flavour == "gemma2" else {"cudnn"})
     _close_on_real(fused, dense, mask, 1e-4)
+
+
+# ----------------------------------------------------------------- the shipped pod/cluster configs
+
+
+def _shipped_models(config_file):
+    import importlib.util
+    import os
+
+    from clue_jax.models.config import ModelConfig
+
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", config_file)
+    spec = importlib.util.spec_from_file_location(f"cfg_{config_file[:-3]}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    c = module.get_config()
+    return c, {size: ModelConfig.from_dict(c.models[size].to_dict()) for size in ("small", "large")}
+
+
+def _plan_model(backend, m, c, mesh=None, seq_len=2048):
+    return attn.plan_attention(backend, batch=c.cpt.batch_size, seq_len=seq_len, num_heads=m.num_heads,
+                               num_kv_heads=m.kv_heads, head_dim=m.head_size, dtype=m.compute_dtype,
+                               scale=m.head_size**-0.5, softcap=m.attn_logit_softcap,
+                               sliding_window=m.sliding_window, mesh=mesh, devices=1 if mesh is None else 2)
+
+
+@pytest.mark.parametrize("config_file,backend,paths", [
+    ("gpt2_gpu.py", "gpu", {"cudnn"}), ("llama3_pod.py", "gpu", {"cudnn"}), ("gemma2_pod.py", "gpu", {"chunked"}),
+    ("llama3_pod.py", "tpu", {"splash"}), ("gemma2_pod.py", "tpu", {"splash"})])
+def test_every_shipped_config_takes_a_fused_path(config_file, backend, paths):
+    """No shipped model falls back to the dense [B, 1, T, T] mask on its accelerator; float32 (GPT-2) runs
+    cuDNN in bfloat16; on the pod meshes every head is sharded over tensor (kv heads repeated where needed)."""
+    c, models = _shipped_models(config_file)
+    tensors = (4, 8, 16) if backend == "tpu" else (None,)
+    for m in models.values():
+        for tensor in tensors:
+            mesh = None if tensor is None else jax.sharding.AbstractMesh((1, 8, tensor), ("data", "fsdp", "tensor"))
+            if tensor and m.num_heads % tensor:  # Gemma-2 2B (8 heads) on tensor = 16: refused, naming tensor = 8
+                with pytest.raises(attn.UserInputError, match=r"8 attention heads .* \(e\.g\. 8, with the other 2x"):
+                    _plan_model(backend, m, c, mesh)
+                continue
+            plan = _plan_model(backend, m, c, mesh)
+            assert plan.implementation in paths
+            if plan.implementation == "cudnn":
+                assert plan.compute_dtype == (None if m.compute_dtype != jnp.float32 else "bfloat16")
+            if tensor:
+                assert plan.mesh_axes == (("data", "fsdp"), "tensor")
+                assert (m.kv_heads * plan.kv_repeat) % tensor == 0
