@@ -19,6 +19,7 @@ from flax import nnx
 from clue_jax import paths
 from clue_jax.errors import UserInputError
 from clue_jax.models.causal_lm import CausalLM
+from clue_jax.models import lora
 from clue_jax.models import precision as precision_lib
 from clue_jax.models.config import ModelConfig
 from clue_jax.train import checkpoint
@@ -59,6 +60,8 @@ def load_params(directory: str, mesh, expected: ModelConfig | None = None,
     the returned config is the one `precision` trains in (the saved one under "checkpoint").
     """
     directory = paths.absolute(directory)
+    if paths.exists(paths.join(directory, lora.ADAPTERS_FILE)):  # a LoRA stage: its adapters, merged on load
+        return lora.load_merged(directory, mesh, precision)
     if is_hf_directory(directory):
         from clue_jax.models import hf
 
