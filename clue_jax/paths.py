@@ -8,8 +8,8 @@ touch fsspec.
 
 Remote HF checkpoints' small files are read through a local cache
 (tokenizers read local files; the weights are read in place by ranged reads,
-clue_jax.models.safetensors_io): `local_dir` copies a remote directory but
-its *.safetensors once per host into $CLUE_JAX_CACHE (default ~/.cache/clue_jax) and
+clue_jax.models.safetensors_io): `local_dir` copies a remote directory, less
+its *.safetensors, once per host into $CLUE_JAX_CACHE (default ~/.cache/clue_jax) and
 copies a file again only when its remote version (`fs.ukey`: size, time,
 etag) changed. Every failure of a remote filesystem -- a missing backend
 (gcsfs not installed), no credentials, no network, a missing object --

@@ -6,7 +6,8 @@ logical names, so a large model is born sharded instead of on one device.
 with orbax; a load checks the saved config against the expected one and
 reads the weights straight into the dtypes of `precision` (train.precision,
 clue_jax.models.precision; float32 masters under "mixed"). Paths may be URLs (clue_jax.paths); HF checkpoint directories there are read
-through a local cache.
+in place (clue_jax.models.hf). A LoRA stage's directory holds only its adapters: `load_params`
+returns its base model with them merged (clue_jax.models.lora.load_merged).
 """
 from __future__ import annotations
 
