@@ -19,7 +19,6 @@ already measured.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import sys
 import time
