@@ -122,11 +122,24 @@ def run_case(case: tuple, repeats: int) -> dict:
     return row
 
 
-def run_benchmark(cases: list[tuple], repeats: int) -> dict:
+def run_benchmark(cases: list[tuple], repeats: int, smoke: bool = False, results_dir=None) -> dict:
+    """Every case in turn; the JSON is rewritten after each one, so a timeout keeps the finished cases."""
     import jax
 
     t_start = time.perf_counter()
     rows = []
+    result = {
+        "benchmark": NAME,
+        "backend": jax.default_backend(),
+        "device": str(jax.devices()[0]),
+        "dtype": DTYPE,
+        "smoke": smoke,
+        "tolerance_vs_float32_reference": TOLERANCE,
+        "time_method": f"median of {repeats} jitted calls per path after a warm-up, interleaved",
+        "results": rows,
+        "versions": {"jax": jax.__version__},
+        "machine": common.machine_info(),
+    }
     for case in cases:
         rows.append(run_case(case, repeats))
         r = rows[-1]
@@ -135,19 +148,9 @@ def run_benchmark(cases: list[tuple], repeats: int) -> dict:
               f"diff {r.get('planned_vs_xla_max_abs_diff', 'n/a')}, "
               f"forward x{r.get('forward_speedup', float('nan')):.2f}, "
               f"backward x{r.get('backward_speedup', float('nan')):.2f}, ok {r['ok']}", file=sys.stderr, flush=True)
-    return {
-        "benchmark": NAME,
-        "backend": jax.default_backend(),
-        "device": str(jax.devices()[0]),
-        "dtype": DTYPE,
-        "tolerance_vs_float32_reference": TOLERANCE,
-        "time_method": f"median of {repeats} jitted calls per path after a warm-up, interleaved",
-        "results": rows,
-        "ok": all(r["ok"] for r in rows),
-        "versions": {"jax": jax.__version__},
-        "machine": common.machine_info(),
-        "wall_s": time.perf_counter() - t_start,
-    }
+        result.update(ok=all(r["ok"] for r in rows), wall_s=time.perf_counter() - t_start)
+        common.write_result(NAME, result, results_dir)
+    return result
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -156,10 +159,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--results-dir", default=None, help="where attention.json goes")
     args = parser.parse_args(argv)
     size = "smoke" if args.smoke else "gpu"
-    result = run_benchmark(CASES[size], REPEATS[size])
-    result["smoke"] = bool(args.smoke)
-    common.write_result(NAME, result, args.results_dir)
-    return result
+    return run_benchmark(CASES[size], REPEATS[size], smoke=bool(args.smoke), results_dir=args.results_dir)
 
 
 if __name__ == "__main__":

@@ -26,11 +26,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import common  # noqa: E402
 
-# What the parts import, beyond the standard library (the H200 image lacks ml_collections: carry it as a wheel).
-REQUIRED = ("jax", "flax", "optax", "orbax.checkpoint", "ml_collections", "etils", "numpy", "scipy", "pytest")
+# What the parts import, beyond the standard library (the GPU image lacks ml_collections and pytest with its
+# plugins: `device_check.sh --fetch-wheels` fetches them as wheels). Not tensorboardX: without it the script
+# leaves out the one test that calls Trainer.run.
+REQUIRED = ("jax", "flax", "optax", "orbax.checkpoint", "ml_collections", "etils", "numpy", "scipy", "pytest",
+            "pluggy", "iniconfig")
 # part name -> the JSON file it writes, or None (tests: the summary makes tests.json from tests.xml)
 PARTS = {"env": "env.json", "tests": None, "train_throughput": "train_throughput.json",
-         "attention": "attention.json", "scoring": "scoring_blocks.json"}
+         "attention": "attention.json", "scoring": "scoring_blocks.json", "teacher_scoring": "teacher_scoring.json"}
 LOG = "device_check.log"
 
 
@@ -144,6 +147,10 @@ def _headline(name: str, data: dict) -> dict:
     if name == "scoring":
         keys = ("T", "sliding_window", "speedup", "colsum_max_abs_diff")
         return {"cases": [{k: r.get(k) for k in keys} for r in data.get("results", [])]}
+    if name == "teacher_scoring":
+        keys = ("mode", "T", "median_s", "xla_temp_bytes", "peak_bytes_in_use")
+        return {"cases": [{k: r.get(k) for k in keys} for r in data.get("results", [])],
+                "of_gpu_cases": len(data.get("gpu_cases", []))}
     return {}
 
 

@@ -280,6 +280,13 @@ def skip_blocks_main(out_path: str, repeats: int = 3, cases=SKIP_CASES) -> dict:
     from clue_jax.models import attention as attn
 
     rows = []
+    result = {"benchmark": "scoring attention, visible key blocks only vs every key block (one layer)",
+              "shape": dict(batch=1, heads=4, head_dim=64, query_block=QUERY_BLOCK, dtype="float32"),
+              "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
+                          "backend": jax.default_backend(), "device": str(jax.devices()[0])},
+              "time_method": f"median of {repeats} jitted calls per side, interleaved, after a warm-up call",
+              "results": rows}
+    os.makedirs(os.path.dirname(out_path), exist_ok=True)
     for t, window in cases:
         keys = jax.random.split(jax.random.key(t), 3)
         q, k, v = (jax.random.normal(key, (1, t, 4, 64), jnp.float32) for key in keys)
@@ -300,14 +307,9 @@ def skip_blocks_main(out_path: str, repeats: int = 3, cases=SKIP_CASES) -> dict:
                      "out_max_abs_diff": float(jnp.max(jnp.abs(o_new - o_old)))})
         print(f"T={t} window={window}: skipping {t_new:.3f}s, all blocks {t_old:.3f}s "
               f"({t_old / t_new:.2f}x), colsum diff {rows[-1]['colsum_max_abs_diff']:.1e}", file=sys.stderr, flush=True)
-    result = {"benchmark": "scoring attention, visible key blocks only vs every key block (one layer)",
-              "shape": dict(batch=1, heads=4, head_dim=64, query_block=QUERY_BLOCK, dtype="float32"),
-              "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(), "jax": jax.__version__,
-                          "backend": jax.default_backend(), "device": str(jax.devices()[0])},
-              "time_method": f"median of {repeats} jitted calls per side, interleaved, after a warm-up call", "results": rows}
-    os.makedirs(os.path.dirname(out_path), exist_ok=True)
-    with open(out_path, "w") as f:
-        json.dump(result, f, indent=2)
+        with open(out_path + ".tmp", "w") as f:  # after each case: a timeout keeps the finished ones
+            json.dump(result, f, indent=2)
+        os.replace(out_path + ".tmp", out_path)
     print(json.dumps(result))
     return result
 

@@ -6,9 +6,10 @@ Going through fsspec for every URL keeps one code path, which the tests
 drive with fsspec's in-memory filesystem (`memory://`). Local paths never
 touch fsspec.
 
-Remote HF checkpoints are read through a local cache (safetensors mmaps a
-local file, tokenizers read local files): `local_dir` copies a remote
-directory once per host into $CLUE_JAX_CACHE (default ~/.cache/clue_jax) and
+Remote HF checkpoints' small files are read through a local cache
+(tokenizers read local files; the weights are read in place by ranged reads,
+clue_jax.models.safetensors_io): `local_dir` copies a remote directory, less
+its *.safetensors, once per host into $CLUE_JAX_CACHE (default ~/.cache/clue_jax) and
 copies a file again only when its remote version (`fs.ukey`: size, time,
 etag) changed. Every failure of a remote filesystem -- a missing backend
 (gcsfs not installed), no credentials, no network, a missing object --
@@ -25,6 +26,7 @@ import uuid
 from clue_jax.errors import UserInputError
 
 _MANIFEST = ".clue_jax_source.json"
+WEIGHT_SUFFIX = ".safetensors"  # read in place (clue_jax.models.safetensors_io), never copied by local_dir
 
 
 def is_remote(path) -> bool:
@@ -136,8 +138,9 @@ def cache_root() -> str:
 def local_dir(path) -> str:
     """A local directory holding the files of `path`: the path itself when local, else a cached copy.
 
-    Every file below the remote directory is copied (HF checkpoints are flat:
-    config, tokenizer files, safetensors shards and their index); each one is
+    Every file below the remote directory but the weights is copied (HF
+    checkpoints are flat: config, tokenizer files, the shards' index; the
+    *.safetensors shards are read in place, never copied); each one is
     written to a temporary name and renamed, so processes sharing a host and a
     cache never see half a file.
     """
@@ -155,6 +158,7 @@ def local_dir(path) -> str:
             manifest = json.load(f)
     except (OSError, json.JSONDecodeError):
         manifest = {}
+    versions = [(rel, key) for rel, key in versions if not rel.endswith(WEIGHT_SUFFIX)]
     seen = {rel for rel, _ in versions}
     with remote_errors(text, "read"):
         for rel, key in versions:

@@ -24,7 +24,11 @@ from clue_jax.errors import UserInputError
 from clue_jax.models import config as model_config
 from clue_jax.models import factory, hf
 from clue_jax.pipelines.stages import Stages
+from clue_jax.models.safetensors_io import RemoteSafetensors
 from clue_jax.train.mesh import make_mesh
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
+import fake_gcs  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = model_config.llama(vocab_size=300, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,
@@ -73,7 +77,9 @@ def test_load_an_hf_directory_from_a_url_through_the_cache(checkpoint, bucket, c
     assert hf.load_tokenizer(url)("small")["input_ids"] == hf.load_tokenizer(local)("small")["input_ids"]
     (copy,) = os.listdir(cache / "remote")
     cached = cache / "remote" / copy
-    assert sorted(f for f in os.listdir(cached) if not f.startswith(".")) == sorted(os.listdir(local))
+    # the tokenizer's and config's files are cached; the weights are read in place, never copied
+    assert sorted(f for f in os.listdir(cached) if not f.startswith(".")) == sorted(
+        f for f in os.listdir(local) if not f.endswith(".safetensors"))
 
     # Unchanged remote files are not copied again; a changed one is; one gone remotely goes from the cache.
     mtimes = {f: os.stat(cached / f).st_mtime_ns for f in os.listdir(cached)}
@@ -89,6 +95,45 @@ def test_load_an_hf_directory_from_a_url_through_the_cache(checkpoint, bucket, c
     fs.rm_file(f"{inner}/extra.txt")
     paths.local_dir(url)
     assert not (cached / "extra.txt").exists()
+
+
+def test_a_gs_checkpoint_is_read_in_place_each_byte_once(checkpoint, tmp_path, cache, monkeypatch):
+    """A gs:// checkpoint (the fake bucket) loads onto 2 devices by ranged reads: every weight byte read once
+    (a host reads only its devices' rows, never the whole file), no shard copied to the local cache."""
+    monkeypatch.setattr(fake_gcs.FakeGCS, "root", str(tmp_path / "gcs"))
+    for name in ("gs", "gcs"):  # for this test only: later ones find no gcsfs
+        monkeypatch.setitem(sys.modules["fsspec.registry"]._registry, name, fake_gcs.FakeGCS)
+    local, expected = checkpoint
+    url = "gs://ckpts/llama"
+    paths.upload_dir(str(local), url)
+    read = []
+    cat_file = fake_gcs.FakeGCS.cat_file
+
+    def counted(self, path, start=None, end=None, **kw):
+        data = cat_file(self, path, start=start, end=end, **kw)
+        read.append((os.path.basename(path), len(data)))
+        return data
+
+    monkeypatch.setattr(fake_gcs.FakeGCS, "cat_file", counted)
+    model, cfg = factory.load_params(url, make_mesh((1, 2, 1), jax.devices()[:2]))
+    np.testing.assert_allclose(_logits(model), expected, atol=1e-6)
+    shards = sorted(f for f in os.listdir(local) if f.endswith(".safetensors"))
+    assert len(shards) > 1  # the index and several files
+    per_file = {f: sum(n for name, n in read if name == f) for f in shards}
+    assert per_file == {f: os.path.getsize(local / f) for f in shards}  # header + every tensor, each byte once
+    assert not [f for _, _, files in os.walk(cache) for f in files if f.endswith(".safetensors")]
+
+    # one slice: its rows only
+    read.clear()
+    remote = RemoteSafetensors(f"{url}/{shards[0]}")
+    key = next(k for k in remote.keys() if len(remote.entries[k][1]) == 2)
+    dtype, shape, _ = remote.entries[key]
+    rows = remote.get_slice(key)[1:3, 2:5]
+    assert rows.shape == (2, 3) and read[-1][1] == 2 * shape[1] * dtype.itemsize
+    from safetensors import safe_open
+
+    with safe_open(str(local / shards[0]), framework="numpy") as f:
+        np.testing.assert_array_equal(rows, f.get_slice(key)[1:3, 2:5])
 
 
 def test_errors_in_a_remote_checkpoint_name_the_url(checkpoint, bucket):

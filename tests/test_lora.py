@@ -148,3 +148,51 @@ def test_targets_scale_and_sharding_names():
         lora.apply_lora(CausalLM(cfg, rngs=nnx.Rngs(0)), RANK, ALPHA, ("qproj",), nnx.Rngs(1))
     with pytest.raises(UserInputError, match="no such nnx.Linear"):
         lora.apply_lora(CausalLM(cfg, rngs=nnx.Rngs(0)), RANK, ALPHA, ("gate_proj",), nnx.Rngs(1))
+
+
+def test_a_lora_stage_saves_only_its_adapters_and_reads_back_merged(tmp_path):
+    """What a LoRA cpt stage saves is its adapters (bytes and names); reading the stage's model, and exporting
+    it, give the merged weights of base + adapters."""
+    import os
+
+    from clue_jax import export
+    from clue_jax.models import factory
+    from clue_jax.pipelines.stages import Stages
+    from clue_jax.train.checkpoint import saved_tree
+
+    mesh = make_mesh((1, 1, 1), jax.devices()[:1])
+    cfg = llama(vocab_size=300, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64, max_len=32)
+    base_dir = str(tmp_path / "base")
+    factory.save_params(factory.create(cfg, 0, mesh), cfg, base_dir)
+    model, _ = factory.load_params(base_dir, mesh)
+    lora.apply_lora(model, 4, 8.0, rngs=nnx.Rngs(1))
+    adapters = nnx.state(model, nnx.LoRAParam)
+    trained = jax.tree.map(lambda x: x + 0.05 * jax.random.normal(jax.random.key(x.size), x.shape, x.dtype), adapters)
+    nnx.update(model, trained)  # B no longer zero: the merge changes the weights
+
+    workdir = str(tmp_path / "run")
+    stage_model = os.path.join(workdir, "stages", "cpt_s", "model")
+    stages = Stages(workdir)
+    save = lambda d: lora.save_adapters(model, cfg, stage_model, base_dir=base_dir, rank=4, alpha=8.0,
+                                        targets=lora.PROJECTIONS) or {"model_dir": os.path.relpath(stage_model, workdir)}
+    stages.run("cpt_s", {}, save)
+    saved = jax.tree.leaves_with_path(saved_tree(os.path.join(stage_model, "adapters")))
+    names = [{str(getattr(k, "key", k)) for k in path} for path, _ in saved]
+    assert saved and all(len(n & {"lora_a", "lora_b"}) == 1 for n in names)  # adapters, nothing else
+    adapter_bytes = sum(x.nbytes for x in jax.tree.leaves(trained))
+    assert sum(int(np.prod(m.shape)) * np.dtype(m.dtype).itemsize for _, m in saved) == adapter_bytes
+    base_bytes = sum(x.nbytes for x in jax.tree.leaves(nnx.state(factory.load_params(base_dir, mesh)[0], nnx.Param)))
+    assert adapter_bytes < base_bytes / 2
+
+    merged = nnx.state(lora.merge_lora(model), nnx.Param)
+    loaded, loaded_cfg = factory.load_params(stage_model, mesh)
+    assert loaded_cfg == cfg and not lora.has_lora(loaded)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), merged,
+                 nnx.state(loaded, nnx.Param))
+
+    from clue_jax.data.tokenizer import train_bpe_tokenizer
+
+    train_bpe_tokenizer(["a small tokenizer for a small model"] * 5, 300, tmp_path / "tok")
+    stages.run("tokenizer", {}, lambda d: {"path": str(tmp_path / "tok")})
+    exported = nnx.state(hf.load(export.export(workdir, "cpt_s", str(tmp_path / "hf"), None))[0], nnx.Param)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6), merged, exported)

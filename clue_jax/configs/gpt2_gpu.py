@@ -15,8 +15,9 @@ the small checkpoint's (GPT-2 has no pad or BOS token: EOS serves as both).
 Training follows the paper's recipe for LLaMA-3/Gemma-2 (GPT-2 was not in
 the study): LoRA rank 16 on all projections, lr 5e-4 with a linear schedule
 and 10% warm-up, clip 1.0, batch 8; GPT-2 checkpoints are float32, so the
-models run in float32 and the teachers score in bfloat16. `cpt.steps` is
-epochs x documents / 8; warm-up follows steps unless set.
+models run in float32 (attention on a GPU through cuDNN in bfloat16, the
+precision it supports: clue_jax.models.attention) and the teachers score in
+bfloat16. `cpt.steps` is epochs x documents / 8; warm-up follows steps unless set.
 
 Mesh: plain data parallelism, one batch row per GPU: batch 8 fits up to 8
 GPUs. With more GPUs raise `cpt.batch_size` to a multiple of their number

@@ -2,13 +2,22 @@
 
 The fused path (`causal_attention`) is chosen per backend in ONE place,
 `plan_attention`: cuDNN flash attention on GPU (`jax.nn.dot_product_attention`
-with is_causal, local_window_size and sequence lengths, no dense mask), the
-Pallas splash-attention kernel on TPU (which also soft-caps logits, Gemma-2)
-under `shard_map` over the mesh's batch and head axes, and XLA on the CPU.
-cuDNN has no logit soft-capping, so Gemma-2 on a GPU takes the einsum path.
+with is_causal, local_window_size and sequence lengths, no dense mask; float32
+models run it in bfloat16, the precision cuDNN supports), the Pallas
+splash-attention kernel on TPU (which also soft-caps logits, Gemma-2) under
+`shard_map` over the mesh's batch and head axes, and XLA on the CPU. cuDNN
+has no logit soft-capping, so Gemma-2 on a GPU takes the chunked path: query
+blocks under `jax.checkpoint`, each against the keys it can see, so it holds
+B x N x block x T logits instead of B x N x T x T, and recomputes them in the
+backward pass.
+Heads are sharded over the mesh's `tensor` axis: its size must divide the
+query heads (or the plan refuses, naming a mesh that works), and kv heads
+are repeated just enough to divide it too (as MaxText does), so no device
+computes another's heads.
 The fused paths read the key mask as sequence lengths / segment ids: a row's
 real tokens must be one contiguous run (right padding in training, left
-padding in decoding); rows are rotated so that the run starts at 0.
+padding in decoding); the cuDNN path rotates rows so that the run starts at
+0, except inside `right_padded_rows` (the trainer's step), where it already does.
 
 The scoring path is what clue dropout needs: per layer, the attention each key
 token *receives*, summed over heads and over the (real) query positions. It
@@ -22,6 +31,7 @@ window) are skipped: about half the work of visiting them all.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import dataclasses
 import functools
 import math
@@ -32,6 +42,8 @@ import numpy as np
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_mask as splash_mask
 from jax.sharding import PartitionSpec as P
+
+from clue_jax.errors import UserInputError
 
 _MASKED = -0.7 * float(jnp.finfo(jnp.float32).max)
 
@@ -93,20 +105,25 @@ def attend(q, k, v, allowed, *, scale: float, softcap: float = 0.0, fast: bool =
 class AttentionPlan:
     """What `causal_attention` runs: an implementation and the static arguments it receives.
 
-    implementation: "cudnn" | "xla" (jax.nn.dot_product_attention with sequence
-      lengths, `kwargs` are its keyword arguments), "splash" (the Pallas TPU
-      kernel; `kwargs` name its mask, soft cap and block size), "dense" (the
-      [B, 1, T, T] mask path of `attend`, the CPU's).
+    implementation: "cudnn" (jax.nn.dot_product_attention with sequence
+      lengths, `kwargs` are its keyword arguments; implementation="xla" takes
+      the same ones), "splash" (the Pallas TPU kernel; `kwargs` name its mask,
+      soft cap and block size), "chunked" (query blocks under jax.checkpoint,
+      the GPU's soft-capped path), "dense" (the [B, 1, T, T] mask path of
+      `attend`, the CPU's).
     """
 
     implementation: str
     kwargs: dict
     interpret: bool = False  # Pallas interpret mode (tests on the CPU)
     mesh_axes: tuple = ()  # (batch axes, head axis) of the context mesh for shard_map; () = none
+    compute_dtype: str | None = None  # cuDNN: q, k, v cast to it (float32 models), the output cast back
+    kv_repeat: int = 1  # splash: each kv head repeated so that kv heads divide the mesh's tensor axis
 
 
 _CUDNN_DTYPES = ("bfloat16", "float16")
 _SPLASH_BLOCKS = (512, 256, 128)
+CHUNK = 512  # query rows per step of the chunked path
 
 
 def plan_attention(backend: str, *, batch: int, seq_len: int, num_heads: int, num_kv_heads: int, head_dim: int, dtype,
@@ -118,31 +135,67 @@ def plan_attention(backend: str, *, batch: int, seq_len: int, num_heads: int, nu
     `devices` without one (a Pallas call cannot be partitioned automatically).
     """
     window = (sliding_window - 1, 0) if sliding_window and sliding_window < seq_len else None
-    lengths_kwargs = dict(scale=scale, is_causal=True, local_window_size=window)
-    if backend == "gpu" and not softcap:
-        cudnn_ok = jnp.dtype(dtype).name in _CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= 128
-        implementation = "cudnn" if cudnn_ok else "xla"  # same arguments: XLA builds the mask itself
-        return AttentionPlan(implementation, dict(lengths_kwargs, implementation=implementation))
+    if backend == "gpu":
+        if softcap or head_dim % 8 or head_dim > 128:
+            return AttentionPlan("chunked", dict(scale=scale, softcap=softcap, block=CHUNK))
+        name = jnp.dtype(dtype).name
+        return AttentionPlan("cudnn", dict(scale=scale, is_causal=True, local_window_size=window,
+                                           implementation="cudnn"),
+                             compute_dtype=None if name in _CUDNN_DTYPES else "bfloat16")
     if backend == "tpu":
         block = next((b for b in _SPLASH_BLOCKS if seq_len % b == 0), 0)
-        axes = _mesh_axes(mesh, batch, num_heads, num_kv_heads)
+        axes, repeat = _mesh_axes(mesh, batch, num_heads, num_kv_heads)
         if block and head_dim % 128 == 0 and (axes or devices == 1):
             return AttentionPlan("splash", dict(scale=scale, softcap=softcap or None, window=window, block=block),
-                                 mesh_axes=axes)
+                                 mesh_axes=axes, kv_repeat=repeat)
     return AttentionPlan("dense", dict(scale=scale, softcap=softcap))
 
 
-def _mesh_axes(mesh, batch: int, num_heads: int, num_kv_heads: int) -> tuple:
-    """(batch axes, head axis or None) of a mesh with the project's axis names; () when there is none
+def kv_repeat_for(num_heads: int, num_kv_heads: int, tensor: int, where: str = "") -> int:
+    """How many times each kv head is repeated so that heads shard over `tensor` devices without replication.
+
+    The query heads must divide over `tensor` (else a one-line error naming a
+    tensor size that works); the kv heads are repeated by the smallest factor
+    of the group size that makes them divide too (a group's query heads keep
+    their kv head).
+    """
+    if num_heads % tensor:
+        works = math.gcd(num_heads, tensor)
+        raise UserInputError(f"{num_heads} attention heads do not divide over the mesh's tensor axis of {tensor}"
+                             f"{where}: use a tensor size that divides {num_heads} (e.g. {works}, with the other "
+                             f"{tensor // works}x on fsdp)")
+    group = num_heads // num_kv_heads
+    return next(r for r in range(1, group + 1) if group % r == 0 and (num_kv_heads * r) % tensor == 0)
+
+
+def _mesh_axes(mesh, batch: int, num_heads: int, num_kv_heads: int) -> tuple[tuple, int]:
+    """((batch axes, head axis), kv repeat) for a mesh with the project's axis names; ((), 1) when there is none
     or the batch does not divide over its data axes."""
     if mesh is None or mesh.empty or "tensor" not in mesh.axis_names:
-        return ()
+        return (), 1
     batch_axes = tuple(a for a in ("data", "fsdp") if a in mesh.axis_names)
     if batch % math.prod(mesh.shape[a] for a in batch_axes):
-        return ()
-    heads_axis = "tensor" if num_heads % mesh.shape["tensor"] == 0 and num_kv_heads % mesh.shape["tensor"] == 0 \
-        else None
-    return (batch_axes, heads_axis)
+        return (), 1
+    shape = ", ".join(f"{a}={mesh.shape[a]}" for a in mesh.axis_names)
+    return (batch_axes, "tensor"), kv_repeat_for(num_heads, num_kv_heads, mesh.shape["tensor"], f" (mesh {shape})")
+
+
+_RIGHT_PADDED = contextvars.ContextVar("right_padded_rows", default=False)
+
+
+def right_padded_rows(fn):
+    """`fn` traced with the promise that every row's real tokens start at position 0 (the trainer's batches:
+    right padding), so the cuDNN path reads sequence lengths without rotating q, k, v and the output."""
+
+    @functools.wraps(fn)
+    def traced(*args, **kwargs):
+        token = _RIGHT_PADDED.set(True)
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _RIGHT_PADDED.reset(token)
+
+    return traced
 
 
 def backend() -> str:
@@ -171,13 +224,52 @@ def causal_attention(q, k, v, key_mask, *, scale: float, softcap: float = 0.0, s
         return attend(q, k, v, allowed_keys(key_mask, sliding_window), **plan.kwargs)
     if plan.implementation == "splash":
         return _splash_attention(q, k, v, key_mask, plan)
-    # Sequence lengths describe right padding: rotate each row so its real run starts at 0.
-    first = jnp.argmax(key_mask > 0, axis=1).astype(jnp.int32)
+    if plan.implementation == "chunked":
+        return chunked_attention(q, k, v, key_mask, sliding_window=sliding_window, **plan.kwargs)
+    return _lengths_attention(q, k, v, key_mask, plan)
+
+
+def _lengths_attention(q, k, v, key_mask, plan: AttentionPlan):
+    """cuDNN's arguments: sequence lengths describe right padding, so rows whose real run may start later
+    (decoding's left padding) are rotated to start at 0, and back."""
+    out_dtype, compute = q.dtype, plan.compute_dtype or q.dtype
     lengths = jnp.sum(key_mask > 0, axis=1).astype(jnp.int32)
-    out = jax.nn.dot_product_attention(
-        _rotate(q, first), _rotate(k, first), _rotate(v, first),
-        query_seq_lengths=lengths, key_value_seq_lengths=lengths, **plan.kwargs)
-    return _rotate(out, -first)
+    first = None if _RIGHT_PADDED.get() else jnp.argmax(key_mask > 0, axis=1).astype(jnp.int32)
+    q, k, v = ((x if first is None else _rotate(x, first)).astype(compute) for x in (q, k, v))
+    out = jax.nn.dot_product_attention(q, k, v, query_seq_lengths=lengths, key_value_seq_lengths=lengths,
+                                       **plan.kwargs)
+    return (out if first is None else _rotate(out, -first)).astype(out_dtype)
+
+
+def chunked_attention(q, k, v, key_mask, *, scale: float, softcap: float, sliding_window: int, block: int):
+    """`attend` one block of `block` queries at a time, each against the keys it can see (all of them, or the
+    span a sliding window reaches), under jax.checkpoint: the backward pass recomputes a block's logits
+    instead of keeping B x N x T x T of them. Exact softmax per query row (every visible key is in its step).
+    """
+    b, t, n, h = q.shape
+    blk = min(block, t)
+    padded = t + (-t) % blk
+    pad = lambda x: jnp.pad(x, ((0, 0), (0, padded - t)) + ((0, 0),) * (x.ndim - 2))
+    q, k, v, real = pad(q), pad(k), pad(v), pad(key_mask > 0)
+    span = padded
+    if sliding_window:
+        span = min(padded, -(-(sliding_window - 1) // blk) * blk + blk)
+
+    @jax.checkpoint
+    def one_block(i):
+        start = jnp.clip((i + 1) * blk - span, 0, padded - span)
+        qb = jax.lax.dynamic_slice_in_dim(q, i * blk, blk, axis=1)
+        kb, vb, rb = (jax.lax.dynamic_slice_in_dim(x, start, span, axis=1) for x in (k, v, real))
+        qpos, kpos = i * blk + jnp.arange(blk)[:, None], start + jnp.arange(span)[None, :]
+        ok = kpos <= qpos
+        if sliding_window:
+            ok = ok & (qpos - kpos < sliding_window)
+        ok = ok[None, None] & rb[:, None, None, :]  # [B, 1, blk, span]
+        logits = jnp.where(ok[:, :, None], _logits(qb, kb, scale, softcap), _MASKED)
+        return _weighted_values(jax.nn.softmax(logits, axis=-1), vb, qb.dtype)
+
+    out = jax.lax.map(one_block, jnp.arange(padded // blk))  # [blocks, B, blk, N, H]
+    return out.swapaxes(0, 1).reshape(b, padded, n, h)[:, :t]
 
 
 def _rotate(x, shift):
@@ -212,6 +304,8 @@ def _splash_attention(q, k, v, key_mask, plan: AttentionPlan):
         return out.swapaxes(1, 2)
 
     segments = (key_mask > 0).astype(jnp.int32)
+    if plan.kv_repeat > 1:  # kv heads that divide the tensor axis; a group's query heads keep their kv head
+        k, v = (jnp.repeat(x, plan.kv_repeat, axis=2) for x in (k, v))
     if not plan.mesh_axes:
         return local(q, k, v, segments)
     batch_axes, heads_axis = plan.mesh_axes

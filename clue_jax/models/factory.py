@@ -6,7 +6,8 @@ logical names, so a large model is born sharded instead of on one device.
 with orbax; a load checks the saved config against the expected one and
 reads the weights straight into the dtypes of `precision` (train.precision,
 clue_jax.models.precision; float32 masters under "mixed"). Paths may be URLs (clue_jax.paths); HF checkpoint directories there are read
-through a local cache.
+in place (clue_jax.models.hf). A LoRA stage's directory holds only its adapters: `load_params`
+returns its base model with them merged (clue_jax.models.lora.load_merged).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ from flax import nnx
 from clue_jax import paths
 from clue_jax.errors import UserInputError
 from clue_jax.models.causal_lm import CausalLM
+from clue_jax.models import lora
 from clue_jax.models import precision as precision_lib
 from clue_jax.models.config import ModelConfig
 from clue_jax.train import checkpoint
@@ -59,6 +61,8 @@ def load_params(directory: str, mesh, expected: ModelConfig | None = None,
     the returned config is the one `precision` trains in (the saved one under "checkpoint").
     """
     directory = paths.absolute(directory)
+    if paths.exists(paths.join(directory, lora.ADAPTERS_FILE)):  # a LoRA stage: its adapters, merged on load
+        return lora.load_merged(directory, mesh, precision)
     if is_hf_directory(directory):
         from clue_jax.models import hf
 

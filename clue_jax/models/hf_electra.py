@@ -41,7 +41,7 @@ from clue_jax.models.encoder import (
     Encoder,
     EncoderConfig,
 )
-from clue_jax.models.hf import _open, _to_host, _weight_files  # shared safetensors reading / host gathering
+from clue_jax.models.safetensors_io import open_file as _open, to_host as _to_host, weight_files as _weight_files
 from clue_jax.train.sharding import state_shardings
 
 KINDS = ("discriminator", "generator", "encoder")

@@ -7,7 +7,10 @@ Linear as its `base_module`), whose A [in, r] and B [r, out] are
 so the base weights stay frozen without copying them. B starts at zero, so the
 adapted model starts equal to the base model. `merge_lora` folds
 W + (alpha / r) * A @ B back into the kernels and restores plain Linears, so
-`clue_jax.models.hf.save` exports an ordinary checkpoint.
+`clue_jax.models.hf.save` exports an ordinary checkpoint. A LoRA student's
+stage saves only its adapters (`save_adapters`); reading the stage's model
+(`load_merged`, through clue_jax.models.factory.load_params) merges them into
+the base model it names.
 
 Adapter params carry the logical names (<kernel's input axis>, "lora") and
 ("lora", <kernel's output axis>), which clue_jax.train.sharding maps like the
@@ -18,12 +21,15 @@ kernel's leading axis names; the scan hands every layer its own slices.
 """
 from __future__ import annotations
 
+import json
 from typing import Iterable
 
 import jax
 import jax.numpy as jnp
+import orbax.checkpoint as ocp
 from flax import nnx
 
+from clue_jax import paths
 from clue_jax.errors import UserInputError
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -153,3 +159,52 @@ def merge_lora(model: nnx.Module) -> nnx.Module:
         base.kernel.set_value(wrapper.merged_kernel())
         _replace(model, path, base)
     return model
+
+
+# ----------------------------------------------------------------------------- adapters on disk
+
+ADAPTERS_FILE = "lora_adapters.json"  # beside model_config.json in a model directory of adapters only
+
+
+def save_adapters(model: nnx.Module, cfg, directory: str, *, base_dir: str, rank: int, alpha: float,
+                  targets: Iterable[str]) -> None:
+    """Saves only the adapters of a LoRA model (orbax), the base model's directory and the LoRA settings.
+
+    A LoRA student's stage then stores r x (in + out) numbers per projection
+    instead of a merged copy of the whole model; `load_merged` (which
+    clue_jax.models.factory.load_params calls for such a directory) rebuilds the
+    merged model, so every reader and clue_jax.export sees an ordinary model.
+    """
+    if not has_lora(model):
+        raise ValueError("save_adapters: the model has no LoRA adapters")
+    directory = paths.absolute(directory)
+    with ocp.StandardCheckpointer() as ckpt:
+        ckpt.save(paths.join(directory, "adapters"), nnx.state(model, nnx.LoRAParam), force=True)
+    if jax.process_index() == 0:
+        paths.write_text(paths.join(directory, "model_config.json"), json.dumps(cfg.to_dict(), indent=1))
+        meta = {"base_model_dir": paths.absolute(base_dir), "rank": int(rank), "alpha": float(alpha),
+                "targets": list(targets)}
+        paths.write_text(paths.join(directory, ADAPTERS_FILE), json.dumps(meta, indent=1))
+
+
+def load_merged(directory: str, mesh, precision: str = "checkpoint"):
+    """(merged model, config) from a directory of `save_adapters`: its base model with the adapters folded in."""
+    from clue_jax.models import factory  # factory reads such directories through here
+
+    directory = paths.absolute(directory)
+    meta_path = paths.join(directory, ADAPTERS_FILE)
+    meta = json.loads(paths.read_text(meta_path))
+    model, cfg = factory.load_params(meta["base_model_dir"], mesh, expected=factory.read_config(directory),
+                                     precision=precision)
+    apply_lora(model, meta["rank"], meta["alpha"], tuple(meta["targets"]), rngs=nnx.Rngs(0))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())  # small: whole on every device
+    target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
+                          nnx.state(model, nnx.LoRAParam))
+    try:
+        with ocp.StandardCheckpointer() as ckpt:
+            adapters = ckpt.restore(paths.join(directory, "adapters"), target)
+    except Exception as err:
+        raise UserInputError(f"unreadable LoRA adapters {directory}/adapters: {str(err).splitlines()[0][:200]}") \
+            from None
+    nnx.update(model, adapters)
+    return merge_lora(model), cfg

@@ -24,12 +24,13 @@ def make_mesh(config):
 
 def train_model(stage_dir: str, model: nnx.Module, model_cfg: ModelConfig, data, train_cfg, mesh, *,
                 objective=objectives.causal_lm, transform=None, extras=None, stage: str = "train",
-                extra_meta=None, trainable=nnx.Param, export=None, eval_fn=None) -> dict:
+                extra_meta=None, trainable=nnx.Param, export=None, eval_fn=None, save=None) -> dict:
     """Trains in `stage_dir` (resuming from its checkpoints), saves the final weights
     to `stage_dir/model`, and returns the stage's JSON result.
 
     trainable: what the optimizer updates (nnx.LoRAParam for LoRA students);
     export: model -> model applied before saving (e.g. merging LoRA adapters);
+    save: (model, config, directory) in place of factory.save_params (LoRA students: lora.save_adapters);
     eval_fn: (model, step) -> scalars, run every train_cfg.eval_every steps (learning curves).
     """
     t0 = time.time()
@@ -44,7 +45,7 @@ def train_model(stage_dir: str, model: nnx.Module, model_cfg: ModelConfig, data,
         log.warning("%s preempted at step %d; rerun the same command to resume", stage, result.step)
         raise SystemExit(0)
     final = export(result.model) if export is not None else result.model
-    factory.save_params(final, model_cfg, os.path.join(stage_dir, "model"))
+    (save or factory.save_params)(final, model_cfg, os.path.join(stage_dir, "model"))
     return {"model_dir": os.path.join(stage_dir, "model"), "steps": result.step,
             "final_loss": result.metrics.get("loss"), "seconds": round(time.time() - t0, 1)}
 

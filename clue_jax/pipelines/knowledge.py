@@ -14,6 +14,7 @@ Stages (each cached in workdir/stages, see stages.py):
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import logging
@@ -286,14 +287,16 @@ def cpt_stage(ctx, student: str, arm: str, seed: int, knowledge_name: str, drop:
     else:
         source = ArrayBatchSource(data, train_cfg.batch_size, seed=seed)
     use_lora = config.lora.rank > 0
-    if use_lora:  # the paper's students: LoRA on all projections, base frozen, merged on export
+    if use_lora:  # the paper's students: LoRA on all projections, base frozen; the stage keeps the adapters only
         lora.apply_lora(model, config.lora.rank, config.lora.alpha, tuple(config.lora.targets), rngs=nnx.Rngs(seed))
     curve_fn = curve_recorder(ctx, knowledge_name, stage_dir, lora.merge_lora if use_lora else None) if (
         train and train.get("eval_every")) else None
     result = common.train_model(
         stage_dir, model, cfg, source, train_cfg, mesh, transform=transform, extras=extras,
         stage=os.path.basename(stage_dir), extra_meta={"arm": arm, "lora": config.lora.to_dict()},
-        trainable=lora.trainable_filter(use_lora), export=lora.merge_lora if use_lora else None, eval_fn=curve_fn)
+        trainable=lora.trainable_filter(use_lora), eval_fn=curve_fn, save=functools.partial(
+            lora.save_adapters, base_dir=ctx.bases[student]["model_dir"], rank=config.lora.rank,
+            alpha=config.lora.alpha, targets=tuple(config.lora.targets)) if use_lora else None)
     if curve_fn is not None:
         result["curve"] = read_jsonl(os.path.join(stage_dir, "curve.jsonl"))
     return result

@@ -218,7 +218,7 @@ class Trainer:
 
         batch_sh = self.batch_sharding
         return jax.jit(
-            step,
+            attention.right_padded_rows(step),  # the trainer's batches are right-padded
             in_shardings=(self.state_shardings, batch_sh, self.frozen_shardings, self.extras_shardings),
             out_shardings=(self.state_shardings, shard_lib.replicated(self.mesh)),
             donate_argnums=(0,),
