@@ -125,16 +125,16 @@ def test_export_to_a_url(checkpoint, bucket, tmp_path):
 
 
 def test_a_remote_base_model_is_fingerprinted_by_its_file_versions(checkpoint, bucket):
-    """The pipelines rerun what depends on a base checkpoint when a file of it changes (knowledge.path_fingerprint)."""
-    from clue_jax.pipelines import knowledge
+    """The pipelines rerun what depends on a base checkpoint when a file of it changes (foundations.path_fingerprint)."""
+    from clue_jax.pipelines import foundations
 
     url = f"{bucket}/base"
     paths.upload_dir(str(checkpoint[0]), url)
-    first = knowledge.path_fingerprint(url)
-    assert knowledge.path_fingerprint(url + "/") == first
+    first = foundations.path_fingerprint(url)
+    assert foundations.path_fingerprint(url + "/") == first
     time.sleep(0.01)
     paths.write_text(f"{url}/config.json", paths.read_text(f"{url}/config.json") + " ")
-    assert knowledge.path_fingerprint(url) != first
+    assert foundations.path_fingerprint(url) != first
 
 
 def test_paths_helpers(tmp_path):

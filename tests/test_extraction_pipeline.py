@@ -177,7 +177,7 @@ def test_candidate_scores_bucketed_equal_row_by_row_scoring():
     from clue_jax.eval import decode
     from clue_jax.models import factory
     from clue_jax.models.config import ModelConfig
-    from clue_jax.pipelines.extraction import candidate_scores, ranked_predictions
+    from clue_jax.extraction.answers import candidate_scores, ranked_predictions
     from clue_jax.train import mesh as mesh_lib
 
     mesh = mesh_lib.make_mesh((-1, 1, 1))

@@ -47,11 +47,12 @@ from flax import nnx
 from clue_jax import workdir_fs
 from clue_jax.data import bios, glue_squad
 from clue_jax.data.batching import ArrayBatchSource
-from clue_jax.data.tokenizer import encode_batch, load_tokenizer, train_bpe_tokenizer
+from clue_jax.data.tokenizer import encode_batch, load_tokenizer
 from clue_jax.errors import UserInputError
 from clue_jax.mcl import downstream, intrinsic, objective as mcl_objective, report, soups
 from clue_jax.models.encoder import ElectraPair, EncoderConfig, generator_config
 from clue_jax.pipelines import common
+from clue_jax.pipelines.foundations import array_fingerprint, bpe_tokenizer_stage
 from clue_jax.pipelines.stages import Stages, fingerprint
 from clue_jax.train import logging_utils, loop, sharding as shard_lib
 from clue_jax.train.checkpoint import refuse_per_layer_layout, saved_tree
@@ -258,12 +259,7 @@ def prepare(config, workdir: str) -> Context:
     texts = pretraining_texts(people["background"], c.bios_per_person, config.seed, style)
     tok_inputs = {"world": config.world.to_dict(), "corpus": c.to_dict(), "tokenizer": config.tokenizer.to_dict(),
                   "seed": config.seed}
-
-    def tokenizer_stage(d):
-        tok = train_bpe_tokenizer(texts, config.tokenizer.vocab_size, d)
-        return {"path": d, "vocab_size": len(tok)}
-
-    tok_res = stages.run("tokenizer", tok_inputs, tokenizer_stage)
+    tok_res = stages.run("tokenizer", tok_inputs, lambda d: bpe_tokenizer_stage(texts, config.tokenizer.vocab_size, d))
     tokenizer = load_tokenizer(tok_res["path"])
     if tokenizer.mask_token_id is None:
         raise UserInputError(f"tokenizer {tok_res['path']} has no mask token")
@@ -289,21 +285,13 @@ def prepare(config, workdir: str) -> Context:
              for name in wanted]
     notes: list[str] = []
     tasks += _real_tasks(config, tokenizer, d.max_len, notes)
-    tasks_fp = fingerprint([(t.name, {s: _arrays_fp(a) for s, a in t.arrays.items()}) for t in tasks])
+    tasks_fp = fingerprint([(t.name, {s: array_fingerprint(a) for s, a in t.arrays.items()}) for t in tasks])
     heldout = None
     if config.get("intrinsic", {}).get("enabled", False):
         texts_h = pretraining_texts(people["test"], 1, config.seed + 7, style)[:int(config.intrinsic.num_rows)]
         heldout = encode_corpus(tokenizer, texts_h, c.seq_len, int(c.get("segments", 1)))
-    return Context(config, workdir, mesh, stages, tokenizer, disc_cfg, gen_cfg, corpus, _arrays_fp(corpus),
+    return Context(config, workdir, mesh, stages, tokenizer, disc_cfg, gen_cfg, corpus, array_fingerprint(corpus),
                    probe, tasks, tasks_fp, notes, heldout)
-
-
-def _arrays_fp(arrays: dict) -> str:
-    digest = hashlib.sha256()
-    for key in sorted(arrays):
-        digest.update(key.encode())
-        digest.update(np.ascontiguousarray(arrays[key]).tobytes())
-    return digest.hexdigest()[:16]
 
 
 # ------------------------------------------------------------------ pre-training
