@@ -7,7 +7,7 @@ import numpy as np
 from clue_jax.data import bios, glue_squad
 from clue_jax.data.tokenizer import encode_batch
 from clue_jax.errors import UserInputError
-from clue_jax.mcl import downstream
+from clue_jax.mcl import bios_tasks
 
 
 def world_people(config) -> dict[str, list[bios.Person]]:
@@ -57,5 +57,5 @@ def pretraining_texts(people, bios_per_person: int, seed: int, style: dict) -> l
     texts = []
     for i, person in enumerate(people):
         rng = np.random.default_rng([seed, 31, i])
-        texts.extend(downstream.bios_context(person, bios.ATTRIBUTES, rng, **style) for _ in range(bios_per_person))
+        texts.extend(bios_tasks.bios_context(person, bios.ATTRIBUTES, rng, **style) for _ in range(bios_per_person))
     return texts

@@ -10,7 +10,7 @@ import numpy as np
 from clue_jax.data import glue_squad
 from clue_jax.data.tokenizer import load_tokenizer
 from clue_jax.errors import UserInputError
-from clue_jax.mcl import downstream, objective as mcl_objective
+from clue_jax.mcl import bios_tasks, downstream, objective as mcl_objective
 from clue_jax.mcl.corpus import encode_corpus, pretraining_texts, world_people
 from clue_jax.models.encoder import EncoderConfig, generator_config
 from clue_jax.pipelines import common
@@ -92,7 +92,7 @@ def prepare(config, workdir: str) -> Context:
     stages = Stages(workdir)
     people = world_people(config)
     c = config.corpus
-    style = downstream.bio_style(c.style.to_dict() if hasattr(c.style, "to_dict") else c.style)
+    style = bios_tasks.bio_style(c.style.to_dict() if hasattr(c.style, "to_dict") else c.style)
     texts = pretraining_texts(people["background"], c.bios_per_person, config.seed, style)
     tok_inputs = {"world": config.world.to_dict(), "corpus": c.to_dict(), "tokenizer": config.tokenizer.to_dict(),
                   "seed": config.seed}
@@ -110,10 +110,10 @@ def prepare(config, workdir: str) -> Context:
     probe_n = min(c.num_probe, len(texts))
     probe = {k: v[:probe_n] for k, v in corpus.items()}
     d = config.downstream
-    task_cfg = downstream.BiosTaskConfig(qa_per_person=d.qa_per_person, pair_per_person=d.pair_per_person,
+    task_cfg = bios_tasks.BiosTaskConfig(qa_per_person=d.qa_per_person, pair_per_person=d.pair_per_person,
                                          unanswerable_rate=d.unanswerable_rate, drop_max=d.drop_max,
                                          style=style, seed=config.seed)
-    examples = downstream.builtin_tasks({s: people[s] for s in ("train", "dev", "test")}, task_cfg)
+    examples = bios_tasks.builtin_tasks({s: people[s] for s in ("train", "dev", "test")}, task_cfg)
     wanted = tuple(d.get("tasks", tuple(examples)))
     for name in wanted:
         if name not in examples:
