@@ -60,7 +60,7 @@ from clue_jax.data.batching import ArrayBatchSource
 from clue_jax.data.mixture import MixtureBatchSource, with_loss_mask
 from clue_jax.data.tokenizer import load_tokenizer
 from clue_jax.errors import UserInputError
-from clue_jax.extraction import finetune_data, mixing, report, shock
+from clue_jax.extraction import finetune_data, mixing, plots, report, seed_stats, shock
 from clue_jax.extraction.answers import base_prompt_texts, encode_prompts, newline_ids, padded_prompts
 from clue_jax.extraction.arm_metrics import best_of, choose_steps
 from clue_jax.pipelines import common
@@ -273,7 +273,7 @@ def run(config, workdir: str) -> dict:
         stage_info["pretrain"] = public(base)
 
     summary = {
-        "arms": {arm: {"per_seed": runs, **report.mean_std(list(runs.values()))} for arm, runs in per_seed.items()},
+        "arms": {arm: {"per_seed": runs, **seed_stats.mean_std(list(runs.values()))} for arm, runs in per_seed.items()},
         "sweeps": sweeps,
         "steps_sweep": steps_sweep,
         "matched_steps": matched_steps,
@@ -299,12 +299,12 @@ def run(config, workdir: str) -> dict:
                     "stage_cpu_seconds": {k: v.get("cpu_seconds") for k, v in stage_info.items() if "cpu_seconds" in v}},
     }
     if jax.process_index() == 0:
-        plots = _plots(workdir, per_seed, stage_info, base_eval, items["test"], freqs, ctx["smoothing"],
+        figures = _plots(workdir, per_seed, stage_info, base_eval, items["test"], freqs, ctx["smoothing"],
                        list(config.seeds), sweeps)
         steps_path = os.path.join(workdir, "plots", "em_vs_steps.png")
-        report.plot_steps(steps_sweep, per_seed["base"]["-"]["exact_match"], steps_path)
-        plots["em_vs_steps"] = os.path.relpath(steps_path, workdir)
-        summary["plots"] = plots
+        plots.plot_steps(steps_sweep, per_seed["base"]["-"]["exact_match"], steps_path)
+        figures["em_vs_steps"] = os.path.relpath(steps_path, workdir)
+        summary["plots"] = figures
     common.write_json(os.path.join(workdir, "summary.json"), _json_safe(summary))
     logging_utils.write_eval_scalars(workdir, summary["arms"])
     if jax.process_index() == 0:
@@ -342,7 +342,7 @@ def _plots(workdir, per_seed, stage_info, base_eval, test_items, freqs, smoothin
                          title=f"{arm} (seed {first})" if arm != "base" else "base")
         paths[f"shock:{arm}"] = os.path.relpath(path, workdir)
     sweep_path = os.path.join(out_dir, "lambda_sweep.png")
-    report.plot_sweep(sweeps, sweep_path)
+    plots.plot_sweep(sweeps, sweep_path)
     paths["lambda_sweep"] = os.path.relpath(sweep_path, workdir)
     return paths
 
