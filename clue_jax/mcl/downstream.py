@@ -29,14 +29,8 @@ from clue_jax.data.batching import ArrayBatchSource
 from clue_jax.data.glue_squad import SpanExample, encode_pair_examples, encode_span_examples
 from clue_jax.errors import UserInputError
 from clue_jax.eval import metrics as qa_metrics
-from clue_jax.models.encoder import (
-    ClassificationHead,
-    Encoder,
-    EncoderConfig,
-    SpanQAHead,
-    classification_loss,
-    span_qa_loss,
-)
+from clue_jax.models.encoder import ClassificationHead, Encoder, EncoderConfig, SpanQAHead
+from clue_jax.models.encoder_losses import classification_loss, span_qa_loss
 from clue_jax.train.loop import Trainer
 
 log = logging.getLogger("clue_jax")
