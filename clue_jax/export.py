@@ -35,7 +35,7 @@ import uuid
 
 import jax
 
-from clue_jax import paths
+from clue_jax import workdir_fs as paths  # the one path layer (local or gs://, s3://, az://)
 from clue_jax.errors import UserInputError
 from clue_jax.pipelines.stages import Stages
 

@@ -21,21 +21,10 @@ from clue_jax.pipelines.stages import Stages
 from clue_jax.train import logging_utils
 from clue_jax.train.checkpoint import Checkpointer, abstract_like
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
-import fake_gcs  # noqa: E402
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "quickstart.py") + ":tiny"
 MAIN = os.path.join(ROOT, "tests", "workers", "fake_gcs_main.py")
 OVERRIDES = ["--config.clues.arms=('contrast',)", "--config.clues.render_examples=1"]
-
-
-@pytest.fixture(scope="module")
-def gcs_root(tmp_path_factory):
-    """One fake-bucket root per test process (fsspec and epath cache the filesystem); each test its own bucket."""
-    root = tmp_path_factory.mktemp("gcs")
-    fake_gcs.install(str(root))
-    return root
 
 
 @pytest.fixture

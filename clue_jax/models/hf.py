@@ -38,7 +38,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from clue_jax import paths
+from clue_jax import workdir_fs as paths  # the one path layer (local or gs://, s3://, az://)
 from clue_jax.errors import UserInputError
 from clue_jax.models.causal_lm import PAIR_NAMES, CausalLM, period
 from clue_jax.models.config import ModelConfig
@@ -536,8 +536,8 @@ def _fill(abstract, sharding, readers: list, stacked: bool) -> jax.Array:
 def load(path: str | Path, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None):
     """(CausalLM, ModelConfig) from an HF directory, each param placed straight into its shard.
 
-    path: a local directory or a URL (gs://..., any fsspec filesystem), which
-    is first copied to a local cache (clue_jax.paths.local_dir): safetensors
+    path: a local directory or a bucket URL (gs://, s3://, az://), which
+    is first copied to a local cache (clue_jax.workdir_fs.local_dir): safetensors
     memory-maps local files. Errors name the URL, not the cache.
     dtype: parameter and compute dtype (default: the checkpoint's dtype).
     mesh: shard by the logical-axis rules of clue_jax.train.sharding; None puts

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from clue_jax import paths, workdir_fs
+from clue_jax import workdir_fs
 from clue_jax.clues import dropout, scoring
 from clue_jax.data import bios, lm_data
 from clue_jax.data.batching import ArrayBatchSource, ConcatBatchSource
@@ -250,7 +250,7 @@ def prepare(config, workdir: str, need_scores: bool, sizes: tuple[str, ...] = ("
     bases = {}
     for size in ("small", "large") if need_scores else sizes:
         if config.base_models[size]:  # a pretrained checkpoint (HF directory) replaces pre-training
-            path = paths.absolute(config.base_models[size])
+            path = workdir_fs.absolute(config.base_models[size])
             bases[size] = {"model_dir": path, "_fingerprint": path_fingerprint(path)}
             continue
         inputs = {"tokenizer": tok_res["_fingerprint"], "model": config.models[size].to_dict(),

@@ -54,7 +54,7 @@ import time
 import jax
 import numpy as np
 
-from clue_jax import paths, workdir_fs
+from clue_jax import workdir_fs
 from clue_jax.data import bios, lm_data
 from clue_jax.data.batching import ArrayBatchSource
 from clue_jax.data.mixture import MixtureBatchSource, with_loss_mask
@@ -199,7 +199,7 @@ def run(config, workdir: str) -> dict:
 
     # Base model: pre-trained here, or given.
     if base_path:
-        base_dir = paths.absolute(base_path)  # local, or a URL (gs://...)
+        base_dir = workdir_fs.absolute(base_path)  # local, or a URL (gs://...)
         base = {"model_dir": base_dir, "_fingerprint": path_fingerprint(base_dir)}
         load_model(base_dir, mesh)  # fail early on an unreadable checkpoint
     else:

@@ -13,7 +13,7 @@ import os
 import jax
 import numpy as np
 
-from clue_jax import paths, workdir_fs
+from clue_jax import workdir_fs
 from clue_jax.data import bios, lm_data
 from clue_jax.data.batching import ArrayBatchSource
 from clue_jax.data.tokenizer import load_tokenizer, train_bpe_tokenizer
@@ -68,7 +68,7 @@ def tokenizer_stage(config, world_dir, stage_dir):
         texts += [bios.paper_bio(p) for p in load_people(world_dir, "new")]
         return bpe_tokenizer_stage(texts, config.tokenizer.vocab_size, stage_dir)
     with workdir_fs.local_dir_for(stage_dir) as local:  # save_pretrained writes local files; uploaded when remote
-        tok = load_tokenizer(paths.local_dir(path))  # a URL (gs://...) is read through the local cache
+        tok = load_tokenizer(workdir_fs.local_dir(path))  # a URL (gs://...) is read through the local cache
         tok.save_pretrained(local)
     return {"path": stage_dir, "vocab_size": len(tok)}
 
@@ -135,8 +135,8 @@ def array_fingerprint(arrays: dict) -> str:
 
 def path_fingerprint(path: str) -> str:
     """Names a user checkpoint by its files' sizes and times, so replacing it reruns what depends on it."""
-    if paths.is_remote(path):
-        return fingerprint(paths.file_versions(path))
+    if workdir_fs.is_remote(path):
+        return fingerprint(workdir_fs.file_versions(path))
     if not os.path.isdir(path):
         raise UserInputError(f"base model directory not found: {path}")
     return fingerprint(sorted((f, os.path.getsize(os.path.join(path, f)), int(os.path.getmtime(os.path.join(path, f))))
