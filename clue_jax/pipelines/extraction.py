@@ -66,7 +66,7 @@ from clue_jax.extraction.arm_metrics import best_of, choose_steps
 from clue_jax.pipelines import common
 from clue_jax.pipelines.extraction_eval import (SPLITS, eval_base_stage, eval_ft_stage, eval_zero_shot_stage,
                                                 load_model, read_predictions)
-from clue_jax.pipelines.foundations import (load_people, path_fingerprint, pretrain_stage, pretraining_texts, public,
+from clue_jax.pipelines.foundations import (array_fingerprint, load_people, path_fingerprint, pretrain_stage, pretraining_texts, public,
                                             tokenizer_stage, world_stage)
 from clue_jax.pipelines.stages import Stages
 from clue_jax.train import logging_utils
@@ -133,14 +133,11 @@ def _check_config(config) -> None:
 
 def _fp(value) -> str:
     """Content hash of token arrays (a dict of arrays) or of a list of items, so changed data reruns its readers."""
-    digest = hashlib.sha256()
     if isinstance(value, dict):
-        for key in sorted(value):
-            digest.update(key.encode())
-            digest.update(np.ascontiguousarray(value[key]).tobytes())
-    else:
-        for item in value:
-            digest.update(repr(item).encode())
+        return array_fingerprint(value)
+    digest = hashlib.sha256()
+    for item in value:
+        digest.update(repr(item).encode())
     return digest.hexdigest()[:16]
 
 
