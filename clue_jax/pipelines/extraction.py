@@ -66,8 +66,8 @@ from clue_jax.extraction.arm_metrics import best_of, choose_steps
 from clue_jax.pipelines import common
 from clue_jax.pipelines.extraction_eval import (SPLITS, eval_base_stage, eval_ft_stage, eval_zero_shot_stage,
                                                 load_model, read_predictions)
-from clue_jax.pipelines.foundations import (array_fingerprint, load_people, path_fingerprint, pretrain_stage, pretraining_texts, public,
-                                            tokenizer_stage, world_stage)
+from clue_jax.pipelines.foundations import (array_fingerprint, load_people, path_fingerprint, pretrain_stage,
+                                            pretraining_texts, public, tokenizer_stage, world_stage)
 from clue_jax.pipelines.stages import Stages
 from clue_jax.train import logging_utils
 
