@@ -182,7 +182,7 @@ def _enable_compile_cache(config, workdir: str) -> None:
     """Persistent XLA cache: the same step compiled for every seed and model is built once."""
     path = config.get("compile_cache_dir", "") or os.path.join(workdir, "jax_cache")
     if path != "off" and not jax.config.jax_compilation_cache_dir:
-        jax.config.update("jax_compilation_cache_dir", os.path.abspath(path))
+        jax.config.update("jax_compilation_cache_dir", workdir_fs.absolute(path))  # a bucket: as given
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 

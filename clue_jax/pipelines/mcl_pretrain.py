@@ -143,7 +143,7 @@ def pretrain_ingredient(ctx: Context, name: str, corrections, seed: int, warm: d
     inputs = dict(_pretrain_inputs(ctx, courses, corrections, seed), warmup=warm["_fingerprint"], warmup_step=w)
 
     def run(d):
-        if not os.path.isdir(start):
+        if not workdir_fs.exists(start):
             raise UserInputError(f"warm-up checkpoint {start} is missing; delete {ctx.stages.path('pre_' + ctx.config.soups.warmup_arm + f'_s{seed}')} and rerun")
         return pretrain(ctx, f"ing_{name}_s{seed}", courses, corrections, seed, d, start_from=start)
 
