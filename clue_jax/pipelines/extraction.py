@@ -1,7 +1,7 @@
 """Knowledge extraction and frequency shock (METHODS.md section 2), end to end.
 
 Stages (each cached in workdir/stages, see stages.py):
-  world -> tokenizer (both shared with the knowledge pipeline) -> pretrain
+  world -> tokenizer (foundations.py, as the knowledge pipeline builds them) -> pretrain
   (one base model on every person's rich bios, plus the QA of the
   `pretrain_qa` people, none by default; skipped when `base_models.small`
   names a checkpoint) -> eval_base (the base model k-shot on dev and test) ->
