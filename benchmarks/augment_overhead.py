@@ -33,7 +33,7 @@ from benchmarks import common  # noqa: E402
 from clue_jax.clues import dropout  # noqa: E402
 from clue_jax.models import config as model_config  # noqa: E402
 from clue_jax.models.causal_lm import CausalLM  # noqa: E402
-from clue_jax.pipelines.knowledge import live_transform  # noqa: E402
+from clue_jax.pipelines.continual import live_transform  # noqa: E402
 from clue_jax.train import defaults, loop, mesh as mesh_lib, objectives, sharding  # noqa: E402
 
 

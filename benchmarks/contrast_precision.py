@@ -101,7 +101,7 @@ def from_workdir(workdir: str):
     from clue_jax.data.tokenizer import load_tokenizer
     from clue_jax.errors import UserInputError
     from clue_jax.models import factory
-    from clue_jax.pipelines import knowledge
+    from clue_jax.pipelines import continual, knowledge_data
     from clue_jax.pipelines.stages import Stages
     from clue_jax.train import mesh as mesh_lib
 
@@ -114,14 +114,14 @@ def from_workdir(workdir: str):
         raise UserInputError(f"--workdir {workdir}: not a finished knowledge-pipeline run (missing {missing})")
     result = {n: stages._read_result(n) for n in needed}
     tokenizer = load_tokenizer(result["tokenizer"]["path"])
-    split = knowledge.knowledge_splits(config, stages.path("world"))["test"]
-    docs = knowledge.documents_data(tokenizer, split, config.cpt.seq_len)
+    split = knowledge_data.knowledge_splits(config, stages.path("world"))["test"]
+    docs = knowledge_data.documents_data(tokenizer, split, config.cpt.seq_len)
     mesh = mesh_lib.make_mesh((1, 1, 1), jax.devices()[:1])
     teachers = {size: factory.load_params(result[f"pretrain_{size}"]["model_dir"], mesh)[0]
                 for size in ("small", "large")}
     stored = os.path.join(stages.path("scores_test"), "scores.npz")
     stored = dict(np.load(stored)) if os.path.exists(stored) and config.clues.teacher_dtype == "float32" else None
-    return teachers, docs, knowledge.dropout_config(config, "contrast", tokenizer), config.clues, stored
+    return teachers, docs, continual.dropout_config(config, "contrast", tokenizer), config.clues, stored
 
 
 def smoke_setup():

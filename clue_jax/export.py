@@ -46,7 +46,7 @@ import tempfile
 
 import jax
 
-from clue_jax import paths
+from clue_jax import workdir_fs as paths  # the one path layer (local or gs://, s3://, az://)
 from clue_jax.errors import UserInputError
 from clue_jax.pipelines.stages import Stages
 

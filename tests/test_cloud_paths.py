@@ -1,10 +1,10 @@
-"""Cloud paths for HF checkpoint directories and export's --out (clue_jax.paths).
+"""Bucket paths for HF checkpoint directories and export's --out (clue_jax.workdir_fs).
 
-A bucket is stood in for by fsspec's in-memory filesystem (`memory://`),
-which goes through exactly the code a gs:// URL takes (fsspec, the local
-cache, the upload); only the backend differs (gcsfs for gs://, not
-installed here). An unreachable gs:// URL must fail at once with one line
-that names it.
+A bucket is stood in for by tests/workers/fake_gcs.py: gs:// served from a
+local directory through the same libraries (epath, fsspec) a real bucket
+goes through; only the backend differs (gcsfs in real use, not installed
+here). An unreachable bucket URL must fail at once with one line that names
+it, and a scheme epath cannot reach is refused.
 """
 import os
 import subprocess
@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from clue_jax import export, paths
+from clue_jax import export
+from clue_jax import workdir_fs as paths
 from clue_jax.data.tokenizer import train_bpe_tokenizer
 from clue_jax.errors import UserInputError
 from clue_jax.models import config as model_config
@@ -43,13 +44,9 @@ def cache(tmp_path, monkeypatch):
 
 
 @pytest.fixture
-def bucket():
-    """A fresh memory:// directory, removed afterwards (the memory filesystem is process-wide)."""
-    url = f"memory://bucket-{uuid.uuid4().hex[:8]}"
-    yield url
-    fs, inner = fsspec.core.url_to_fs(url)
-    if fs.exists(inner):
-        fs.rm(inner, recursive=True)
+def bucket(gcs_root):
+    """A fresh gs:// bucket of the fake (a directory below gcs_root)."""
+    return f"gs://bucket-{uuid.uuid4().hex[:8]}"
 
 
 def _logits(model):
@@ -170,31 +167,37 @@ def test_export_to_a_url(checkpoint, bucket, tmp_path):
 
 
 def test_a_remote_base_model_is_fingerprinted_by_its_file_versions(checkpoint, bucket):
-    """The pipelines rerun what depends on a base checkpoint when a file of it changes (knowledge.path_fingerprint)."""
-    from clue_jax.pipelines import knowledge
+    """The pipelines rerun what depends on a base checkpoint when a file of it changes (foundations.path_fingerprint)."""
+    from clue_jax.pipelines import foundations
 
     url = f"{bucket}/base"
     paths.upload_dir(str(checkpoint[0]), url)
-    first = knowledge.path_fingerprint(url)
-    assert knowledge.path_fingerprint(url + "/") == first
+    first = foundations.path_fingerprint(url)
+    assert foundations.path_fingerprint(url + "/") == first
     time.sleep(0.01)
     paths.write_text(f"{url}/config.json", paths.read_text(f"{url}/config.json") + " ")
-    assert knowledge.path_fingerprint(url) != first
+    assert foundations.path_fingerprint(url) != first
 
 
 def test_paths_helpers(tmp_path):
-    assert paths.absolute("memory://b/x") == "memory://b/x"
+    assert paths.absolute("gs://b/x") == "gs://b/x"
     assert paths.absolute("rel") == os.path.abspath("rel")
     assert paths.absolute("file:///tmp/x") == "/tmp/x"
     assert paths.join("gs://b/run/", "stages", "x") == "gs://b/run/stages/x"
     assert not paths.is_remote(tmp_path) and paths.is_remote("gs://b")
     assert paths.listdir(tmp_path / "missing") == []
+    for url in ("memory://b/x", "http://host/x"):  # one meaning of remote: what epath (and orbax) can reach
+        assert not paths.is_remote(url)
+        with pytest.raises(UserInputError, match=rf"^{url}: a path must be local or start with gs://"):
+            paths.local_dir(url)
 
 
-@pytest.mark.parametrize("url", ["gs://clue-jax-no-such-bucket/ckpt", "nosuchfs://somewhere/ckpt"])
-def test_an_unreachable_url_fails_fast_with_one_line(url):
+@pytest.mark.parametrize("url, error", [("s3://clue-jax-no-such-bucket/ckpt", r"cannot \w+ "),
+                                        ("nosuchfs://somewhere/ckpt", "")])
+def test_an_unreachable_url_fails_fast_with_one_line(url, error):
+    """s3 (no backend installed here: gs:// may be the fake in this process; the CLI test below covers gs://)."""
     start = time.time()
-    with pytest.raises(UserInputError, match=rf"^cannot \w+ {url}"):
+    with pytest.raises(UserInputError, match=rf"^{error}{url}"):
         factory.load_params(url, make_mesh((1, 1, 1), jax.devices()[:1]))
     assert time.time() - start < 60
 

@@ -11,7 +11,7 @@ from clue_jax.data.batching import ArrayBatchSource
 from clue_jax.errors import UserInputError
 from clue_jax.models import config as model_config
 from clue_jax.models.causal_lm import CausalLM
-from clue_jax.pipelines.knowledge import live_transform
+from clue_jax.pipelines.continual import live_transform
 from clue_jax.train import defaults, loop, mesh as mesh_lib, objectives
 
 SMALL = model_config.llama(vocab_size=64, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, mlp_dim=64)

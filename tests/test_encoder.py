@@ -9,9 +9,8 @@ import pytest
 from flax import nnx
 
 from clue_jax.errors import UserInputError
-from clue_jax.models import encoder as E
+from clue_jax.models import encoder as E, encoder_losses as L
 
-# The shapes of tests/test_hf_electra.py's tiny model, so both files share JAX's per-shape op caches.
 CFG = E.EncoderConfig(
     vocab_size=100, hidden_size=32, embedding_size=16, num_layers=2, num_heads=4, intermediate_size=64, max_len=32,
     dropout=0.1,  # inactive unless a dropout_key is passed
@@ -85,10 +84,10 @@ def test_pair_shares_one_embedding_table(pair):
     def grads(p):
         """Each loss's gradient on the shared word table (jitted: eager backward passes are slow)."""
         def mlm(m):
-            return E.mlm_loss(m.generator_logits(ids, mask), ids, mask)
+            return L.mlm_loss(m.generator_logits(ids, mask), ids, mask)
 
         def rtd(m):
-            return E.rtd_loss(m.discriminator_logits(ids, mask), labels, mask)
+            return L.rtd_loss(m.discriminator_logits(ids, mask), labels, mask)
 
         table = lambda g: g["embeddings"]["word_embeddings"]["embedding"][...]
         return table(nnx.grad(mlm)(p)), table(nnx.grad(rtd)(p))
@@ -165,9 +164,9 @@ def test_mlm_loss_matches_numpy():
     weights = np.array([[1.0, 0.0], [1.0, 1.0]], np.float32)
     nll = -np.take_along_axis(_log_softmax(logits), targets[..., None], -1)[..., 0]
     expected = (nll * weights).sum() / weights.sum()
-    got = E.mlm_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights))
+    got = L.mlm_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights))
     np.testing.assert_allclose(got, expected, rtol=1e-6)
-    assert float(E.mlm_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.zeros((2, 2)))) == 0.0
+    assert float(L.mlm_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.zeros((2, 2)))) == 0.0
 
 
 def test_rtd_and_electra_loss_match_numpy():
@@ -177,20 +176,20 @@ def test_rtd_and_electra_loss_match_numpy():
     p = 1 / (1 + np.exp(-logits))
     bce = -(labels * np.log(p) + (1 - labels) * np.log(1 - p))
     rtd = (bce * mask).sum() / mask.sum()
-    np.testing.assert_allclose(E.rtd_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask)), rtd, rtol=1e-5)
+    np.testing.assert_allclose(L.rtd_loss(jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask)), rtd, rtol=1e-5)
 
     gen_logits = np.array([[[0.3, -0.2], [1.0, 0.0], [0.5, 0.5]]] * 2, np.float32)
     targets = np.array([[1, 0, 1], [0, 1, 0]])
     w = np.array([[1, 0, 1], [0, 1, 0]], np.float32)
     nll = -np.take_along_axis(_log_softmax(gen_logits), targets[..., None], -1)[..., 0]
     mlm = (nll * w).sum() / w.sum()
-    total, parts = E.electra_loss(
+    total, parts = L.electra_loss(
         jnp.asarray(gen_logits), jnp.asarray(targets), jnp.asarray(w),
         jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask),
     )
     np.testing.assert_allclose(parts["mlm"], mlm, rtol=1e-5)
     np.testing.assert_allclose(total, mlm + 50.0 * rtd, rtol=1e-5)
-    total7, _ = E.electra_loss(
+    total7, _ = L.electra_loss(
         jnp.asarray(gen_logits), jnp.asarray(targets), jnp.asarray(w),
         jnp.asarray(logits), jnp.asarray(labels), jnp.asarray(mask), disc_weight=7.0,
     )
@@ -205,9 +204,9 @@ def test_span_qa_loss_matches_numpy_and_ignores_padding():
     ls = _log_softmax(np.where(mask > 0, start, -np.inf))
     le = _log_softmax(np.where(mask > 0, end, -np.inf))
     per = -(ls[np.arange(2), sp] + le[np.arange(2), ep]) / 2
-    got = E.span_qa_loss(jnp.asarray(start), jnp.asarray(end), jnp.asarray(sp), jnp.asarray(ep), jnp.asarray(mask))
+    got = L.span_qa_loss(jnp.asarray(start), jnp.asarray(end), jnp.asarray(sp), jnp.asarray(ep), jnp.asarray(mask))
     np.testing.assert_allclose(got, per.mean(), rtol=1e-5)
-    weighted = E.span_qa_loss(
+    weighted = L.span_qa_loss(
         jnp.asarray(start), jnp.asarray(end), jnp.asarray(sp), jnp.asarray(ep), jnp.asarray(mask), jnp.array([0.0, 1.0])
     )
     np.testing.assert_allclose(weighted, per[1], rtol=1e-5)
@@ -217,9 +216,9 @@ def test_classification_loss_matches_numpy():
     logits = np.array([[1.0, -1.0, 0.5], [0.0, 2.0, 0.1]], np.float32)
     labels = np.array([2, 1])
     ce = -_log_softmax(logits)[np.arange(2), labels]
-    np.testing.assert_allclose(E.classification_loss(jnp.asarray(logits), jnp.asarray(labels)), ce.mean(), rtol=1e-6)
+    np.testing.assert_allclose(L.classification_loss(jnp.asarray(logits), jnp.asarray(labels)), ce.mean(), rtol=1e-6)
     reg = np.array([[0.5], [2.0]], np.float32)
     target = np.array([1.0, 1.5], np.float32)
     np.testing.assert_allclose(
-        E.classification_loss(jnp.asarray(reg), jnp.asarray(target)), ((reg[:, 0] - target) ** 2).mean(), rtol=1e-6
+        L.classification_loss(jnp.asarray(reg), jnp.asarray(target)), ((reg[:, 0] - target) ** 2).mean(), rtol=1e-6
     )

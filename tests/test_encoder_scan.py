@@ -12,7 +12,7 @@ from benchmarks import compile_depth_encoder as bench
 from clue_jax.errors import UserInputError
 from clue_jax.models import attention as attn
 from clue_jax.models import encoder as E
-from clue_jax.pipelines import mcl as mcl_pipeline
+from clue_jax.mcl import pairs as mcl_pairs
 from clue_jax.train import sharding
 from clue_jax.train.checkpoint import Checkpointer
 from clue_jax.train.mesh import make_mesh
@@ -109,7 +109,7 @@ def test_saved_pair_in_the_per_layer_layout_is_refused(tmp_path):
     (tmp_path / "pair_config.json").write_text(json.dumps(
         {"discriminator": pair.disc_cfg.to_dict(), "generator": pair.gen_cfg.to_dict()}))
     with pytest.raises(UserInputError, match=r"model .*params has the old per-layer parameter layout .*stacks") as err:
-        mcl_pipeline.load_pair(str(tmp_path), make_mesh((1, 1, 1), jax.devices()[:1]))
+        mcl_pairs.load_pair(str(tmp_path), make_mesh((1, 1, 1), jax.devices()[:1]))
     assert "\n" not in str(err.value)
 
 

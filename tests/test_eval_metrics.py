@@ -160,3 +160,32 @@ def test_detection_auc():
     # the mask drops a negative that outscores every positive
     assert metrics.detection_auc([9.0, 0.1, 0.8, 0.9], [0, 0, 1, 1], mask=[0, 1, 1, 1]) == 1.0
     assert math.isnan(metrics.detection_auc([0.2, 0.3], [0, 0]))
+
+
+def test_library_metrics_give_the_numbers_of_the_former_hand_written_ones():
+    """scikit-learn / scipy.stats against the values the project's own formulas gave on the same seeded inputs
+    (K-class MCC, positive-class F1 with 3 label values, correlations with ties, masked AUC with tied scores)."""
+    rng = np.random.default_rng(7)
+    p3, y3 = rng.integers(0, 3, 40), rng.integers(0, 3, 40)
+    pb, yb = rng.integers(0, 2, 25), rng.integers(0, 2, 25)
+    xs = rng.normal(size=30)
+    ys = xs + rng.normal(size=30)
+    ys[::5] = ys[0]  # ties
+    scores = np.round(rng.normal(size=50), 1)
+    labels = (scores + rng.normal(size=50) > 0).astype(int)
+    mask = rng.integers(0, 2, 50)
+    expected = [
+        (metrics.accuracy(p3, y3), 0.3),
+        (metrics.binary_f1(pb, yb), 0.5517241379310345),
+        (metrics.binary_f1(p3, y3), 0.2222222222222222),
+        (metrics.matthews_corrcoef(p3, y3), -0.043687094117476497),
+        (metrics.matthews_corrcoef(pb, yb), -0.027461751819054487),
+        (metrics.pearson(xs, ys), 0.5467692005266551),
+        (metrics.spearman(xs, ys), 0.35220816195030685),
+        (metrics.detection_auc(scores, labels, mask), 0.8848484848484849),
+        (metrics.detection_auc(scores, labels), 0.8421474358974359),
+    ]
+    for got, want in expected:
+        assert got == pytest.approx(want, abs=1e-12)
+    assert math.isnan(metrics.pearson([1.0, 1.0, 1.0], [1.0, 2.0, 3.0])) and math.isnan(metrics.spearman([1.0], [2.0]))
+    assert metrics.binary_f1([0, 0], [0, 0]) == 0.0 and math.isnan(metrics.detection_auc([0.1, 0.2], [1, 1]))

@@ -10,7 +10,7 @@ from clue_jax.data import bios
 from clue_jax.errors import UserInputError
 from clue_jax.extraction import finetune_data as fd
 from clue_jax.extraction import shock
-from clue_jax.pipelines import knowledge
+from clue_jax.pipelines import foundations
 
 
 def person(name, birth_city, university, major, company, company_city, gender="female"):
@@ -49,8 +49,8 @@ def test_pretraining_frequencies_on_a_hand_made_world():
 
 def test_counts_equal_documents_stating_the_object_in_the_real_corpus():
     """The counts match the documents `pretraining_texts` actually writes (whole-word search)."""
-    texts = (knowledge.pretraining_texts(PEOPLE[:1], 3, seed=0, with_qa=True)
-             + knowledge.pretraining_texts(PEOPLE[1:], 3, seed=1, with_qa=False))
+    texts = (foundations.pretraining_texts(PEOPLE[:1], 3, seed=0, with_qa=True)
+             + foundations.pretraining_texts(PEOPLE[1:], 3, seed=1, with_qa=False))
     # Leave out Ann's birth-date QA (not a relation) before counting documents.
     texts = [t for t in texts if "birth date" not in t]
     objects = fd.pretraining_objects(PEOPLE, PEOPLE[:1], 3)

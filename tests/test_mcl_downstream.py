@@ -8,10 +8,10 @@ from clue_jax.data import bios
 from clue_jax.data.glue_squad import PairExample, SpanExample, encode_pair_examples, encode_span_examples
 from clue_jax.data.tokenizer import train_bpe_tokenizer
 from clue_jax.errors import UserInputError
-from clue_jax.mcl import downstream as D
+from clue_jax.mcl import bios_tasks as T, downstream as D
 
 WORLD = bios.build_world(bios.WorldConfig(num_background=30, num_new=40, zipf_exponent=0.0))
-CFG = D.BiosTaskConfig(qa_per_person=2, pair_per_person=2, unanswerable_rate=0.25, drop_max=1, seed=3)
+CFG = T.BiosTaskConfig(qa_per_person=2, pair_per_person=2, unanswerable_rate=0.25, drop_max=1, seed=3)
 
 
 @pytest.fixture(scope="module")
@@ -22,9 +22,9 @@ def tokenizer(tmp_path_factory):
 
 @pytest.mark.parametrize("style", ["paper", "rich"])
 def test_qa_examples_well_formed_and_unanswerable_share(style):
-    cfg = D.BiosTaskConfig(qa_per_person=2, unanswerable_rate=0.25, drop_max=1, seed=3, style=style)
+    cfg = T.BiosTaskConfig(qa_per_person=2, unanswerable_rate=0.25, drop_max=1, seed=3, style=style)
     people = WORLD.new[:30]
-    exs = D.bios_qa_examples(people, cfg, "train")
+    exs = T.bios_qa_examples(people, cfg, "train")
     assert len(exs) == 60
     impossible = [ex for ex in exs if ex.is_impossible]
     assert len(impossible) == round(0.25 * 60)
@@ -43,8 +43,8 @@ def test_qa_examples_well_formed_and_unanswerable_share(style):
             assert ex.answers == (person.attribute(attr),)
             assert ex.context[start:start + len(ex.answers[0])] == ex.answers[0] and spans[attr][0] == start
     # deterministic in (seed, split); another split draws differently
-    assert D.bios_qa_examples(people, cfg, "train") == exs
-    assert D.bios_qa_examples(people, cfg, "dev") != exs
+    assert T.bios_qa_examples(people, cfg, "train") == exs
+    assert T.bios_qa_examples(people, cfg, "dev") != exs
     if style == "paper":  # the paper's fixed sentence order: birth date first when present
         full = [ex for ex in exs if "born on" in ex.context]
         assert full and all(" was born on " in ex.context.split(".")[0] for ex in full)
@@ -52,7 +52,7 @@ def test_qa_examples_well_formed_and_unanswerable_share(style):
 
 def test_pair_examples_half_agree_and_labels_are_true():
     people = WORLD.new[:20]
-    exs = D.bios_pair_examples(people, CFG, "dev", value_pool=WORLD.people)
+    exs = T.bios_pair_examples(people, CFG, "dev", value_pool=WORLD.people)
     assert len(exs) == 40 and sum(ex.label for ex in exs) == 20
     by_name = {p.name: p for p in people}
     for ex in exs:
@@ -68,7 +68,7 @@ def test_pair_examples_half_agree_and_labels_are_true():
 
 
 def test_span_positions_point_at_the_answer_tokens(tokenizer):
-    task = D.make_task("qa", {"train": D.bios_qa_examples(WORLD.new[:20], CFG, "train")}, tokenizer, 160,
+    task = D.make_task("qa", {"train": T.bios_qa_examples(WORLD.new[:20], CFG, "train")}, tokenizer, 160,
                        on_overflow="error")
     a, offsets = task.arrays["train"], task.offsets["train"]
     for i, ex in enumerate(task.examples["train"]):
@@ -131,12 +131,12 @@ def test_null_threshold_is_chosen_for_f1():
 
 def test_task_config_errors():
     with pytest.raises(UserInputError, match="style 'fancy'"):
-        D.BiosTaskConfig(style="fancy")
+        T.BiosTaskConfig(style="fancy")
     with pytest.raises(UserInputError, match="unknown biography style"):
-        D.bio_style({"colour": 1})
-    assert D.bio_style({"name": "rich", "fullname_prob": 0.0}) == dict(num_templates=5, shuffle=True, fullname_prob=0.0)
+        T.bio_style({"colour": 1})
+    assert T.bio_style({"name": "rich", "fullname_prob": 0.0}) == dict(num_templates=5, shuffle=True, fullname_prob=0.0)
     with pytest.raises(UserInputError, match="unanswerable_rate"):
-        D.BiosTaskConfig(unanswerable_rate=1.5)
+        T.BiosTaskConfig(unanswerable_rate=1.5)
     with pytest.raises(UserInputError, match="has no examples"):
         D.make_task("empty", {"train": []}, None, 16)
 

@@ -12,7 +12,8 @@ from flax import nnx
 from clue_jax.errors import UserInputError
 from clue_jax.mcl import correction
 from clue_jax.mcl import objective as O
-from clue_jax.models.encoder import ElectraPair, EncoderConfig, generator_config, mlm_loss, rtd_loss
+from clue_jax.models.encoder import ElectraPair, EncoderConfig, generator_config
+from clue_jax.models.encoder_losses import mlm_loss, rtd_loss
 
 BOS, EOS, PAD, MASK = 0, 1, 2, 3
 CFG = EncoderConfig(vocab_size=40, hidden_size=16, embedding_size=16, num_layers=1, num_heads=2,

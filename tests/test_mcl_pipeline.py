@@ -65,7 +65,7 @@ def test_pretraining_rows_have_two_segments_and_itd_room(tmp_path):
     import numpy as np
 
     from clue_jax.data.tokenizer import train_bpe_tokenizer
-    from clue_jax.pipelines import mcl
+    from clue_jax.mcl import corpus as mcl
 
     assert mcl.two_segments("One two three. Four five six. Seven.") == ("One two three.", "Four five six. Seven.")
     assert mcl.two_segments("One. Two three four five. Six seven.") == ("One. Two three four five.", "Six seven.")

@@ -97,9 +97,9 @@ def test_python_api_run_writes_config_stages_eval_scalars_names_and_the_smoke_no
 
     page = open(os.path.join(workdir, "clues", "example_0.html")).read()
     assert "document 0" not in page and "<title>clues: " in page
-    from clue_jax.pipelines import knowledge
+    from clue_jax.pipelines import foundations
 
-    first = knowledge.load_people(os.path.join(workdir, "stages", "world"), "new")[0]
+    first = foundations.load_people(os.path.join(workdir, "stages", "world"), "new")[0]
     assert f"<title>clues: {first.name}</title>" in page  # the first new person, not "document 0"
 
     pipelines.run(config, workdir)  # a rerun reuses every stage, and says so per stage

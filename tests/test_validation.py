@@ -21,7 +21,7 @@ from clue_jax.errors import UserInputError
 from clue_jax.models import factory
 from clue_jax.models.causal_lm import CausalLM
 from clue_jax.models.config import ModelConfig, gpt2
-from clue_jax.pipelines import knowledge, replicate
+from clue_jax.pipelines import foundations, knowledge, knowledge_data, replicate
 from clue_jax.pipelines.validate import check_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -156,11 +156,11 @@ def test_missing_and_bad_qa_file_name_file_line_and_key(tmp_path):
     config.data.update(source="corpus", corpus=str(docs), qa_file=str(tmp_path / "missing.jsonl"))
     with pytest.raises(UserInputError, match=rf"cannot read {tmp_path}/missing.jsonl: No such file or directory "
                                              r"\(--config.data.qa_file\)"):
-        knowledge.user_knowledge(config)
+        knowledge_data.user_knowledge(config)
     _, qa = _user_files(tmp_path, qa='{"question": "q?", "answer": "Acme"}\n{"question": "r?"}\n')
     config.data.qa_file = str(qa)
     with pytest.raises(UserInputError, match=rf"{qa}:2: missing field 'answer' .* \(--config.data.qa_file\)"):
-        knowledge.user_knowledge(config)
+        knowledge_data.user_knowledge(config)
 
 
 def test_txt_corpus_documents_carry_their_first_line(tmp_path):
@@ -173,14 +173,14 @@ def test_long_document_names_file_line_and_key(tmp_path, tokenizer):
     docs, qa = _user_files(tmp_path, docs=("short.", "Ann Lee works at Acme Corp. " * 8, "short too."))
     config = _config()
     config.data.update(source="corpus", corpus=str(docs), qa_file=str(qa))
-    user = knowledge.user_knowledge(config)
+    user = knowledge_data.user_knowledge(config)
     with pytest.raises(UserInputError) as err:
-        knowledge.documents_data(tokenizer, user, 20)
+        knowledge_data.documents_data(tokenizer, user, 20)
     n = len(tokenizer("Ann Lee works at Acme Corp. " * 8, add_special_tokens=False)["input_ids"]) + 2
     assert str(err.value) == (
         f"{docs}:2: document has {n} tokens (with <bos> and <eos>), more than cpt.seq_len=20; 1 of 3 documents "
         f"are too long, the longest ({docs}:2) has {n}: raise --config.cpt.seq_len to at least {n}")
-    assert knowledge.documents_data(tokenizer, user, n)["input_ids"].shape == (3, n)
+    assert knowledge_data.documents_data(tokenizer, user, n)["input_ids"].shape == (3, n)
 
 
 def test_cli_long_document_stops_before_any_pre_training(tmp_path):
@@ -202,11 +202,11 @@ def test_checkpoint_vocab_smaller_than_tokenizer_and_too_few_positions(tmp_path,
     config.base_models.small = str(model_dir)
     with pytest.raises(UserInputError, match=rf"base_models.small={model_dir} has vocab_size=100, fewer than the "
                                              rf"tokenizer's {len(tokenizer)} tokens"):
-        knowledge.check_base_checkpoints(config, tokenizer)
+        foundations.check_base_checkpoints(config, tokenizer)
     (model_dir / "model_config.json").write_text(json.dumps(gpt2(vocab_size=400, max_len=64).to_dict()))
     with pytest.raises(UserInputError, match=rf"base_models.small={model_dir} \(gpt2\) has max_len=64 positions, "
                                              r"fewer than cpt.seq_len=160: lower --config.cpt.seq_len to at most 64"):
-        knowledge.check_base_checkpoints(config, tokenizer)
+        foundations.check_base_checkpoints(config, tokenizer)
 
 
 def test_model_pre_trained_here_needs_positions_for_seq_len():

@@ -21,21 +21,10 @@ from clue_jax.pipelines.stages import Stages
 from clue_jax.train import logging_utils
 from clue_jax.train.checkpoint import Checkpointer, abstract_like
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
-import fake_gcs  # noqa: E402
-
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "quickstart.py") + ":tiny"
 MAIN = os.path.join(ROOT, "tests", "workers", "fake_gcs_main.py")
 OVERRIDES = ["--config.clues.arms=('contrast',)", "--config.clues.render_examples=1"]
-
-
-@pytest.fixture(scope="module")
-def gcs_root(tmp_path_factory):
-    """One fake-bucket root per test process (fsspec and epath cache the filesystem); each test its own bucket."""
-    root = tmp_path_factory.mktemp("gcs")
-    fake_gcs.install(str(root))
-    return root
 
 
 @pytest.fixture
@@ -170,3 +159,19 @@ def test_a_workdir_url_epath_cannot_reach_is_refused(workdir, tmp_path, monkeypa
     with pytest.raises(UserInputError, match="must be local or start with gs://"):
         config_check.prepare_workdir(workdir)
     assert os.listdir(tmp_path) == []  # not taken for a local directory named "memory:"
+
+
+def test_a_trained_tokenizer_is_written_into_the_bucket(bucket, tmp_path, monkeypatch):
+    """The tokenizer stage (MCL's, and the knowledge pipeline's without a tokenizer.path) in a bucket workdir:
+    the library writes local files, the stage uploads them, nothing lands in a local folder named "gs:"."""
+    from clue_jax.data.tokenizer import load_tokenizer
+    from clue_jax.pipelines import foundations
+
+    url, local = bucket
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("CLUE_JAX_CACHE", str(tmp_path / "cache"))
+    result = foundations.bpe_tokenizer_stage(["Ann Lee was born in Rome and works at Acme."] * 20, 300,
+                                             f"{url}/stages/tokenizer")
+    assert (local / "stages" / "tokenizer" / "tokenizer.json").exists()
+    assert len(load_tokenizer(result["path"])) == result["vocab_size"]
+    _no_local_gs(tmp_path)

@@ -38,6 +38,7 @@ from typing import Any, Callable
 import jax
 import jax.numpy as jnp
 
+from clue_jax import dataclass_config
 from clue_jax.choices import ARMS, CONTRAST_ARMS
 from clue_jax.errors import UserInputError
 
@@ -85,11 +86,7 @@ class DropoutConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "dropout") -> "DropoutConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise UserInputError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
-        return cls(**values)
+        return dataclass_config.from_dict(cls, values, where)
 
 
 @jax.jit

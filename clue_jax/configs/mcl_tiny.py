@@ -37,7 +37,7 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.model = dict(hidden_size=64, embedding_size=64, num_layers=2, num_heads=4, intermediate_size=256, max_len=128,
                    dropout=0.1)
     c.generator = dict(width_fraction=0.5)
-    # Settings of every arm's objective; the arms set courses and corrections (clue_jax/pipelines/mcl.py ARMS).
+    # Settings of every arm's objective; the arms set courses and corrections (clue_jax/pipelines/mcl_pretrain.py ARMS).
     c.objective = dict(sampling="step", course_weights=(), mask_rate=0.15, swap_rate=0.15, insert_rate=0.15,
                        gen_weight=1.0, disc_weight=50.0, regen_weight=1.0, redisc_weight=50.0, temperature=1.0,
                        dropout=True)

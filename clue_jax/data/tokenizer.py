@@ -22,7 +22,7 @@ import numpy as np
 import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
-from clue_jax import paths
+from clue_jax import workdir_fs as paths  # the one path layer (local or gs://, s3://, az://)
 from clue_jax.errors import UserInputError
 
 BOS, EOS, PAD, MASK = "<bos>", "<eos>", "<pad>", "<mask>"

@@ -7,10 +7,17 @@ resampled people for both arms, so person effects cancel) and seeds (the
 same resampled seeds for both arms). The interval is the percentile
 interval of the resampled mean difference; a difference is called only when
 the interval excludes 0.
+
+scipy.stats.bootstrap resamples one axis (its `paired` draws the same
+indices for several samples), so it gives the one-way interval of
+`mean_interval`; the crossed seeds x people resampling of
+`paired_difference` (rows and columns drawn independently) is not one of
+its resampling schemes and is written here.
 """
 from __future__ import annotations
 
 import numpy as np
+from scipy import stats
 
 from clue_jax.errors import UserInputError
 
@@ -47,15 +54,17 @@ def paired_difference(a, b, n_boot: int = 2000, level: float = 0.95, seed: int =
 
 
 def mean_interval(values, n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> dict:
-    """Mean of per-example values (e.g. share minus its chance level) with a bootstrap interval over examples."""
+    """Mean of per-example values (e.g. share minus its chance level) with a percentile bootstrap interval over
+    examples (scipy.stats.bootstrap)."""
     v = np.asarray(values, np.float64).reshape(-1)
     v = v[np.isfinite(v)]
     if v.size == 0:
         return {"mean": float("nan"), "low": float("nan"), "high": float("nan"), "n": 0}
-    rng = np.random.default_rng(seed)
-    means = v[rng.integers(0, v.size, size=(n_boot, v.size))].mean(axis=1)
-    tail = (1.0 - level) / 2.0
-    low, high = np.quantile(means, [tail, 1.0 - tail])
+    if np.all(v == v[0]):  # every resample has this mean (scipy would warn of a degenerate distribution)
+        return {"mean": float(v[0]), "low": float(v[0]), "high": float(v[0]), "n": int(v.size)}
+    res = stats.bootstrap((v,), np.mean, n_resamples=n_boot, confidence_level=level, method="percentile",
+                          rng=np.random.default_rng(seed))
+    low, high = res.confidence_interval
     return {"mean": float(v.mean()), "low": float(low), "high": float(high), "n": int(v.size)}
 
 

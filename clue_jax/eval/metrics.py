@@ -25,7 +25,8 @@ import string
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 
 import numpy as np
-from scipy.stats import rankdata
+from scipy import stats
+from sklearn import metrics as sklearn_metrics
 
 from clue_jax.errors import UserInputError
 
@@ -158,40 +159,36 @@ def _paired(predictions, labels, dtype) -> tuple:
 
 def accuracy(predictions, labels) -> float:
     p, y = _paired(predictions, labels, int)
-    return float((p == y).mean()) if p.size else math.nan
+    return float(sklearn_metrics.accuracy_score(y, p)) if p.size else math.nan
 
 
 def binary_f1(predictions, labels, positive: int = 1) -> float:
     """F1 of the positive class; 0.0 when there are no positive predictions and no positive labels."""
     p, y = _paired(predictions, labels, int)
-    tp = float(((p == positive) & (y == positive)).sum())
-    fp = float(((p == positive) & (y != positive)).sum())
-    fn = float(((p != positive) & (y == positive)).sum())
-    return 2 * tp / (2 * tp + fp + fn) if tp + fp + fn else 0.0
+    return float(sklearn_metrics.f1_score(y, p, labels=[positive], average=None, zero_division=0.0)[0])
 
 
 def matthews_corrcoef(predictions, labels) -> float:
     """Matthews correlation (the K-class form of Gorodkin 2004; the usual MCC for 2 classes); 0 when undefined."""
     p, y = _paired(predictions, labels, int)
-    classes = np.union1d(p, y)
-    c = np.zeros((classes.size, classes.size))
-    np.add.at(c, (np.searchsorted(classes, y), np.searchsorted(classes, p)), 1.0)
-    t, q, n, correct = c.sum(1), c.sum(0), c.sum(), np.trace(c)  # true / predicted counts per class
-    denom = math.sqrt((n * n - q @ q) * (n * n - t @ t))
-    return float((correct * n - t @ q) / denom) if denom else 0.0
+    return float(sklearn_metrics.matthews_corrcoef(y, p))
+
+
+def _correlation(fn, predictions, labels) -> float:
+    """scipy's correlation of the pairs; NaN when it is undefined (fewer than 2 pairs, a constant side)."""
+    p, y = _paired(predictions, labels, float)
+    if p.size < 2 or np.all(p == p[0]) or np.all(y == y[0]):
+        return math.nan
+    return float(fn(p, y).statistic)
 
 
 def pearson(predictions, labels) -> float:
-    p, y = _paired(predictions, labels, float)
-    p, y = p - p.mean(), y - y.mean()
-    denom = math.sqrt(float(p @ p) * float(y @ y))
-    return float(p @ y / denom) if denom else math.nan
+    return _correlation(stats.pearsonr, predictions, labels)
 
 
 def spearman(predictions, labels) -> float:
     """Pearson correlation of the ranks (ties get their average rank)."""
-    p, y = _paired(predictions, labels, float)
-    return pearson(rankdata(p), rankdata(y))
+    return _correlation(stats.spearmanr, predictions, labels)
 
 
 _METRIC_FNS = {"accuracy": accuracy, "f1": binary_f1, "matthews": matthews_corrcoef, "pearson": pearson,
@@ -213,7 +210,7 @@ def glue_metrics(metric: str, predictions, labels) -> dict[str, float]:
 def detection_auc(scores, labels, mask=None) -> float:
     """ROC AUC of per-token detection scores (higher = "replaced") against 0/1 labels, over mask > 0.
 
-    The Mann-Whitney form: the probability that a random replaced token scores
+    scikit-learn's ROC AUC: the probability that a random replaced token scores
     above a random original one, ties counting one half; a perfect detector
     gets 1.0, a constant one 0.5. NaN when one of the classes is absent.
     """
@@ -222,8 +219,6 @@ def detection_auc(scores, labels, mask=None) -> float:
     if keep.shape != y.shape:
         raise UserInputError(f"detection_auc: mask has {keep.size} entries for {y.size} labels")
     s, y = s[keep], y[keep] > 0
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if not n_pos or not n_neg:
+    if y.all() or not y.any():
         return math.nan
-    ranks = rankdata(s)
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
+    return float(sklearn_metrics.roc_auc_score(y, s))

@@ -9,7 +9,7 @@
 - Pre-training frequency of an object entity = the number of pre-training
   documents stating it: every rich biography states all six attributes of
   its person, every QA document one (this mirrors
-  `pipelines.knowledge.pretraining_texts`).
+  `pipelines.foundations.pretraining_texts`).
 - The fine-tuning set is skewed on purpose, independently of pre-training
   frequency: each relation's objects are split into pre-training-frequency
   strata and, within every stratum, a random share is left out of

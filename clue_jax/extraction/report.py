@@ -1,4 +1,4 @@
-"""The frequency-shock report: mean ± std over seeds, the markdown report, the lambda-sweep plot.
+"""The frequency-shock report: the tables, the verdicts and the markdown report, from summary.json's numbers.
 
 The text states what was measured whichever way it goes: the sentences are
 built from the numbers (sign and spread), never fixed in advance. Spread is
@@ -12,8 +12,9 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from clue_jax import workdir_fs
 from clue_jax.eval.seeds import direction
+from clue_jax.eval.tables import format_table
+from clue_jax.extraction.seed_stats import get, paired_difference
 from clue_jax.extraction.shock import BUCKETS
 
 ARM_ORDER = ("base", "vanilla", "vanilla@matched", "best_of_base_vanilla", "mixing/interpolate", "mixing/log_linear",
@@ -32,70 +33,6 @@ ARM_TEXT = {
 }
 
 
-# ------------------------------------------------------------------ aggregation
-def _flatten(value, prefix: str = "") -> dict[str, float]:
-    out = {}
-    if isinstance(value, Mapping):
-        for k, v in value.items():
-            out.update(_flatten(v, f"{prefix}{k}."))
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
-        out[prefix[:-1]] = float(value)
-    return out
-
-
-def _unflatten(flat: Mapping[str, float]) -> dict:
-    out: dict = {}
-    for key, v in flat.items():
-        node = out
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = v
-    return out
-
-
-def mean_std(runs: Sequence[Mapping]) -> dict:
-    """{"mean", "std", "n"} over runs, for every numeric leaf (NaNs ignored; std is 0 for a single run)."""
-    flats = [_flatten(r) for r in runs]
-    keys = sorted(set().union(*flats)) if flats else []
-    mean, std = {}, {}
-    for k in keys:
-        vals = np.array([f.get(k, math.nan) for f in flats], dtype=np.float64)
-        finite = vals[np.isfinite(vals)]
-        mean[k] = float(finite.mean()) if len(finite) else math.nan
-        std[k] = float(finite.std(ddof=1)) if len(finite) > 1 else (0.0 if len(finite) else math.nan)
-    return {"mean": _unflatten(mean), "std": _unflatten(std), "n": len(runs)}
-
-
-def _get(tree: Mapping, path: str, default=math.nan):
-    node = tree
-    for p in path.split("."):
-        if not isinstance(node, Mapping) or p not in node:
-            return default
-        node = node[p]
-    return default if node is None else node  # a NaN saved to summary.json reads back as null
-
-
-def paired_difference(summary: Mapping, arm: str, ref: str, path: str) -> tuple[float, float, int]:
-    """Mean and std over seeds of (arm - ref) for one metric, seed by seed; the base arm counts for every seed."""
-    arms = summary["arms"]
-    if arm not in arms or ref not in arms:
-        return math.nan, math.nan, 0
-    diffs = []
-    for seed in summary["seeds"]:
-        a = arms[arm]["per_seed"].get(str(seed), arms[arm]["per_seed"].get("-"))
-        b = arms[ref]["per_seed"].get(str(seed), arms[ref]["per_seed"].get("-"))
-        if a is None or b is None:
-            continue
-        x, y = _get(a, path), _get(b, path)
-        if math.isfinite(x) and math.isfinite(y):
-            diffs.append(x - y)
-    if not diffs:
-        return math.nan, math.nan, 0
-    d = np.asarray(diffs)
-    return float(d.mean()), float(d.std(ddof=1)) if len(d) > 1 else 0.0, len(d)
-
-
 # ------------------------------------------------------------------ text
 def _pm(mean: float, std: float, n: int, digits: int = 3) -> str:
     if not math.isfinite(mean):
@@ -104,13 +41,7 @@ def _pm(mean: float, std: float, n: int, digits: int = 3) -> str:
 
 
 def _arm_cell(entry: Mapping, path: str, digits: int = 3) -> str:
-    return _pm(_get(entry["mean"], path), _get(entry["std"], path), entry["n"], digits)
-
-
-def _table(rows: list[list[str]], header: list[str]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+    return _pm(get(entry["mean"], path), get(entry["std"], path), entry["n"], digits)
 
 
 def _lambdas(entry: Mapping) -> str:
@@ -134,7 +65,7 @@ def arm_table(summary: Mapping, prefix: str = "") -> str:
                     + [_arm_cell(e, "shock.rho"), _arm_cell(e, "shock.partial_rho"), _arm_cell(e, "shock.partial_rho_z", 1),
                        _arm_cell(e, "pred_over_gold.dropped", 2),
                        _arm_cell(e, "pred_over_gold.oversampled", 2), _lambdas(e)])
-    return _table(rows, header)
+    return format_table(rows, header)
 
 
 def relation_table(summary: Mapping) -> str:
@@ -144,7 +75,7 @@ def relation_table(summary: Mapping) -> str:
         if arm in summary["arms"]:
             e = summary["arms"][arm]
             rows.append([arm] + [_arm_cell(e, f"per_relation.{r}") for r in relations])
-    return _table(rows, ["arm"] + [f"EM {r}" for r in relations])
+    return format_table(rows, ["arm"] + [f"EM {r}" for r in relations])
 
 
 def strata_table(summary: Mapping, arms: Sequence[str] = ("base", "vanilla", "mixture", "both/log_linear")) -> str:
@@ -156,11 +87,11 @@ def strata_table(summary: Mapping, arms: Sequence[str] = ("base", "vanilla", "mi
         if arm not in summary["arms"]:
             continue
         e = summary["arms"][arm]
-        for stratum in sorted(_get(e["mean"], "pred_over_gold_strata", {}) or {}, key=int):
+        for stratum in sorted(get(e["mean"], "pred_over_gold_strata", {}) or {}, key=int):
             rows.append([arm, stratum] + [_arm_cell(e, f"pred_over_gold_strata.{stratum}.{lab}.ratio", 2)
                                           for lab in labels]
-                        + [str(int(_get(e["mean"], f"pred_over_gold_strata.{stratum}.{lab}.gold", 0))) for lab in labels])
-    return _table(rows, ["arm", "stratum", "pred/gold left out", "pred/gold plain", "pred/gold over-sampled",
+                        + [str(int(get(e["mean"], f"pred_over_gold_strata.{stratum}.{lab}.gold", 0))) for lab in labels])
+    return format_table(rows, ["arm", "stratum", "pred/gold left out", "pred/gold plain", "pred/gold over-sampled",
                          "gold left out", "gold plain", "gold over-sampled"])
 
 
@@ -174,15 +105,15 @@ def null_table(summary: Mapping, prefix: str = "") -> str:
         sh = runs[0]
 
         def cell(path, digits=3):
-            return _pm(_get(sh, f"shock.{path}.mean"), _get(sh, f"shock.{path}.std"), 2, digits)
+            return _pm(get(sh, f"shock.{path}.mean"), get(sh, f"shock.{path}.std"), 2, digits)
 
         def num(path, digits=3):
-            value = _get(sh, f"shock.{path}")
+            value = get(sh, f"shock.{path}")
             return f"{value:.{digits}f}" if math.isfinite(value) else "n/a"
 
         rows.append([prefix + arm, num("rho"), cell("null.rho"), num("partial_rho"), cell("null.partial_rho"),
                      num("null.partial_rho.q95"), num("partial_rho_z", 1), num("permutation_p")])
-    return _table(rows, ["arm", "rho", "null rho", "partial rho", "null partial rho", "null q95", "partial z",
+    return format_table(rows, ["arm", "rho", "null rho", "partial rho", "null partial rho", "null q95", "partial z",
                          "permutation p"])
 
 
@@ -195,7 +126,7 @@ def steps_table(summary: Mapping) -> str:
                 for k in ("dev_exact_match", "exact_match")}
         rows.append([str(n)] + [_pm(float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0, len(v))
                                 for v in vals.values()])
-    return _table(rows, ["fine-tuning steps", "dev EM", "test EM"])
+    return format_table(rows, ["fine-tuning steps", "dev EM", "test EM"])
 
 
 def render_table(summary: Mapping) -> str:
@@ -212,8 +143,8 @@ def _per_seed_runs(summary: Mapping, arm: str) -> list[Mapping]:
 def _shocked(run: Mapping) -> bool:
     """The partial statistic above its calibrated null's 95th percentile and, where measured, its within-stratum
     permutation p-value below 0.05: both nulls reject."""
-    value, q95 = _get(run, "shock.partial_rho"), _get(run, "shock.null.partial_rho.q95")
-    p = _get(run, "shock.permutation_p")
+    value, q95 = get(run, "shock.partial_rho"), get(run, "shock.null.partial_rho.q95")
+    p = get(run, "shock.permutation_p")
     return (math.isfinite(value) and math.isfinite(q95) and value > q95
             and (not math.isfinite(p) or p < 0.05))
 
@@ -231,8 +162,8 @@ def shock_verdict(summary: Mapping) -> str:
     above = sum(map(_shocked, runs))
     base_runs = _per_seed_runs(summary, "base")
     base_shocked = bool(base_runs) and _shocked(base_runs[0])
-    m, sd = _get(arms["vanilla"]["mean"], "shock.partial_rho"), _get(arms["vanilla"]["std"], "shock.partial_rho")
-    z = _get(arms["vanilla"]["mean"], "shock.partial_rho_z")
+    m, sd = get(arms["vanilla"]["mean"], "shock.partial_rho"), get(arms["vanilla"]["std"], "shock.partial_rho")
+    z = get(arms["vanilla"]["mean"], "shock.partial_rho_z")
     d, dsd, n = paired_difference(summary, "vanilla", "base", "shock.partial_rho")
     if above == len(runs) and not base_shocked:
         verdict = "vanilla fine-tuning produces the frequency shock on this world"
@@ -241,10 +172,10 @@ def shock_verdict(summary: Mapping) -> str:
                                                                           if base_shocked else "")
     else:
         verdict = "no frequency shock was measured"
-    base_value = _get(base_runs[0], "shock.partial_rho") if base_runs else math.nan
+    base_value = get(base_runs[0], "shock.partial_rho") if base_runs else math.nan
     return (f"Shock: vanilla fine-tuning has partial rho = {_pm(m, sd, len(runs))} (mean z = {z:.1f} against "
             f"calibrated-random predictors with its own right answers; within-stratum permutation p = "
-            f"{', '.join(_fmt(_get(r, 'shock.permutation_p')) for r in runs)}), beyond both nulls in "
+            f"{', '.join(_fmt(get(r, 'shock.permutation_p')) for r in runs)}), beyond both nulls in "
             f"{above}/{len(runs)} seed(s); the base model has {base_value:.3f} (above its null: "
             f"{'yes' if base_shocked else 'no'}); fine-tuning changes it by {d:+.3f} ± {dsd:.3f}. Verdict: {verdict}.")
 
@@ -262,7 +193,7 @@ def steps_findings(summary: Mapping) -> list[str]:
     diffs = np.array([per[str(last)]["exact_match"] - per[str(peak)]["exact_match"] for per in sweep.values()
                       if str(last) in per and str(peak) in per])
     sd = float(diffs.std(ddof=1)) if len(diffs) > 1 else 0.0
-    base = _get(summary["arms"].get("base", {}).get("mean", {}), "exact_match")
+    base = get(summary["arms"].get("base", {}).get("mean", {}), "exact_match")
     out = [f"Vanilla fine-tuning length: test EM peaks at {peak} steps ({mean[peak]:.3f}); at {last} steps it is "
            f"{mean[last]:.3f}, {float(diffs.mean()):+.3f} ± {sd:.3f} against the peak (longer fine-tuning: "
            f"{direction(-float(diffs.mean()), sd, len(diffs), 'hurts', 'helps') if last != peak else 'still the best'}"
@@ -313,8 +244,8 @@ def remedy_findings(summary: Mapping, prefix: str = "") -> list[str]:
     boths = [prefix + a for a in ("both/interpolate", "both/log_linear") if prefix + a in arms]
     if singles and boths:
         def dev(a):
-            value = _get(arms[a]["mean"], "dev_exact_match")
-            return value if math.isfinite(value) else _get(arms[a]["mean"], "exact_match")
+            value = get(arms[a]["mean"], "dev_exact_match")
+            return value if math.isfinite(value) else get(arms[a]["mean"], "exact_match")
 
         best_single, best_both = max(singles, key=dev), max(boths, key=dev)
         d, sd, n = paired_difference(summary, best_both, best_single, "exact_match")
@@ -415,62 +346,3 @@ def _load(values) -> str:
 
 
 # ------------------------------------------------------------------ plot
-def plot_sweep(sweeps: Mapping, path: str) -> None:
-    """Dev exact match against lambda: one panel per fine-tuning kind, a line per (decode|rank, mode), mean ± std
-    over seeds. `sweeps[kind][seed][method][mode][lambda] = dev EM`."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    kinds = list(sweeps)
-    fig = Figure(figsize=(5 * max(len(kinds), 1), 4), dpi=100)
-    FigureCanvasAgg(fig)
-    for i, kind in enumerate(kinds):
-        ax = fig.add_subplot(1, max(len(kinds), 1), i + 1)
-        per_seed = list(sweeps[kind].values())
-        for method in ("decode", "rank"):
-            modes = sorted({m for s in per_seed for m in s.get(method, {})})
-            for mode in modes:
-                lams = sorted({float(l) for s in per_seed for l in s[method].get(mode, {})})
-                ys = np.array([[s[method][mode].get(str(l), s[method][mode].get(repr(l), math.nan)) for l in lams]
-                               for s in per_seed if mode in s.get(method, {})], dtype=np.float64)
-                mean = np.nanmean(ys, axis=0)
-                ax.plot(lams, mean, marker="o", ms=3, ls="-" if method == "decode" else "--", label=f"{method}/{mode}")
-                if len(ys) > 1:
-                    sd = np.nanstd(ys, axis=0, ddof=1)
-                    ax.fill_between(lams, mean - sd, mean + sd, alpha=0.15)
-        ax.set_xlabel("lambda (weight of the fine-tuned model)")
-        ax.set_ylabel("dev exact match")
-        ax.set_title(f"{kind} fine-tuning + base")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    workdir_fs.savefig(fig, path)
-
-
-def plot_steps(steps_sweep: Mapping, base_em: float, path: str) -> None:
-    """Dev and test exact match of vanilla fine-tuning against its length (mean ± std over seeds), the base model
-    as a line: where fine-tuning starts to hurt, if it does. `steps_sweep[seed][steps] = {"dev_exact_match",
-    "exact_match"}`."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    steps = sorted({int(n) for per in steps_sweep.values() for n in per})
-    fig = Figure(figsize=(5, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    for key, label in (("dev_exact_match", "dev"), ("exact_match", "test")):
-        ys = np.array([[per.get(str(n), {}).get(key, math.nan) for n in steps] for per in steps_sweep.values()],
-                      dtype=np.float64)
-        mean = np.nanmean(ys, axis=0)
-        ax.plot(steps, mean, marker="o", ms=3, label=f"vanilla, {label}")
-        if len(ys) > 1:
-            sd = np.nanstd(ys, axis=0, ddof=1)
-            ax.fill_between(steps, mean - sd, mean + sd, alpha=0.15)
-    if math.isfinite(base_em):
-        ax.axhline(base_em, color="grey", ls="--", lw=0.8, label="base, test")
-    ax.set_xscale("log")
-    ax.set_xlabel("fine-tuning steps")
-    ax.set_ylabel("exact match (zero-shot decoding)")
-    ax.set_title("Vanilla fine-tuning: EM against steps")
-    ax.legend(fontsize=7)
-    fig.tight_layout()
-    workdir_fs.savefig(fig, path)

@@ -67,9 +67,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from clue_jax import dataclass_config
 from clue_jax.errors import UserInputError
 from clue_jax.mcl import correction, courses
-from clue_jax.models.encoder import mlm_loss, rtd_loss
+from clue_jax.models.encoder_losses import mlm_loss, rtd_loss
 
 COURSES = ("rtd", "std", "itd")
 CORRECTIONS = ("re_rtd_gen", "re_rtd_disc", "re_std_gen", "re_std_disc")
@@ -142,11 +143,7 @@ class ObjectiveConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "objective") -> "ObjectiveConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise UserInputError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
-        return cls(**values)
+        return dataclass_config.from_dict(cls, values, where)
 
     def probabilities(self) -> list[float]:
         """Sampling probability of each of COURSES (0 for the courses that are off)."""

@@ -17,7 +17,6 @@ a count of insertions), so their steadiness says nothing about the method.
 """
 from __future__ import annotations
 
-import math
 import os
 from typing import Sequence
 
@@ -25,19 +24,11 @@ import numpy as np
 
 from clue_jax import workdir_fs
 from clue_jax.eval.seeds import within_seed_spread
-from clue_jax.pipelines.common import format_table
+from clue_jax.eval.tables import format_table, mean_std
 
-__all__ = ["mean_std", "claims", "write_figures", "render_table", "render"]
+__all__ = ["claims", "write_figures", "render_table", "render"]
 
 COURSE_NAMES = ("rtd", "std", "itd")
-
-
-def mean_std(values: Sequence[float], digits: int = 1) -> str:
-    values = [v for v in values if v is not None and not (isinstance(v, float) and math.isnan(v))]
-    if not values:
-        return "n/a"
-    text = f"{np.mean(values):.{digits}f}"
-    return text + (f" ± {np.std(values, ddof=1):.{digits}f}" if len(values) > 1 else "")
 
 
 def _seed_scores(per_seed: dict, key: str = "score_test") -> dict[str, float]:
@@ -188,9 +179,9 @@ def _task_columns(summary: dict) -> list[tuple[str, str, str]]:
 def _row(label: str, results: list[dict], cols) -> list[str]:
     row = [label]
     for _, task, metric in cols:
-        row.append(mean_std([100.0 * r["tasks"][task]["test"][metric] for r in results if task in r["tasks"]]))
-    row.append(mean_std([r["score_test"] for r in results]))
-    row.append(mean_std([r["score_dev"] for r in results]))
+        row.append(mean_std([100.0 * r["tasks"][task]["test"][metric] for r in results if task in r["tasks"]], 1))
+    row.append(mean_std([r["score_test"] for r in results], 1))
+    row.append(mean_std([r["score_dev"] for r in results], 1))
     row.append(str(len(results)))
     return row
 
@@ -211,7 +202,7 @@ def render_table(summary: dict, arms: Sequence[str], labels: dict | None = None)
             rows.append(_row(f"ingredient {name}", [s["ingredients"][name] for s in soups.values()
                                                     if name in s["ingredients"]], cols))
         ing_mean = [float(np.mean([r["score_test"] for r in s["ingredients"].values()])) for s in soups.values()]
-        rows.append(["ingredient mean"] + [""] * len(cols) + [mean_std(ing_mean), "", str(len(ing_mean))])
+        rows.append(["ingredient mean"] + [""] * len(cols) + [mean_std(ing_mean, 1), "", str(len(ing_mean))])
         for kind in ("uniform", "greedy", "weighted"):
             res = [s[kind] for s in soups.values() if kind in s]
             if res:
@@ -321,7 +312,7 @@ def render(summary: dict, arms: Sequence[str], labels: dict | None = None) -> st
         lines += ["## Downstream score against pre-training steps", ""]
         steps = sorted({int(s) for per in curves.values() for pts in per.values() for s in pts})
         header = ["model"] + [f"step {s}" for s in steps]
-        rows = [[labels.get(arm, arm)] + [mean_std([pts[str(s)] for pts in per.values() if str(s) in pts])
+        rows = [[labels.get(arm, arm)] + [mean_std([pts[str(s)] for pts in per.values() if str(s) in pts], 1)
                                           for s in steps] for arm, per in curves.items()]
         lines += [format_table(rows, header), "", "![score against steps](score_vs_steps.png)", ""]
     intr = summary.get("intrinsic", {})

@@ -11,6 +11,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from clue_jax import dataclass_config
 from clue_jax.choices import FLAVOURS
 from clue_jax.errors import UserInputError
 from clue_jax.models.layers import remat_policy_name
@@ -94,14 +95,10 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values: dict[str, Any], where: str = "model") -> "ModelConfig":
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(values) - names)
-        if unknown:
-            raise UserInputError(f"unknown key(s) {unknown} in {where}; valid keys: {sorted(names)}")
         values = dict(values)
         if "rope_scaling" in values:
             values["rope_scaling"] = tuple(values["rope_scaling"] or ())
-        return cls(**values)
+        return dataclass_config.from_dict(cls, values, where)
 
 
 def gpt2(**overrides) -> ModelConfig:

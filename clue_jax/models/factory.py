@@ -5,7 +5,7 @@ logical names, so a large model is born sharded instead of on one device.
 `save_params`/`load_params` store a finished model (a pipeline stage's output)
 with orbax; a load checks the saved config against the expected one and
 reads the weights straight into the dtypes of `precision` (train.precision,
-clue_jax.models.precision; float32 masters under "mixed"). Paths may be URLs (clue_jax.paths); HF checkpoint directories there are read
+clue_jax.models.precision; float32 masters under "mixed"). Paths may be URLs (clue_jax.workdir_fs); HF checkpoint directories there are read
 in place (clue_jax.models.hf). A LoRA stage's directory holds only its adapters: `load_params`
 returns its base model with them merged (clue_jax.models.lora.load_merged).
 """
@@ -17,7 +17,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from clue_jax import paths
+from clue_jax import workdir_fs as paths  # the one path layer (local or gs://, s3://, az://)
 from clue_jax.errors import UserInputError
 from clue_jax.models.causal_lm import CausalLM
 from clue_jax.models import lora

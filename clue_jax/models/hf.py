@@ -41,7 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from clue_jax import paths
+from clue_jax import workdir_fs as paths  # the one path layer (local or gs://, s3://, az://)
 from clue_jax.errors import UserInputError
 from clue_jax.models.causal_lm import CausalLM
 from clue_jax.models.config import ModelConfig
@@ -162,7 +162,7 @@ def _fill(abstract, sharding, readers: list, stacked: bool) -> jax.Array:
 def load(path: str | Path, dtype: str | None = None, mesh: jax.sharding.Mesh | None = None):
     """(CausalLM, ModelConfig) from an HF directory, each param placed straight into its shard.
 
-    path: a local directory or a URL (gs://..., any fsspec filesystem), read
+    path: a local directory or a bucket URL (gs://, s3://, az://), read
     in place: ranged reads of the slices this host's devices hold, no copy.
     dtype: parameter and compute dtype (default: the checkpoint's dtype).
     mesh: shard by the logical-axis rules of clue_jax.train.sharding; None puts

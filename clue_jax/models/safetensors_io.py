@@ -1,5 +1,5 @@
 """safetensors files and HF checkpoint directories: which file holds which tensor, reading slices of a
-tensor from a local or a remote (gs://, any fsspec URL) file, and writing a file a tensor at a time.
+tensor from a local or a remote (gs://, s3://, az:// through fsspec) file, and writing a file a tensor at a time.
 
 Local files are memory-mapped (`safe_open(...).get_slice`). A remote file is
 never copied: its header (a little-endian u64 length, then JSON with each
@@ -22,7 +22,7 @@ import ml_dtypes
 import numpy as np
 from safetensors import safe_open
 
-from clue_jax import paths
+from clue_jax import workdir_fs as paths  # the one path layer (local or gs://, s3://, az://)
 from clue_jax.errors import UserInputError
 
 SINGLE_FILE = "model.safetensors"

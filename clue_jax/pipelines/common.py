@@ -1,4 +1,4 @@
-"""Pieces every pipeline shares: mesh, a training stage, summaries and tables."""
+"""Pieces every pipeline shares: mesh, a training stage, summaries, CPU time."""
 from __future__ import annotations
 
 import json
@@ -55,13 +55,6 @@ def write_json(path: str, value) -> None:
         return
     with workdir_fs.open_write(path) as f:
         json.dump(value, f, indent=1, sort_keys=True, default=float)
-
-
-def format_table(rows: list[list[str]], header: list[str]) -> str:
-    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)]
-    line = lambda r: "| " + " | ".join(str(x).ljust(w) for x, w in zip(r, widths)) + " |"
-    sep = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([line(header), sep, *[line(r) for r in rows]])
 
 
 def cpu_seconds() -> float:

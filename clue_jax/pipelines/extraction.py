@@ -1,7 +1,7 @@
 """Knowledge extraction and frequency shock (docs/methods.md, "Frequency shock"), end to end.
 
 Stages (each cached in workdir/stages, see stages.py):
-  world -> tokenizer (both shared with the knowledge pipeline) -> pretrain
+  world -> tokenizer (foundations.py, as the knowledge pipeline builds them) -> pretrain
   (one base model on every person's rich bios, plus the QA of the
   `pretrain_qa` people, none by default; skipped when `base_models.small`
   names a checkpoint) -> eval_base (the base model k-shot on dev and test) ->
@@ -46,7 +46,6 @@ Choices where the spec is silent (all settings):
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import os
@@ -55,160 +54,38 @@ import time
 import jax
 import numpy as np
 
-from clue_jax import paths, workdir_fs
+from clue_jax import workdir_fs
 from clue_jax.data import bios, lm_data
 from clue_jax.data.batching import ArrayBatchSource
 from clue_jax.data.mixture import MixtureBatchSource, with_loss_mask
 from clue_jax.data.tokenizer import load_tokenizer
 from clue_jax.errors import UserInputError
-from clue_jax.eval import decode, prompts
-from clue_jax.extraction import finetune_data, mixing, report, shock
-from clue_jax.extraction.arm_metrics import arm_metrics, best_of, choose_steps, exact_match_rate
-from clue_jax.models import factory, precision
-from clue_jax.pipelines import common, knowledge
+from clue_jax.extraction import finetune_data, mixing, plots, report, seed_stats, shock
+from clue_jax.extraction.answers import base_prompt_texts, encode_prompts, newline_ids, padded_prompts
+from clue_jax.extraction.arm_metrics import best_of, choose_steps
+from clue_jax.pipelines import common
+from clue_jax.pipelines.extraction_eval import (SPLITS, eval_base_stage, eval_ft_stage, eval_zero_shot_stage,
+                                                load_model, read_predictions)
+from clue_jax.pipelines.foundations import (array_fingerprint, load_people, path_fingerprint, pretrain_stage,
+                                            pretraining_texts, public, tokenizer_stage, world_stage)
 from clue_jax.pipelines.stages import Stages
 from clue_jax.train import logging_utils
 
 log = logging.getLogger("clue_jax")
 
 KINDS = ("vanilla", "mixture")
-MIX_NAME = {"vanilla": "mixing", "mixture": "both"}
-SPLITS = ("dev", "test")
-
-
 # ------------------------------------------------------------------ data
 def pretraining_corpus(people, qa_people, bios_per_person: int, seed: int) -> list[str]:
     """Rich bios of everyone (+ QA docs of `qa_people`), shuffled at document level before packing."""
     qa_names = {p.name for p in qa_people}
     others = [p for p in people if p.name not in qa_names]
-    texts = knowledge.pretraining_texts(list(qa_people), bios_per_person, seed, True)
-    texts += knowledge.pretraining_texts(others, bios_per_person, seed + 1, False)
+    texts = pretraining_texts(list(qa_people), bios_per_person, seed, True)
+    texts += pretraining_texts(others, bios_per_person, seed + 1, False)
     order = np.random.default_rng([seed, 11]).permutation(len(texts))
     return [texts[i] for i in order]
 
 
-def load_model(model_dir: str, mesh, precision: str = "checkpoint"):
-    """A clue_jax model directory (save_params) or a Hugging Face checkpoint directory, in `precision`'s dtypes."""
-    return factory.load_params(model_dir, mesh, precision=precision)
-
-
-def _encode_prompts(tokenizer, texts: list[str]) -> list[list[int]]:
-    """Prompt token ids with BOS (unpadded; `padded_prompts` left-pads them)."""
-    encoded = tokenizer(texts, add_special_tokens=False)["input_ids"]
-    return [[tokenizer.bos_token_id, *e] for e in encoded]
-
-
-def _round_up(n: int, bucket: int = 8) -> int:
-    return bucket * math.ceil(n / bucket)
-
-
-def padded_prompts(tokenizer, seqs_by_split: dict[str, list[list[int]]]) -> dict[str, tuple[np.ndarray, np.ndarray]]:
-    """Left-padded (ids, mask) per split, one common length: dev and test share one compiled decode."""
-    length = _round_up(max(len(s) for seqs in seqs_by_split.values() for s in seqs))
-    return {sp: decode.left_pad(seqs, tokenizer.pad_token_id, length) for sp, seqs in seqs_by_split.items()}
-
-
-def base_prompt_texts(items, shots: dict, k: int, seed: int, split_index: int) -> list[str]:
-    """k-shot prompts, shots drawn per item from its relation's pool (never the item's own question)."""
-    rng = np.random.default_rng([seed, 23, split_index])
-    return [prompts.qa_prompt(it.question, prompts.choose_shots(shots.get(it.attribute, []), k, rng,
-                                                                exclude_question=it.question) if k else [])
-            for it in items]
-
-
-# ------------------------------------------------------------------ decoding and scoring
-def newline_ids(tokenizer) -> tuple[int, ...]:
-    """Ids of the tokens whose text holds a newline: an answer ends there (decode_to_text cuts at it), so
-    decoding may stop there too instead of running on to max_new_tokens."""
-    vocab = len(tokenizer)
-    return tuple(i for i in range(vocab) if "\n" in tokenizer.decode([i]))
-
-
-def _decode(model, tokenizer, prompt, e, stops=()) -> list[str]:
-    ids, mask = prompt
-    out = decode.greedy_decode(decode.model_logits_fn(model), ids, mask, max_new_tokens=e.max_new_tokens,
-                               eos_id=tokenizer.eos_token_id, stop_ids=stops, batch_size=e.batch_size)
-    return decode.decode_to_text(tokenizer, out)
-
-
-def _decode_mixture(ft_model, base_model, tokenizer, ft_prompt, base_prompt, lam, mode, e, stops=()) -> list[str]:
-    out = mixing.greedy_decode_mixture(decode.model_logits_fn(ft_model), decode.model_logits_fn(base_model),
-                                       *ft_prompt, *base_prompt, lam, mode, max_new_tokens=e.max_new_tokens,
-                                       eos_id=tokenizer.eos_token_id, stop_ids=stops,
-                                       batch_size=e.batch_size)
-    return decode.decode_to_text(tokenizer, out)
-
-
-def candidate_scores(model, tokenizer, seqs, items, candidates: dict, batch_size: int,
-                     bucket: int = 8) -> dict[str, np.ndarray]:
-    """Per relation, [n_items_of_relation, n_candidates] summed log-probs of each candidate answer.
-
-    Every (question, candidate) row of every relation is scored once; rows are grouped by their length rounded
-    up to `bucket` and each group runs in chunks of `batch_size`, so padding costs little and the number of
-    compiled shapes stays small (one per length bucket, shared by all models of one architecture)."""
-    fn = decode.model_logits_fn(model)
-    rows = []  # (relation, item row within the relation, candidate index, prompt, continuation)
-    out = {}
-    for rel, cands in candidates.items():
-        idx = [i for i, it in enumerate(items) if it.attribute == rel]
-        if not idx:
-            continue
-        conts = tokenizer([" " + c for c in cands], add_special_tokens=False)["input_ids"]
-        rows += [(rel, r, c, seqs[i], conts[c]) for r, i in enumerate(idx) for c in range(len(cands))]
-        out[rel] = np.zeros((len(idx), len(cands)), np.float32)
-    lengths = np.array([_round_up(len(p) + len(c), bucket) for _, _, _, p, c in rows])
-    for length in np.unique(lengths):
-        group = [rows[j] for j in np.flatnonzero(lengths == length)]
-        scores = decode.score_continuations(fn, [g[3] for g in group], [g[4] for g in group],
-                                            tokenizer.pad_token_id, batch_size=batch_size, length=int(length))
-        for (rel, r, c, _, _), value in zip(group, np.asarray(scores, np.float32)):
-            out[rel][r, c] = value
-    return out
-
-
-def ranked_predictions(items, candidates: dict, scores: dict[str, np.ndarray]) -> list[str]:
-    preds = [""] * len(items)
-    for rel, matrix in scores.items():
-        idx = [i for i, it in enumerate(items) if it.attribute == rel]
-        best = np.argmax(matrix, axis=-1)
-        for i, b in zip(idx, best):
-            preds[i] = candidates[rel][int(b)]
-    return preds
-
-
-def mixed_ranking(items, candidates, scores_ft, scores_pt, lam, mode) -> list[str]:
-    mixed = {rel: mixing.mix_candidate_scores(scores_ft[rel], scores_pt[rel], lam, mode) for rel in scores_ft}
-    return ranked_predictions(items, candidates, mixed)
-
-
-# ------------------------------------------------------------------ metrics
-def measure(ctx, items, preds) -> dict:
-    return arm_metrics(items, preds, ctx["freqs"], ctx["threshold"], ctx["smoothing"], ctx["candidates"],
-                       ctx["skew"], ctx["null_draws"], ctx["null_seed"])
-
-
-def _write_predictions(path: str, preds: dict) -> None:
-    if jax.process_index() == 0:
-        with workdir_fs.open_write(path) as f:
-            json.dump(preds, f)
-
-
-def _read_predictions(path: str) -> dict:
-    return json.loads(workdir_fs.read_text(path))
-
-
 # ------------------------------------------------------------------ stages
-def pretrain_stage(config, texts, tokenizer, mesh, stage_dir):
-    cfg = precision.model_config(knowledge.model_config(config, "small", tokenizer),
-                                 config.pretrain.get("precision", "checkpoint"))
-    data = lm_data.pack_documents(tokenizer, texts, config.pretrain.seq_len)
-    model = factory.create(cfg, config.seed, mesh)
-    source = ArrayBatchSource(data, config.pretrain.batch_size, seed=config.pretrain.seed)
-    result = common.train_model(stage_dir, model, cfg, source, config.pretrain, mesh, stage="pretrain")
-    result["tokens_per_epoch"] = int(data["attention_mask"].sum())
-    return result
-
-
 def finetune_stage(config, kind, seed, base_dir, ft_data, mix_data, mesh, stage_dir, steps: int | None = None):
     """Fine-tunes the base model: `steps` steps (default ft.steps) on the QA set alone ("vanilla"), or ft.steps
     QA batches with replay batches interleaved ("mixture")."""
@@ -230,95 +107,6 @@ def finetune_stage(config, kind, seed, base_dir, ft_data, mix_data, mesh, stage_
                                 extra_meta=meta)
     result.update({k: v for k, v in meta.items() if k != "kind"})
     return result
-
-
-def eval_base_stage(config, ctx, base_dir, mesh, stage_dir):
-    model, _ = load_model(base_dir, mesh)
-    e, res, preds = config.eval, {}, {}
-    scores = {}
-    for split in SPLITS:
-        items, seqs = ctx["items"][split], ctx["base_seqs"][split]
-        preds[split] = _decode(model, ctx["tokenizer"], ctx["base_pad"][split], e, ctx["stops"])
-        res[split] = {"base": {**measure(ctx, items, preds[split]), "dev_exact_match": exact_match_rate(ctx["items"]["dev"], preds["dev"])}}
-        if e.ranking:
-            scores[split] = candidate_scores(model, ctx["tokenizer"], seqs, items, ctx["candidates"], e.score_batch)
-            preds[f"rank_{split}"] = ranked_predictions(items, ctx["candidates"], scores[split])
-            res[split]["rank:base"] = {**measure(ctx, items, preds[f"rank_{split}"]),
-                                       "dev_exact_match": exact_match_rate(ctx["items"]["dev"], preds["rank_dev"])}
-    _write_predictions(os.path.join(stage_dir, "predictions.json"), preds)
-    if e.ranking and jax.process_index() == 0:
-        workdir_fs.save_npz(os.path.join(stage_dir, "scores.npz"),
-                 **{f"{s}__{rel}": m for s, by_rel in scores.items() for rel, m in by_rel.items()})
-    return {"metrics": res, "predictions": os.path.join(stage_dir, "predictions.json"),
-            "scores": os.path.join(stage_dir, "scores.npz") if e.ranking else ""}
-
-
-def eval_zero_shot_stage(config, ctx, ft_dir, mesh, stage_dir):
-    """One fine-tuned model zero-shot on dev and test by greedy decoding (a point of the steps sweep)."""
-    model, _ = load_model(ft_dir, mesh)
-    preds = {s: _decode(model, ctx["tokenizer"], ctx["ft_pad"][s], config.eval, ctx["stops"]) for s in SPLITS}
-    _write_predictions(os.path.join(stage_dir, "predictions.json"), preds)
-    return {"metrics": {**measure(ctx, ctx["items"]["test"], preds["test"]),
-                        "dev_exact_match": exact_match_rate(ctx["items"]["dev"], preds["dev"])},
-            "predictions": os.path.join(stage_dir, "predictions.json")}
-
-
-def eval_ft_stage(config, ctx, kind, ft_dir, base_dir, base_eval, mesh, stage_dir, zero_shot: str = ""):
-    """The fine-tuned model alone, and mixed with the base model (decoding and ranking), lambda on dev.
-
-    `zero_shot`: predictions.json of an eval_zero_shot_stage of this model, reused instead of decoding again."""
-    ft_model, _ = load_model(ft_dir, mesh)
-    base_model, _ = load_model(base_dir, mesh)
-    e, tok = config.eval, ctx["tokenizer"]
-    items, ft_pad, base_pad = ctx["items"], ctx["ft_pad"], ctx["base_pad"]
-    mix_name = MIX_NAME[kind]
-    t0 = time.time()
-    if zero_shot:
-        preds = {s: {kind: p} for s, p in _read_predictions(zero_shot).items()}
-    else:
-        preds = {s: {kind: _decode(ft_model, tok, ft_pad[s], e, ctx["stops"])} for s in SPLITS}
-    log.info("eval_%s: zero-shot decoding %.0f s", kind, time.time() - t0)
-    sweeps, lambdas = {"decode": {}, "rank": {}}, {}
-    dev_em = {kind: exact_match_rate(items["dev"], preds["dev"][kind])}
-
-    def mixed_decode(split, lam, mode):
-        return _decode_mixture(ft_model, base_model, tok, ft_pad[split], base_pad[split], lam, mode, e,
-                               ctx["stops"])
-
-    for mode in config.mixing.modes:
-        arm = f"{mix_name}/{mode}"
-        lam, scores = mixing.choose_lambda(lambda l: exact_match_rate(items["dev"], mixed_decode("dev", l, mode)),
-                                           tuple(config.mixing.grid))
-        sweeps["decode"][mode] = {str(k): v for k, v in scores.items()}
-        lambdas[arm], dev_em[arm] = lam, scores[lam]
-        preds["test"][arm] = mixed_decode("test", lam, mode)
-        log.info("eval_%s: %s decoding sweep done (lambda %g) at %.0f s", kind, mode, lam, time.time() - t0)
-
-    if e.ranking:
-        base_scores = workdir_fs.load_npz(base_eval["scores"])
-        pt = {s: {rel: base_scores[f"{s}__{rel}"] for rel in ctx["candidates"] if f"{s}__{rel}" in base_scores}
-              for s in SPLITS}
-        ft = {s: candidate_scores(ft_model, tok, ctx["ft_seqs"][s], items[s], ctx["candidates"], e.score_batch)
-              for s in SPLITS}
-        preds["test"][f"rank:{kind}"] = ranked_predictions(items["test"], ctx["candidates"], ft["test"])
-        dev_em[f"rank:{kind}"] = exact_match_rate(items["dev"], ranked_predictions(items["dev"], ctx["candidates"], ft["dev"]))
-        for mode in config.mixing.modes:
-            arm = f"rank:{mix_name}/{mode}"
-            lam, scores = mixing.choose_lambda(
-                lambda l: exact_match_rate(items["dev"], mixed_ranking(items["dev"], ctx["candidates"], ft["dev"], pt["dev"], l,
-                                                          mode)), tuple(config.mixing.rank_grid))
-            sweeps["rank"][mode] = {str(k): v for k, v in scores.items()}
-            lambdas[arm], dev_em[arm] = lam, scores[lam]
-            preds["test"][arm] = mixed_ranking(items["test"], ctx["candidates"], ft["test"], pt["test"], lam, mode)
-        log.info("eval_%s: candidate ranking done at %.0f s", kind, time.time() - t0)
-
-    res = {arm: measure(ctx, items["test"], p) for arm, p in preds["test"].items()}
-    for arm, value in dev_em.items():
-        res[arm]["dev_exact_match"] = value
-    for arm, lam in lambdas.items():
-        res[arm]["lambda"] = lam
-    _write_predictions(os.path.join(stage_dir, "predictions.json"), preds["test"])
-    return {"metrics": res, "sweeps": sweeps, "predictions": os.path.join(stage_dir, "predictions.json")}
 
 
 # ------------------------------------------------------------------ pipeline
@@ -345,14 +133,11 @@ def _check_config(config) -> None:
 
 def _fp(value) -> str:
     """Content hash of token arrays (a dict of arrays) or of a list of items, so changed data reruns its readers."""
-    digest = hashlib.sha256()
     if isinstance(value, dict):
-        for key in sorted(value):
-            digest.update(key.encode())
-            digest.update(np.ascontiguousarray(value[key]).tobytes())
-    else:
-        for item in value:
-            digest.update(repr(item).encode())
+        return array_fingerprint(value)
+    digest = hashlib.sha256()
+    for item in value:
+        digest.update(repr(item).encode())
     return digest.hexdigest()[:16]
 
 
@@ -362,16 +147,16 @@ def run(config, workdir: str) -> dict:
     relations = finetune_data.check_relations(config.relations)
     mesh = common.make_mesh(config)
     stages = Stages(workdir)
-    world = stages.run("world", {"world": config.world.to_dict()}, lambda d: knowledge.world_stage(config, d))
+    world = stages.run("world", {"world": config.world.to_dict()}, lambda d: world_stage(config, d))
     world_dir = stages.path("world")
-    people = knowledge.load_people(world_dir, "background") + knowledge.load_people(world_dir, "new")
+    people = load_people(world_dir, "background") + load_people(world_dir, "new")
     groups = finetune_data.split_people(people, config.splits.to_dict(), config.seed)
 
     # Same keys as the knowledge pipeline: tokenizer.path, else the base checkpoint's own tokenizer.
     base_path = config.base_models.small
     tok_res = stages.run("tokenizer", {"world": world["_fingerprint"], "tokenizer": config.tokenizer.to_dict(),
                                        "base_models": config.base_models.to_dict(), "seed": config.seed},
-                         lambda d: knowledge.tokenizer_stage(config, world_dir, d))
+                         lambda d: tokenizer_stage(config, world_dir, d))
     tokenizer = load_tokenizer(tok_res["path"])
 
     # Pre-training corpus, frequencies, the skewed fine-tuning set.
@@ -401,8 +186,8 @@ def run(config, workdir: str) -> dict:
         "smoothing": float(config.shock.smoothing), "candidates": candidates, "skew": skew_info,
         "null_draws": int(config.shock.null_draws), "null_seed": config.seed,
         "stops": newline_ids(tokenizer),
-        "ft_seqs": {sp: _encode_prompts(tokenizer, [it.question for it in items[sp]]) for sp in SPLITS},
-        "base_seqs": {sp: _encode_prompts(tokenizer, base_prompt_texts(items[sp], shots, config.eval.k_shot,
+        "ft_seqs": {sp: encode_prompts(tokenizer, [it.question for it in items[sp]]) for sp in SPLITS},
+        "base_seqs": {sp: encode_prompts(tokenizer, base_prompt_texts(items[sp], shots, config.eval.k_shot,
                                                                        config.seed, i))
                       for i, sp in enumerate(SPLITS)},
     }
@@ -411,13 +196,13 @@ def run(config, workdir: str) -> dict:
 
     # Base model: pre-trained here, or given.
     if base_path:
-        base_dir = paths.absolute(base_path)  # local, or a URL (gs://...)
-        base = {"model_dir": base_dir, "_fingerprint": knowledge.path_fingerprint(base_dir)}
+        base_dir = workdir_fs.absolute(base_path)  # local, or a URL (gs://...)
+        base = {"model_dir": base_dir, "_fingerprint": path_fingerprint(base_dir)}
         load_model(base_dir, mesh)  # fail early on an unreadable checkpoint
     else:
         inputs = {"tokenizer": tok_res["_fingerprint"], "model": config.models.small.to_dict(),
                   "train": config.pretrain.to_dict(), "texts": _fp(texts), "seed": config.seed}
-        base = stages.run("pretrain", inputs, _timed(lambda d: pretrain_stage(config, texts, tokenizer, mesh, d)))
+        base = stages.run("pretrain", inputs, _timed(lambda d: pretrain_stage(config, "small", texts, tokenizer, mesh, d)))
 
     ft_data = finetune_data.qa_examples(tokenizer, ft_items, config.ft.seq_len)
     mix_data = with_loss_mask(lm_data.pack_documents(tokenizer, replay_texts, config.ft.seq_len))
@@ -445,7 +230,7 @@ def run(config, workdir: str) -> dict:
                       "mixture": config.mixture.to_dict() if kind == "mixture" else None}
             ft = stages.run(name, inputs, _timed(lambda d: finetune_stage(
                 config, kind, sd, base["model_dir"], ft_data, mix_data, mesh, d, steps)))
-            stage_info[name] = _public(ft)
+            stage_info[name] = public(ft)
             return ft
 
         # The steps sweep of vanilla fine-tuning (zero-shot decoding), the compute-matched length included; the
@@ -482,10 +267,10 @@ def run(config, workdir: str) -> dict:
             if best is not None:
                 per_seed.setdefault(prefix + "best_of_base_vanilla", {})[str(seed)] = best
     if "pretrain" in stages.ran or "pretrain" in stages.reused:
-        stage_info["pretrain"] = _public(base)
+        stage_info["pretrain"] = public(base)
 
     summary = {
-        "arms": {arm: {"per_seed": runs, **report.mean_std(list(runs.values()))} for arm, runs in per_seed.items()},
+        "arms": {arm: {"per_seed": runs, **seed_stats.mean_std(list(runs.values()))} for arm, runs in per_seed.items()},
         "sweeps": sweeps,
         "steps_sweep": steps_sweep,
         "matched_steps": matched_steps,
@@ -511,12 +296,12 @@ def run(config, workdir: str) -> dict:
                     "stage_cpu_seconds": {k: v.get("cpu_seconds") for k, v in stage_info.items() if "cpu_seconds" in v}},
     }
     if jax.process_index() == 0:
-        plots = _plots(workdir, per_seed, stage_info, base_eval, items["test"], ctx["candidates"], freqs,
-                       ctx["smoothing"], list(config.seeds), sweeps)
+        figures = _plots(workdir, per_seed, stage_info, base_eval, items["test"], ctx["candidates"], freqs,
+                         ctx["smoothing"], list(config.seeds), sweeps)
         steps_path = os.path.join(workdir, "plots", "em_vs_steps.png")
-        report.plot_steps(steps_sweep, per_seed["base"]["-"]["exact_match"], steps_path)
-        plots["em_vs_steps"] = os.path.relpath(steps_path, workdir)
-        summary["plots"] = plots
+        plots.plot_steps(steps_sweep, per_seed["base"]["-"]["exact_match"], steps_path)
+        figures["em_vs_steps"] = os.path.relpath(steps_path, workdir)
+        summary["plots"] = figures
     common.write_json(os.path.join(workdir, "summary.json"), _json_safe(summary))
     logging_utils.write_eval_scalars(workdir, summary["arms"])
     if jax.process_index() == 0:
@@ -539,12 +324,12 @@ def _plots(workdir, per_seed, stage_info, base_eval, test_items, objects, freqs,
     """Shock scatter per arm (first seed) and the lambda sweep, as PNGs in workdir/plots."""
     out_dir = workdir_fs.join(workdir, "plots")
     golds = [it.answer for it in test_items]
-    preds_by_arm = {"base": _read_predictions(base_eval["predictions"])["test"]}
+    preds_by_arm = {"base": read_predictions(base_eval["predictions"])["test"]}
     first = str(seeds[0])
     for kind in KINDS:
         key = f"eval_{kind}_s{first}"
         if key in stage_info:
-            preds_by_arm.update(_read_predictions(stage_info[key]["predictions"]))
+            preds_by_arm.update(read_predictions(stage_info[key]["predictions"]))
     paths = {}
     for arm, preds in preds_by_arm.items():
         if arm.startswith("rank:"):
@@ -555,7 +340,7 @@ def _plots(workdir, per_seed, stage_info, base_eval, test_items, objects, freqs,
                          title=f"{arm} (seed {first})" if arm != "base" else "base")
         paths[f"shock:{arm}"] = os.path.relpath(path, workdir)
     sweep_path = os.path.join(out_dir, "lambda_sweep.png")
-    report.plot_sweep(sweeps, sweep_path)
+    plots.plot_sweep(sweeps, sweep_path)
     paths["lambda_sweep"] = os.path.relpath(sweep_path, workdir)
     return paths
 
@@ -582,6 +367,3 @@ def _timed(fn):
 
     return run
 
-
-def _public(result: dict) -> dict:
-    return {k: v for k, v in result.items() if not k.startswith("_") and k != "model_dir"}

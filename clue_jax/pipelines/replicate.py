@@ -26,9 +26,12 @@ import jax
 import numpy as np
 
 from clue_jax import workdir_fs
-from clue_jax.clues import dropout, gate
+from clue_jax.clues import gate
 from clue_jax.eval import bootstrap
-from clue_jax.pipelines import common, knowledge, validate
+from clue_jax.pipelines import common, continual, validate
+from clue_jax.pipelines.clue_views import clue_analysis, render_clue_examples
+from clue_jax.pipelines.foundations import load_people
+from clue_jax.pipelines.knowledge_data import data_description, name_distances, people_knowledge, token_lengths
 from clue_jax.pipelines.protocol import arm_settings, protocol_mode, protocol_steps
 from clue_jax.pipelines.replicate_report import plot_curves, plot_em_vs_distance, render_report
 from clue_jax.train import logging_utils
@@ -42,7 +45,7 @@ def run_arm(ctx, student, arm, seed, protocol, split="test", drop=None, tag="", 
     settings = arm_settings(ctx.config, protocol, arm, len(ctx.knowledge[split].docs), curve=curve)
     suffix = {"paper": "", "equal_compute": "_eq", "long": "_long"}[protocol]
     suffix = "" if arm == "plain" and protocol != "long" else suffix  # plain: one run for paper and equal_compute
-    return knowledge.train_and_evaluate(ctx, student, arm, seed, split=split, drop=drop, tag=tag + suffix,
+    return continual.train_and_evaluate(ctx, student, arm, seed, split=split, drop=drop, tag=tag + suffix,
                                         **settings)
 
 
@@ -93,13 +96,13 @@ def set_drop(config, arms) -> dict:
 def teacher_gate(ctx) -> dict:
     """The gate's numbers: both teachers' gate.probe EM on background people, and the far-clue share."""
     c = ctx.config
-    people = knowledge.load_people(ctx.world_dir, "background")[: int(c.gate.people)]
-    ctx.knowledge["background"] = knowledge.people_knowledge(people)
+    people = load_people(ctx.world_dir, "background")[: int(c.gate.people)]
+    ctx.knowledge["background"] = people_knowledge(people)
     em = {}
     for size in ("small", "large"):
-        res = knowledge.evaluate(ctx, f"teacher_{size}_background", ctx.bases[size], split="background")
+        res = continual.evaluate(ctx, f"teacher_{size}_background", ctx.bases[size], split="background")
         em[size] = {a: v["exact_match"] for a, v in res[c.gate.probe].items()}
-    per_doc = knowledge.clue_analysis(ctx).get("per_document", {"shares": [], "chance": []})  # none on a corpus
+    per_doc = clue_analysis(ctx).get("per_document", {"shares": [], "chance": []})  # none on a corpus
     params = {s: count_params(ctx.bases[s]["model_dir"], ctx.mesh) for s in ("small", "large")}
     out = gate.teacher_gate(em["small"], em["large"], per_doc["shares"], per_doc["chance"], min_gap=float(c.gate.min_gap),
                             n_boot=int(c.bootstrap.n_boot), params=params)
@@ -153,9 +156,9 @@ def comparisons(results: dict, config) -> dict:
 def run(config, workdir: str) -> dict:
     validate.check_config(config)  # incl. the grid's need for dev people, before any stage runs
     arms = list(config.clues.arms)
-    ctx = knowledge.prepare(config, workdir, need_scores=True)
-    summary = {"teacher_gate": teacher_gate(ctx), "data": knowledge.data_description(ctx),
-               "token_lengths": knowledge.token_lengths(ctx), "distance_from_name": knowledge.name_distances(ctx)}
+    ctx = continual.prepare(config, workdir, need_scores=True)
+    summary = {"teacher_gate": teacher_gate(ctx), "data": data_description(ctx),
+               "token_lengths": token_lengths(ctx), "distance_from_name": name_distances(ctx)}
     if jax.process_index() == 0:
         print("\n".join(gate.describe(summary["teacher_gate"], probe=config.gate.probe)), flush=True)
     chosen, grid = {}, {}
@@ -168,7 +171,7 @@ def run(config, workdir: str) -> dict:
     for protocol in config.protocol.names:
         results: dict[str, dict[str, list[dict]]] = {}
         for student in config.students:
-            results[student] = {"base": [knowledge.evaluate(ctx, f"base_{student}", ctx.bases[student])]}
+            results[student] = {"base": [continual.evaluate(ctx, f"base_{student}", ctx.bases[student])]}
             for arm in arms:
                 results[student][arm] = [run_arm(ctx, student, arm, seed, protocol,
                                                  drop=chosen[student].get(arm, {})) for seed in config.seeds]
@@ -180,8 +183,8 @@ def run(config, workdir: str) -> dict:
             "results": results, "comparisons": comparisons(results, config)}
     summary.update({
         "primary": reported_probe(config, protocols), "chosen": chosen, "grid": grid, "protocols": protocols,
-        "clue_analysis": {k: v for k, v in knowledge.clue_analysis(ctx).items() if k != "per_document"},
-        "clue_views": knowledge.render_clue_examples(ctx, config.clues.render_examples),
+        "clue_analysis": {k: v for k, v in clue_analysis(ctx).items() if k != "per_document"},
+        "clue_views": render_clue_examples(ctx, config.clues.render_examples),
         "stages_reused": ctx.stages.reused, "stages_ran": ctx.stages.ran,
     })
     common.write_json(os.path.join(workdir, "summary.json"), summary)

@@ -6,7 +6,7 @@ import numpy as np
 from clue_jax import workdir_fs
 from clue_jax.clues import gate
 from clue_jax.eval import bootstrap
-from clue_jax.pipelines import common, knowledge
+from clue_jax.eval.tables import format_table, mean_std
 
 PROTOCOL_TITLES = {"paper": "the paper's protocol (equal epochs over 1 original + K fixed copies)",
                    "equal_compute": "equal compute (every arm plain's steps, dropout drawn fresh)",
@@ -20,7 +20,7 @@ def _attrs(summary, results):
 
 
 def _cell(runs, probe, attr, metric):
-    return knowledge.mean_std([r[probe][attr][metric] for r in runs])
+    return mean_std([r[probe][attr][metric] for r in runs])
 
 
 def protocol_note(config, protocol: str, steps: dict, documents: int) -> str:
@@ -80,12 +80,12 @@ def _protocol_section(summary, config, protocol, p) -> list[str]:
             if probe is None or probe not in arms["base"][0]:
                 continue
             rows = [[arm] + [_cell(runs, probe, a, "exact_match") for a in attrs + ["all"]] for arm, runs in arms.items()]
-            lines += [f"### {title}, {student} student", "", common.format_table(rows, header), ""]
+            lines += [f"### {title}, {student} student", "", format_table(rows, header), ""]
         if "value_nll" in arms["base"][0]:
-            rows = [[arm] + [knowledge.mean_std([r["value_nll"][a]["nll"] for r in runs]) for a in attrs + ["all"]]
+            rows = [[arm] + [mean_std([r["value_nll"][a]["nll"] for r in runs]) for a in attrs + ["all"]]
                     for arm, runs in arms.items()]
             lines += [f"### NLL of the values in the intact biographies (nats per value, lower is better), "
-                      f"{student} student", "", common.format_table(rows, header), ""]
+                      f"{student} student", "", format_table(rows, header), ""]
         lines += _curve_table(arms, student)
         for arm, entry in p["comparisons"].get(student, {}).items():
             parts = [f"{probe} {bootstrap.describe(iv)} ({bootstrap.verdict(iv, 'contrast ahead', 'contrast behind')})"
@@ -107,7 +107,7 @@ def _curve_table(arms: dict, student: str) -> list[str]:
     if not rows:
         return []
     return [f"### EM (all attributes) against steps, {student} student", "",
-            common.format_table(rows, ["arm", "step: EM"]), ""]
+            format_table(rows, ["arm", "step: EM"]), ""]
 
 
 def _grid_section(summary, config) -> list[str]:

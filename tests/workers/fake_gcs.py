@@ -1,7 +1,7 @@
 """A fake gs:// backed by a local directory, for tests that drive a gs:// workdir through the real code.
 
 `install(root)` makes every gs://BUCKET/PATH reach ROOT/BUCKET/PATH through the same libraries a real bucket
-goes through: fsspec's "gs"/"gcs" protocol (what etils.epath and clue_jax.paths ask for; gcsfs in real use) is a
+goes through: fsspec's "gs"/"gcs" protocol (what etils.epath and clue_jax.workdir_fs ask for; gcsfs in real use) is a
 directory filesystem that, like GCS, cannot append; orbax's TensorStore arrays use TensorStore's `file` driver
 instead of its `gcs` driver, and orbax's bucket lookup (google-cloud-storage, for hierarchical namespaces) says
 "flat bucket". `guard_local_gs()` makes any local open/mkdir of a path containing "gs:" raise -- what a gs://
