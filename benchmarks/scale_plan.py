@@ -2,7 +2,7 @@
 
 Nothing is allocated: models are built with `nnx.eval_shape`, every input is a
 `jax.ShapeDtypeStruct` carrying the sharding the project would give it
-(`clue_jax.train.sharding` rules on configs/llama3_pod.py's mesh, (1, 8, -1)
+(`clue_jax.parallel.rules` rules on configs/llama3_pod.py's mesh, (1, 8, -1)
 over 64 devices), and each step is `jit(...).lower(...).compile()`d; the
 bytes come from `memory_analysis()` of the compiled per-device program; the
 FLOPs per step are counted analytically (benchmarks/model_flops.py: XLA's
@@ -76,7 +76,8 @@ from clue_jax.clues import scoring  # noqa: E402
 from clue_jax.models import layers, lora  # noqa: E402
 from clue_jax.models.causal_lm import CausalLM  # noqa: E402
 from clue_jax.models.config import ModelConfig  # noqa: E402
-from clue_jax.train import loop, mesh as mesh_lib, objectives, sharding as shard_lib  # noqa: E402
+from clue_jax.parallel import mesh as mesh_lib, rules as shard_lib  # noqa: E402
+from clue_jax.train import loop, objectives  # noqa: E402
 from clue_jax.train.optim import make_optimizer  # noqa: E402
 
 

@@ -143,7 +143,7 @@ def export(workdir: str, stage: str, out: str, max_shard_bytes: int | None = 5 *
     dtype: the tensors' dtype (None: the parameters' own)."""
     from clue_jax.clues import scoring
     from clue_jax.models import factory, hf, lora
-    from clue_jax.train import mesh as mesh_lib
+    from clue_jax.parallel import mesh as mesh_lib
 
     workdir, out = paths.absolute(workdir), paths.absolute(out).rstrip("/")
     model_dir, tok_dir = find_model(workdir, stage)

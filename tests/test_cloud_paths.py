@@ -24,7 +24,7 @@ from clue_jax.errors import UserInputError
 from clue_jax.models import config as model_config
 from clue_jax.models import factory, hf
 from clue_jax.pipelines.stages import Stages
-from clue_jax.train.mesh import make_mesh
+from clue_jax.parallel.mesh import make_mesh
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CFG = model_config.llama(vocab_size=300, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, head_dim=8, mlp_dim=64,

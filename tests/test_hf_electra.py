@@ -16,7 +16,7 @@ transformers = pytest.importorskip("transformers")
 from clue_jax.errors import UserInputError  # noqa: E402
 from clue_jax.models import encoder as E  # noqa: E402
 from clue_jax.models import hf_electra as H  # noqa: E402
-from clue_jax.train.mesh import make_mesh  # noqa: E402
+from clue_jax.parallel.mesh import make_mesh  # noqa: E402
 
 HF_CONFIG = dict(
     vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,

@@ -32,7 +32,7 @@ from flax import nnx
 from clue_jax.data.batching import rows_of
 from clue_jax.errors import UserInputError
 from clue_jax.models import precision
-from clue_jax.train.sharding import batch_sharding, state_shardings
+from clue_jax.parallel.rules import batch_sharding, state_shardings
 
 
 def _mask_or_ones(input_ids: jax.Array, attention_mask: jax.Array | None) -> jax.Array:

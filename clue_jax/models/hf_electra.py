@@ -5,7 +5,7 @@ Loading follows the bonsai recipe: build the module abstractly with
 regex table (a stacked layer parameter [L, ...] to the L per-layer tensors),
 transpose Linear weights (torch stores [out, in], nnx [in, out]),
 check the shape, and place each array straight onto its mesh sharding
-(`clue_jax.train.sharding.state_shardings`) with `make_array_from_callback`,
+(`clue_jax.parallel.rules.state_shardings`) with `make_array_from_callback`,
 so no device holds more than its shard. Tensors are read whole into host
 memory (memory-mapped safetensors, single file or sharded index, through
 `clue_jax.models.hf`'s reader): fine for ELECTRA sizes (large is 335M
@@ -42,7 +42,7 @@ from clue_jax.models.encoder import (
     EncoderConfig,
 )
 from clue_jax.models.hf import _open, _to_host, _weight_files  # shared safetensors reading / host gathering
-from clue_jax.train.sharding import state_shardings
+from clue_jax.parallel.rules import state_shardings
 
 KINDS = ("discriminator", "generator", "encoder")
 _MODEL_FOR_KIND = {"discriminator": ElectraDiscriminator, "generator": ElectraGenerator, "encoder": Encoder}

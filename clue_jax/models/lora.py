@@ -10,7 +10,7 @@ W + (alpha / r) * A @ B back into the kernels and restores plain Linears, so
 `clue_jax.models.hf.save` exports an ordinary checkpoint.
 
 Adapter params carry the logical names (<kernel's input axis>, "lora") and
-("lora", <kernel's output axis>), which clue_jax.train.sharding maps like the
+("lora", <kernel's output axis>), which clue_jax.parallel.rules maps like the
 kernel they adapt ("lora" itself is replicated). A Linear of stacked layers
 (kernel [L, in, out], clue_jax.models.stacking) gets stacked adapters
 [L, in, r] and [L, r, out], each layer initialised with its own key, under the

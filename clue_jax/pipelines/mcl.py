@@ -53,7 +53,8 @@ from clue_jax.mcl import downstream, intrinsic, objective as mcl_objective, repo
 from clue_jax.models.encoder import ElectraPair, EncoderConfig, generator_config
 from clue_jax.pipelines import common
 from clue_jax.pipelines.stages import Stages, fingerprint
-from clue_jax.train import logging_utils, loop, sharding as shard_lib
+from clue_jax.parallel import rules as shard_lib
+from clue_jax.train import logging_utils, loop
 from clue_jax.train.checkpoint import refuse_per_layer_layout, saved_tree
 
 log = logging.getLogger("clue_jax")

@@ -36,7 +36,7 @@ from jax.experimental import multihost_utils
 from clue_jax.data import batching
 from clue_jax.errors import UserInputError
 from clue_jax.models import attention, layers, precision
-from clue_jax.train import sharding as shard_lib
+from clue_jax.parallel import rules as shard_lib
 from clue_jax.train.checkpoint import Checkpointer, abstract_like
 from clue_jax.train.logging_utils import MetricsWriter, Progress
 from clue_jax.train.optim import learning_rate_schedule, make_optimizer
