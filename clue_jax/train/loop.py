@@ -4,8 +4,13 @@ One jitted step with explicit in/out shardings and donated state runs on a
 mesh from config. The step (1) derives its RNG from (seed key, step), so a
 resumed run replays exactly; (2) optionally transforms the batch inside jit
 (clue dropout, live teacher scoring) with frozen `extras` that never enter
-the gradient; (3) accumulates gradients over micro-batches with `lax.scan`;
-(4) applies AdamW. Each process loads the rows of every global batch that
+the gradient; (3) accumulates gradients over micro-batches with `lax.scan`,
+each device keeping its share of every micro-batch (`split_micro`);
+(4) applies AdamW to gradients cast back to their parameters' dtypes, so the
+state's dtypes are a fixed point of the step (checked after the first step:
+otherwise the step would compile twice, lose its donation, and a bf16 run's
+checkpoint would not restore onto a fresh state). Activations are pinned to
+the mesh while the step is traced (`clue_jax.parallel.rules`). Each process loads the rows of every global batch that
 its devices hold (`batching.process_rows`, from the batch sharding) and they
 become global arrays of the configured batch shape, so the same code runs per
 host on a pod, whichever mesh axes span the hosts.
