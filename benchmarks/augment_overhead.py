@@ -34,7 +34,8 @@ from clue_jax.clues import dropout  # noqa: E402
 from clue_jax.models import config as model_config  # noqa: E402
 from clue_jax.models.causal_lm import CausalLM  # noqa: E402
 from clue_jax.pipelines.continual import live_transform  # noqa: E402
-from clue_jax.train import defaults, loop, mesh as mesh_lib, objectives, sharding  # noqa: E402
+from clue_jax.parallel import mesh as mesh_lib, rules as sharding  # noqa: E402
+from clue_jax.train import defaults, loop, objectives  # noqa: E402
 
 
 def make_batch(rng, batch, seq, vocab):

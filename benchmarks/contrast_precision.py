@@ -103,7 +103,7 @@ def from_workdir(workdir: str):
     from clue_jax.models import factory
     from clue_jax.pipelines import continual, knowledge_data
     from clue_jax.pipelines.stages import Stages
-    from clue_jax.train import mesh as mesh_lib
+    from clue_jax.parallel import mesh as mesh_lib
 
     with open(os.path.join(workdir, "config.json")) as f:
         config = ml_collections.ConfigDict(json.load(f))

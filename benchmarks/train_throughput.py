@@ -69,7 +69,7 @@ from clue_jax.models import config as model_config  # noqa: E402
 from clue_jax.models.causal_lm import CausalLM  # noqa: E402
 from clue_jax.train import defaults, objectives  # noqa: E402
 from clue_jax.train.loop import Trainer  # noqa: E402
-from clue_jax.train.mesh import make_mesh  # noqa: E402
+from clue_jax.parallel.mesh import make_mesh  # noqa: E402
 
 NAME = "train_throughput"
 TARGET_RATIO = 1.5

@@ -155,7 +155,7 @@ def export(workdir: str, stage: str, out: str, max_shard_bytes: int | None = 5 *
     from clue_jax.clues import scoring
     from clue_jax.data.tokenizer import bos_first, save_bos_first
     from clue_jax.models import factory, hf, lora
-    from clue_jax.train import mesh as mesh_lib
+    from clue_jax.parallel import mesh as mesh_lib
 
     workdir, out = paths.absolute(workdir), paths.absolute(out).rstrip("/")
     model_dir, tok_dir = find_model(workdir, stage)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from clue_jax.models import attention as attn
-from clue_jax.train import mesh as mesh_lib
+from clue_jax.parallel import mesh as mesh_lib
 
 SHAPE = dict(batch=4, seq_len=128, num_heads=4, num_kv_heads=2, head_dim=128, scale=128**-0.5)
 

@@ -26,7 +26,7 @@ from clue_jax.models import config as model_config
 from clue_jax.models import factory, hf
 from clue_jax.pipelines.stages import Stages
 from clue_jax.models.safetensors_io import RemoteSafetensors
-from clue_jax.train.mesh import make_mesh
+from clue_jax.parallel.mesh import make_mesh
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 import fake_gcs  # noqa: E402

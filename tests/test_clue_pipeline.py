@@ -12,7 +12,8 @@ from clue_jax.errors import UserInputError
 from clue_jax.models import config as model_config
 from clue_jax.models.causal_lm import CausalLM
 from clue_jax.pipelines.continual import live_transform
-from clue_jax.train import defaults, loop, mesh as mesh_lib, objectives
+from clue_jax.parallel import mesh as mesh_lib
+from clue_jax.train import defaults, loop, objectives
 
 SMALL = model_config.llama(vocab_size=64, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, mlp_dim=64)
 LARGE = model_config.llama(vocab_size=64, d_model=48, num_layers=2, num_heads=4, num_kv_heads=4, mlp_dim=96)

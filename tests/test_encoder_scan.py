@@ -13,9 +13,9 @@ from clue_jax.errors import UserInputError
 from clue_jax.models import attention as attn
 from clue_jax.models import encoder as E
 from clue_jax.mcl import pairs as mcl_pairs
-from clue_jax.train import sharding
+from clue_jax.parallel import rules as sharding
 from clue_jax.train.checkpoint import Checkpointer
-from clue_jax.train.mesh import make_mesh
+from clue_jax.parallel.mesh import make_mesh
 
 CFG = E.EncoderConfig(vocab_size=64, hidden_size=32, embedding_size=16, num_layers=3, num_heads=4,
                       intermediate_size=64, max_len=32, dropout=0.3)

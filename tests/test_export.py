@@ -34,7 +34,7 @@ from clue_jax.models import factory, hf, lora
 from clue_jax.pipelines import common
 from clue_jax.pipelines.stages import Stages
 from clue_jax.train import defaults
-from clue_jax.train.mesh import make_mesh
+from clue_jax.parallel.mesh import make_mesh
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

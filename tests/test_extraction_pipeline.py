@@ -179,7 +179,7 @@ def test_candidate_scores_bucketed_equal_row_by_row_scoring():
     from clue_jax.models import factory
     from clue_jax.models.config import ModelConfig
     from clue_jax.extraction.answers import candidate_scores, ranked_predictions
-    from clue_jax.train import mesh as mesh_lib
+    from clue_jax.parallel import mesh as mesh_lib
 
     mesh = mesh_lib.make_mesh((-1, 1, 1))
     model = factory.create(ModelConfig(flavour="llama", vocab_size=128, d_model=16, num_layers=1, num_heads=2,

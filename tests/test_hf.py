@@ -19,7 +19,7 @@ from safetensors.numpy import load_file, save_file
 from clue_jax.errors import UserInputError
 from clue_jax.models import hf
 from clue_jax.models.layers import rope_inverse_frequencies
-from clue_jax.train.mesh import make_mesh
+from clue_jax.parallel.mesh import make_mesh
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

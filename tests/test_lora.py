@@ -11,8 +11,8 @@ from clue_jax.errors import UserInputError
 from clue_jax.models import hf, lora, stacking
 from clue_jax.models.causal_lm import CausalLM
 from clue_jax.models.config import gpt2, llama
-from clue_jax.train.mesh import make_mesh
-from clue_jax.train.sharding import state_shardings
+from clue_jax.parallel.mesh import make_mesh
+from clue_jax.parallel.rules import state_shardings
 
 RANK, ALPHA = 4, 8.0
 CFG = llama(vocab_size=64, d_model=32, num_layers=1, num_heads=4, num_kv_heads=2, mlp_dim=64)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from clue_jax.errors import UserInputError
-from clue_jax.train import mesh as mesh_lib
+from clue_jax.parallel import mesh as mesh_lib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -173,7 +173,7 @@ _TWO_PROCESS = """
 import sys, jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(coordinator_address=sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
-from clue_jax.train import mesh
+from clue_jax.parallel import mesh
 for shape in [(1, 2, 2), (4, 1, 1), (1, 1, 4)]:
     print(shape, [d.process_index for d in mesh.make_mesh(shape).devices.flat], flush=True)
 """

@@ -18,7 +18,8 @@ from clue_jax.models import config as model_config
 from clue_jax.models import factory, hf, precision
 from clue_jax.pipelines import common, validate
 from clue_jax.pipelines.stages import Stages
-from clue_jax.train import defaults, loop, mesh as mesh_lib, objectives
+from clue_jax.parallel import mesh as mesh_lib
+from clue_jax.train import defaults, loop, objectives
 
 VOCAB = 64
 BF16_CKPT = model_config.llama(vocab_size=VOCAB, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64,

@@ -8,7 +8,7 @@ from flax import nnx
 from clue_jax.errors import UserInputError
 from clue_jax.models import config as C
 from clue_jax.models.causal_lm import CausalLM
-from clue_jax.train import mesh as mesh_lib, sharding
+from clue_jax.parallel import mesh as mesh_lib, rules as sharding
 
 FLAVOURS = {
     "gpt2": C.gpt2(vocab_size=50, d_model=32, num_layers=2, num_heads=4, mlp_dim=64, max_len=32),

@@ -37,8 +37,9 @@ from clue_jax.errors import UserInputError
 from clue_jax.models import config as model_config
 from clue_jax.models import factory
 from clue_jax.models.causal_lm import CausalLM
-from clue_jax.train import defaults, loop, mesh, objectives
-from clue_jax.train import sharding as shard_lib
+from clue_jax.parallel import mesh
+from clue_jax.parallel import rules as shard_lib
+from clue_jax.train import defaults, loop, objectives
 from clue_jax.train.checkpoint import Checkpointer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))

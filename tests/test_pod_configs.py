@@ -19,7 +19,7 @@ import pytest
 from clue_jax.data.tokenizer import train_bpe_tokenizer
 from clue_jax.models import hf
 from clue_jax.models.config import ModelConfig
-from clue_jax.train.mesh import resolve_shape
+from clue_jax.parallel.mesh import resolve_shape
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

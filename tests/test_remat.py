@@ -13,7 +13,8 @@ from clue_jax.errors import UserInputError
 from clue_jax.models import config as model_config
 from clue_jax.models import encoder, layers
 from clue_jax.models.causal_lm import CausalLM
-from clue_jax.train import defaults, loop, mesh, objectives
+from clue_jax.parallel import mesh
+from clue_jax.train import defaults, loop, objectives
 
 POLICIES = ("full", "dots")
 

@@ -161,7 +161,7 @@ def test_scorer_sharded_bf16_and_corpus():
     ids = _ids(model.cfg.vocab_size, seed=1)
     want = _naive_received(_naive_attention(model, ids, mask), mask)
 
-    from clue_jax.train.mesh import make_mesh
+    from clue_jax.parallel.mesh import make_mesh
     mesh = make_mesh((2, 2, 2))
     scorer = scoring.make_scorer(model, mesh=mesh, query_block=QUERY_BLOCK)
     got = scoring.score_corpus(scorer, ids, mask, batch_size=4)  # 5 rows: the last batch is padded

@@ -13,7 +13,7 @@ from clue_jax.models import config as mc
 from clue_jax.models import factory, layers, stacking
 from clue_jax.models.causal_lm import CausalLM
 from clue_jax.train import checkpoint
-from clue_jax.train.mesh import make_mesh
+from clue_jax.parallel.mesh import make_mesh
 
 SMALL = dict(vocab_size=61, d_model=32, num_heads=4, num_kv_heads=2, mlp_dim=64, max_len=32)
 CONFIGS = {

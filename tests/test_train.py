@@ -15,7 +15,8 @@ from clue_jax.data.batching import ArrayBatchSource
 from clue_jax.errors import UserInputError
 from clue_jax.models import config as model_config
 from clue_jax.models.causal_lm import CausalLM
-from clue_jax.train import checkpoint, defaults, loop, mesh, objectives
+from clue_jax.parallel import mesh
+from clue_jax.train import checkpoint, defaults, loop, objectives
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 from train_worker import tiny_data  # noqa: E402

@@ -32,7 +32,7 @@ from flax import nnx
 from clue_jax.data.batching import rows_of
 from clue_jax.errors import UserInputError
 from clue_jax.models import precision
-from clue_jax.train.sharding import batch_sharding, state_shardings
+from clue_jax.parallel.rules import activation_mesh, batch_sharding, state_shardings
 
 
 def _mask_or_ones(input_ids: jax.Array, attention_mask: jax.Array | None) -> jax.Array:
@@ -119,7 +119,8 @@ class Scorer:
 
         def score(params, rest, input_ids, attention_mask):
             teacher = nnx.merge(graphdef, params, rest)
-            return received_attention(teacher, input_ids, attention_mask, query_block)
+            with activation_mesh(mesh):  # each device scores its rows: the teacher's weights are gathered
+                return received_attention(teacher, input_ids, attention_mask, query_block)
 
         if mesh is None:
             self._jitted = jax.jit(score)

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from clue_jax.errors import UserInputError
-from clue_jax.train.sharding import batch_sharding
+from clue_jax.parallel.rules import batch_sharding
 
 
 def process_rows(mesh, batch_size: int) -> np.ndarray:

@@ -360,7 +360,7 @@ def _score_cached_jit(logits_fn, cache, last_logp, index, cont, cont_mask):
 
     model = cached_model(logits_fn)
     _, hidden = kv.extend(model, kv.repeat(cache, index), cont, cont_mask)
-    logp = jax.nn.log_softmax(kv.logits(model, hidden[:, :-1]), axis=-1)  # predicts cont[:, 1:]
+    logp = jax.nn.log_softmax(model.logits(hidden[:, :-1]), axis=-1)  # predicts cont[:, 1:]
     logp = jnp.concatenate([last_logp[index][:, None], logp], axis=1)  # the prompt predicts cont[:, 0]
     picked = jnp.take_along_axis(logp, cont[..., None], axis=-1)[..., 0]
     return jnp.sum(jnp.where(cont_mask > 0, picked, 0.0), axis=-1)

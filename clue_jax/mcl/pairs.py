@@ -15,7 +15,7 @@ from clue_jax import workdir_fs
 from clue_jax.errors import UserInputError
 from clue_jax.mcl import downstream
 from clue_jax.models.encoder import ElectraPair, EncoderConfig
-from clue_jax.train import sharding as shard_lib
+from clue_jax.parallel import rules as shard_lib
 from clue_jax.train.checkpoint import refuse_per_layer_layout, saved_tree
 
 _INITS: dict = {}

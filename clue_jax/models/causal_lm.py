@@ -12,6 +12,12 @@ them at trace time), so with a window the unit is a `LayerPair` (a sliding
 and a global Block; layer 2u is pair u's sliding one, 2u+1 its global one)
 and `model.blocks` holds num_layers / 2 of them; otherwise it holds
 num_layers Blocks.
+
+Activations are pinned (clue_jax.parallel.rules.constrain) at the embedding,
+the attention heads and output, the MLP hidden layer, every block's output
+and the logits: batch over (data, fsdp), heads and MLP hidden over tensor.
+Under a mesh that keeps each device's share of the batch on that device and
+makes XLA gather weights rather than activations; without one they do nothing.
 """
 from __future__ import annotations
 
@@ -23,6 +29,12 @@ from clue_jax.errors import UserInputError
 from clue_jax.models import attention as attn
 from clue_jax.models import layers, stacking
 from clue_jax.models.config import ModelConfig
+from clue_jax.parallel.rules import RESIDUAL, constrain
+
+_HEADS = ("activation_batch", "activation_length", "activation_heads", None)
+_KV_HEADS = ("activation_batch", "activation_length", "activation_kv_heads", None)
+_MLP = ("activation_batch", "activation_length", "activation_mlp")
+_LOGITS = ("activation_batch", "activation_length", "activation_vocab")
 
 
 def _norm(cfg: ModelConfig, rngs: nnx.Rngs):
@@ -55,9 +67,9 @@ class SelfAttention(nnx.Module):
         """Queries, keys and values of `x` [B, T, D], rotated; shared with the KV-cached decoder."""
         cfg = self.cfg
         b, t, _ = x.shape
-        q = self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_size)
-        k = self.k_proj(x).reshape(b, t, cfg.kv_heads, cfg.head_size)
-        v = self.v_proj(x).reshape(b, t, cfg.kv_heads, cfg.head_size)
+        q = constrain(self.q_proj(x).reshape(b, t, cfg.num_heads, cfg.head_size), _HEADS)
+        k = constrain(self.k_proj(x).reshape(b, t, cfg.kv_heads, cfg.head_size), _KV_HEADS)
+        v = constrain(self.v_proj(x).reshape(b, t, cfg.kv_heads, cfg.head_size), _KV_HEADS)
         if self.inv_freq is not None:
             q = layers.apply_rope(q, positions, self.inv_freq[...])
             k = layers.apply_rope(k, positions, self.inv_freq[...])
@@ -77,7 +89,8 @@ class SelfAttention(nnx.Module):
                 sliding_window=self.sliding_window, request=request,
             )
             stats = (colsum, row)
-        return self.o_proj(out.reshape(b, t, -1)), stats
+        out = constrain(out, _HEADS).reshape(b, t, -1)
+        return constrain(self.o_proj(out), RESIDUAL), stats
 
 
 class MLP(nnx.Module):
@@ -94,8 +107,10 @@ class MLP(nnx.Module):
 
     def __call__(self, x):
         if self.gated:
-            return self.down_proj(self.activation(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(self.activation(self.up_proj(x)))
+            hidden = self.activation(constrain(self.gate_proj(x), _MLP)) * constrain(self.up_proj(x), _MLP)
+        else:
+            hidden = self.activation(constrain(self.up_proj(x), _MLP))
+        return constrain(self.down_proj(constrain(hidden, _MLP)), RESIDUAL)
 
 
 class Block(nnx.Module):
@@ -121,7 +136,7 @@ class Block(nnx.Module):
         h = self.mlp(self.mlp_norm(x))
         if self.post_norms:
             h = self.post_mlp_norm(h)
-        return x + h, extra
+        return constrain(x + h, RESIDUAL), extra
 
     def sublayers(self) -> tuple:
         """The layers of one scanned step, in order."""
@@ -178,7 +193,7 @@ class CausalLM(nnx.Module):
             x = x + self.embed_positions(positions)
         if self.cfg.flavour == "gemma2":
             x = x * jnp.asarray(self.cfg.d_model**0.5, dtype=x.dtype)
-        return x
+        return constrain(x, RESIDUAL)
 
     def _inputs(self, input_ids, attention_mask, positions):
         if attention_mask is None:
@@ -200,12 +215,16 @@ class CausalLM(nnx.Module):
         return self.final_norm(x)
 
     def __call__(self, input_ids, attention_mask=None, positions=None):
-        x = self.hidden_states(input_ids, attention_mask, positions)
+        return self.logits(self.hidden_states(input_ids, attention_mask, positions))
+
+    def logits(self, hidden):
+        """Float32 logits [..., V] of final hidden states [..., D] (the loss calls it a chunk of [B, T] at a time)."""
         if self.cfg.tie_embeddings:
-            logits = self.embed_tokens.attend(x)
+            logits = self.embed_tokens.attend(hidden)
         else:
-            logits = self.lm_head(x)
-        return layers.softcap(logits.astype(jnp.float32), self.cfg.final_logit_softcap)
+            logits = self.lm_head(hidden)
+        logits = layers.softcap(logits.astype(jnp.float32), self.cfg.final_logit_softcap)
+        return constrain(logits, _LOGITS) if logits.ndim == 3 else logits
 
     def received_attention_sums(self, input_ids, attention_mask=None, *, query_block: int = 128, query_index=None):
         """Attention received per token, summed over layers, heads and real queries.

@@ -23,8 +23,8 @@ from clue_jax.models.causal_lm import CausalLM
 from clue_jax.models import lora
 from clue_jax.models import precision as precision_lib
 from clue_jax.models.config import ModelConfig
+from clue_jax.parallel import rules as shard_lib
 from clue_jax.train import checkpoint
-from clue_jax.train import sharding as shard_lib
 
 
 def create(cfg: ModelConfig, seed: int, mesh) -> CausalLM:

@@ -2,7 +2,7 @@
 
 Loading never materialises the model with real (or random) weights first: the
 model is built abstractly (`nnx.eval_shape`), each parameter's target sharding
-comes from `clue_jax.train.sharding.state_shardings`, and every parameter is
+comes from `clue_jax.parallel.rules.state_shardings`, and every parameter is
 created with `jax.make_array_from_callback`, whose callback reads from the
 memory-mapped safetensors file only the slice one device needs
 (`safe_open(...).get_slice`). So no device ever holds more of a tensor than its
@@ -165,7 +165,7 @@ def load(path: str | Path, dtype: str | None = None, mesh: jax.sharding.Mesh | N
     path: a local directory or a bucket URL (gs://, s3://, az://), read
     in place: ranged reads of the slices this host's devices hold, no copy.
     dtype: parameter and compute dtype (default: the checkpoint's dtype).
-    mesh: shard by the logical-axis rules of clue_jax.train.sharding; None puts
+    mesh: shard by the logical-axis rules of clue_jax.parallel.rules; None puts
     everything on the first local device.
     """
     directory = paths.absolute(os.fspath(path)).rstrip("/")
@@ -178,7 +178,7 @@ def load(path: str | Path, dtype: str | None = None, mesh: jax.sharding.Mesh | N
     abstract_model = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
     graphdef, abstract = nnx.split(abstract_model)
     if mesh is not None:
-        from clue_jax.train.sharding import state_shardings
+        from clue_jax.parallel.rules import state_shardings
 
         shardings = dict(nnx.to_flat_state(state_shardings(abstract, mesh)))
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())

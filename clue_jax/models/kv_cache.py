@@ -123,23 +123,17 @@ def extend(model: CausalLM, cache: KVCache, input_ids: jax.Array, attention_mask
     return cache, model.final_norm(x)
 
 
-def logits(model: CausalLM, hidden: jax.Array) -> jax.Array:
-    """The model's LM head (tied or not) and final soft-cap on hidden states: float32 [..., V]."""
-    out = model.embed_tokens.attend(hidden) if model.cfg.tie_embeddings else model.lm_head(hidden)
-    return layers.softcap(out.astype(jnp.float32), model.cfg.final_logit_softcap)
-
-
 def prefill(model: CausalLM, input_ids: jax.Array, attention_mask: jax.Array, slots: int):
     """A cache of `slots` slots holding a left-padded prompt [B, P]; returns (cache, last-token logits [B, V])."""
     cache = init(model, input_ids.shape[0], slots)
     cache, hidden = extend(model, cache, input_ids, attention_mask)
-    return cache, logits(model, hidden[:, -1])
+    return cache, model.logits(hidden[:, -1])
 
 
 def step(model: CausalLM, cache: KVCache, token: jax.Array):
     """One decoding step: token [B] goes into the next slot; returns (cache, its logits [B, V])."""
     cache, hidden = extend(model, cache, token[:, None], jnp.ones_like(token)[:, None])
-    return cache, logits(model, hidden[:, 0])
+    return cache, model.logits(hidden[:, 0])
 
 
 def repeat(cache: KVCache, index: jax.Array) -> KVCache:

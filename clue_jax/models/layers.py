@@ -1,7 +1,7 @@
 """Building blocks shared by the causal LM and the encoder.
 
 Every parameter carries logical axis names (vocab, embed, heads, kv_heads,
-mlp, pos) through `nnx.with_partitioning`; `clue_jax.train.sharding` maps them
+mlp, pos) through `nnx.with_partitioning`; `clue_jax.parallel.rules` maps them
 to mesh axes, so models never mention a mesh.
 """
 from __future__ import annotations

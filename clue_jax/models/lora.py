@@ -13,7 +13,7 @@ stage saves only its adapters (`save_adapters`); reading the stage's model
 the base model it names.
 
 Adapter params carry the logical names (<kernel's input axis>, "lora") and
-("lora", <kernel's output axis>), which clue_jax.train.sharding maps like the
+("lora", <kernel's output axis>), which clue_jax.parallel.rules maps like the
 kernel they adapt ("lora" itself is replicated). A Linear of stacked layers
 (kernel [L, in, out], clue_jax.models.stacking) gets stacked adapters
 [L, in, r] and [L, r, out], each layer initialised with its own key, under the

@@ -4,7 +4,7 @@ A Python loop over N layers traces and compiles N copies of the layer: an
 80-layer teacher and a 32-layer student become one huge program. Stacking the
 layers' Variables (`nnx.vmap` over split rngs) and scanning over the stack
 compiles one layer body whatever the depth. Stacked params carry the logical
-axis "layers" first (clue_jax.train.sharding maps it to no mesh axis).
+axis "layers" first (clue_jax.parallel.rules maps it to no mesh axis).
 """
 from __future__ import annotations
 

@@ -13,7 +13,8 @@ from flax import nnx
 from clue_jax import workdir_fs
 from clue_jax.models import factory
 from clue_jax.models.config import ModelConfig
-from clue_jax.train import loop, mesh as mesh_lib, objectives, sharding as shard_lib
+from clue_jax.parallel import mesh as mesh_lib, rules as shard_lib
+from clue_jax.train import loop, objectives
 
 log = logging.getLogger("clue_jax")
 

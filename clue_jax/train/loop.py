@@ -4,8 +4,13 @@ One jitted step with explicit in/out shardings and donated state runs on a
 mesh from config. The step (1) derives its RNG from (seed key, step), so a
 resumed run replays exactly; (2) optionally transforms the batch inside jit
 (clue dropout, live teacher scoring) with frozen `extras` that never enter
-the gradient; (3) accumulates gradients over micro-batches with `lax.scan`;
-(4) applies AdamW. Each process loads the rows of every global batch that
+the gradient; (3) accumulates gradients over micro-batches with `lax.scan`,
+each device keeping its share of every micro-batch (`split_micro`);
+(4) applies AdamW to gradients cast back to their parameters' dtypes, so the
+state's dtypes are a fixed point of the step (checked after the first step:
+otherwise the step would compile twice, lose its donation, and a bf16 run's
+checkpoint would not restore onto a fresh state). Activations are pinned to
+the mesh while the step is traced (`clue_jax.parallel.rules`). Each process loads the rows of every global batch that
 its devices hold (`batching.process_rows`, from the batch sharding) and they
 become global arrays of the configured batch shape, so the same code runs per
 host on a pod, whichever mesh axes span the hosts.
@@ -36,7 +41,7 @@ from jax.experimental import multihost_utils
 from clue_jax.data import batching
 from clue_jax.errors import UserInputError
 from clue_jax.models import attention, layers, precision
-from clue_jax.train import sharding as shard_lib
+from clue_jax.parallel import rules as shard_lib
 from clue_jax.train.checkpoint import Checkpointer, abstract_like
 from clue_jax.train.logging_utils import MetricsWriter, Progress
 from clue_jax.train.optim import learning_rate_schedule, make_optimizer
@@ -104,8 +109,31 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _split_micro(batch: dict, n: int) -> dict:
-    return {k: v.reshape(n, v.shape[0] // n, *v.shape[1:]) for k, v in batch.items()}
+def split_micro(batch: dict, n: int) -> dict:
+    """[B, ...] -> [n, B / n, ...], micro-batch m taking rows m, m + n, m + 2n, ...
+
+    Each device holds a contiguous block of B / (data*fsdp) rows, a multiple
+    of n (checked at construction), so taking every n-th row gives every
+    device its share of every micro-batch without moving a byte; the
+    constraint keeps the B / n axis split over (data, fsdp) through the scan.
+    (Consecutive rows per micro-batch would put each one on a fraction of the
+    devices, and XLA would either move the batch or run each micro-batch whole
+    on every device.)
+    """
+    def one(v):
+        v = jnp.swapaxes(v.reshape(v.shape[0] // n, n, *v.shape[1:]), 0, 1)
+        return shard_lib.constrain(v, (None, "activation_batch") + (None,) * (v.ndim - 2))
+
+    return {k: one(v) for k, v in batch.items()}
+
+
+def _dtypes(tree) -> list:
+    return [(jax.tree_util.keystr(path), str(leaf.dtype))
+            for path, leaf in jax.tree_util.tree_leaves_with_path(tree) if hasattr(leaf, "dtype")]
+
+
+class StateDrift(RuntimeError):
+    """The train step changed the dtype of the state it was given (it would recompile and resume wrongly)."""
 
 
 class Trainer:
@@ -172,7 +200,7 @@ class Trainer:
     # ----------------------------------------------------------------- step
     def _build_step(self):
         graphdef, objective, transform, tx = self.graphdef, self.objective, self.transform, self.tx
-        micro = self.cfg.micro_batches
+        micro, mesh = self.cfg.micro_batches, self.mesh
 
         def loss_of(params, frozen, batch, rng):
             model = nnx.merge(graphdef, params, frozen)
@@ -182,6 +210,10 @@ class Trainer:
         grad_fn = jax.value_and_grad(loss_of, has_aux=True)
 
         def step(state, batch, frozen, extras):
+            with shard_lib.activation_mesh(mesh):
+                return sharded_step(state, batch, frozen, extras)
+
+        def sharded_step(state, batch, frozen, extras):
             rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
             aug_rng, loss_rng = jax.random.split(rng)
             if transform is not None:
@@ -196,13 +228,16 @@ class Trainer:
                     return jax.tree.map(jnp.add, carry, (l, a, g)), None
 
                 zeros = jax.tree.map(jnp.zeros_like, params)
-                first_micro = jax.tree.map(lambda v: v[0], _split_micro(batch, micro))
+                micro_batches = split_micro(batch, micro)
+                first_micro = jax.tree.map(lambda v: v[0], micro_batches)
                 aux_shape = jax.eval_shape(loss_of, params, frozen, first_micro, loss_rng)[1]
                 init = (jnp.zeros((), jnp.float32), jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), aux_shape), zeros)
                 rngs = jax.random.split(loss_rng, micro)
-                (loss_sum, aux, grads), _ = jax.lax.scan(accumulate, init, (_split_micro(batch, micro), rngs))
+                (loss_sum, aux, grads), _ = jax.lax.scan(accumulate, init, (micro_batches, rngs))
             weight = jnp.maximum(aux["weight"], 1.0)
-            grads = jax.tree.map(lambda g: g / weight, grads)
+            # Back in the parameter's dtype: a float32 gradient of a bfloat16 weight would turn its AdamW
+            # moments float32 after the first step (the state's dtypes must be a fixed point of the step).
+            grads = jax.tree.map(lambda g, p: (g / weight).astype(p.dtype), grads, params)
             updates, opt_state = tx.update(grads, state["opt_state"], params)
             new_state = {
                 "params": optax.apply_updates(params, updates),
@@ -273,7 +308,10 @@ class Trainer:
                 step = start
                 while step < cfg.steps:
                     batch = self.global_batch(data.batch(step, self.rows), check_processes=step == start)
+                    before = _dtypes(self.state) if step == start else None
                     self.state, metrics = self._step_fn(self.state, batch, self.frozen, self.extras)
+                    if before is not None:
+                        self._check_no_drift(before)
                     step += 1
                     pending.append((step, metrics))
                     must_save = step % cfg.checkpoint_every == 0 or step == cfg.steps
@@ -297,6 +335,15 @@ class Trainer:
             writer.close()
             checkpointer.close()
         return TrainResult(self.model(), int(self.state["step"]), status, last_metrics)
+
+    def _check_no_drift(self, before: list) -> None:
+        """The first step must give back the state's dtypes: a drift would recompile the step, stop the
+        donation of its buffers, and make a checkpoint that no fresh state can restore."""
+        changed = [(path, a, b) for (path, a), (_, b) in zip(before, _dtypes(self.state)) if a != b]
+        if changed:
+            path, a, b = changed[0]
+            raise StateDrift(f"{self.stage}: the train step turned state{path} from {a} into {b} "
+                             f"({len(changed)} leaves changed dtype)")
 
     def _log(self, pending: list, writer: MetricsWriter, progress: Progress) -> dict:
         """Fetches the pending steps' metrics in one transfer; refuses a NaN/Inf loss at any of them."""

@@ -25,7 +25,8 @@ from clue_jax.data.batching import ArrayBatchSource, ConcatBatchSource
 from clue_jax.errors import UserInputError
 from clue_jax.models import config as model_config
 from clue_jax.models.causal_lm import CausalLM
-from clue_jax.train import defaults, loop, mesh, objectives
+from clue_jax.parallel import mesh
+from clue_jax.train import defaults, loop, objectives
 
 BATCH, SEQ, VOCAB = 4, 16, 64
 DROP = dropout.DropoutConfig(method="contrast", alpha=0.7, beta=0.05, original_fraction=0.25, protected_ids=(1,),

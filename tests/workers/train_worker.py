@@ -16,7 +16,8 @@ from flax import nnx
 from clue_jax.data.batching import ArrayBatchSource
 from clue_jax.models import config as model_config
 from clue_jax.models.causal_lm import CausalLM
-from clue_jax.train import defaults, loop, mesh, objectives
+from clue_jax.parallel import mesh
+from clue_jax.train import defaults, loop, objectives
 
 
 class SlowSource(ArrayBatchSource):
