@@ -27,6 +27,9 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "jax.distributed.initialize(): auto = when a cluster environment (TPU pod, SLURM, coordinator env) is detected.",
 )
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print the resolved config (after --config.* overrides and validation) as JSON and exit; "
+    "no --workdir needed, nothing is written.")
 
 
 def main(argv: list[str]) -> int:
@@ -38,11 +41,14 @@ def main(argv: list[str]) -> int:
     except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as err:  # ml_collections raises these
         raise UserInputError(config_check.explain_flag_error(err, argv)) from None
     config = _load_config()  # before anything in the workdir is touched
-    if config is None or not _WORKDIR.value:
+    if config is None or not (_WORKDIR.value or _PRINT_CONFIG.value):
         raise UserInputError("usage: python -m clue_jax.main --config configs/<name>.py[:variant] --workdir DIR")
     from clue_jax.pipelines.validate import check_config  # types, ranges, choices: before anything runs
 
     check_config(config)
+    if _PRINT_CONFIG.value:
+        print(config.to_json_best_effort(indent=2, sort_keys=True))
+        return 0
     from clue_jax import distributed, pipelines, run_lock  # heavy imports after the flags are known to be good
 
     distributed.maybe_initialize(_DISTRIBUTED.value)

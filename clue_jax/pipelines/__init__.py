@@ -1,8 +1,8 @@
 """End-to-end jobs, one module each; `config.pipeline` names which one runs.
 
 `run(config, workdir)` is the Python API and what the CLI calls: it writes the resolved config to
-`workdir/config.running.json`, which becomes `config.json` once the run finished (so config.json always
-matches summary.json), and, after the pipeline's tables, says when the config is a `:tiny` smoke test
+`workdir/config.running.json` with the run's record (id, commit, versions), which becomes `config.json`
+once the run finished (so config.json always matches summary.json), and, after the pipeline's tables, says when the config is a `:tiny` smoke test
 whose numbers mean nothing.
 """
 from __future__ import annotations
@@ -31,9 +31,13 @@ def run(config, workdir: str) -> dict:
 
     from clue_jax import config_check
 
+    from clue_jax.train import logging_utils
+
+    run = logging_utils.Run.of(config)  # refuses unknown or missing trackers before anything is written
     config_check.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
-    config_check.write_config(config, workdir)
-    summary = importlib.import_module(PIPELINES[name]).run(config, workdir)
+    config_check.write_config(config, workdir, run=run.record())
+    with logging_utils.current_run(run):
+        summary = importlib.import_module(PIPELINES[name]).run(config, workdir)
     config_check.finish_config(workdir)
     if config.get("smoke_test") and jax.process_index() == 0:
         print(SMOKE_TEST_NOTE)

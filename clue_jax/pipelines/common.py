@@ -1,13 +1,11 @@
 """Pieces every pipeline shares: mesh, a training stage, summaries and tables."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import resource
 import time
 
-import jax
 from flax import nnx
 
 from clue_jax import workdir_fs
@@ -47,13 +45,6 @@ def train_model(stage_dir: str, model: nnx.Module, model_cfg: ModelConfig, data,
     factory.save_params(final, model_cfg, os.path.join(stage_dir, "model"))
     return {"model_dir": os.path.join(stage_dir, "model"), "steps": result.step,
             "final_loss": result.metrics.get("loss"), "seconds": round(time.time() - t0, 1)}
-
-
-def write_json(path: str, value) -> None:
-    if jax.process_index() != 0:
-        return
-    with workdir_fs.open_write(path) as f:
-        json.dump(value, f, indent=1, sort_keys=True, default=float)
 
 
 def format_table(rows: list[list[str]], header: list[str]) -> str:

@@ -517,7 +517,7 @@ def run(config, workdir: str) -> dict:
         report.plot_steps(steps_sweep, per_seed["base"]["-"]["exact_match"], steps_path)
         plots["em_vs_steps"] = os.path.relpath(steps_path, workdir)
         summary["plots"] = plots
-    common.write_json(os.path.join(workdir, "summary.json"), _json_safe(summary))
+    logging_utils.write_summary(workdir, _json_safe(summary))
     logging_utils.write_eval_scalars(workdir, summary["arms"])
     if jax.process_index() == 0:
         text = report.render_report(summary)

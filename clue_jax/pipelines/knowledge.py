@@ -598,7 +598,7 @@ def run(config, workdir: str) -> dict:
     summary["stages_reused"] = ctx.stages.reused
     summary["stages_ran"] = ctx.stages.ran
     summary["stages"] = stage_records(ctx.stages)
-    common.write_json(os.path.join(workdir, "summary.json"), summary)
+    logging_utils.write_summary(workdir, summary)
     logging_utils.write_eval_scalars(workdir, {name: {k: v for k, v in res.items() if k != "per_person"}
                                                for name, res in summary["models"].items()})
     if jax.process_index() == 0:

@@ -28,7 +28,7 @@ import numpy as np
 from clue_jax import workdir_fs
 from clue_jax.clues import dropout, gate
 from clue_jax.eval import bootstrap
-from clue_jax.pipelines import common, knowledge, validate
+from clue_jax.pipelines import knowledge, validate
 from clue_jax.pipelines.protocol import arm_settings, protocol_mode, protocol_steps
 from clue_jax.pipelines.replicate_report import plot_curves, plot_em_vs_distance, render_report
 from clue_jax.train import logging_utils
@@ -184,7 +184,7 @@ def run(config, workdir: str) -> dict:
         "clue_views": knowledge.render_clue_examples(ctx, config.clues.render_examples),
         "stages_reused": ctx.stages.reused, "stages_ran": ctx.stages.ran,
     })
-    common.write_json(os.path.join(workdir, "summary.json"), summary)
+    logging_utils.write_summary(workdir, summary)
     logging_utils.write_eval_scalars(workdir, {
         f"{protocol}_{student}_{arm}": [{k: v for k, v in r.items() if k not in ("per_person", "train")} for r in runs]
         for protocol, p in protocols.items() for student, arms_ in p["results"].items() for arm, runs in arms_.items()})
