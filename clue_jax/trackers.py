@@ -150,7 +150,8 @@ class TensorBoardTracker:
 
 
 class WandbTracker:
-    """One W&B run per stage (id `<run id>-<stage>`, grouped by the run id); a resumed stage continues its run."""
+    """One W&B run per stage (id `<run id>-<stage>`, grouped by the run id); a resumed stage continues its run.
+    W&B keeps its files in `directory`/wandb/."""
 
     def __init__(self, directory: str, project: str, run_id: str | None, stage: str):
         try:
@@ -158,7 +159,6 @@ class WandbTracker:
         except ImportError:
             raise UserInputError("logging.trackers names 'wandb' but wandb is not installed: "
                                  "pip install 'clue-jax[wandb]', or leave 'wandb' out") from None
-        os.makedirs(directory, exist_ok=True)
         safe = stage.replace("/", "_")
         self._run = wandb.init(project=project, dir=directory, name=safe, group=run_id, resume="allow",
                                id=f"{run_id}-{safe}" if run_id else None, reinit="finish_previous")
@@ -170,4 +170,9 @@ class WandbTracker:
         self._run.config.update(flatten(hparams), allow_val_change=True)
 
     def close(self) -> None:
+        """finish() can return before W&B's service has written the run's file; teardown waits for it, so the
+        file is whole when a bucket workdir's copy is uploaded (the next stage's init starts the service again)."""
+        import wandb
+
         self._run.finish()
+        wandb.teardown()

@@ -110,7 +110,7 @@ def test_wandb_offline_run_gets_the_scalars_and_the_config(tmp_path, monkeypatch
     run = logging_utils.Run.of(_config(trackers=("wandb",)))
     with logging_utils.current_run(run):
         _write(tmp_path, "cpt", [1, 2], loss=0.75)
-    files = glob.glob(str(tmp_path / "wandb" / "wandb" / f"offline-run-*-{run.id}-cpt" / "*.wandb"))
+    files = glob.glob(str(tmp_path / "wandb" / f"offline-run-*-{run.id}-cpt" / "*.wandb"))
     assert len(files) == 1
     history, config = {}, {}
     for record in _wandb_records(files[0]):

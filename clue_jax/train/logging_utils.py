@@ -104,8 +104,7 @@ class MetricsWriter:
                     opened.append(trackers.TensorBoardTracker(os.path.join(local, "tensorboard", self.name),
                                                               self._purge_step))
                 elif tracker == "wandb":
-                    opened.append(trackers.WandbTracker(os.path.join(local, "wandb"), run.wandb_project, run.id,
-                                                        self.name))
+                    opened.append(trackers.WandbTracker(local, run.wandb_project, run.id, self.name))
             for tracker in opened:
                 tracker.write_hparams({"run": run.record(), **run.hparams})
             self._trackers = opened
