@@ -82,7 +82,7 @@ class MetricsWriter:
     def __init__(self, workdir: str, name: str = "train"):
         self.enabled = is_writer()
         self.name = name
-        self._trackers: list | None = None  # opened at the first write, once a resume's step is known
+        self._trackers: list[trackers.Tracker] | None = None  # opened at the first write, after a resume
         self._purge_step: int | None = None
         if self.enabled:
             self._mirror = workdir_fs.LocalMirror(workdir, download=("metrics.jsonl",))
@@ -95,7 +95,7 @@ class MetricsWriter:
             self._jsonl.forget_after(step)
             self._purge_step = step + 1
 
-    def _open(self) -> list:
+    def _open(self) -> list[trackers.Tracker]:
         if self._trackers is None:
             run, local = _current, self._mirror.local
             opened = []
