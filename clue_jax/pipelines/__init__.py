@@ -2,7 +2,8 @@
 
 `run(config, workdir)` is the Python API and what the CLI calls: it writes the resolved config to
 `workdir/config.running.json` with the run's record (id, commit, versions), which becomes `config.json`
-once the run finished (so config.json always matches summary.json), and, after the pipeline's tables, says when the config is a `:tiny` smoke test
+once the run finished (so config.json always matches summary.json), runs the pipeline inside that run (its
+id keys every metrics line), and, after the pipeline's tables, says when the config is a `:tiny` smoke test
 whose numbers mean nothing.
 """
 from __future__ import annotations
@@ -30,7 +31,6 @@ def run(config, workdir: str) -> dict:
     import jax
 
     from clue_jax import config_check
-
     from clue_jax.train import logging_utils
 
     run = logging_utils.Run.of(config)  # refuses unknown or missing trackers before anything is written

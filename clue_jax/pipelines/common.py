@@ -1,4 +1,4 @@
-"""Pieces every pipeline shares: mesh, a training stage, summaries and tables."""
+"""Pieces every pipeline shares: mesh, a training stage and tables (summary.json: train/logging_utils)."""
 from __future__ import annotations
 
 import logging
