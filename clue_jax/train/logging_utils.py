@@ -264,7 +264,8 @@ def heartbeat(what: str, every: float | None = None):
             if time.monotonic() - _last_output[0] >= every:
                 log.info("%s: still running (%.0fs)", what, time.monotonic() - started)
 
-    log.addFilter(_shown_output)
+    _beating.append(what)
+    log.addFilter(_shown_output)  # once, however many heartbeats are nested
     thread = threading.Thread(target=beat, name="clue_jax-heartbeat", daemon=True)
     thread.start()
     try:
@@ -272,4 +273,9 @@ def heartbeat(what: str, every: float | None = None):
     finally:
         stop.set()
         thread.join()
-        log.removeFilter(_shown_output)
+        _beating.remove(what)
+        if not _beating:
+            log.removeFilter(_shown_output)
+
+
+_beating: list[str] = []
