@@ -29,8 +29,10 @@ def _flag_lines(module) -> list[tuple[str, str]]:
                          "--config.clues.arms='(\"plain\",\"contrast\")' (tuples in Python syntax)."))
             continue
         choices = getattr(flag.parser, "enum_values", None)
-        name = f"--{flag.name} {{{','.join(choices)}}}" if choices else f"--{flag.name} {flag.name.upper()}"
-        default = f" Default: {flag.default}." if flag.default not in (None, "") else ""
+        switch = isinstance(flag, flags.BooleanFlag)  # given or not: no value, no default to show
+        name = (f"--{flag.name}" if switch else
+                f"--{flag.name} {{{','.join(choices)}}}" if choices else f"--{flag.name} {flag.name.upper()}")
+        default = f" Default: {flag.default}." if flag.default not in (None, "") and not switch else ""
         rows.append((name, re.sub(r"^<[^>]*>: ", "", flag.help) + default))  # absl prefixes enums' choices
     rows.append(("-h, --help", "Print this help and exit."))
     return rows

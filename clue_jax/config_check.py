@@ -158,8 +158,9 @@ def prepare_workdir(workdir: str) -> str:
     return str(path)
 
 
-def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
-    """Writes the run's resolved config to config.running.json (atomically, process 0).
+def write_config(config: ml_collections.ConfigDict, workdir: str, run: dict | None = None) -> None:
+    """Writes the run's resolved config to config.running.json (atomically, process 0), with `run`
+    (its id, commit and versions) under the key "run".
 
     config.json is only replaced by `finish_config` once the run succeeded, so
     it always describes the run that wrote summary.json.
@@ -168,7 +169,9 @@ def write_config(config: ml_collections.ConfigDict, workdir: str) -> None:
 
     if jax.process_index() != 0:
         return
-    workdir_fs.write_text(workdir_path(workdir) / _RUNNING, config.to_json_best_effort(indent=2, sort_keys=True))
+    resolved = json.loads(config.to_json_best_effort())
+    workdir_fs.write_text(workdir_path(workdir) / _RUNNING,
+                          json.dumps({**resolved, **({"run": run} if run else {})}, indent=2, sort_keys=True))
 
 
 def finish_config(workdir: str) -> None:

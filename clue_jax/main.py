@@ -28,6 +28,9 @@ _DISTRIBUTED = flags.DEFINE_enum(
     "distributed", "auto", ["auto", "on", "off"],
     "jax.distributed.initialize(): auto = when a cluster environment (TPU pod, SLURM, coordinator env) is detected.",
 )
+_PRINT_CONFIG = flags.DEFINE_bool(
+    "print_config", False, "Print the resolved config (after --config.* overrides and validation) as JSON and exit; "
+    "no --workdir needed, nothing is written.")
 
 
 def main(argv: list[str]) -> int:
@@ -40,11 +43,14 @@ def main(argv: list[str]) -> int:
     except (flags.Error, KeyError, AttributeError, ValueError, TypeError) as err:  # ml_collections raises these
         raise UserInputError(config_check.explain_flag_error(err, argv)) from None
     config = _load_config(argv)  # before anything in the workdir is touched
-    if config is None or not _WORKDIR.value:
+    if config is None or not (_WORKDIR.value or _PRINT_CONFIG.value):
         raise UserInputError("usage: python -m clue_jax.main --config configs/<name>.py[:variant] --workdir DIR")
     from clue_jax.pipelines.validate import check_config, check_files  # before anything runs or is written
 
     check_config(config, [name[len("config."):] for name in given if name.startswith("config.")])
+    if _PRINT_CONFIG.value:
+        print(config.to_json_best_effort(indent=2, sort_keys=True))
+        return 0
     check_files(config)  # the user's corpus and QA file: a bad line leaves no workdir, lock or running config
     from clue_jax import distributed, pipelines, run_lock  # heavy imports after the flags are known to be good
 

@@ -40,6 +40,9 @@ def test_tiny_quickstart_outputs_and_rerun_reuses_every_stage(tmp_path):
     assert summary["distance_from_name"]["company"] > summary["distance_from_name"]["birth_date"]
     metrics = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert {m["stage"] for m in metrics} >= {"pretrain_small", "cpt_small_plain_s0"}
+    run = json.loads((workdir / "config.json").read_text())["run"]
+    assert summary["run"] == run and {m["run"] for m in metrics} == {run["id"]}
+    assert "stage 1: world: running" in first.stderr
 
     second = _cli("--config", TINY, "--workdir", str(workdir))
     assert second.returncode == 0, second.stderr[-3000:]
@@ -47,6 +50,18 @@ def test_tiny_quickstart_outputs_and_rerun_reuses_every_stage(tmp_path):
     assert summary2["stages_ran"] == []
     assert "pretrain_large" in summary2["stages_reused"] and "cpt_small_contrast_s0" in summary2["stages_reused"]
     assert summary2["models"] == summary["models"]
+    again = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert sorted(map(json.dumps, again)) == sorted(map(json.dumps, metrics))  # a rerun logs nothing twice
+
+
+def test_print_config_prints_the_resolved_config_and_touches_no_workdir(tmp_path):
+    proc = _cli("--config", TINY, "--workdir", str(tmp_path / "w"), "--print_config", "--config.cpt.steps=3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads(proc.stdout)
+    assert config["cpt"]["steps"] == 3 and config["logging"]["trackers"] == ["tensorboard"]
+    assert not (tmp_path / "w").exists()
+    line = _one_line_error(_cli("--config", TINY, "--print_config", "--config.logging.trackers=('tensorboard','mlflow')"))
+    assert line == "error: --config.logging.trackers=('tensorboard', 'mlflow'): unknown tracker 'mlflow'; known: tensorboard, wandb"
 
 
 def test_wrong_config_key_lists_valid_keys(tmp_path):

@@ -218,4 +218,4 @@ def test_export_cli_to_an_unreachable_gs_url(tmp_path):
                            "--out", url], capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
     assert proc.returncode == 2, proc.stderr
     lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith(f"error: cannot ") and url in lines[0], proc.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: cannot ") and url in lines[0], proc.stderr

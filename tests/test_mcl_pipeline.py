@@ -62,7 +62,6 @@ def test_tiny_pipeline_end_to_end(tmp_path):
 
 def test_pretraining_rows_have_two_segments_and_itd_room(tmp_path):
     """[CLS] A [SEP] B [SEP] with B of token type 1 (as fine-tuning's pairs); the ITD room check."""
-    import numpy as np
 
     from clue_jax.data.tokenizer import train_bpe_tokenizer
     from clue_jax.mcl import corpus as mcl

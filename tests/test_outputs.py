@@ -27,7 +27,8 @@ def _read_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
             event = event_pb2.Event.FromString(data[pos + 12:pos + 12 + length])
             pos += 12 + length + 4
             for v in event.summary.value:
-                out.setdefault(v.tag, []).append((event.step, v.simple_value))
+                if v.WhichOneof("value") == "simple_value":  # not the hyper-parameters' text
+                    out.setdefault(v.tag, []).append((event.step, v.simple_value))
     return out
 
 
@@ -61,15 +62,19 @@ def test_heatmap_png_uses_the_robust_scale(tmp_path, monkeypatch):
     assert os.path.getsize(path) > 1000 and seen == [pytest.approx(0.01)]
 
 
-def test_eval_scalars_are_written_per_run_with_nested_tags(tmp_path):
+def test_eval_scalars_are_written_per_run_with_nested_tags_at_the_step_measured(tmp_path):
     runs = {"plain_s0": {"cloze": {"company": {"exact_match": 0.25, "f1": 0.5}, "all": {"exact_match": 0.1}},
                          "train": {"steps": 4, "final_loss": float("nan"), "ok": True, "note": "text"}},
             "base/small": {"qa": [{"em": 1.0}]}}
-    assert logging_utils.write_eval_scalars(str(tmp_path), runs) == 5
+    for _ in range(2):  # a rerun replaces its lines
+        assert logging_utils.write_eval_scalars(str(tmp_path), runs) == 4
     plain = _read_scalars(tmp_path / "tensorboard" / "eval" / "plain_s0")
-    assert plain == {"cloze/company/exact_match": [(0, 0.25)], "cloze/company/f1": [(0, 0.5)],
-                     "cloze/all/exact_match": [(0, pytest.approx(0.1))], "train/steps": [(0, 4.0)]}
-    assert _read_scalars(tmp_path / "tensorboard" / "eval" / "base_small") == {"qa/0/em": [(0, 1.0)]}
+    assert {tag: values[-1] for tag, values in plain.items()} == {
+        "eval/cloze/company/exact_match": (4, 0.25), "eval/cloze/company/f1": (4, 0.5),
+        "eval/cloze/all/exact_match": (4, pytest.approx(0.1))}  # at the model's training step, no step count
+    assert _read_scalars(tmp_path / "tensorboard" / "eval" / "base_small")["eval/qa/0/em"][-1] == (0, 1.0)
+    lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    assert [(l["stage"], l["step"]) for l in lines] == [("eval/plain_s0", 4), ("eval/base_small", 0)]
 
 
 @pytest.mark.slow
@@ -93,7 +98,12 @@ def test_python_api_run_writes_config_stages_eval_scalars_names_and_the_smoke_no
     eval_dir = os.path.join(workdir, "tensorboard", "eval")
     assert {"base_small", "contrast_s0"} <= set(os.listdir(eval_dir))
     scalars = _read_scalars(os.path.join(eval_dir, "contrast_s0"))
-    assert scalars["qa/company/exact_match"] == [(0, summary["models"]["contrast_s0"]["qa"]["company"]["exact_match"])]
+    steps = summary["models"]["contrast_s0"]["train"]["steps"]
+    assert scalars["eval/qa/company/exact_match"] == [(steps, summary["models"]["contrast_s0"]["qa"]["company"]["exact_match"])]
+    run = json.load(open(os.path.join(workdir, "config.json")))["run"]
+    assert on_disk["run"] == run and set(run) == {"id", "commit", "dirty", "versions"}
+    assert {l["run"] for l in map(json.loads, open(os.path.join(workdir, "metrics.jsonl")))} == {run["id"]}
+    assert on_disk["clue_views"] == ["clues/example_0.html", "clues/example_0.png"]  # relative to the workdir
 
     page = open(os.path.join(workdir, "clues", "example_0.html")).read()
     assert "document 0" not in page and "<title>clues: " in page

@@ -90,11 +90,12 @@ def _wait_for_checkpoint(workdir, min_step, proc, timeout=120):
 
 
 def _losses_by_step(workdir):
+    """Each step's loss; a resume logs the steps after its checkpoint again and drops the killed run's lines."""
     out = {}
     for line in open(os.path.join(workdir, "metrics.jsonl")):
         rec = json.loads(line)
-        out.setdefault(rec["step"], rec["loss"])
-        assert out[rec["step"]] == rec["loss"], "a replayed step gave another loss"
+        assert rec["step"] not in out, f"step {rec['step']} logged twice"
+        out[rec["step"]] = rec["loss"]
     return out
 
 

@@ -18,7 +18,6 @@ from clue_jax import config_check
 from clue_jax.data import corpus
 from clue_jax.data.tokenizer import train_bpe_tokenizer
 from clue_jax.errors import UserInputError
-from clue_jax.models import factory
 from clue_jax.models.causal_lm import CausalLM
 from clue_jax.models.config import ModelConfig, gpt2
 from clue_jax.pipelines import foundations, knowledge, knowledge_data, replicate

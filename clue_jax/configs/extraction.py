@@ -67,6 +67,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # null_draws: calibrated-random predictors simulated per arm for the statistics' null (0: none).
     c.shock = dict(smoothing=1.0, null_draws=200)
     c.mesh = dict(shape=(-1, 1, 1), dcn_shape=())  # dcn_shape: slices/nodes per axis, () = data first
+    # trackers besides metrics.jsonl: "tensorboard" (tensorboardX), "wandb" (pip install 'clue-jax[wandb]');
+    # () writes metrics.jsonl alone. wandb_project: the W&B project the runs go to.
+    c.logging = dict(trackers=("tensorboard",), wandb_project="clue-jax")
     # :tiny trains for seconds to test the code paths; the pipeline says so under its tables.
     c.smoke_test = variant == "tiny"
 

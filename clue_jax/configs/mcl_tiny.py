@@ -63,6 +63,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.intrinsic = dict(enabled=False, reference_arm="electra", num_rows=256, seed=0)
     c.mesh = dict(shape=(-1, 1, 1), dcn_shape=())  # dcn_shape: slices/nodes per axis, () = data first
     c.compile_cache_dir = ""  # persistent XLA cache; "" = workdir/jax_cache, "off" = none
+    # trackers besides metrics.jsonl: "tensorboard" (tensorboardX), "wandb" (pip install 'clue-jax[wandb]');
+    # () writes metrics.jsonl alone. wandb_project: the W&B project the runs go to.
+    c.logging = dict(trackers=("tensorboard",), wandb_project="clue-jax")
     # :tiny trains for seconds to test the code paths; the pipeline says so under its tables.
     c.smoke_test = variant == "tiny"
 

@@ -62,6 +62,9 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     # this small lack for people they met only after pre-training (QA is reported too).
     c.eval = dict(k_shot=5, max_new_tokens=10, batch_size=100, cloze=True, primary="cloze")
     c.mesh = dict(shape=(-1, 1, 1), dcn_shape=())  # dcn_shape: slices/nodes per axis, () = data first
+    # trackers besides metrics.jsonl: "tensorboard" (tensorboardX), "wandb" (pip install 'clue-jax[wandb]');
+    # () writes metrics.jsonl alone. wandb_project: the W&B project the runs go to.
+    c.logging = dict(trackers=("tensorboard",), wandb_project="clue-jax")
     # :tiny trains for seconds to test the code paths; the pipeline says so under its tables.
     c.smoke_test = variant == "tiny"
 

@@ -1,9 +1,10 @@
 """End-to-end jobs, one module each; `config.pipeline` names which one runs.
 
 `run(config, workdir)` is the Python API and what the CLI calls: it writes the resolved config to
-`workdir/config.running.json`, which becomes `config.json` once the run finished (so config.json always
-matches summary.json) and is removed when the run is refused as bad input (a diverged loss keeps it), and,
-after the pipeline's tables, says when the config is a `:tiny` smoke test whose numbers mean nothing.
+`workdir/config.running.json` with the run's record (id, commit, versions), which becomes `config.json`
+once the run finished (so config.json always matches summary.json) and is removed when the run is refused as
+bad input (a diverged loss keeps it), runs the pipeline inside that run (its id keys every metrics line),
+and, after the pipeline's tables, says when the config is a `:tiny` smoke test whose numbers mean nothing.
 """
 from __future__ import annotations
 
@@ -30,13 +31,16 @@ def run(config, workdir: str) -> dict:
     import jax
 
     from clue_jax import config_check
+    from clue_jax.train import logging_utils
 
+    run = logging_utils.Run.of(config)  # refuses unknown or missing trackers before anything is written
     config_check.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
-    config_check.write_config(config, workdir)
+    config_check.write_config(config, workdir, run=run.record())
     from clue_jax.train.loop import NonFiniteLoss
 
     try:
-        summary = importlib.import_module(PIPELINES[name]).run(config, workdir)
+        with logging_utils.current_run(run):
+            summary = importlib.import_module(PIPELINES[name]).run(config, workdir)
     except NonFiniteLoss:  # this config trained and diverged: its record stays beside the stopped stage
         raise
     except UserInputError:  # refused (a checkpoint or document that does not fit): this config did not run

@@ -1,13 +1,11 @@
-"""Pieces every pipeline shares: mesh, a training stage, summaries, CPU time."""
+"""Pieces every pipeline shares: mesh, a training stage, CPU time (summary.json: train/logging_utils)."""
 from __future__ import annotations
 
-import json
 import logging
 import os
 import resource
 import time
 
-import jax
 from flax import nnx
 
 from clue_jax import workdir_fs
@@ -51,11 +49,6 @@ def train_model(stage_dir: str, model: nnx.Module, model_cfg: ModelConfig, data,
             "final_loss": result.metrics.get("loss"), "seconds": round(time.time() - t0, 1)}
 
 
-def write_json(path: str, value) -> None:
-    if jax.process_index() != 0:
-        return
-    with workdir_fs.open_write(path) as f:
-        json.dump(value, f, indent=1, sort_keys=True, default=float)
 
 
 def cpu_seconds() -> float:

@@ -103,8 +103,8 @@ def finetune_stage(config, kind, seed, base_dir, ft_data, mix_data, mesh, stage_
             train_cfg.steps = source.steps_for_primary(config.ft.steps)
         meta["pretrain_batches"] = source.secondary_before(train_cfg.steps)
         meta["finetune_batches"] = train_cfg.steps - meta["pretrain_batches"]
-    result = common.train_model(stage_dir, model, cfg, source, train_cfg, mesh, stage=f"ft_{kind}_s{seed}",
-                                extra_meta=meta)
+    result = common.train_model(stage_dir, model, cfg, source, train_cfg, mesh, stage=os.path.basename(stage_dir),
+                                extra_meta=meta)  # the sweep's lengths log apart
     result.update({k: v for k, v in meta.items() if k != "kind"})
     return result
 
@@ -302,7 +302,7 @@ def run(config, workdir: str) -> dict:
         plots.plot_steps(steps_sweep, per_seed["base"]["-"]["exact_match"], steps_path)
         figures["em_vs_steps"] = os.path.relpath(steps_path, workdir)
         summary["plots"] = figures
-    common.write_json(os.path.join(workdir, "summary.json"), _json_safe(summary))
+    logging_utils.write_summary(workdir, _json_safe(summary))
     logging_utils.write_eval_scalars(workdir, summary["arms"])
     if jax.process_index() == 0:
         text = report.render_report(summary)

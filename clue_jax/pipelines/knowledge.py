@@ -14,14 +14,13 @@ replication pipeline); this module runs the arms and prints the tables.
 """
 from __future__ import annotations
 
-import os
 
 import jax
 import numpy as np
 
 from clue_jax.clues import dropout
 from clue_jax.eval.tables import format_table, mean_std
-from clue_jax.pipelines import common, protocol
+from clue_jax.pipelines import protocol
 from clue_jax.pipelines.clue_views import render_clue_examples
 from clue_jax.pipelines.continual import evaluate, prepare, stage_records, train_and_evaluate
 from clue_jax.pipelines.knowledge_data import data_description, name_distances
@@ -49,7 +48,7 @@ def run(config, workdir: str) -> dict:
     summary["stages_reused"] = ctx.stages.reused
     summary["stages_ran"] = ctx.stages.ran
     summary["stages"] = stage_records(ctx.stages)
-    common.write_json(os.path.join(workdir, "summary.json"), summary)
+    logging_utils.write_summary(workdir, summary)
     logging_utils.write_eval_scalars(workdir, {name: {k: v for k, v in res.items() if k != "per_person"}
                                                for name, res in summary["models"].items()})
     if jax.process_index() == 0:

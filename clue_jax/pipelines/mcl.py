@@ -255,6 +255,6 @@ def run(config, workdir: str) -> dict:
         text = report.render(summary, shown, ARM_LABELS)
         workdir_fs.write_text(os.path.join(workdir, "mcl_report.md"), text)
         print(report.render_table(summary, shown, ARM_LABELS))
-    common.write_json(os.path.join(workdir, "summary.json"), summary)
+    logging_utils.write_summary(workdir, summary)
     logging_utils.write_eval_scalars(workdir, {**summary["arms"], "soups": summary["soups"]})
     return summary

@@ -28,7 +28,7 @@ import numpy as np
 from clue_jax import workdir_fs
 from clue_jax.clues import gate
 from clue_jax.eval import bootstrap
-from clue_jax.pipelines import common, continual, validate
+from clue_jax.pipelines import continual, validate
 from clue_jax.pipelines.clue_views import clue_analysis, render_clue_examples
 from clue_jax.pipelines.foundations import load_people
 from clue_jax.pipelines.knowledge_data import data_description, name_distances, people_knowledge, token_lengths
@@ -187,7 +187,7 @@ def run(config, workdir: str) -> dict:
         "clue_views": render_clue_examples(ctx, config.clues.render_examples),
         "stages_reused": ctx.stages.reused, "stages_ran": ctx.stages.ran,
     })
-    common.write_json(os.path.join(workdir, "summary.json"), summary)
+    logging_utils.write_summary(workdir, summary)
     logging_utils.write_eval_scalars(workdir, {
         f"{protocol}_{student}_{arm}": [{k: v for k, v in r.items() if k not in ("per_person", "train")} for r in runs]
         for protocol, p in protocols.items() for student, arms_ in p["results"].items() for arm, runs in arms_.items()})

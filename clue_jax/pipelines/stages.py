@@ -29,6 +29,7 @@ import numpy as np
 from clue_jax import workdir_fs
 from clue_jax.config_check import read_json, workdir_path
 from clue_jax.errors import UserInputError
+from clue_jax.train import logging_utils
 
 log = logging.getLogger("clue_jax")
 
@@ -59,12 +60,14 @@ class Stages:
         stage_dir = self.root / name
         fp = fingerprint(inputs)
         decision = _decide_once(lambda: self._decide(name, fp))
+        number = len(self.ran) + len(self.reused) + 1
         if decision == _REUSE:
-            log.info("stage %s: inputs unchanged, reusing %s", name, stage_dir)
+            log.info("stage %d: %s: inputs unchanged, reusing %s", number, name, stage_dir)
             self.reused.append(name)
             return {**self._read_result(name), "_fingerprint": fp}
-        log.info("stage %s: %s", name, "resuming (same inputs)" if decision == _RESUME else "running")
-        result = fn(str(stage_dir))
+        log.info("stage %d: %s: %s", number, name, "resuming (same inputs)" if decision == _RESUME else "running")
+        with logging_utils.heartbeat(f"stage {number}: {name}"):
+            result = fn(str(stage_dir))
         if jax.process_index() == 0:
             _write_json(stage_dir / "done.json", {"fingerprint": fp, "inputs": inputs, **self._record(result)})
         _sync(f"{name}:done")  # other processes read what process 0 wrote only after this

@@ -15,6 +15,7 @@ from typing import Any, Callable, Iterable
 
 import ml_collections
 
+from clue_jax import trackers
 from clue_jax.choices import ARMS, DTYPES, FLAVOURS, PRECISIONS, SCHEDULES
 from clue_jax.config_check import flat_items
 from clue_jax.errors import UserInputError
@@ -102,7 +103,7 @@ TRAIN_RULES: dict[str, Check] = {
 # Glob pattern over the dotted key -> check; a key matches the first pattern that fits it.
 RULES: dict[str, Check] = {
     **{f"{section}.{key}": check for section in TRAIN_SECTIONS for key, check in TRAIN_RULES.items()},
-    "seed": NONNEG, "seeds": tuple_of(NONNEG), "*.seed": NONNEG,
+    "seed": NONNEG, "seeds": tuple_of(NONNEG), "*.seed": NONNEG, "logging.trackers": trackers.problem,
     "world.zipf_exponent": NONNEG_NUM, "world.num_new": NONNEG, "world.num_background": POS, "world.num_*": POS,
     "data.source": one_of(SOURCES), "data.num_dev": NONNEG, "data.bios_per_person": POS,
     "data.cpt_replay_rows": NONNEG,

@@ -298,6 +298,7 @@ class Trainer:
         checkpointer = Checkpointer(f"{self.workdir}/checkpoints", keep=cfg.keep_checkpoints)
         writer = MetricsWriter(self.log_dir, self.stage)
         start = self.restore(checkpointer)
+        writer.forget_after(start)  # what a killed run logged past its checkpoint is logged again below
         progress = Progress(cfg.steps, start, self.stage, cfg.log_every)
         last_metrics: dict = {}
         status = "done"
