@@ -63,6 +63,6 @@ def help_text(module) -> str:
         variants = ", ".join(f":{v}" if v else "(default)" for v in c.variants)
         rows.append((c.name, f"pipeline {c.pipeline}; variants {variants}. {c.summary}"))
     lines += _table(rows)
-    lines += ["", "  :tiny variants train for seconds (smoke tests: their numbers mean nothing).", "",
-              "example:", f"  {EXAMPLE}", ""]
+    lines += ["", "  :tiny variants take a minute or two on a CPU, mostly compiling (smoke tests: numbers mean nothing).",
+              "", "example:", f"  {EXAMPLE}", ""]
     return "\n".join(lines)

@@ -111,6 +111,9 @@ DESCRIPTIONS = {
     "clues.query_block": "query rows per block of the blocked scoring attention",
     "clues.score_batch": "documents per scoring batch",
     "clues.render_examples": "clue views written to `clues/example_<i>.html|png`",
+    "logging.trackers": "where the scalars go besides `metrics.jsonl`: `tensorboard`, `wandb` (the `[wandb]` "
+                        "extra), or `()` for none",
+    "logging.wandb_project": "the Weights & Biases project when `wandb` is a tracker",
     "eval.k_shot": "solved examples before each question",
     "eval.max_new_tokens": "greedy decoding length of an answer",
     "eval.batch_size": "questions per decoding batch",
