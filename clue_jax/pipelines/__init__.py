@@ -33,7 +33,10 @@ def run(config, workdir: str) -> dict:
 
     config_check.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
     config_check.write_config(config, workdir)
-    summary = importlib.import_module(PIPELINES[name]).run(config, workdir)
+    from clue_jax.pipelines.stages import rerun_damaged
+
+    pipeline = importlib.import_module(PIPELINES[name])
+    summary = rerun_damaged(lambda: pipeline.run(config, workdir))  # a damaged stage found late runs again
     config_check.finish_config(workdir)
     if config.get("smoke_test") and jax.process_index() == 0:
         print(SMOKE_TEST_NOTE)
