@@ -19,7 +19,8 @@ from clue_jax import config_check, run_lock, workdir_fs
 from clue_jax.errors import UserInputError
 from clue_jax.pipelines.stages import Stages
 from clue_jax.train import logging_utils
-from clue_jax.train.checkpoint import Checkpointer, abstract_like
+from clue_jax.models.store import abstract_like
+from clue_jax.train.checkpoint import Checkpointer
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "workers"))
 import fake_gcs  # noqa: E402

@@ -267,6 +267,7 @@ class Trainer:
         checkpointer = Checkpointer(f"{self.workdir}/checkpoints", keep=cfg.keep_checkpoints)
         writer = MetricsWriter(self.log_dir, self.stage)
         start = self.restore(checkpointer)
+        self._saved_any = bool(checkpointer.steps())
         progress = Progress(cfg.steps, start, self.stage, cfg.log_every)
         last_metrics: dict = dict(self.resumed_metrics) if start else {}
         status = "done"
@@ -293,6 +294,7 @@ class Trainer:
                         last_metrics.update(evals)
                     if must_save or stop:
                         checkpointer.save(step, self.state, self._checkpoint_meta(step, last_metrics), force=True)
+                        self._saved_any = True
                     if stop:
                         status = "preempted"
                         break
@@ -307,10 +309,9 @@ class Trainer:
         fetched = jax.device_get([metrics for _, metrics in pending])
         for (step, _), metrics in zip(pending, fetched):
             if not math.isfinite(float(metrics["loss"])):
-                raise NonFiniteLoss(
-                    f"{self.stage}: loss is {float(metrics['loss'])} at step {step}; stopped, the last good "
-                    f"checkpoint in {self.workdir}/checkpoints is kept"
-                )
+                kept = (f"the last good checkpoint in {self.workdir}/checkpoints is kept" if self._saved_any
+                        else "no checkpoint had been saved yet")
+                raise NonFiniteLoss(f"{self.stage}: loss is {float(metrics['loss'])} at step {step}; stopped, {kept}")
         step = pending[-1][0]
         values = {k: float(v) for k, v in fetched[-1].items()}
         now = time.time()
