@@ -17,7 +17,7 @@ from clue_jax.errors import UserInputError
 from clue_jax.models import config as model_config, factory, store
 from clue_jax.models import encoder as E
 from clue_jax.pipelines import mcl as mcl_pipeline
-from clue_jax.pipelines.stages import Stages, rerun_damaged
+from clue_jax.pipelines.stages import StageDamaged, Stages, rerun_damaged
 from clue_jax.train.mesh import make_mesh
 
 CFG = model_config.gpt2(vocab_size=64, d_model=32, num_layers=1, num_heads=2, mlp_dim=64, max_len=16)
@@ -138,8 +138,21 @@ def test_damage_found_by_a_later_stage_reruns_the_stage_that_saved_it(tmp_path, 
     assert len(calls) == 2 and again["sum"] == first["sum"]  # trained from the recomputed, sound model
     assert (tmp_path / "stages" / "pretrain.damaged-1" / "done.json").exists()
     warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert any(re.fullmatch(r"stage cpt: saved model .*/stages/pretrain/model is damaged: .*; stage pretrain was "
-                            r"moved aside to pretrain.damaged-<n>; running the pipeline again", w) for w in warnings)
+    said = (r"stage cpt: saved model .*/stages/pretrain/model is damaged: .*; stage pretrain was moved aside to "
+            r"\S+/stages/pretrain.damaged-1; running the pipeline again")
+    assert any(re.fullmatch(said, w) for w in warnings), warnings
+
+
+def test_damage_found_again_and_again_ends_in_one_line():
+    tries = []
+
+    def damaged():
+        tries.append(1)
+        raise StageDamaged("stage cpt: saved model m is damaged: x; stage pretrain was moved aside to p")
+
+    with pytest.raises(StageDamaged, match="moved aside to p; rerun the same command to recompute it$"):
+        rerun_damaged(damaged, attempts=2)
+    assert len(tries) == 2
 
 
 def test_damaged_model_outside_the_stages_is_the_users(saved_lm, tmp_path):

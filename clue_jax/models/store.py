@@ -32,7 +32,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from clue_jax import paths
+from clue_jax import paths, workdir_fs
 from clue_jax.errors import UserInputError
 
 CHECKSUMS = "checksums.json"
@@ -81,9 +81,14 @@ def save(module: nnx.Module, directory: str, configs: dict[str, dict]) -> None:
         ckpt.save(item, params, force=True)
     sums = checksums(nnx.to_pure_dict(params))
     if jax.process_index() == 0:
-        paths.write_text(paths.join(directory, CHECKSUMS), json.dumps(sums, indent=0, sort_keys=True))
+        _write_text(paths.join(directory, CHECKSUMS), json.dumps(sums, indent=0, sort_keys=True))
         for name, value in configs.items():
-            paths.write_text(paths.join(directory, name), json.dumps(value, indent=1))
+            _write_text(paths.join(directory, name), json.dumps(value, indent=1))
+
+
+def _write_text(path: str, text: str) -> None:
+    """Whole or not at all: locally a temporary file renamed into place; a bucket object is whole by itself."""
+    (paths.write_text if paths.is_remote(path) else workdir_fs.write_text)(path, text)
 
 
 def restore(directory: str, target: nnx.State, saved_dtypes: nnx.State | None = None) -> nnx.State:

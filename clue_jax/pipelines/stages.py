@@ -60,7 +60,7 @@ def rerun_damaged(run: Callable[[], Any], attempts: int = 3) -> Any:
             return run()
         except StageDamaged as err:
             if attempt == attempts - 1:
-                raise
+                raise StageDamaged(f"{err}; rerun the same command to recompute it") from None
             log.warning("%s; running the pipeline again", err)
 
 
@@ -145,14 +145,15 @@ class Stages:
 
         A damaged model outside the stages (one the config names) stays where it is: the user's to replace.
         """
-        rel = os.path.relpath(os.fspath(workdir_fs.path(err.directory)), os.fspath(self.root))
-        owner = rel.split(os.sep)[0]
-        if rel.startswith("..") or not (self.root / owner).exists():
+        root, damaged = os.fspath(self.root).rstrip("/") + "/", os.fspath(workdir_fs.path(err.directory))
+        owner = damaged.removeprefix(root).split("/")[0]
+        if not damaged.startswith(root) or not (self.root / owner).exists():
             return err
+        target = f"{owner}.damaged-<n>"  # the number process 0 picked
         if jax.process_index() == 0:
-            self._move_aside(owner, "a saved model in it is damaged", "damaged")
+            target = self._move_aside(owner, "a saved model in it is damaged", "damaged")
         _sync(f"{name}:damaged")
-        return StageDamaged(f"stage {name}: {err}; stage {owner} was moved aside to {owner}.damaged-<n>")
+        return StageDamaged(f"stage {name}: {err}; stage {owner} was moved aside to {target}")
 
     # ------------------------------------------------------------ paths in records
     def _record(self, result: dict) -> dict:
@@ -182,14 +183,15 @@ def _read_record(path, stage_dir) -> dict:
 
 
 def _file_sizes(stage_dir) -> dict[str, int]:
-    """Size of every file the stage wrote (relative paths), its checkpoints and records aside."""
+    """Size of every file the stage wrote (paths relative to it, "/"-separated), its checkpoints and records aside."""
+    base = os.fspath(stage_dir).rstrip("/")
     sizes = {}
     for root, _, files in stage_dir.walk():
-        rel_root = os.path.relpath(os.fspath(root), os.fspath(stage_dir))
-        if rel_root.split(os.sep)[0] in _NOT_OUTPUTS:
+        rel_root = os.fspath(root)[len(base):].strip("/")  # string arithmetic: also right for gs:// paths
+        if rel_root.split("/")[0] in _NOT_OUTPUTS:
             continue
-        for f in files:
-            rel = os.path.normpath(os.path.join(rel_root, f))
+        for name in files:
+            rel = f"{rel_root}/{name}" if rel_root else name
             if rel not in _NOT_OUTPUTS:
                 sizes[rel] = (stage_dir / rel).stat().length
     return sizes
