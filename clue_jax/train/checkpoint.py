@@ -1,9 +1,12 @@
 """Orbax checkpoints in the workdir: train state + JSON metadata, keep the last N.
 
 A checkpoint holds the trainable params, the optimizer state, the step, the
-RNG key and (in the metadata) the data position and the model config. At
-save time the metadata also gets a checksum of every leaf (computed on the
-devices, so nothing is gathered on one host); a restore recomputes them. The
+RNG key and (in the metadata) the data position, the model config and the
+metrics logged at that step. At save time the metadata also gets a checksum
+of every leaf (clue_jax.models.store's, the one checksum of every array the
+project saves; computed on the devices, so nothing is gathered on one host);
+a restore recomputes them. A write that fails (full disk, permission) raises
+an OSError naming the step, at the save or at the next wait. The
 newest sound step wins: a step that cannot be read (truncated file, missing
 _METADATA, garbled meta) or whose checksums differ (flipped bytes) is moved
 aside to `<checkpoints>.damaged/<step>` with a warning, so training goes on
