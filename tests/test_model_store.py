@@ -12,6 +12,7 @@ import subprocess
 import jax
 import numpy as np
 import pytest
+from flax import nnx
 
 from clue_jax.errors import UserInputError
 from clue_jax.models import config as model_config, factory, store
@@ -83,21 +84,25 @@ def test_mcl_pair_uses_the_same_store(tmp_path):
     cfg = E.EncoderConfig(vocab_size=64, hidden_size=16, embedding_size=16, num_layers=1, num_heads=2,
                           intermediate_size=32, max_len=16)
     mesh = _mesh()
-    for seed in (0, 1):
-        mcl_pipeline.save_pair(mcl_pipeline.create_pair(cfg, E.generator_config(cfg, 0.5), seed, mesh),
-                               str(tmp_path / f"pair{seed}"))
-    assert sorted(os.listdir(tmp_path / "pair0")) == ["checksums.json", "pair_config.json", "params"]
-    _tamper(tmp_path / "pair0", tmp_path / "pair1")
+    pair = mcl_pipeline.create_pair(cfg, E.generator_config(cfg, 0.5), 0, mesh)
+    mcl_pipeline.save_pair(pair, str(tmp_path / "pair"))
+    assert sorted(os.listdir(tmp_path / "pair")) == ["checksums.json", "pair_config.json", "params"]
     mcl_pipeline._PAIRS.clear()  # read from disk, not from what this process saved
-    with pytest.raises(store.DamagedModel, match=r"pair0 is damaged: checksum mismatch in \d+ arrays"):
-        mcl_pipeline.load_pair(str(tmp_path / "pair0"), mesh)
+    again = mcl_pipeline.load_pair(str(tmp_path / "pair"), mesh)
+    for a, b in zip(jax.tree.leaves(nnx.state(again, nnx.Param)), jax.tree.leaves(nnx.state(pair, nnx.Param))):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    _doctor_checksum(tmp_path / "pair")
+    mcl_pipeline._PAIRS.clear()
+    with pytest.raises(store.DamagedModel, match=r"pair is damaged: checksum mismatch in 1 arrays"):
+        mcl_pipeline.load_pair(str(tmp_path / "pair"), mesh)
 
 
 # ------------------------------------------------------------------ damaged finished stages
-def _save_model_stage(calls):
+def _save_model_stage(calls, saved):
+    """A stage that 'trains' the model saved in `saved` (a copy: the store's files as save_params wrote them)."""
     def fn(stage_dir):
         calls.append(stage_dir)
-        factory.save_params(factory.create(CFG, 0, _mesh()), CFG, os.path.join(stage_dir, "model"))
+        shutil.copytree(saved, os.path.join(stage_dir, "model"))
         return {"model_dir": os.path.join(stage_dir, "model")}
     return fn
 
@@ -109,12 +114,12 @@ def _read_model_stage(model_dir):
     return fn
 
 
-def test_finished_stage_missing_a_file_is_moved_aside_and_rerun(tmp_path, caplog):
+def test_finished_stage_missing_a_file_is_moved_aside_and_rerun(saved_lm, tmp_path, caplog):
     calls = []
-    Stages(str(tmp_path)).run("pretrain", {"x": 1}, _save_model_stage(calls))
+    Stages(str(tmp_path)).run("pretrain", {"x": 1}, _save_model_stage(calls, saved_lm))
     (tmp_path / "stages" / "pretrain" / "model" / "model_config.json").unlink()
     with caplog.at_level("WARNING"):
-        Stages(str(tmp_path)).run("pretrain", {"x": 1}, _save_model_stage(calls))
+        Stages(str(tmp_path)).run("pretrain", {"x": 1}, _save_model_stage(calls, saved_lm))
     assert len(calls) == 2
     assert "stage pretrain: its output is damaged (model/model_config.json is missing), running it again" \
         in caplog.text and "pretrain.damaged-1" in caplog.text
@@ -122,12 +127,12 @@ def test_finished_stage_missing_a_file_is_moved_aside_and_rerun(tmp_path, caplog
     assert (tmp_path / "stages" / "pretrain" / "model" / "model_config.json").exists()
 
 
-def test_damage_found_by_a_later_stage_reruns_the_stage_that_saved_it(tmp_path, caplog):
+def test_damage_found_by_a_later_stage_reruns_the_stage_that_saved_it(saved_lm, tmp_path, caplog):
     calls = []
 
     def pipeline(second_inputs):
         stages = Stages(str(tmp_path))
-        base = stages.run("pretrain", {"x": 1}, _save_model_stage(calls))
+        base = stages.run("pretrain", {"x": 1}, _save_model_stage(calls, saved_lm))
         return stages.run("cpt", {"lr": second_inputs, "base": base["_fingerprint"]},
                           _read_model_stage(base["model_dir"]))
 
@@ -183,28 +188,39 @@ def _small_tmpfs(path, size):
     return proc.returncode == 0
 
 
-@pytest.mark.parametrize("kind", ["save_params", "checkpoint"])
+@pytest.mark.parametrize("kind", ["store", "checkpoint"])
 def test_real_full_disk_is_one_os_error_and_keeps_what_was_saved(tmp_path, kind, caplog):
+    """A 192 KiB tmpfs: a small save fits, a 1 MiB one does not; the small one stays readable."""
     from clue_jax.train.checkpoint import Checkpointer
 
     disk = tmp_path / "disk"
     if not _small_tmpfs(disk, "192k"):
         pytest.skip("mounting a small tmpfs needs root (mount -t tmpfs) and is not permitted here")
+    small, big = nnx.Linear(4, 4, rngs=nnx.Rngs(0)), nnx.Linear(512, 512, rngs=nnx.Rngs(0))
     try:
-        (disk / "kept.txt").write_text("saved before")
-        big = model_config.gpt2(vocab_size=512, d_model=128, num_layers=1, num_heads=2, mlp_dim=256, max_len=16)
-        model = factory.create(big, 0, _mesh())
         with caplog.at_level(logging.ERROR), pytest.raises(OSError) as err:
-            if kind == "save_params":
-                factory.save_params(model, big, str(disk / "model"))
+            if kind == "store":
+                store.save(small, str(disk / "small"), {})
+                store.save(big, str(disk / "big"), {})
             else:
                 ckpt = Checkpointer(str(disk / "checkpoints"))
                 try:
-                    ckpt.save(1, {"e": model.embed_tokens.embedding[...]}, {"model": {}})
+                    ckpt.save(1, nnx.to_pure_dict(nnx.state(small)), {"model": {}})
+                    ckpt.wait()
+                    ckpt.save(2, nnx.to_pure_dict(nnx.state(big)), {"model": {}})
                 finally:
                     ckpt.close()
         assert err.value.errno == errno.ENOSPC and str(disk) in err.value.filename
         assert "Traceback" not in caplog.text and "RESOURCE_EXHAUSTED" not in caplog.text
-        assert (disk / "kept.txt").read_text() == "saved before"
+        want = nnx.to_pure_dict(nnx.state(small))
+        if kind == "store":
+            got = nnx.to_pure_dict(store.restore(str(disk / "small"), store.abstract_like(nnx.state(small))))
+        else:
+            ckpt = Checkpointer(str(disk / "checkpoints"))
+            step, got, _ = ckpt.restore_latest(store.abstract_like(want), {})
+            ckpt.close()
+            assert step == 1
+        for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     finally:
         subprocess.run(["umount", str(disk)], check=True)

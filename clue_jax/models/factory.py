@@ -28,7 +28,7 @@ from clue_jax.train import sharding as shard_lib
 
 def create(cfg: ModelConfig, seed: int, mesh) -> CausalLM:
     return store.create(lambda s: CausalLM(cfg, rngs=nnx.Rngs(jax.random.key(s))), seed,
-                        functools.partial(shard_lib.state_shardings, mesh=mesh))
+                        functools.partial(shard_lib.state_shardings, mesh=mesh), (cfg, mesh))
 
 
 def save_params(model: nnx.Module, cfg: ModelConfig, directory: str) -> None:

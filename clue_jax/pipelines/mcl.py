@@ -84,7 +84,7 @@ _PAIRS: dict[str, ElectraPair] = {}  # model_dir -> pair, so a stage that reads 
 def create_pair(disc_cfg, gen_cfg, seed: int, mesh) -> ElectraPair:
     """Initialised under jit straight onto the mesh; the seed is traced, so every seed reuses one compile."""
     return store.create(lambda s: ElectraPair(disc_cfg, gen_cfg, nnx.Rngs(jax.random.key(s))), seed,
-                        functools.partial(shard_lib.state_shardings, mesh=mesh), (disc_cfg, gen_cfg, id(mesh)))
+                        functools.partial(shard_lib.state_shardings, mesh=mesh), (disc_cfg, gen_cfg, mesh))
 
 
 def save_pair(pair: ElectraPair, directory: str) -> None:
