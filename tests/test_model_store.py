@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from clue_jax.errors import UserInputError
-from clue_jax.models import config as model_config, factory, store
+from clue_jax.models import config as model_config
 from clue_jax.models import encoder as E
+from clue_jax.models import factory, orbax_errors, store
 from clue_jax.pipelines import mcl as mcl_pipeline
 from clue_jax.pipelines.stages import StageDamaged, Stages, rerun_damaged
 from clue_jax.train.mesh import make_mesh
@@ -39,7 +39,7 @@ def _doctor_checksum(directory):
     """One saved checksum off by one bit, the file's size kept: only reading the model can tell."""
     path = directory / store.CHECKSUMS
     size, sums = path.stat().st_size, json.loads(path.read_text())
-    sums[sorted(sums)[0]] ^= 1
+    sums[min(sums)] ^= 1
     path.write_text(json.dumps(sums, indent=0, sort_keys=True))
     assert path.stat().st_size == size
 
@@ -73,7 +73,7 @@ def test_checksums_are_checked_before_a_precision_cast(tmp_path):
     """A bfloat16 model read under "mixed" is restored as saved, checked, then cast to float32 masters."""
     bf16 = dataclasses.replace(CFG, dtype="bfloat16", param_dtype="bfloat16")
     factory.save_params(factory.create(bf16, 0, _mesh()), bf16, str(tmp_path))
-    model, cfg = factory.load_params(str(tmp_path), _mesh(), precision="mixed")
+    model, _ = factory.load_params(str(tmp_path), _mesh(), precision="mixed")
     assert model.embed_tokens.embedding[...].dtype == jax.numpy.float32
     _doctor_checksum(tmp_path)
     with pytest.raises(store.DamagedModel, match="checksum mismatch in 1 arrays"):
@@ -173,18 +173,19 @@ def test_damaged_model_outside_the_stages_is_the_users(saved_lm, tmp_path):
 def test_tensorstore_write_errors_become_os_errors():
     text = ('RESOURCE_EXHAUSTED: Error writing "a/0.0" in OCDBT database at local file "/m/x/": Failed writing: '
             '"/m/x/d/7733": Failed to write 1705029 bytes to file 11: No space left on device [os_error_code=\'28\']')
-    err = store.os_error(ValueError(text), "/m/x")
+    err = orbax_errors.os_error(ValueError(text), "/m/x")
     assert (err.errno, err.filename, err.strerror) == (errno.ENOSPC, "/m/x", os.strerror(errno.ENOSPC))
-    assert store.os_error(ValueError("PERMISSION_DENIED: open failed"), "/p").errno == errno.EACCES
-    assert store.os_error(ValueError("DATA_LOSS: bad block"), "/p") is None
-    with pytest.raises(OSError) as raised, store.write_errors("/m/x"):
+    assert orbax_errors.os_error(ValueError("PERMISSION_DENIED: open failed"), "/p").errno == errno.EACCES
+    assert orbax_errors.os_error(ValueError("DATA_LOSS: bad block"), "/p") is None
+    with pytest.raises(OSError) as raised, orbax_errors.write_errors("/m/x"):
         raise ValueError(text)
     assert raised.value.errno == errno.ENOSPC and "\n" not in str(raised.value)
 
 
 def _small_tmpfs(path, size):
     os.makedirs(path, exist_ok=True)
-    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True)
+    proc = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True,
+                          check=False)
     return proc.returncode == 0
 
 

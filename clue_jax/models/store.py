@@ -13,17 +13,13 @@ recomputes the checksums on the restored arrays (before any dtype cast) and
 refuses a directory whose arrays differ, whose checksums are missing or that
 orbax cannot read, with a `DamagedModel` error naming it: flipped bits never
 reach training silently. Orbax's own write errors (a full disk, a denied
-permission) become an OSError naming the path, which the CLI prints as one line.
+permission) become an OSError naming the path (clue_jax.models.orbax_errors),
+which the CLI prints as one line.
 """
 from __future__ import annotations
 
-import contextlib
-import errno
 import json
-import logging
-import os
 import re
-import sys
 from typing import Any, Callable
 
 import jax
@@ -34,6 +30,7 @@ from flax import nnx
 
 from clue_jax import paths, workdir_fs
 from clue_jax.errors import UserInputError
+from clue_jax.models.orbax_errors import write_errors
 
 CHECKSUMS = "checksums.json"
 
@@ -183,73 +180,6 @@ def _leaf_checksum(x: jax.Array) -> jax.Array:
 
 
 _checksum_tree = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))
-
-
-# ------------------------------------------------------------------ write errors
-_OS_CODE = re.compile(r"os_error_code='?(\d+)")
-_STATUS_ERRNO = {"RESOURCE_EXHAUSTED": errno.ENOSPC, "PERMISSION_DENIED": errno.EACCES}
-
-
-def os_error(err: BaseException, target: str) -> OSError | None:
-    """Orbax/tensorstore's report of a failed write (a ValueError with a status) as the OSError it was."""
-    if isinstance(err, OSError):
-        return err
-    text = str(err)
-    code = _OS_CODE.search(text)
-    status = next((s for s in _STATUS_ERRNO if text.startswith(s) or f" {s}:" in text), None)
-    if code is None and status is None:
-        return None
-    number = int(code[1]) if code else _STATUS_ERRNO[status]
-    return OSError(number, os.strerror(number), str(target))
-
-
-class _HideWriteTracebacks(logging.Filter):
-    """Orbax logs a failed write thread's traceback, then raises the error to the save or the next wait, where
-    `write_errors` turns it into one line; the logged copies would bury that line under tracebacks."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        error = record.exc_info[1] if record.exc_info else None
-        return error is None or os_error(error, "") is None
-
-
-logging.getLogger("absl").addFilter(_HideWriteTracebacks())  # orbax logs through absl
-
-
-def _is_late_tensorstore_callback(unraisable) -> bool:
-    """When one array of a save or restore fails, orbax's gather raises and closes its private event loop while
-    tensorstore still completes the other arrays' futures; each then calls `call_soon_threadsafe` on the closed
-    loop from a tensorstore thread ("Exception ignored in: None ... Event loop is closed"). Nothing waits for
-    those results any more (the failure itself was raised to the caller), so the report is noise."""
-    tb = unraisable.exc_traceback
-    while tb is not None and tb.tb_next is not None:
-        tb = tb.tb_next
-    return (unraisable.object is None and isinstance(unraisable.exc_value, RuntimeError)
-            and str(unraisable.exc_value) == "Event loop is closed"
-            and tb is not None and tb.tb_frame.f_code.co_name == "_check_closed")
-
-
-def _quiet_late_callbacks(previous):
-    def hook(unraisable):
-        if not _is_late_tensorstore_callback(unraisable):
-            previous(unraisable)
-    hook.quiets_late_callbacks = True
-    return hook
-
-
-if not getattr(sys.unraisablehook, "quiets_late_callbacks", False):
-    sys.unraisablehook = _quiet_late_callbacks(sys.unraisablehook)
-
-
-@contextlib.contextmanager
-def write_errors(target: str):
-    """Inside: orbax's write errors become an OSError naming `target` (the CLI prints it in one line)."""
-    try:
-        yield
-    except Exception as err:
-        converted = os_error(err, target)
-        if converted is None or converted is err:
-            raise
-        raise converted from None
 
 
 def first_line(err: BaseException) -> str:

@@ -26,7 +26,8 @@ import orbax.checkpoint as ocp
 
 from clue_jax.config_check import workdir_path
 from clue_jax.errors import UserInputError
-from clue_jax.models.store import checksums, first_line, mismatches, refuse_per_layer_layout, saved_tree, write_errors
+from clue_jax.models.orbax_errors import write_errors
+from clue_jax.models.store import checksums, first_line, mismatches, refuse_per_layer_layout, saved_tree
 
 log = logging.getLogger(__name__)
 
