@@ -226,7 +226,7 @@ class CrashAt(ArrayBatchSource):
         return super().batch(step, rows)
 
 
-def _train_stage(lr, crash=False, crash_after=False):
+def _train_stage(lr, crash=False, crash_after=None):
     def fn(stage_dir):
         cfg = model_config.gpt2(vocab_size=64, d_model=32, num_layers=1, num_heads=2, mlp_dim=64, max_len=16)
         tcfg = defaults.train_config(steps=4, batch_size=8, lr=lr, warmup_steps=1, checkpoint_every=2)
@@ -235,7 +235,8 @@ def _train_stage(lr, crash=False, crash_after=False):
         source = (CrashAt if crash else ArrayBatchSource)(tiny_data(), batch_size=8)
         result = trainer.run(source)
         np.savez(os.path.join(stage_dir, "params.npz"), *jax.tree.leaves(_params(result)))
-        if crash_after:  # killed after the final checkpoint and the outputs, before done.json
+        if crash_after is not None:  # killed after the final checkpoint and the outputs, before done.json
+            crash_after.append(result.metrics["loss"])
             raise Crash
         return {"params": os.path.join(stage_dir, "params.npz"), "final_loss": result.metrics.get("loss")}
     return fn
@@ -266,10 +267,11 @@ def test_unfinished_stage_with_the_same_config_resumes(tmp_path, caplog):
 
 
 def test_a_stage_killed_before_done_json_or_missing_it_reruns_to_its_true_final_loss(tmp_path, caplog):
-    want = Stages(str(tmp_path / "straight")).run("pretrain", {"lr": 3e-3}, _train_stage(3e-3))["final_loss"]
-    assert isinstance(want, float)
+    trained = []  # the loss the killed run reached at its last step
     with pytest.raises(Crash):
-        Stages(str(tmp_path)).run("pretrain", {"lr": 3e-3}, _train_stage(3e-3, crash_after=True))
+        Stages(str(tmp_path)).run("pretrain", {"lr": 3e-3}, _train_stage(3e-3, crash_after=trained))
+    want = trained[0]
+    assert isinstance(want, float)
     done = tmp_path / "stages" / "pretrain" / "done.json"
     assert not done.exists()
     for attempt in ("killed before done.json", "done.json deleted"):
