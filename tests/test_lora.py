@@ -158,7 +158,7 @@ def test_a_lora_stage_saves_only_its_adapters_and_reads_back_merged(tmp_path):
     from clue_jax import export
     from clue_jax.models import factory
     from clue_jax.pipelines.stages import Stages
-    from clue_jax.train.checkpoint import saved_tree
+    from clue_jax.models.store import saved_tree
 
     mesh = make_mesh((1, 1, 1), jax.devices()[:1])
     cfg = llama(vocab_size=300, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64, max_len=32)
@@ -176,7 +176,7 @@ def test_a_lora_stage_saves_only_its_adapters_and_reads_back_merged(tmp_path):
     save = lambda d: lora.save_adapters(model, cfg, stage_model, base_dir=base_dir, rank=4, alpha=8.0,
                                         targets=lora.PROJECTIONS) or {"model_dir": os.path.relpath(stage_model, workdir)}
     stages.run("cpt_s", {}, save)
-    saved = jax.tree.leaves_with_path(saved_tree(os.path.join(stage_model, "adapters")))
+    saved = jax.tree.leaves_with_path(saved_tree(os.path.join(stage_model, "params")))
     names = [{str(getattr(k, "key", k)) for k in path} for path, _ in saved]
     assert saved and all(len(n & {"lora_a", "lora_b"}) == 1 for n in names)  # adapters, nothing else
     adapter_bytes = sum(x.nbytes for x in jax.tree.leaves(trained))

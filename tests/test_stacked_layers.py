@@ -12,6 +12,7 @@ from clue_jax.errors import UserInputError
 from clue_jax.models import config as mc
 from clue_jax.models import factory, layers, stacking
 from clue_jax.models.causal_lm import CausalLM
+from clue_jax.models import store
 from clue_jax.train import checkpoint
 from clue_jax.parallel.mesh import make_mesh
 
@@ -104,7 +105,7 @@ def test_old_layout_train_checkpoint_is_refused_and_kept(tmp_path):
     ckpt = checkpoint.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
     ckpt.save(3, {"params": _old_layout(params), "step": jnp.int32(3)}, {"model": cfg.to_dict()})
     ckpt.wait()
-    abstract = checkpoint.abstract_like({"params": nnx.to_pure_dict(params), "step": jnp.int32(0)})
+    abstract = store.abstract_like({"params": nnx.to_pure_dict(params), "step": jnp.int32(0)})
     with pytest.raises(UserInputError, match=r"checkpoint .*/3 has the old per-layer parameter layout") as err:
         ckpt.restore_latest(abstract, {"model": cfg.to_dict()})
     assert "\n" not in str(err.value)

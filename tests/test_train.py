@@ -129,9 +129,10 @@ def test_sigterm_saves_and_exits_zero(tmp_path):
 
 
 
-@pytest.mark.parametrize("log_every,checkpoint_every", [(1, 2), (5, 4)])
-def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, log_every, checkpoint_every):
-    """(5, 4): the NaN at step 6 lies between log boundaries and is still found before step 8 is saved."""
+@pytest.mark.parametrize("log_every,checkpoint_every,kept", [(1, 2, 4), (5, 4, 4), (1, 100, None)])
+def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, log_every, checkpoint_every, kept):
+    """(5, 4): the NaN at step 6 lies between log boundaries and is still found before step 8 is saved;
+    (1, 100): nothing was saved before it, and the message says so."""
     model, cfg = _model()
     tcfg = defaults.train_config(steps=10, batch_size=8, lr=3e-3, warmup_steps=1, log_every=log_every,
                                  checkpoint_every=checkpoint_every)
@@ -151,10 +152,11 @@ def test_nan_loss_stops_and_keeps_last_checkpoint(tmp_path, log_every, checkpoin
 
     m = mesh.make_mesh((1, 1, 1), jax.devices()[:1])
     trainer = loop.Trainer(model, objective, tcfg, m, str(tmp_path), meta={"model": cfg.to_dict()})
-    with pytest.raises(loop.NonFiniteLoss, match="at step 6"):
+    said = "the last good checkpoint in .* is kept" if kept else "no checkpoint had been saved yet"
+    with pytest.raises(loop.NonFiniteLoss, match=f"at step 6; stopped, {said}$"):
         trainer.run(Source(data, batch_size=8))
     saved = sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit())
-    assert saved and max(saved) == 4
+    assert max(saved, default=None) == kept
 
 
 def test_metrics_leave_the_device_only_at_log_and_save_boundaries(tmp_path, monkeypatch):

@@ -227,7 +227,7 @@ class CrashAt(ArrayBatchSource):
         return super().batch(step, rows)
 
 
-def _train_stage(lr, crash=False):
+def _train_stage(lr, crash=False, crash_after=None):
     def fn(stage_dir):
         cfg = model_config.gpt2(vocab_size=64, d_model=32, num_layers=1, num_heads=2, mlp_dim=64, max_len=16)
         tcfg = defaults.train_config(steps=4, batch_size=8, lr=lr, warmup_steps=1, checkpoint_every=2)
@@ -236,7 +236,10 @@ def _train_stage(lr, crash=False):
         source = (CrashAt if crash else ArrayBatchSource)(tiny_data(), batch_size=8)
         result = trainer.run(source)
         np.savez(os.path.join(stage_dir, "params.npz"), *jax.tree.leaves(_params(result)))
-        return {"params": os.path.join(stage_dir, "params.npz")}
+        if crash_after is not None:  # killed after the final checkpoint and the outputs, before done.json
+            crash_after.append(result.metrics["loss"])
+            raise Crash
+        return {"params": os.path.join(stage_dir, "params.npz"), "final_loss": result.metrics.get("loss")}
     return fn
 
 
@@ -262,6 +265,23 @@ def test_unfinished_stage_with_the_same_config_resumes(tmp_path, caplog):
         Stages(str(tmp_path)).run("pretrain", {"lr": 3e-3}, _train_stage(3e-3))
     assert "resumed from step 2" in caplog.text
     assert not (tmp_path / "stages" / "pretrain.previous-1").exists()
+
+
+def test_a_stage_killed_before_done_json_or_missing_it_reruns_to_its_true_final_loss(tmp_path, caplog):
+    trained = []  # the loss the killed run reached at its last step
+    with pytest.raises(Crash):
+        Stages(str(tmp_path)).run("pretrain", {"lr": 3e-3}, _train_stage(3e-3, crash_after=trained))
+    want = trained[0]
+    assert isinstance(want, float)
+    done = tmp_path / "stages" / "pretrain" / "done.json"
+    assert not done.exists()
+    for attempt in ("killed before done.json", "done.json deleted"):
+        with caplog.at_level("INFO"):
+            Stages(str(tmp_path)).run("pretrain", {"lr": 3e-3}, _train_stage(3e-3))
+        assert "resumed from step 4" in caplog.text, attempt
+        assert json.loads(done.read_text())["result"]["final_loss"] == want, attempt
+        done.unlink()
+        caplog.clear()
 
 
 def _write_stage(text):
@@ -299,6 +319,36 @@ def test_moved_workdir_reuses_every_stage(run_copy, tmp_path):
     proc = _cli("--config", TINY, "--workdir", str(moved))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert json.loads((moved / "summary.json").read_text())["stages_ran"] == []
+
+
+def _doctor_checksum(model_dir):
+    """One saved checksum off by one bit, the file's size kept: only reading the model can tell."""
+    path = model_dir / "checksums.json"
+    size, sums = path.stat().st_size, json.loads(path.read_text())
+    sums[min(sums)] ^= 1
+    path.write_text(json.dumps(sums, indent=0, sort_keys=True))
+    assert path.stat().st_size == size
+
+
+@pytest.mark.slow
+def test_damaged_finished_stages_are_moved_aside_and_rerun_with_their_true_results(run_copy):
+    """A deleted tokenizer.json, a saved model whose arrays no longer match their checksums and a training stage
+    whose done.json is gone: each stage reruns (one warning line each), the summary keeps the true final loss."""
+    stages, cpt = run_copy / "stages", "cpt_small_plain_s0"
+    want = json.loads((stages / cpt / "done.json").read_text())["result"]["final_loss"]
+    (stages / "tokenizer" / "tokenizer.json").unlink()
+    _doctor_checksum(stages / "pretrain_small" / "model")
+    (stages / cpt / "done.json").unlink()
+    proc = _cli("--config", TINY, "--workdir", str(run_copy))
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "stage tokenizer: its output is damaged (tokenizer.json is missing), running it again" in proc.stderr
+    assert re.search(r"stage \S+: saved model \S+/stages/pretrain_small/model is damaged: checksum mismatch in 1 "
+                     r"arrays, .*; stage pretrain_small was moved aside to \S+/pretrain_small.damaged-1; running the "
+                     r"pipeline again", proc.stderr), proc.stderr[-3000:]
+    for name in ("tokenizer", "pretrain_small"):
+        assert (stages / f"{name}.damaged-1" / "done.json").exists() and (stages / name / "done.json").exists()
+    assert json.loads((stages / cpt / "done.json").read_text())["result"]["final_loss"] == want
+    assert json.loads((run_copy / "summary.json").read_text())["stages"][cpt]["result"]["final_loss"] == want
 
 
 # ------------------------------------------------------------------ item 4: one run per workdir

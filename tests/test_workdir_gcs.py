@@ -19,7 +19,8 @@ from clue_jax import config_check, run_lock, workdir_fs
 from clue_jax.errors import UserInputError
 from clue_jax.pipelines.stages import Stages
 from clue_jax.train import logging_utils
-from clue_jax.train.checkpoint import Checkpointer, abstract_like
+from clue_jax.models.store import abstract_like
+from clue_jax.train.checkpoint import Checkpointer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "quickstart.py") + ":tiny"

@@ -1,47 +1,37 @@
-"""An ElectraPair's weights on disk: created straight onto the mesh, saved and restored with orbax (kept in
-memory too, so a stage that reads what this process wrote skips the restore)."""
+"""An ElectraPair's weights on disk through the model store (clue_jax.models.store: checksummed, restored
+sharded; kept in memory too, so a stage that reads what this process wrote skips the restore)."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from clue_jax import workdir_fs
 from clue_jax.errors import UserInputError
 from clue_jax.mcl import downstream
+from clue_jax.models import store
 from clue_jax.models.encoder import ElectraPair, EncoderConfig
 from clue_jax.parallel import rules as shard_lib
-from clue_jax.train.checkpoint import refuse_per_layer_layout, saved_tree
 
-_INITS: dict = {}
 _PAIRS: dict[str, ElectraPair] = {}  # model_dir -> pair, so a stage that reads what this process wrote skips orbax
 
 
 def create_pair(disc_cfg, gen_cfg, seed: int, mesh) -> ElectraPair:
     """Initialised under jit straight onto the mesh; the seed is traced, so every seed reuses one compile."""
-    key = (disc_cfg, gen_cfg, id(mesh))
-    if key not in _INITS:
-        build = lambda s: ElectraPair(disc_cfg, gen_cfg, nnx.Rngs(jax.random.key(s)))
-        graphdef, abstract = nnx.split(nnx.eval_shape(lambda: build(0)))
-        init = jax.jit(lambda s: nnx.split(build(s))[1], out_shardings=shard_lib.state_shardings(abstract, mesh))
-        _INITS[key] = (graphdef, init)
-    graphdef, init = _INITS[key]
-    return nnx.merge(graphdef, init(jax.numpy.asarray(seed, jax.numpy.uint32)))
+    return store.create(lambda s: ElectraPair(disc_cfg, gen_cfg, nnx.Rngs(jax.random.key(s))), seed,
+                        functools.partial(shard_lib.state_shardings, mesh=mesh), (disc_cfg, gen_cfg, mesh))
 
 
 def save_pair(pair: ElectraPair, directory: str) -> None:
     directory = workdir_fs.join(directory)
     params = nnx.state(pair, nnx.Param)
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(os.path.join(directory, "params"), params, force=True)
-    if jax.process_index() == 0:
-        with workdir_fs.open_write(os.path.join(directory, "pair_config.json")) as f:
-            json.dump({"discriminator": pair.disc_cfg.to_dict(), "generator": pair.gen_cfg.to_dict()}, f, indent=1)
+    store.save(pair, directory, {"pair_config.json": {"discriminator": pair.disc_cfg.to_dict(),
+                                                      "generator": pair.gen_cfg.to_dict()}})
     # A copy: a Trainer's model (e.g. at a snapshot) has its buffers donated by the next step.
     graphdef, _, rest = nnx.split(pair, nnx.Param, ...)
     _PAIRS[directory] = nnx.merge(graphdef, downstream.copy_state(params), rest)
@@ -62,10 +52,7 @@ def load_pair(directory: str, mesh) -> ElectraPair:
     graphdef, params = nnx.split(nnx.eval_shape(lambda: ElectraPair(disc, gen, nnx.Rngs(0))), nnx.Param)
     shardings = shard_lib.state_shardings(params, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
-    refuse_per_layer_layout(saved_tree(os.path.join(directory, "params")), f"model {directory}/params")
-    with ocp.StandardCheckpointer() as ckpt:
-        restored = ckpt.restore(os.path.join(directory, "params"), target)
-    _PAIRS[directory] = nnx.merge(graphdef, restored)
+    _PAIRS[directory] = nnx.merge(graphdef, store.restore(directory, target))
     return _PAIRS[directory]
 
 

@@ -3,18 +3,20 @@
 `create` initialises under jit with out_shardings taken from the parameters'
 logical names, so a large model is born sharded instead of on one device.
 `save_params`/`load_params` store a finished model (a pipeline stage's output)
-with orbax; a load checks the saved config against the expected one and
-reads the weights straight into the dtypes of `precision` (train.precision,
-clue_jax.models.precision; float32 masters under "mixed"). Paths may be URLs (clue_jax.workdir_fs); HF checkpoint directories there are read
-in place (clue_jax.models.hf). A LoRA stage's directory holds only its adapters: `load_params`
-returns its base model with them merged (clue_jax.models.lora.load_merged).
+in the model store (clue_jax.models.store: checksummed, restored sharded); a
+load checks the saved config against the expected one and returns the weights
+in the dtypes of `precision` (train.precision, clue_jax.models.precision;
+float32 masters under "mixed"). Paths may be URLs (clue_jax.workdir_fs); HF
+checkpoint directories there are read in place (clue_jax.models.hf). A LoRA
+stage's directory holds only its adapters: `load_params` returns its base model
+with them merged (clue_jax.models.lora.load_merged).
 """
 from __future__ import annotations
 
+import functools
 import json
 
 import jax
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from clue_jax import workdir_fs as paths  # the one path layer (local or gs://, s3://, az://)
@@ -22,29 +24,19 @@ from clue_jax.errors import UserInputError
 from clue_jax.models.causal_lm import CausalLM
 from clue_jax.models import lora
 from clue_jax.models import precision as precision_lib
+from clue_jax.models import store
 from clue_jax.models.config import ModelConfig
 from clue_jax.parallel import rules as shard_lib
-from clue_jax.train import checkpoint
 
 
 def create(cfg: ModelConfig, seed: int, mesh) -> CausalLM:
-    def build():
-        return CausalLM(cfg, rngs=nnx.Rngs(seed))
-
-    abstract = nnx.eval_shape(build)
-    graphdef, abstract_state = nnx.split(abstract)
-    shardings = shard_lib.state_shardings(abstract_state, mesh)
-    state = jax.jit(lambda: nnx.split(build())[1], out_shardings=shardings)()
-    return nnx.merge(graphdef, state)
+    return store.create(lambda s: CausalLM(cfg, rngs=nnx.Rngs(jax.random.key(s))), seed,
+                        functools.partial(shard_lib.state_shardings, mesh=mesh), (cfg, mesh))
 
 
 def save_params(model: nnx.Module, cfg: ModelConfig, directory: str) -> None:
-    """Orbax params + model_config.json; `directory` may be a URL orbax's epath reaches (gs://)."""
-    directory = paths.absolute(directory)
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(paths.join(directory, "params"), nnx.state(model, nnx.Param), force=True)
-    if jax.process_index() == 0:
-        paths.write_text(paths.join(directory, "model_config.json"), json.dumps(cfg.to_dict(), indent=1))
+    """Params, checksums and model_config.json; `directory` may be a URL orbax's epath reaches (gs://)."""
+    store.save(model, directory, {"model_config.json": cfg.to_dict()})
 
 
 def is_hf_directory(directory: str) -> bool:
@@ -69,22 +61,15 @@ def load_params(directory: str, mesh, expected: ModelConfig | None = None,
         cfg = precision_lib.model_config(read_config(directory), precision)
         model, loaded = hf.load(directory, dtype=None if precision == "checkpoint" else cfg.param_dtype, mesh=mesh)
         return (model, loaded) if loaded == cfg else (precision_lib.regraph(model, cfg), cfg)
-    cfg = read_config(directory)
-    if expected is not None and cfg != expected:
+    saved_cfg = read_config(directory)
+    if expected is not None and saved_cfg != expected:
         raise UserInputError(f"model in {directory} has another config than the one asked for")
-    cfg = precision_lib.model_config(cfg, precision)  # orbax casts to the target's dtype on restore
-    abstract = nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0)))
-    graphdef, params, rest = nnx.split(abstract, nnx.Param, ...)
+    cfg = precision_lib.model_config(saved_cfg, precision)
+    graphdef, params, _ = nnx.split(nnx.eval_shape(lambda: CausalLM(cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)
+    saved = nnx.split(nnx.eval_shape(lambda: CausalLM(saved_cfg, rngs=nnx.Rngs(0))), nnx.Param, ...)[1]
     shardings = shard_lib.state_shardings(params, mesh)
     target = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), params, shardings)
-    item = paths.join(directory, "params")
-    checkpoint.refuse_per_layer_layout(checkpoint.saved_tree(item), f"model checkpoint {item}")
-    try:
-        with ocp.StandardCheckpointer() as ckpt:
-            restored = ckpt.restore(item, target)
-    except Exception as err:
-        raise UserInputError(
-            f"unreadable model checkpoint {directory}/params: {str(err).splitlines()[0][:200]}") from None
+    restored = store.restore(directory, target, None if saved_cfg == cfg else saved)
     model = nnx.merge(graphdef, restored, _concrete_rest(cfg, mesh))
     return model, cfg
 

@@ -26,11 +26,11 @@ from typing import Iterable
 
 import jax
 import jax.numpy as jnp
-import orbax.checkpoint as ocp
 from flax import nnx
 
 from clue_jax import workdir_fs as paths  # the one path layer (local or gs://, s3://, az://)
 from clue_jax.errors import UserInputError
+from clue_jax.models import store
 
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -168,7 +168,7 @@ ADAPTERS_FILE = "lora_adapters.json"  # beside model_config.json in a model dire
 
 def save_adapters(model: nnx.Module, cfg, directory: str, *, base_dir: str, rank: int, alpha: float,
                   targets: Iterable[str]) -> None:
-    """Saves only the adapters of a LoRA model (orbax), the base model's directory and the LoRA settings.
+    """Saves only the adapters of a LoRA model (the model store), the base model's directory and the LoRA settings.
 
     A LoRA student's stage then stores r x (in + out) numbers per projection
     instead of a merged copy of the whole model; `load_merged` (which
@@ -177,14 +177,9 @@ def save_adapters(model: nnx.Module, cfg, directory: str, *, base_dir: str, rank
     """
     if not has_lora(model):
         raise ValueError("save_adapters: the model has no LoRA adapters")
-    directory = paths.absolute(directory)
-    with ocp.StandardCheckpointer() as ckpt:
-        ckpt.save(paths.join(directory, "adapters"), nnx.state(model, nnx.LoRAParam), force=True)
-    if jax.process_index() == 0:
-        paths.write_text(paths.join(directory, "model_config.json"), json.dumps(cfg.to_dict(), indent=1))
-        meta = {"base_model_dir": paths.absolute(base_dir), "rank": int(rank), "alpha": float(alpha),
-                "targets": list(targets)}
-        paths.write_text(paths.join(directory, ADAPTERS_FILE), json.dumps(meta, indent=1))
+    meta = {"base_model_dir": paths.absolute(base_dir), "rank": int(rank), "alpha": float(alpha),
+            "targets": list(targets)}
+    store.save(model, directory, {"model_config.json": cfg.to_dict(), ADAPTERS_FILE: meta}, what=nnx.LoRAParam)
 
 
 def load_merged(directory: str, mesh, precision: str = "checkpoint"):
@@ -200,11 +195,6 @@ def load_merged(directory: str, mesh, precision: str = "checkpoint"):
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())  # small: whole on every device
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=replicated),
                           nnx.state(model, nnx.LoRAParam))
-    try:
-        with ocp.StandardCheckpointer() as ckpt:
-            adapters = ckpt.restore(paths.join(directory, "adapters"), target)
-    except Exception as err:
-        raise UserInputError(f"unreadable LoRA adapters {directory}/adapters: {str(err).splitlines()[0][:200]}") \
-            from None
+    adapters = store.restore(directory, target)  # checksummed like every saved model
     nnx.update(model, adapters)
     return merge_lora(model), cfg

@@ -36,11 +36,13 @@ def run(config, workdir: str) -> dict:
     run = logging_utils.Run.of(config)  # refuses unknown or missing trackers before anything is written
     config_check.workdir_path(workdir).mkdir(parents=True, exist_ok=True)
     config_check.write_config(config, workdir, run=run.record())
+    from clue_jax.pipelines.stages import rerun_damaged
     from clue_jax.train.loop import NonFiniteLoss
 
+    pipeline = importlib.import_module(PIPELINES[name])
     try:
-        with logging_utils.current_run(run):
-            summary = importlib.import_module(PIPELINES[name]).run(config, workdir)
+        with logging_utils.current_run(run):  # a damaged stage found late runs again
+            summary = rerun_damaged(lambda: pipeline.run(config, workdir))
     except NonFiniteLoss:  # this config trained and diverged: its record stays beside the stopped stage
         raise
     except UserInputError:  # refused (a checkpoint or document that does not fit): this config did not run

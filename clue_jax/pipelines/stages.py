@@ -9,6 +9,17 @@ place (its trainer resumes from the checkpoints it left). A stage whose inputs
 changed, finished or not, is moved aside to `<name>.previous-<n>/` (n = 1, 2,
 ... never reused) before it reruns, so nothing saved is lost.
 
+done.json also lists the size of every file the stage wrote (its checkpoints
+aside). A finished stage whose files are missing or changed in size is
+damaged: it is moved aside to `<name>.damaged-<n>/` with one warning and runs
+again. Damage that keeps the sizes (flipped bits in saved arrays) shows when a
+later stage reads the model: the store's checksums refuse it (DamagedModel),
+the stage holding it is moved aside the same way, and `rerun_damaged` runs the
+pipeline again, which reuses every sound stage and recomputes the moved one.
+The result and the files are written before done.json (one atomic write), so
+an interrupted stage is either finished with its true result or unfinished
+and resumed.
+
 Result entries that are paths inside the workdir are stored relative to it
 (listed under "workdir_paths" in done.json) and resolved when read, so a moved
 workdir keeps working. With several processes, process 0 makes every decision
@@ -20,6 +31,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import re
 from typing import Any, Callable
 
@@ -29,11 +41,28 @@ import numpy as np
 from clue_jax import workdir_fs
 from clue_jax.config_check import read_json, workdir_path
 from clue_jax.errors import UserInputError
+from clue_jax.models.store import DamagedModel
 from clue_jax.train import logging_utils
 
 log = logging.getLogger("clue_jax")
 
 _RUN, _REUSE, _RESUME, _FAILED = 0, 1, 2, 3  # what process 0 decided, as broadcast
+_NOT_OUTPUTS = ("checkpoints", "checkpoints.damaged", "started.json", "done.json")  # top-level, not checked
+
+
+class StageDamaged(UserInputError):
+    """A finished stage's output was damaged when a later stage read it; the stage has been moved aside."""
+
+
+def rerun_damaged(run: Callable[[], Any], attempts: int = 3) -> Any:
+    """`run()` (a whole pipeline), again after each StageDamaged: sound stages are reused, moved ones recomputed."""
+    for attempt in range(attempts):
+        try:
+            return run()
+        except StageDamaged as err:
+            if attempt == attempts - 1:
+                raise StageDamaged(f"{err}; rerun the same command to recompute it") from None
+            log.warning("%s; running the pipeline again", err)
 
 
 def fingerprint(inputs: Any) -> str:
@@ -66,10 +95,14 @@ class Stages:
             self.reused.append(name)
             return {**self._read_result(name), "_fingerprint": fp}
         log.info("stage %d: %s: %s", number, name, "resuming (same inputs)" if decision == _RESUME else "running")
-        with logging_utils.heartbeat(f"stage {number}: {name}"):
-            result = fn(str(stage_dir))
+        try:
+            with logging_utils.heartbeat(f"stage {number}: {name}"):
+                result = fn(str(stage_dir))
+        except DamagedModel as err:
+            raise self._damaged_input(name, err) from None
         if jax.process_index() == 0:
-            _write_json(stage_dir / "done.json", {"fingerprint": fp, "inputs": inputs, **self._record(result)})
+            _write_json(stage_dir / "done.json", {"fingerprint": fp, "inputs": inputs, **self._record(result),
+                                                  "files": _file_sizes(stage_dir)})
         _sync(f"{name}:done")  # other processes read what process 0 wrote only after this
         self.ran.append(name)
         return {**result, "_fingerprint": fp}
@@ -81,9 +114,12 @@ class Stages:
         done = stage_dir / "done.json"
         if done.exists():
             record = _read_record(done, stage_dir)
-            if record.get("fingerprint") == fp and isinstance(record.get("result"), dict):
+            if record.get("fingerprint") != fp or not isinstance(record.get("result"), dict):
+                self._move_aside(name, "inputs changed")
+            elif damage := _damage(stage_dir, record.get("files")):
+                self._move_aside(name, f"its output is damaged ({damage}), running it again", "damaged")
+            else:
                 return _REUSE
-            self._move_aside(name, "inputs changed")
         elif stage_dir.exists() and any(stage_dir.iterdir()):
             started = stage_dir / "started.json"
             try:
@@ -98,13 +134,29 @@ class Stages:
         _write_json(stage_dir / "started.json", {"fingerprint": fp})
         return _RUN
 
-    def _move_aside(self, name: str, why: str) -> None:
-        taken = [int(m.group(1)) for p in self.root.glob(f"{name}.previous-*")
-                 if (m := re.fullmatch(re.escape(name) + r"\.previous-(\d+)", p.name))]
-        target = self.root / f"{name}.previous-{max(taken, default=0) + 1}"
+    def _move_aside(self, name: str, why: str, kind: str = "previous") -> str:
+        taken = [int(m.group(1)) for p in self.root.glob(f"{name}.{kind}-*")
+                 if (m := re.fullmatch(re.escape(f"{name}.{kind}-") + r"(\d+)", p.name))]
+        target = self.root / f"{name}.{kind}-{max(taken, default=0) + 1}"
         workdir_fs.rename(self.root / name, target)
         log.warning("stage %s: %s; its outputs moved to %s (%d earlier copies kept beside it)",
                     name, why, target, len(taken))
+        return str(target)
+
+    def _damaged_input(self, name: str, err: DamagedModel) -> UserInputError:
+        """The stage of this workdir holding a damaged model is moved aside (process 0); StageDamaged says so.
+
+        A damaged model outside the stages (one the config names) stays where it is: the user's to replace.
+        """
+        root, damaged = os.fspath(self.root).rstrip("/") + "/", os.fspath(workdir_fs.path(err.directory))
+        owner = damaged.removeprefix(root).split("/")[0]
+        if not damaged.startswith(root) or not (self.root / owner).exists():
+            return err
+        target = f"{owner}.damaged-<n>"  # the number process 0 picked
+        if jax.process_index() == 0:
+            target = self._move_aside(owner, "a saved model in it is damaged", "damaged")
+        _sync(f"{name}:damaged")
+        return StageDamaged(f"stage {name}: {err}; stage {owner} was moved aside to {target}")
 
     # ------------------------------------------------------------ paths in records
     def _record(self, result: dict) -> dict:
@@ -131,6 +183,32 @@ def _read_record(path, stage_dir) -> dict:
     if not isinstance(record, dict):
         raise UserInputError(f"stage record {path} is not a JSON object; delete {stage_dir} to run that stage again")
     return record
+
+
+def _file_sizes(stage_dir) -> dict[str, int]:
+    """Size of every file the stage wrote (paths relative to it, "/"-separated), its checkpoints and records aside."""
+    base = os.fspath(stage_dir).rstrip("/")
+    sizes = {}
+    for root, _, files in stage_dir.walk():
+        rel_root = os.fspath(root)[len(base):].strip("/")  # string arithmetic: also right for gs:// paths
+        if rel_root.split("/")[0] in _NOT_OUTPUTS:
+            continue
+        for name in files:
+            rel = f"{rel_root}/{name}" if rel_root else name
+            if rel not in _NOT_OUTPUTS:
+                sizes[rel] = (stage_dir / rel).stat().length
+    return sizes
+
+
+def _damage(stage_dir, files: dict | None) -> str:
+    """What is missing or resized among the files done.json lists ("" when all are as written)."""
+    for rel, size in sorted((files or {}).items()):
+        path = stage_dir / rel
+        if not path.exists():
+            return f"{rel} is missing"
+        if path.stat().length != size:
+            return f"{rel} has {path.stat().length} bytes, not the {size} written"
+    return ""
 
 
 def _write_json(path, value) -> None:

@@ -1,9 +1,12 @@
 """Orbax checkpoints in the workdir: train state + JSON metadata, keep the last N.
 
 A checkpoint holds the trainable params, the optimizer state, the step, the
-RNG key and (in the metadata) the data position and the model config. At
-save time the metadata also gets a checksum of every leaf (computed on the
-devices, so nothing is gathered on one host); a restore recomputes them. The
+RNG key and (in the metadata) the data position, the model config and the
+metrics logged at that step. At save time the metadata also gets a checksum
+of every leaf (clue_jax.models.store's, the one checksum of every array the
+project saves; computed on the devices, so nothing is gathered on one host);
+a restore recomputes them. A write that fails (full disk, permission) raises
+an OSError naming the step, at the save or at the next wait. The
 newest sound step wins: a step that cannot be read (truncated file, missing
 _METADATA, garbled meta) or whose checksums differ (flipped bytes) is moved
 aside to `<checkpoints>.damaged/<step>` with a warning, so training goes on
@@ -16,45 +19,17 @@ are read from the saved tree's metadata before anything is restored.
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import orbax.checkpoint as ocp
 
 from clue_jax.config_check import workdir_path
 from clue_jax.errors import UserInputError
+from clue_jax.models.orbax_errors import write_errors
+from clue_jax.models.store import checksums, first_line, mismatches, refuse_per_layer_layout, saved_tree
 
 log = logging.getLogger(__name__)
-
-# Layer containers whose layers are stacked now (clue_jax.models.stacking); a
-# saved path with a layer index right after one is the old per-layer layout.
-PER_LAYER_CONTAINERS = ("blocks", "layers")  # the causal LM's and the encoder's layer stacks
-_PER_LAYER = re.compile(r"\['(%s)'\]\['?(\d+)'?\]" % "|".join(PER_LAYER_CONTAINERS))
-
-
-def refuse_per_layer_layout(saved_tree: Any, where: str) -> None:
-    """UserInputError if a saved tree (orbax tree metadata) keeps its layers per index, not stacked."""
-    for path, _ in jax.tree_util.tree_leaves_with_path(saved_tree):
-        hit = _PER_LAYER.search(jax.tree_util.keystr(path))
-        if hit:
-            raise UserInputError(
-                f"{where} has the old per-layer parameter layout ({hit[1]}/{hit[2]}/...); this version stacks "
-                f"the layers ({hit[1]}/... [layers, ...]) and cannot restore it: retrain, or export it to Hugging "
-                "Face format with the clue_jax version that wrote it and load that")
-
-
-def saved_tree(path: str) -> Any:
-    """The tree metadata (paths, shapes) of an orbax PyTree item, without reading arrays; None if unreadable."""
-    try:
-        with ocp.StandardCheckpointer() as ckpt:
-            saved = ckpt.metadata(path)
-        return getattr(saved, "item_metadata", saved)  # a StepMetadata (newer orbax) wraps the tree
-    except Exception:  # an unreadable item is reported by the restore that follows
-        return None
-
 
 class Checkpointer:
     def __init__(self, directory: str, keep: int = 3, async_save: bool = True):
@@ -67,15 +42,18 @@ class Checkpointer:
         )
 
     def save(self, step: int, state: Any, meta: dict, force: bool = False) -> None:
+        """Saves in the background; a write error (full disk, permission) surfaces here or at the next wait."""
         meta = {**meta, "checksums": checksums(state)}
-        self.manager.save(
-            step,
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
-            force=force,
-        )
+        with write_errors(self.directory / str(step)):  # the previous step's background write ends here
+            self.manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta)),
+                force=force,
+            )
 
     def wait(self) -> None:
-        self.manager.wait_until_finished()
+        with write_errors(self.directory):
+            self.manager.wait_until_finished()
 
     def steps(self) -> list[int]:
         return sorted(self.manager.all_steps(), reverse=True)
@@ -92,7 +70,7 @@ class Checkpointer:
                 if not isinstance(meta, dict):
                     raise ValueError(f"metadata is a {type(meta).__name__}, not a JSON object")
             except Exception as err:  # unreadable metadata: fall back to an older step
-                self._set_aside(step, f"unreadable metadata ({_short(err)})")
+                self._set_aside(step, f"unreadable metadata ({first_line(err)})")
                 continue
             for key in ("model", "trainable"):
                 if key in expected_meta and meta.get(key) != expected_meta[key]:
@@ -107,9 +85,9 @@ class Checkpointer:
                     step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state))
                 )["state"]
             except Exception as err:
-                self._set_aside(step, f"corrupt or partial ({_short(err)})")
+                self._set_aside(step, f"corrupt or partial ({first_line(err)})")
                 continue
-            wrong = _mismatches(meta.get("checksums"), restored)
+            wrong = [] if meta.get("checksums") is None else mismatches(meta["checksums"], restored)
             if wrong:
                 self._set_aside(step, f"checksum mismatch in {len(wrong)} arrays, e.g. {wrong[0]}")
                 continue
@@ -135,13 +113,10 @@ class Checkpointer:
         self.manager.reload()
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
-
-
-def _short(err: Exception) -> str:
-    text = str(err).strip().splitlines()
-    return (text[0] if text else type(err).__name__)[:200]
+        try:
+            self.wait()
+        finally:
+            self.manager.close()
 
 
 def _diff(saved, expected) -> str:
@@ -149,43 +124,3 @@ def _diff(saved, expected) -> str:
         keys = sorted(k for k in set(saved) | set(expected) if saved.get(k) != expected.get(k))
         return ", ".join(f"{k}: {saved.get(k)!r} vs now {expected.get(k)!r}" for k in keys[:4])
     return f"{saved!r} vs now {expected!r}"
-
-
-def abstract_like(tree: Any) -> Any:
-    """ShapeDtypeStructs (with shardings) that tell orbax where to place restored arrays."""
-    return jax.tree.map(
-        lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree
-    )
-
-
-def checksums(state: Any) -> dict[str, int]:
-    """A position-weighted uint32 sum of every leaf's bits, keyed by its tree path.
-
-    Any single flipped bit changes it; computed under jit on the arrays' own
-    shardings, so no host ever holds a whole leaf.
-    """
-    values = _checksum_tree(state)
-    return {jax.tree_util.keystr(path): int(np.asarray(v.addressable_shards[0].data))
-            for path, v in jax.tree_util.tree_leaves_with_path(values)}
-
-
-def _mismatches(saved: dict | None, state: Any) -> list[str]:
-    if saved is None:  # written before checksums existed
-        return []
-    now = checksums(state)
-    return [k for k in sorted(set(saved) | set(now)) if saved.get(k) != now.get(k)]
-
-
-def _leaf_checksum(x: jax.Array) -> jax.Array:
-    size = jnp.dtype(x.dtype).itemsize
-    if x.dtype == jnp.bool_:
-        x = x.astype(jnp.uint8)
-    bits = jax.lax.bitcast_convert_type(x, {1: jnp.uint8, 2: jnp.uint16, 4: jnp.uint32, 8: jnp.uint32}[size])
-    bits = bits.astype(jnp.uint32)
-    index = jnp.zeros(bits.shape, jnp.uint32)  # row-major position, without reshaping (no resharding)
-    for dim in range(bits.ndim):
-        index = index * jnp.uint32(bits.shape[dim]) + jax.lax.broadcasted_iota(jnp.uint32, bits.shape, dim)
-    return jnp.sum(bits * (2 * index + 1), dtype=jnp.uint32)
-
-
-_checksum_tree = jax.jit(lambda tree: jax.tree.map(_leaf_checksum, tree))

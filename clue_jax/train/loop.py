@@ -42,7 +42,8 @@ from clue_jax.data import batching
 from clue_jax.errors import UserInputError
 from clue_jax.models import attention, layers, precision
 from clue_jax.parallel import rules as shard_lib
-from clue_jax.train.checkpoint import Checkpointer, abstract_like
+from clue_jax.models.store import abstract_like
+from clue_jax.train.checkpoint import Checkpointer
 from clue_jax.train.logging_utils import MetricsWriter, Progress
 from clue_jax.train.optim import learning_rate_schedule, make_optimizer
 
@@ -280,15 +281,18 @@ class Trainer:
     def model(self) -> nnx.Module:
         return nnx.merge(self.graphdef, self.state["params"], self.frozen)
 
-    def _checkpoint_meta(self, step: int) -> dict:
-        return {**self.meta, "step": int(step), "data_position": int(step) * int(self.cfg.batch_size)}
+    def _checkpoint_meta(self, step: int, metrics: dict) -> dict:
+        """The metrics logged at `step` go along, so a run resumed at its last step still reports them."""
+        return {**self.meta, "step": int(step), "data_position": int(step) * int(self.cfg.batch_size),
+                "metrics": {k: float(v) for k, v in metrics.items() if np.ndim(v) == 0}}
 
     def restore(self, checkpointer: Checkpointer) -> int:
         found = checkpointer.restore_latest(abstract_like(self.state), self.meta)
         if found is None:
             return 0
-        step, state, _ = found
+        step, state, meta = found
         self.state = state
+        self.resumed_metrics = meta.get("metrics") or {}
         log.info("%s: resumed from step %d in %s", self.stage, step, checkpointer.directory)
         return step
 
@@ -299,8 +303,9 @@ class Trainer:
         writer = MetricsWriter(self.log_dir, self.stage)
         start = self.restore(checkpointer)
         writer.forget_after(start)  # what a killed run logged past its checkpoint is logged again below
+        self._saved_any = bool(checkpointer.steps())
         progress = Progress(cfg.steps, start, self.stage, cfg.log_every)
-        last_metrics: dict = {}
+        last_metrics: dict = dict(self.resumed_metrics) if start else {}
         status = "done"
         pending: list = []  # (step, metrics on device) since the last log boundary
         self._t_prev = time.time()
@@ -327,7 +332,8 @@ class Trainer:
                         writer.write(step, evals)
                         last_metrics.update(evals)
                     if must_save or stop:
-                        checkpointer.save(step, self.state, self._checkpoint_meta(step), force=True)
+                        checkpointer.save(step, self.state, self._checkpoint_meta(step, last_metrics), force=True)
+                        self._saved_any = True
                     if stop:
                         status = "preempted"
                         break
@@ -351,10 +357,9 @@ class Trainer:
         fetched = jax.device_get([metrics for _, metrics in pending])
         for (step, _), metrics in zip(pending, fetched):
             if not math.isfinite(float(metrics["loss"])):
-                raise NonFiniteLoss(
-                    f"{self.stage}: loss is {float(metrics['loss'])} at step {step}; stopped, the last good "
-                    f"checkpoint in {self.workdir}/checkpoints is kept"
-                )
+                kept = (f"the last good checkpoint in {self.workdir}/checkpoints is kept" if self._saved_any
+                        else "no checkpoint had been saved yet")
+                raise NonFiniteLoss(f"{self.stage}: loss is {float(metrics['loss'])} at step {step}; stopped, {kept}")
         step = pending[-1][0]
         values = {k: float(v) for k, v in fetched[-1].items()}
         now = time.time()
