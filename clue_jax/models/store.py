@@ -28,7 +28,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from clue_jax import paths, workdir_fs
+from clue_jax import workdir_fs
 from clue_jax.errors import UserInputError
 from clue_jax.models.orbax_errors import write_errors
 
@@ -72,21 +72,16 @@ def create(build: Callable[[jax.Array], nnx.Module], seed: int, place: Placement
 def save(module: nnx.Module, directory: str, configs: dict[str, dict], what=nnx.Param) -> None:
     """The module's variables of kind `what` (nnx.Param; a LoRA stage: nnx.LoRAParam only), their checksums,
     then `configs` ({file name: JSON object}); a URL works too."""
-    directory = paths.absolute(directory)
+    directory = workdir_fs.absolute(directory)
     params = nnx.state(module, what)
-    item = paths.join(directory, "params")
+    item = workdir_fs.join(directory, "params")
     with write_errors(item), ocp.StandardCheckpointer() as ckpt:
         ckpt.save(item, params, force=True)
     sums = checksums(nnx.to_pure_dict(params))
     if jax.process_index() == 0:
-        _write_text(paths.join(directory, CHECKSUMS), json.dumps(sums, indent=0, sort_keys=True))
+        workdir_fs.write_text(workdir_fs.join(directory, CHECKSUMS), json.dumps(sums, indent=0, sort_keys=True))
         for name, value in configs.items():
-            _write_text(paths.join(directory, name), json.dumps(value, indent=1))
-
-
-def _write_text(path: str, text: str) -> None:
-    """Whole or not at all: locally a temporary file renamed into place; a bucket object is whole by itself."""
-    (paths.write_text if paths.is_remote(path) else workdir_fs.write_text)(path, text)
+            workdir_fs.write_text(workdir_fs.join(directory, name), json.dumps(value, indent=1))
 
 
 def restore(directory: str, target: nnx.State, saved_dtypes: nnx.State | None = None) -> nnx.State:
@@ -95,11 +90,11 @@ def restore(directory: str, target: nnx.State, saved_dtypes: nnx.State | None = 
     `saved_dtypes` (same tree, the dtypes as saved) when `target` asks for others: the arrays are read
     as saved, checked, then cast, so the checksums see the bits that were written.
     """
-    directory = paths.absolute(directory)
-    item = paths.join(directory, "params")
+    directory = workdir_fs.absolute(directory)
+    item = workdir_fs.join(directory, "params")
     refuse_per_layer_layout(saved_tree(item), f"model checkpoint {item}")
     try:
-        saved = json.loads(paths.read_text(paths.join(directory, CHECKSUMS)))
+        saved = json.loads(workdir_fs.read_text(workdir_fs.join(directory, CHECKSUMS)))
     except FileNotFoundError:
         raise DamagedModel(directory, f"its {CHECKSUMS} is missing (it was not saved completely)") from None
     except (OSError, ValueError) as err:
