@@ -12,8 +12,6 @@ is not a gain of the objective. How `objective.make_objective` spends rows:
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
-
 from clue_jax.mcl.objective import COURSES, ObjectiveConfig
 
 
@@ -41,15 +39,3 @@ def matching_multiplier(target: dict, reference: dict) -> int:
     ratio = target["total"] / reference["total"]
     return max(1, int(-(-ratio // 1)))
 
-
-def arm_rows(arms: dict[str, tuple[Sequence[str], Sequence[str]]], base: ObjectiveConfig, batch_size: int,
-             multipliers: dict[str, int] | None = None) -> dict[str, dict]:
-    """discriminator_rows of each arm ({name: (courses, corrections)}) with `base`'s other settings; an arm in
-    `multipliers` trains with batch_size * multiplier rows."""
-    multipliers = multipliers or {}
-    out = {}
-    for name, (courses, corrections) in arms.items():
-        cfg = ObjectiveConfig.from_dict({**base.to_dict(), "courses": tuple(courses),
-                                         "corrections": tuple(corrections)})
-        out[name] = discriminator_rows(cfg, batch_size * int(multipliers.get(name, 1)))
-    return out
