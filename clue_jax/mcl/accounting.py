@@ -12,6 +12,8 @@ is not a gain of the objective. How `objective.make_objective` spends rows:
 """
 from __future__ import annotations
 
+import math
+
 from clue_jax.mcl.objective import COURSES, ObjectiveConfig
 
 
@@ -37,5 +39,5 @@ def discriminator_rows(cfg: ObjectiveConfig, batch_size: int) -> dict:
 def matching_multiplier(target: dict, reference: dict) -> int:
     """The whole factor by which the reference arm's batch grows to spend at least the target's D rows per step."""
     ratio = target["total"] / reference["total"]
-    return max(1, int(-(-ratio // 1)))
+    return max(1, math.ceil(ratio - 1e-9))  # 1e-9: a ratio computed as 6.000000001 is 6
 
