@@ -64,7 +64,8 @@ def finetune_and_evaluate(ctx: Context, name: str, model_dir: str, model_fp: str
     """Every downstream task: fine-tune the discriminator, evaluate on dev and test; plus the mean scores."""
     config = ctx.config
     inputs = {"model": model_fp, "finetune": config.finetune.to_dict(), "tasks": ctx.tasks_fp, "seed": seed,
-              "max_answer_tokens": config.downstream.max_answer_tokens}
+              "max_answer_tokens": config.downstream.max_answer_tokens,
+              "scores": ["answerable_f1", "per_question_f1"]}  # results without them are recomputed
 
     def run(stage_dir):
         LOAD_SAMPLES.append(os.getloadavg()[0])
