@@ -5,7 +5,7 @@ import os
 import subprocess
 import sys
 
-from clue_jax.extraction import report, seed_stats
+from clue_jax.extraction import baselines, report, seed_stats
 from clue_jax.extraction.shock import BUCKETS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -73,7 +73,20 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert summary["skew"]["dropped_items"] > 0 and summary["skew"]["rare_items"] > 0
     assert summary["data"]["finetune_examples"] == summary["skew"]["items"]
 
+    # Knowledge-free predictors scored as arms, the gate on the left-out questions, shock sizes bracketing the arms.
+    assert set(summary["knowledge_free"]) == set(baselines.NAMES)
+    for entry in summary["knowledge_free"].values():
+        assert set(entry["per_seed"]) == {"0"} and set(entry["per_seed"]["0"]["buckets"]) == set(BUCKETS)
+    gate = summary["gate"]
+    assert isinstance(gate["passed"], bool) and gate["questions"] > 0
+    assert gate["best_knowledge_free"] in baselines.NAMES
+    assert {"vanilla", "sample:finetune", "sample:prior"} <= set(summary["shock_size"])
+
     text = (workdir / "extraction_report.md").read_text()
+    assert text.index("## Gate: does fine-tuning extract knowledge?") < text.index("## Shock size")
+    assert "The extraction gate " in proc.stdout
+    for name in baselines.NAMES:
+        assert f"| no model: {name} " in text
     assert text.index("## Predicted / gold per pre-training stratum") < text.index("## Findings (as measured)")
     for heading in ("## Findings (as measured)", "## Shock statistics against their null", "## Exact match against "
                     "vanilla fine-tuning steps", "## Greedy decoding", "## Candidate ranking", "## Runtime"):

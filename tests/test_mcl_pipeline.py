@@ -43,11 +43,21 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert {"uniform", "greedy"} <= set(soup) and soup["greedy"]["chosen"]
     assert set(summary["curves"]["mcl"]["0"]) == {"2", "4"}  # an intermediate snapshot and the final step
     assert set(summary["claims"]["courses_vs_electra"]) == {"all3", "mcl"}
+    # The downstream gate (ELECTRA against random init, per question), D rows per step beside every arm.
+    gate = summary["gate"]
+    assert isinstance(gate["passed"], bool) and gate["questions"] == summary["setup"]["task_sizes"]["bios_qa"]["test"]
+    assert gate["difference"]["low"] <= gate["difference"]["mean"] <= gate["difference"]["high"]
+    assert {a: r["relative_to_batch"] for a, r in summary["discriminator_rows"].items()} == {
+        "electra": 1.0, "all3": 3.0, "mcl": 6.0}
+    assert "compute_matched" not in summary and "per_question_f1" not in json.dumps(summary)
+    assert 0.0 <= summary["arms"]["electra"]["0"]["tasks"]["bios_qa"]["test"]["answerable_f1"] <= 1.0
     assert set(summary["claims"]["vs_random_init"]) == {"electra", "all3", "mcl"}
     assert set(summary["claims"]["auc_vs_electra"]["mcl"]) == {"2", "4"}
     assert "uniform_reaches_mean" in summary["claims"]["soups"]["0"]
 
     report = (workdir / "mcl_report.md").read_text()
+    assert report.index("## Gate: does pre-training help downstream?") < report.index("## Results")
+    assert "answerable-only F1" in report and "(6.0x batch)" in report
     assert "## Claims, as measured" in report and "ELECTRA at equal steps (4)" in report
     assert "uniform soup" in report and "mean of its ingredients" in report
     assert "## Detection AUC on a fixed reference corruption" in report and "HasAns F1" in report

@@ -12,6 +12,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
+from clue_jax.eval.bootstrap import describe
 from clue_jax.eval.seeds import direction
 from clue_jax.eval.tables import format_table
 from clue_jax.extraction.seed_stats import get, paired_difference
@@ -49,17 +50,54 @@ def _lambdas(entry: Mapping) -> str:
     return ", ".join(f"{l:g}" for l in lams) if lams else ""
 
 
+def _table_entries(summary: Mapping, prefix: str = "") -> list[tuple[str, Mapping]]:
+    """(row name, entry) of the arms in ARM_ORDER, then the knowledge-free predictors (decoding tables only: they
+    answer the same way whatever the decoding)."""
+    rows = [(prefix + arm, summary["arms"][prefix + arm]) for arm in ARM_ORDER if prefix + arm in summary["arms"]]
+    if not prefix:
+        rows += [(f"no model: {name}", e) for name, e in (summary.get("knowledge_free") or {}).items()]
+    return rows
+
+
+def gate_lines(summary: Mapping) -> list[str]:
+    """The extraction gate's result in words, whichever way it went."""
+    g = summary.get("gate")
+    if not g:
+        return ["- The extraction gate was not taken."]
+    if "difference" not in g:
+        return [f"- The extraction gate did not pass: {g.get('reason', 'not measured')}."]
+    verdict = "passed" if g["passed"] else "did NOT pass"
+    return [f"- The extraction gate {verdict}: on the {g['questions']} test questions ({g['people']} people) whose "
+            f"answer fine-tuning left out, vanilla fine-tuning scores EM {g['model_exact_match']:.3f} against "
+            f"{g['best_knowledge_free_exact_match']:.3f} for the best predictor without a model "
+            f"({g['best_knowledge_free']}); difference {describe(g['difference'])} (95% paired bootstrap over people "
+            "x seeds).",
+            "- " + ("The fine-tuned model answers questions about the test people that no knowledge-free predictor "
+                    "can: the comparisons below compare extracted knowledge." if g["passed"] else
+                    "Until it passes, the arms below may differ only in how they reproduce the fine-tuning answer "
+                    "distribution, not in extracted knowledge; read every comparison with that in mind.")]
+
+
+def _smoothing(summary: Mapping) -> str:
+    return next((f"{v['smoothing']:g}" for v in (summary.get("shock_size") or {}).values()), "n/a")
+
+
+def size_table(summary: Mapping) -> str:
+    """The shock size (over-sampled minus left-out mean log pred/gold) overall and per stratum, 95% interval."""
+    sizes = summary.get("shock_size") or {}
+    strata = sorted({st for v in sizes.values() for st in v["strata"]}, key=int)
+    rows = [[(arm if arm in summary["arms"] else f"no model: {arm}"), describe(v["overall"])]
+            + [describe(v["strata"][st]) if st in v["strata"] else "n/a" for st in strata] for arm, v in sizes.items()]
+    return format_table(rows, ["arm", "size (all strata)"] + [f"stratum {st}" for st in strata])
+
+
 def arm_table(summary: Mapping, prefix: str = "") -> str:
     """Markdown table of the arms (decoding, or `prefix="rank:"` for candidate ranking)."""
     header = (["arm", "seeds", "EM", "F1"] + [f"EM {b}" for b in BUCKETS]
               + ["shock rho", "partial rho", "partial z", "pred/gold left-out", "pred/gold over-sampled",
                  "lambda (per seed)"])
     rows = []
-    for arm in ARM_ORDER:
-        key = prefix + arm
-        if key not in summary["arms"]:
-            continue
-        e = summary["arms"][key]
+    for key, e in _table_entries(summary, prefix):
         rows.append([key, str(e["n"]), _arm_cell(e, "exact_match"), _arm_cell(e, "f1")]
                     + [_arm_cell(e, f"buckets.{b}.exact_match") for b in BUCKETS]
                     + [_arm_cell(e, "shock.rho"), _arm_cell(e, "shock.partial_rho"), _arm_cell(e, "shock.partial_rho_z", 1),
@@ -70,11 +108,7 @@ def arm_table(summary: Mapping, prefix: str = "") -> str:
 
 def relation_table(summary: Mapping) -> str:
     relations = summary["data"]["relations"]
-    rows = []
-    for arm in ARM_ORDER:
-        if arm in summary["arms"]:
-            e = summary["arms"][arm]
-            rows.append([arm] + [_arm_cell(e, f"per_relation.{r}") for r in relations])
+    rows = [[arm] + [_arm_cell(e, f"per_relation.{r}") for r in relations] for arm, e in _table_entries(summary)]
     return format_table(rows, ["arm"] + [f"EM {r}" for r in relations])
 
 
@@ -130,7 +164,8 @@ def steps_table(summary: Mapping) -> str:
 
 
 def render_table(summary: Mapping) -> str:
-    return "Test exact match, buckets and shock statistic (mean ± std over seeds):\n" + arm_table(summary)
+    return ("\n".join(gate_lines(summary)) + "\n\nTest exact match, buckets and shock statistic (mean ± std over seeds):\n"
+            + arm_table(summary))
 
 
 def _per_seed_runs(summary: Mapping, arm: str) -> list[Mapping]:
@@ -261,6 +296,10 @@ def render_report(summary: Mapping) -> str:
     lines = [
         "# Frequency shock in fine-tuning for knowledge extraction",
         "",
+        "## Gate: does fine-tuning extract knowledge?",
+        "",
+        *gate_lines(summary),
+        "",
         "Produced by `clue_jax.pipelines.extraction` (config in `config.json` beside this file). A base model is "
         "pre-trained on every person's biographies (and the QA of "
         f"{d['pretrain_qa_people']} people), fine-tuned on a deliberately skewed QA set of other people, and asked "
@@ -276,6 +315,14 @@ def render_report(summary: Mapping) -> str:
         f"buckets split at pre-training frequency > {d['bucket_threshold']:g} (median over test answers).",
         f"- Seeds (fine-tuning): {summary['seeds']}; values are mean ± sample std over seeds; the base arm has "
         "one run.",
+        "",
+        "## Shock size (over-sampled minus left-out mean log pred/gold, 95% bootstrap over people x seeds)",
+        "",
+        size_table(summary),
+        "",
+        "Within each pre-training stratum: the mean over over-sampled objects of log((predicted + s) / (gold + s)) "
+        f"(s = {_smoothing(summary)}) minus that over left-out objects. 0 is no shock; `no model: sample:finetune` (sampling the fine-tuning "
+        "answers) is the most a predictor without knowledge shows, `no model: sample:prior` none.",
         "",
         "## Predicted / gold per pre-training stratum (decoding, mean ± std over seeds)",
         "",

@@ -253,7 +253,9 @@ def best_null_threshold(diffs: np.ndarray, span_em: np.ndarray, span_f1: np.ndar
 
 def evaluate_span_task(model, task: Task, split: str, threshold: float | None = None, batch_size: int = 64,
                        max_answer_tokens: int = 30) -> dict:
-    """SQuAD 2.0 metrics on `split` (fractions): exact_match, f1, has_ans_f1, no_ans_accuracy, threshold.
+    """SQuAD 2.0 metrics on `split` (fractions): exact_match, f1, has_ans_f1, no_ans_accuracy, threshold,
+    answerable_f1 (`answerable_only_f1`), and per_question_f1 (each question's F1 with abstention, in order: the
+    rows a paired bootstrap over questions resamples).
 
     threshold None: chosen on this split (use on dev, then pass it for test).
     An example split into windows takes the span of its best-scoring window
@@ -280,7 +282,17 @@ def evaluate_span_task(model, task: Task, split: str, threshold: float | None = 
         "has_ans_f1": groups.get("has_ans", qa_metrics.empty_group())["f1"],
         "no_ans_accuracy": groups.get("no_ans", qa_metrics.empty_group())["exact_match"],
         "threshold": float(threshold),
+        "answerable_f1": answerable_only_f1(span_f1, impossible),
+        "per_question_f1": [round(qa_metrics.token_f1(r["prediction"], r["answer"]), 4) for r in records],
     }
+
+
+def answerable_only_f1(span_f1: np.ndarray, impossible: np.ndarray) -> float:
+    """Mean F1 of the best span over the answerable questions, never abstaining: what the encoder reads out of
+    the passage, apart from the learned abstention that SQuAD 2.0 F1 mixes in (the always-abstain floor scores 0
+    here). NaN without answerable questions."""
+    answerable = ~np.asarray(impossible, bool)
+    return float(np.mean(np.asarray(span_f1)[answerable])) if answerable.any() else float("nan")
 
 
 def evaluate_pair_task(model, task: Task, split: str, batch_size: int = 64) -> dict:

@@ -170,6 +170,8 @@ def _task_columns(summary: dict) -> list[tuple[str, str, str]]:
         if "f1" in test and "no_ans_accuracy" in test:
             cols += [(f"{task} EM", task, "exact_match"), (f"{task} F1", task, "f1"),
                      (f"{task} HasAns F1", task, "has_ans_f1"), (f"{task} NoAns acc", task, "no_ans_accuracy")]
+            if "answerable_f1" in test:  # the best span on the answerable questions, never abstaining
+                cols.append((f"{task} answerable-only F1", task, "answerable_f1"))
         else:  # a pair task: its GLUE metric(s)
             cols += [(f"{task} {m}", task, m) for m in ("accuracy", "f1", "matthews", "pearson", "spearman")
                      if m in test]
@@ -189,12 +191,13 @@ def _row(label: str, results: list[dict], cols) -> list[str]:
 def render_table(summary: dict, arms: Sequence[str], labels: dict | None = None) -> str:
     labels = labels or {}
     cols = _task_columns(summary)
-    header = ["model"] + [c[0] for c in cols] + ["score (test)", "score (dev)", "seeds"]
+    header = ["model"] + [c[0] for c in cols] + ["score (test)", "score (dev)", "seeds", "D rows / step"]
     rows = []
+    d_rows = summary.get("discriminator_rows", {})
     for arm in arms:
         per_seed = summary["arms"].get(arm, {})
         if per_seed:
-            rows.append(_row(labels.get(arm, arm), list(per_seed.values()), cols))
+            rows.append(_row(labels.get(arm, arm), list(per_seed.values()), cols) + [rows_cell(d_rows.get(arm))])
     soups = summary.get("soups", {})
     if soups:
         names = sorted({n for s in soups.values() for n in s["ingredients"]})
@@ -207,9 +210,36 @@ def render_table(summary: dict, arms: Sequence[str], labels: dict | None = None)
             res = [s[kind] for s in soups.values() if kind in s]
             if res:
                 rows.append(_row(f"{kind} soup", res, cols))
+    rows = [r + [""] * (len(header) - len(r)) for r in rows]
     return ("Downstream test scores in %, mean ± std over seeds (score = mean over tasks of QA F1 / the task's "
-            "GLUE score):\n"
+            "GLUE score; D rows / step: the discriminator's rows per optimizer step, main pass + re-discrimination "
+            "pass):\n"
             + format_table(rows, header))
+
+
+def rows_cell(rows: dict | None) -> str:
+    """'96 (6.0x batch)' from mcl/accounting.discriminator_rows, '' when not counted (random init)."""
+    if not rows:
+        return ""
+    return f"{rows['total']:g} ({rows['relative_to_batch']:.1f}x batch)"
+
+
+def gate_lines(summary: dict, labels: dict) -> list[str]:
+    """The downstream gate's result in words, whichever way it went."""
+    g = summary.get("gate")
+    if not g or "difference" not in g:
+        return [f"- The downstream gate was not taken: {(g or {}).get('reason', 'no gate in this summary')}. "
+                "Differences between arms below are not known to measure pre-training."]
+    d = g["difference"]
+    head = (f"- The downstream gate {'passed' if g['passed'] else 'did NOT pass'}: pre-trained "
+            f"{labels.get(g['arm'], g['arm'])} scores {g['metric'].upper()} {100 * g['pretrained']:.1f} on the "
+            f"{g['questions']} {g['task']} test questions against {100 * g['random_init']:.1f} for random init; "
+            f"difference {100 * d['mean']:+.1f} [{100 * d['low']:+.1f}, {100 * d['high']:+.1f}] points (95% paired "
+            f"bootstrap over questions x {len(g['seeds'])} seed(s)).")
+    tail = ("- Pre-training helps this task, so the arms below can be compared on it." if g["passed"] else
+            "- Pre-training is not shown to help this task: the downstream comparisons between arms below measure "
+            "noise around the task's floor and are not read as evidence for any arm.")
+    return [head, tail]
 
 
 def _claim_lines(summary: dict, arms: Sequence[str], labels: dict) -> list[str]:
@@ -277,7 +307,7 @@ def render(summary: dict, arms: Sequence[str], labels: dict | None = None) -> st
     labels = labels or {}
     setup = summary.get("setup", {})
     rt = summary.get("runtime", {})
-    lines = ["# MCL report", ""]
+    lines = ["# MCL report", "", "## Gate: does pre-training help downstream?", "", *gate_lines(summary, labels), ""]
     lines += [
         f"Pre-training: {setup.get('pretrain_steps')} steps for every model (batch {setup.get('batch_size')}, "
         f"sequence length {setup.get('seq_len')}, {setup.get('corpus_docs')} biographies), seeds "

@@ -13,8 +13,11 @@ Stages (each cached in workdir/stages, see stages.py):
   eval_<kind>_s<seed> (the fine-tuned model zero-shot; model mixing with the
   base model, per decoding step and by candidate ranking, lambda chosen on
   dev).
-Then summary.json, extraction_report.md and the plots are written from the
-stage results (cheap, always redone).
+Then the knowledge-free predictors (extraction/baselines.py) are scored as
+arms, the extraction gate (extraction/gate.py) is taken on the questions
+whose answer fine-tuning left out, and every arm's shock size
+(extraction/shock_size.py) is measured; summary.json, extraction_report.md
+and the plots are written from the stage results (cheap, always redone).
 
 Arms: base (k-shot); vanilla (the sweep length best on dev); vanilla@matched
 (as many steps as the mixture arm); best_of_base_vanilla (per seed the one
@@ -65,7 +68,7 @@ from clue_jax.extraction.answers import base_prompt_texts, encode_prompts, newli
 from clue_jax.extraction.arm_metrics import best_of, choose_steps
 from clue_jax.pipelines import common
 from clue_jax.pipelines.extraction_eval import (SPLITS, eval_base_stage, eval_ft_stage, eval_zero_shot_stage,
-                                                load_model, read_predictions)
+                                                knowledge_free_stage, load_model, read_predictions)
 from clue_jax.pipelines.foundations import (array_fingerprint, load_people, path_fingerprint, pretrain_stage,
                                             pretraining_texts, public, tokenizer_stage, world_stage)
 from clue_jax.pipelines.stages import Stages
@@ -269,7 +272,10 @@ def run(config, workdir: str) -> dict:
     if "pretrain" in stages.ran or "pretrain" in stages.reused:
         stage_info["pretrain"] = public(base)
 
+    # No model: the knowledge-free predictors, the gate and the shock sizes (cheap, always redone).
+    prior_items = finetune_data.qa_probe_items(people, relations)
     summary = {
+        **knowledge_free_stage(ctx, ft_items, prior_items, config.seeds, stage_info),
         "arms": {arm: {"per_seed": runs, **seed_stats.mean_std(list(runs.values()))} for arm, runs in per_seed.items()},
         "sweeps": sweeps,
         "steps_sweep": steps_sweep,

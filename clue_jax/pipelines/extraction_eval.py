@@ -10,7 +10,7 @@ import time
 import jax
 
 from clue_jax import workdir_fs
-from clue_jax.extraction import mixing
+from clue_jax.extraction import baselines, gate, mixing, seed_stats, shock_size
 from clue_jax.extraction.answers import (candidate_scores, decode_answers, decode_mixture_answers, mixed_ranking,
                                          ranked_predictions)
 from clue_jax.extraction.arm_metrics import arm_metrics, exact_match_rate
@@ -129,3 +129,29 @@ def eval_ft_stage(config, ctx, kind, ft_dir, base_dir, base_eval, mesh, stage_di
         res[arm]["lambda"] = lam
     write_predictions(os.path.join(stage_dir, "predictions.json"), preds["test"])
     return {"metrics": res, "sweeps": sweeps, "predictions": os.path.join(stage_dir, "predictions.json")}
+
+
+def knowledge_free_stage(ctx, finetune_items, prior_items, seeds, stage_info) -> dict:
+    """The knowledge-free predictors scored as arms, the extraction gate on the left-out questions, and the shock
+    size of every fine-tuned arm and predictor: {"knowledge_free", "gate", "shock_size"} for summary.json.
+
+    Needs no model: the fine-tuned arms' test predictions are read from their eval stages' predictions.json."""
+    test = ctx["items"]["test"]
+    keys = [str(s) for s in seeds]
+    free = {str(s): baselines.knowledge_free_predictions(test, finetune_items, prior_items, int(s)) for s in seeds}
+    by_name = {name: {s: free[s][name] for s in keys} for name in baselines.NAMES}
+    per_arm: dict[str, dict[str, list[str]]] = {}
+    for s in keys:
+        for kind in ("vanilla", "mixture"):
+            for arm, preds in read_predictions(stage_info[f"eval_{kind}_s{s}"]["predictions"]).items():
+                per_arm.setdefault(arm, {})[s] = preds
+    knowledge_free = {name: {"per_seed": {s: measure(ctx, test, p) for s, p in runs.items()}}
+                      for name, runs in by_name.items()}
+    for entry in knowledge_free.values():
+        entry.update(seed_stats.mean_std(list(entry["per_seed"].values())))
+    smoothing = ctx["smoothing"]
+    sizes = {arm: shock_size.shock_size(test, runs, ctx["skew"], smoothing)
+             for arm, runs in {**per_arm, **by_name}.items() if set(runs) == set(keys)}
+    return {"knowledge_free": knowledge_free,
+            "gate": gate.extraction_gate(test, per_arm["vanilla"], by_name, ctx["skew"]["dropped_objects"]),
+            "shock_size": sizes}

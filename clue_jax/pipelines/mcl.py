@@ -41,19 +41,21 @@ from flax import nnx
 
 from clue_jax import workdir_fs
 from clue_jax.errors import UserInputError
-from clue_jax.mcl import downstream, intrinsic, objective as mcl_objective, report, soups
+from clue_jax.mcl import downstream, downstream_gate, intrinsic, objective as mcl_objective, report, soups
 from clue_jax.mcl.corpus import itd_capped_share
 from clue_jax.mcl.pairs import create_pair, load_pair, params_hash, save_pair
 from clue_jax.pipelines import common
 from clue_jax.pipelines.foundations import public
 from clue_jax.pipelines.mcl_context import LOAD_SAMPLES, Context, objective_config, prepare
-from clue_jax.pipelines.mcl_pretrain import ARMS, pretrain_arm, pretrain_ingredient, warmup_step
+from clue_jax.pipelines.mcl_pretrain import (ARMS, COMPUTE_MATCHED, pretrain_arm, pretrain_ingredient, rows_per_step,
+                                             warmup_step)
 from clue_jax.pipelines.stages import fingerprint
 from clue_jax.train import logging_utils
 
 log = logging.getLogger("clue_jax")
 
 ARM_LABELS = {"electra": "ELECTRA (RTD)", "std": "+STD", "itd": "+ITD", "all3": "RTD+STD+ITD", "mcl": "MCL",
+              "all3_redisc": "RTD+STD+ITD + re-discrimination", "electra_matched": "ELECTRA, MCL's discriminator rows",
               "random": "random init (no pre-training)"}
 
 
@@ -62,7 +64,8 @@ def finetune_and_evaluate(ctx: Context, name: str, model_dir: str, model_fp: str
     """Every downstream task: fine-tune the discriminator, evaluate on dev and test; plus the mean scores."""
     config = ctx.config
     inputs = {"model": model_fp, "finetune": config.finetune.to_dict(), "tasks": ctx.tasks_fp, "seed": seed,
-              "max_answer_tokens": config.downstream.max_answer_tokens}
+              "max_answer_tokens": config.downstream.max_answer_tokens,
+              "scores": ["answerable_f1", "per_question_f1"]}  # results without them are recomputed
 
     def run(stage_dir):
         LOAD_SAMPLES.append(os.getloadavg()[0])
@@ -78,6 +81,34 @@ def finetune_and_evaluate(ctx: Context, name: str, model_dir: str, model_fp: str
                 "score_test": float(np.mean([r["test"]["score"] for r in out.values()]))}
 
     return public(ctx.stages.run(f"ft_{name}", inputs, run))
+
+
+# ------------------------------------------------------------------ the downstream gate
+GATE_ARM = "electra"
+
+
+def reference_gate(summary: dict, tasks, with_random: bool) -> dict:
+    """mcl/downstream_gate.py on the first QA task's test questions: pre-trained ELECTRA against random init."""
+    qa = next((t.name for t in tasks if t.kind == "span"), None)
+    if qa is None or not with_random or GATE_ARM not in summary["arms"]:
+        return {"passed": False, "reason": "the gate needs a QA task, the electra arm and random_init = True"}
+
+    def per_question(arm):
+        return {seed: res["tasks"][qa]["test"]["per_question_f1"] for seed, res in summary["arms"][arm].items()}
+
+    return {"task": qa, "arm": GATE_ARM, "metric": "f1",
+            **downstream_gate.downstream_gate(per_question(GATE_ARM), per_question("random"))}
+
+
+def strip_per_question(tree) -> None:
+    """Removes the per-question scores (kept in the stage results) from the summary, which keeps the means."""
+    if isinstance(tree, dict):
+        tree.pop("per_question_f1", None)
+        for value in tree.values():
+            strip_per_question(value)
+    elif isinstance(tree, list):
+        for value in tree:
+            strip_per_question(value)
 
 
 # ------------------------------------------------------------------ soups
@@ -248,12 +279,20 @@ def run(config, workdir: str) -> dict:
         "load_avg_sampled": {"mean": round(float(np.mean(LOAD_SAMPLES)), 2), "max": round(float(np.max(LOAD_SAMPLES)), 2),
                              "samples": len(LOAD_SAMPLES)} if LOAD_SAMPLES else None,
     }
+    summary["discriminator_rows"] = rows_per_step(config, arms)
+    matched = {arm: {"matches": COMPUTE_MATCHED[arm], **summary["discriminator_rows"][arm]}
+               for arm in arms if arm in COMPUTE_MATCHED}
+    if matched:
+        summary["compute_matched"] = matched
+    summary["gate"] = reference_gate(summary, ctx.tasks, with_random)
+    strip_per_question(summary)
     shown = arms + (["random"] if with_random else [])
     summary["claims"] = report.claims(summary, shown)
     if jax.process_index() == 0:
         summary["figures"] = report.write_figures(summary, workdir, arms)
         text = report.render(summary, shown, ARM_LABELS)
         workdir_fs.write_text(os.path.join(workdir, "mcl_report.md"), text)
+        print("\n".join(report.gate_lines(summary, ARM_LABELS)))
         print(report.render_table(summary, shown, ARM_LABELS))
     logging_utils.write_summary(workdir, summary)
     logging_utils.write_eval_scalars(workdir, {**summary["arms"], "soups": summary["soups"]})

@@ -14,6 +14,7 @@ from flax import nnx
 from clue_jax import workdir_fs
 from clue_jax.data.batching import ArrayBatchSource
 from clue_jax.errors import UserInputError
+from clue_jax.mcl import accounting
 from clue_jax.mcl import objective as mcl_objective
 from clue_jax.mcl.pairs import create_pair, save_pair
 from clue_jax.pipelines.mcl_context import LOAD_SAMPLES, Context, objective_config
@@ -28,7 +29,36 @@ ARMS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
     "itd": (("rtd", "itd"), ()),
     "all3": (("rtd", "std", "itd"), ()),
     "mcl": (("rtd", "std", "itd"), mcl_objective.CORRECTIONS),
+    "all3_redisc": (("rtd", "std", "itd"), ("re_rtd_disc", "re_std_disc")),
+    "electra_matched": (("rtd",), ()),
 }
+# arm -> the arm whose discriminator rows per step it matches, by a whole multiple of pretrain.batch_size
+COMPUTE_MATCHED = {"electra_matched": "mcl"}
+
+
+def arm_objective(config, arm: str) -> mcl_objective.ObjectiveConfig:
+    """The arm's objective settings (courses, corrections, sampling), enough for its compute accounting."""
+    courses, corrections = ARMS[arm]
+    return mcl_objective.ObjectiveConfig.from_dict(dict(config.objective.to_dict(), courses=tuple(courses),
+                                                        corrections=tuple(corrections)))
+
+
+def batch_multiplier(config, arm: str) -> int:
+    """How many times pretrain.batch_size the arm trains with: 1, or for a compute-matched arm the factor that
+    gives it at least the discriminator rows per step of the arm it matches."""
+    target = COMPUTE_MATCHED.get(arm)
+    if target is None:
+        return 1
+    b = int(config.pretrain.batch_size)
+    return accounting.matching_multiplier(accounting.discriminator_rows(arm_objective(config, target), b),
+                                          accounting.discriminator_rows(arm_objective(config, arm), b))
+
+
+def rows_per_step(config, arms) -> dict[str, dict]:
+    """Each arm's discriminator rows per optimizer step (mcl/accounting.py) and its batch multiplier."""
+    b = int(config.pretrain.batch_size)
+    return {arm: {**accounting.discriminator_rows(arm_objective(config, arm), b * batch_multiplier(config, arm)),
+                  "batch_multiplier": batch_multiplier(config, arm)} for arm in arms}
 
 
 def _probe_fn(cfg: mcl_objective.ObjectiveConfig):
@@ -61,15 +91,17 @@ def _read_probes(stage_dir: str) -> list[dict]:
 
 
 def pretrain(ctx: Context, name: str, courses, corrections, seed: int, stage_dir: str, *,
-             start_from: str | None = None, keep_steps: int | None = None) -> dict:
+             start_from: str | None = None, keep_steps: int | None = None, multiplier: int = 1) -> dict:
     """Trains an ElectraPair with the given courses for pretrain.steps; returns the stage result.
 
     start_from: a checkpoint step folder to resume from (soup ingredients);
-    keep_steps: also keep the full train state at this step (the warm-up arm).
+    keep_steps: also keep the full train state at this step (the warm-up arm);
+    multiplier: rows per step as a multiple of pretrain.batch_size (a compute-matched arm).
     """
     config = ctx.config
     train_cfg = config.pretrain.copy_and_resolve_references()
     train_cfg.seed = seed
+    train_cfg.batch_size = int(train_cfg.batch_size) * int(multiplier)
     every, snaps = probe_steps(config)
     train_cfg.eval_every = every
     if keep_steps:
@@ -127,13 +159,16 @@ def warmup_step(config) -> int:
 def pretrain_arm(ctx: Context, arm: str, seed: int) -> dict:
     courses, corrections = ARMS[arm]
     inputs = _pretrain_inputs(ctx, courses, corrections, seed)
+    multiplier = batch_multiplier(ctx.config, arm)
+    if multiplier != 1:
+        inputs["batch_multiplier"] = multiplier
     keep = None
     if ctx.config.soups.enabled and arm == ctx.config.soups.warmup_arm:
         keep = warmup_step(ctx.config)
         inputs["keep_step"] = keep
     return ctx.stages.run(f"pre_{arm}_s{seed}", inputs,
                           lambda d: pretrain(ctx, f"pre_{arm}_s{seed}", courses, corrections, seed, d,
-                                             keep_steps=keep))
+                                             keep_steps=keep, multiplier=multiplier))
 
 
 def pretrain_ingredient(ctx: Context, name: str, corrections, seed: int, warm: dict) -> dict:
