@@ -16,9 +16,11 @@ MAX_LINES = 450
 # name (a package, or a module where it differs from its package) -> layer
 LAYERS = {
     # infrastructure every layer may use: errors, strict settings, paths and buckets, the config and workdir
-    # checks, the run lock, multi-host start-up, meshes and sharding rules, the named choices of the configs
+    # checks, the run lock, multi-host start-up, meshes and sharding rules, the named choices of the configs, the
+    # metrics trackers and the run's identity
     "clue_jax.errors": 0, "clue_jax.dataclass_config": 0, "clue_jax.workdir_fs": 0, "clue_jax.config_check": 0,
     "clue_jax.run_lock": 0, "clue_jax.distributed": 0, "clue_jax.parallel": 0, "clue_jax.choices": 0,
+    "clue_jax.trackers": 0, "clue_jax.run_identity": 0,
     "clue_jax.data": 1, "clue_jax.models": 1,
     "clue_jax.clues": 2, "clue_jax.eval": 2,
     "clue_jax.train": 3, "clue_jax.eval.tables": 3,  # report code: tables of results

@@ -17,9 +17,9 @@ from flax import nnx
 from clue_jax.models import config as model_config
 from clue_jax.models import encoder as E
 from clue_jax.models import factory, orbax_errors, store
-from clue_jax.pipelines import mcl as mcl_pipeline
+from clue_jax.mcl import pairs as mcl_pairs
 from clue_jax.pipelines.stages import StageDamaged, Stages, rerun_damaged
-from clue_jax.train.mesh import make_mesh
+from clue_jax.parallel.mesh import make_mesh
 
 CFG = model_config.gpt2(vocab_size=64, d_model=32, num_layers=1, num_heads=2, mlp_dim=64, max_len=16)
 
@@ -84,17 +84,17 @@ def test_mcl_pair_uses_the_same_store(tmp_path):
     cfg = E.EncoderConfig(vocab_size=64, hidden_size=16, embedding_size=16, num_layers=1, num_heads=2,
                           intermediate_size=32, max_len=16)
     mesh = _mesh()
-    pair = mcl_pipeline.create_pair(cfg, E.generator_config(cfg, 0.5), 0, mesh)
-    mcl_pipeline.save_pair(pair, str(tmp_path / "pair"))
+    pair = mcl_pairs.create_pair(cfg, E.generator_config(cfg, 0.5), 0, mesh)
+    mcl_pairs.save_pair(pair, str(tmp_path / "pair"))
     assert sorted(os.listdir(tmp_path / "pair")) == ["checksums.json", "pair_config.json", "params"]
-    mcl_pipeline._PAIRS.clear()  # read from disk, not from what this process saved
-    again = mcl_pipeline.load_pair(str(tmp_path / "pair"), mesh)
+    mcl_pairs._PAIRS.clear()  # read from disk, not from what this process saved
+    again = mcl_pairs.load_pair(str(tmp_path / "pair"), mesh)
     for a, b in zip(jax.tree.leaves(nnx.state(again, nnx.Param)), jax.tree.leaves(nnx.state(pair, nnx.Param))):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
     _doctor_checksum(tmp_path / "pair")
-    mcl_pipeline._PAIRS.clear()
+    mcl_pairs._PAIRS.clear()
     with pytest.raises(store.DamagedModel, match=r"pair is damaged: checksum mismatch in 1 arrays"):
-        mcl_pipeline.load_pair(str(tmp_path / "pair"), mesh)
+        mcl_pairs.load_pair(str(tmp_path / "pair"), mesh)
 
 
 # ------------------------------------------------------------------ damaged finished stages
