@@ -37,6 +37,7 @@ from clue_jax.data import tokenizer as tokenizer_lib
 from clue_jax.errors import UserInputError
 from clue_jax.eval import qa_file
 from clue_jax.models import factory
+from clue_jax.models.causal_lm import CausalLM
 
 USAGE = "python -m clue_jax.gate --small DIR --large DIR --workdir W --corpus F --qa F"
 STATISTICS = {  # name: (what it says, higher_is_more)
@@ -128,7 +129,7 @@ def gate(args) -> dict:
         model, _ = factory.load_params(d, mesh)
         outputs[flag.lstrip("-")].append(_teacher_outputs(model, ids, mask, query, args.batch_size))
         del model
-    untrained = factory.create(configs[("--small", args.small[0])], seed=args.control_seed, mesh=mesh)
+    untrained = CausalLM(configs[("--small", args.small[0])], rngs=nnx.Rngs(args.control_seed))  # one device
     control_out = [_teacher_outputs(untrained, ids, mask, query, args.batch_size)]
     stats, control = {}, {}
     measured = _statistics(mask, targets, query, args.k)
