@@ -1,7 +1,7 @@
-"""The teacher gate on synthetic attention: a large teacher that favours the name passes, one that does not fails."""
+"""The teacher gate on constructed teachers: one that favours the targets passes, a same-size pair does not."""
 import numpy as np
 
-from clue_jax.clues import analysis, gate
+from clue_jax.clues import analysis, gate, gate_stats
 
 
 def _attention(favour_name: bool, n=60, t=30, seed=0):
@@ -54,7 +54,6 @@ def test_far_clue_not_measured_on_documents_without_names():
 
 
 # The calibrated gate (clues/gate_stats.py): seeds per size, the same-size null, a permutation test.
-from clue_jax.clues import gate_stats  # noqa: E402
 
 TARGETS = slice(2, 5)
 
