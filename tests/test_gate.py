@@ -132,6 +132,11 @@ def test_negative_control_and_verdict():
     g = gate_stats.calibrate(stat, large, small, chance=3 / 24)
     control = gate_stats.negative_control(stat, large, untrained, g)
     assert len(control["values"]) == 2 and control["statistic"] < g["statistic"] and control["pair_exceeds_control"]
+    rank = gate_stats.calibrate(lambda a, b: gate_stats.method_statistic(a, b, mask, targets, k=5)["mean_rank"],
+                                large, small, chance=0.5, higher_is_more=False)
+    assert rank["passed"] and gate_stats.negative_control(
+        lambda a, b: gate_stats.method_statistic(a, b, mask, targets, k=5)["mean_rank"], large, untrained,
+        rank)["pair_exceeds_control"]  # a lower mean rank is more
     failed = {**g, "passed": False, "reason": "not beyond the same-size null"}
     assert gate_stats.verdict({"method": g, "far": failed})[0] is False
     assert gate_stats.verdict({"method": g})[0] is True

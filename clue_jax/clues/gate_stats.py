@@ -148,7 +148,7 @@ def calibrate(statistic: Callable[[object, object], float], large: Sequence, sma
     observed = _mean(values["cross"])
     sign = 1.0 if higher_is_more else -1.0
     out = {"statistic": observed, "cross": values["cross"], "null": values["null"], "chance": float(chance),
-           "level": level, "pairs": {k: [[f"{a}{i}", f"{b}{j}"] for (a, i), (b, j) in v] for k, v in pairs.items()}}
+           "higher_is_more": higher_is_more, "level": level, "pairs": {k: [[f"{a}{i}", f"{b}{j}"] for (a, i), (b, j) in v] for k, v in pairs.items()}}
     beyond_chance = bool(sign * (observed - chance) > 0)
     if not values["null"]:
         return {**out, "p": None, "passed": None, "beyond_chance": beyond_chance,
@@ -168,8 +168,9 @@ def negative_control(statistic: Callable[[object, object], float], large: Sequen
     """
     values = [float(statistic(a, b)) for a in large for b in untrained]
     control = _mean(values)
+    sign = 1.0 if calibrated["higher_is_more"] else -1.0
     return {"values": values, "statistic": control,
-            "pair_exceeds_control": bool(calibrated["statistic"] > control)}
+            "pair_exceeds_control": bool(sign * (calibrated["statistic"] - control) > 0)}
 
 
 def verdict(checks: dict[str, dict]) -> tuple[bool | None, str]:
