@@ -12,6 +12,10 @@ first and says when it failed:
    than chance. Per document: share of name tokens among the top-k keys minus
    that document's chance share; the bootstrap interval over documents of the
    mean must lie above 0.
+
+The bootstrap sees one fixed pair, not the spread between seeds: two teachers
+of one size already differ as much. `clue_jax.clues.gate_stats` calibrates the
+attention half against same-size seed pairs (`python -m clue_jax.gate`).
 """
 from __future__ import annotations
 

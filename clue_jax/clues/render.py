@@ -54,16 +54,21 @@ def _text_colour(hex_colour: str) -> str:
     return "#000" if 0.299 * r + 0.587 * g + 0.114 * b > 0.5 else "#fff"
 
 
-def render_html(tokens: Sequence[str], s_large, s_small, d, path: str, title: str = "clues") -> str:
-    """Writes the page to `path` and returns the path. Tokens are shown as given (decoded), escaped."""
+def render_html(tokens: Sequence[str], s_large, s_small, d, path: str, title: str = "clues",
+                marked: Sequence[bool] | None = None) -> str:
+    """Writes the page to `path` and returns the path. Tokens are shown as given (decoded), escaped;
+    `marked` tokens (e.g. the gate's targets) are boxed."""
     s_large, s_small, d = _rows(tokens, s_large, s_small, d, f"render_html({path})")
+    marked = [False] * len(tokens) if marked is None else [bool(m) for m in marked]
+    if len(marked) != len(tokens):
+        raise UserInputError(f"render_html({path}): {len(marked)} marks for {len(tokens)} tokens")
     scale = contrast_scale(d)
     fills = _diverging_colours(d, scale)
     spans = []
     for i, (tok, fill) in enumerate(zip(tokens, fills)):
         tip = f"#{i} {tok!r}\ns_large = {s_large[i]:.5f}\ns_small = {s_small[i]:.5f}\nd = {d[i]:+.5f}"
         spans.append(
-            f'<span class="t" style="background:{fill};color:{_text_colour(fill)}" '
+            f'<span class="t{" m" if marked[i] else ""}" style="background:{fill};color:{_text_colour(fill)}" '
             f'title="{html.escape(tip, quote=True)}">{html.escape(tok)}</span>'
         )
     legend_stops = np.linspace(-1.0, 1.0, 9)
@@ -78,13 +83,15 @@ def render_html(tokens: Sequence[str], s_large, s_small, d, path: str, title: st
 body {{ font-family: sans-serif; max-width: 60em; margin: 2em auto; line-height: 2.1; }}
 .t {{ white-space: pre-wrap; padding: 2px 1px; border-radius: 3px; font-family: monospace; }}
 .t:hover {{ outline: 2px solid #333; }}
+.m {{ border: 2px solid #000; }}
 .l {{ display: inline-block; min-width: 4.5em; text-align: center; font-size: 80%; }}
 .legend {{ line-height: 1.5; margin-bottom: 1.5em; }}
 </style></head><body>
 <h2>{html.escape(title)}</h2>
 <div class="legend">d = s_large - s_small (hover a token for its scores; the ends of the scale are the
 {SCALE_PERCENTILE:g}th percentile of |d|, larger values saturate):<br>{legend}<br>
-red: the large model attends more (a clue); blue: the small model attends more.</div>
+red: the large model attends more (a clue); blue: the small model attends more.{
+"<br>boxed: the target tokens." if any(marked) else ""}</div>
 <div class="text">{"".join(spans)}</div>
 </body></html>
 """
