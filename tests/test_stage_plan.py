@@ -2,8 +2,10 @@
 warning when a run visits more stages than planned; and a helper the pipelines' end-to-end tests share."""
 import logging
 import re
+import time
 
 from clue_jax.pipelines.stages import Stages
+from clue_jax.train import logging_utils
 
 STAGE_LINE = re.compile(r"stage (\d+)/(\d+): \S+: (?:running|resuming|inputs unchanged)")
 PLAN_UPDATE = re.compile(r"stages: this run now visits (\d+) stages")
@@ -29,7 +31,7 @@ def _visit(stages, names):
         stages.run(name, {"name": name}, lambda d, n=name: {"name": n})
 
 
-def test_stage_lines_show_the_plan_and_warn_once_when_it_drifts(tmp_path, caplog):
+def test_stage_lines_show_the_plan_and_warn_once_when_it_drifts(tmp_path, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="clue_jax")
     stages = Stages(str(tmp_path / "w"))
     _visit(stages, ["a"])
@@ -43,6 +45,11 @@ def test_stage_lines_show_the_plan_and_warn_once_when_it_drifts(tmp_path, caplog
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING and "drifted" in r.getMessage()]
     assert len(warnings) == 1 and "stage 4/3: d" in warnings[0].getMessage()
     assert stages.ran == ["a", "b", "c", "d", "e"]
+
+    monkeypatch.setattr(logging_utils, "HEARTBEAT_S", 0.1)  # a silent stage's heartbeat carries k/n too
+    stages.run("slow", {}, lambda d: time.sleep(0.5) or {})
+    assert "stage 6/3: slow: still running (" in caplog.text
+    assert len([r for r in caplog.records if "drifted" in r.getMessage()]) == 1
 
     caplog.clear()
     again = Stages(str(tmp_path / "w"))
