@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pytest
+from test_stage_plan import assert_plan_kept
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "quickstart.py") + ":tiny"
@@ -42,12 +43,13 @@ def test_tiny_quickstart_outputs_and_rerun_reuses_every_stage(tmp_path):
     assert {m["stage"] for m in metrics} >= {"pretrain_small", "cpt_small_plain_s0"}
     run = json.loads((workdir / "config.json").read_text())["run"]
     assert summary["run"] == run and {m["run"] for m in metrics} == {run["id"]}
-    assert "stage 1: world: running" in first.stderr
+    assert "stage 1/" in first.stderr and assert_plan_kept(first.stderr, summary) == len(summary["stages"])
 
     second = _cli("--config", TINY, "--workdir", str(workdir))
     assert second.returncode == 0, second.stderr[-3000:]
     summary2 = json.loads((workdir / "summary.json").read_text())
     assert summary2["stages_ran"] == []
+    assert assert_plan_kept(second.stderr, summary2) == len(summary["stages"])
     assert "pretrain_large" in summary2["stages_reused"] and "cpt_small_contrast_s0" in summary2["stages_reused"]
     assert summary2["models"] == summary["models"]
     again = [json.loads(l) for l in (workdir / "metrics.jsonl").read_text().splitlines()]

@@ -7,6 +7,7 @@ import sys
 
 from clue_jax.extraction import baselines, report, seed_stats
 from clue_jax.extraction.shock import BUCKETS
+from test_stage_plan import assert_plan_kept
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = os.path.join(ROOT, "configs", "extraction.py") + ":tiny"
@@ -23,6 +24,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "shock rho" in proc.stdout
     summary = json.loads((workdir / "summary.json").read_text())
+    assert_plan_kept(proc.stderr, summary)  # the sweep's lengths, the compute-matched one among them
 
     assert set(ARMS) | {f"rank:{a}" for a in ARMS} <= set(summary["arms"])
     for arm in ARMS:

@@ -5,6 +5,8 @@ import os
 import subprocess
 import sys
 
+from test_stage_plan import assert_plan_kept
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -18,6 +20,7 @@ def test_tiny_pipeline_end_to_end(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     summary = json.loads((workdir / "summary.json").read_text())
+    assert_plan_kept(proc.stderr, summary)  # the greedy soup's one candidate is the uniform soup: counted out
     for key in ("arms", "soups", "curves", "probes", "claims", "runtime", "setup", "tasks"):
         assert key in summary
     assert summary["tasks"] == ["bios_qa", "bios_pair"]

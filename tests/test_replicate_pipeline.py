@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 from clue_jax.pipelines import replicate
+from test_stage_plan import assert_plan_kept
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ARMS = ("plain", "random", "attention", "contrast", "rate_matched", "shuffled")
@@ -21,6 +22,7 @@ def test_tiny_replication_end_to_end(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((workdir / "summary.json").read_text())
+    assert_plan_kept(proc.stderr, summary)  # the grid, protocols, students and seeds counted from the config
 
     # The gate: both teachers per attribute on background people, the far clue with its interval.
     g = summary["teacher_gate"]

@@ -226,12 +226,22 @@ class Context:
     shots: dict
 
 
-def prepare(config, workdir: str, need_scores: bool, sizes: tuple[str, ...] = ("small", "large")) -> Context:
+def prepare_stage_count(config, need_scores: bool, sizes: tuple[str, ...] = ("small", "large")) -> int:
+    """How many stages `prepare` visits: world, tokenizer, each base model not given as a checkpoint, and
+    (with scores) one scoring stage per split of documents (test, and dev when data.num_dev > 0)."""
+    splits = 1 if config.data.source == "corpus" else 1 + (int(config.data.get("num_dev", 0)) > 0)
+    pretrained = sum(1 for size in (("small", "large") if need_scores else sizes) if not config.base_models[size])
+    return 2 + pretrained + (splits if need_scores else 0)
+
+
+def prepare(config, workdir: str, need_scores: bool, sizes: tuple[str, ...] = ("small", "large"),
+            planned: int | None = None) -> Context:
     """Everything before the students train: world, tokenizer, base models, documents, teacher scores.
 
     Both teachers are needed for scores; otherwise only the base models in `sizes`. Every input is
     checked before the first training step: config values, the user's files, the documents' lengths
-    (right after the cheap tokenizer stage) and the checkpoints' vocabulary and positions.
+    (right after the cheap tokenizer stage) and the checkpoints' vocabulary and positions. `planned`:
+    the stages the whole run visits (Stages.expect).
     """
     validate.check_config(config)
     require_same_tokenizer({"tokenizer.path": config.tokenizer.path, "base_models.small": config.base_models.small,
@@ -239,6 +249,8 @@ def prepare(config, workdir: str, need_scores: bool, sizes: tuple[str, ...] = ("
     user = user_knowledge(config) if config.data.source == "corpus" else None
     mesh = common.make_mesh(config)
     stages = Stages(workdir)
+    if planned is not None:
+        stages.expect(planned)
     world = stages.run("world", {"world": config.world.to_dict()}, lambda d: world_stage(config, d))
     world_dir = stages.path("world")
     tok_res = stages.run("tokenizer", {"world": world["_fingerprint"], "tokenizer": config.tokenizer.to_dict(),

@@ -144,12 +144,25 @@ def _fp(value) -> str:
     return digest.hexdigest()[:16]
 
 
+def planned_stages(config, matched_steps: int | None = None) -> int:
+    """The stages a run visits: world, tokenizer, pretrain (unless base_models.small is given), eval_base, and per
+    seed the steps sweep (each length fine-tuned and evaluated), eval_vanilla, ft_mixture and eval_mixture.
+
+    The compute-matched length is known only once the data are encoded; until then (None) it counts as a
+    length of its own, so the plan can only shrink when it is known."""
+    lengths = {int(n) for n in config.sweep.steps}
+    sweep = len(lengths) + (matched_steps is None or matched_steps not in lengths)
+    per_seed = 2 * sweep + 2 * len(KINDS) - 1  # the vanilla arm reuses a sweep model: its evaluation only
+    return 2 + (not config.base_models.small) + 1 + len(config.seeds) * per_seed
+
+
 def run(config, workdir: str) -> dict:
     t_start, load_start, cpu_start = time.time(), os.getloadavg(), common.cpu_seconds()
     _check_config(config)
     relations = finetune_data.check_relations(config.relations)
     mesh = common.make_mesh(config)
     stages = Stages(workdir)
+    stages.expect(planned_stages(config))
     world = stages.run("world", {"world": config.world.to_dict()}, lambda d: world_stage(config, d))
     world_dir = stages.path("world")
     people = load_people(world_dir, "background") + load_people(world_dir, "new")
@@ -211,6 +224,7 @@ def run(config, workdir: str) -> dict:
     mix_data = with_loss_mask(lm_data.pack_documents(tokenizer, replay_texts, config.ft.seq_len))
     # Compute-matched vanilla: as many steps as the mixture arm runs in all.
     matched_steps = mixture_steps(config, ft_data, mix_data)
+    stages.expect(planned_stages(config, matched_steps))
     data_fp = {"ft": _fp(ft_data), "mix": _fp(mix_data)}
     eval_fp = {"eval": config.eval.to_dict(), "mixing": config.mixing.to_dict(), "shock": config.shock.to_dict(),
                "items": _fp([items[s] for s in SPLITS]), "freqs": _fp(sorted(freqs.items())),

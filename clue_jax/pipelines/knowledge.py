@@ -22,15 +22,28 @@ from clue_jax.clues import dropout
 from clue_jax.eval.tables import format_table, mean_std
 from clue_jax.pipelines import protocol
 from clue_jax.pipelines.clue_views import render_clue_examples
-from clue_jax.pipelines.continual import evaluate, prepare, stage_records, train_and_evaluate
+from clue_jax.pipelines.continual import (evaluate, prepare, prepare_stage_count, stage_records,
+                                          train_and_evaluate)
 from clue_jax.pipelines.knowledge_data import data_description, name_distances
 from clue_jax.train import logging_utils
 
 
+def needs_scores(config) -> bool:
+    """Teacher scores: for an arm that reads them, or to render clue examples."""
+    return (any(a in ("attention",) + dropout.CONTRAST_METHODS for a in config.clues.arms)
+            or config.clues.render_examples > 0)
+
+
+def planned_stages(config) -> int:
+    """The stages a run visits: prepare's, the base model's evaluation, and per seed and arm training + evaluation."""
+    arms_runs = len(config.seeds) * len(config.clues.arms)
+    return prepare_stage_count(config, needs_scores(config), sizes=("small",)) + 1 + 2 * arms_runs
+
+
 def run(config, workdir: str) -> dict:
     arms = list(config.clues.arms)
-    ctx = prepare(config, workdir, need_scores=any(a in ("attention",) + dropout.CONTRAST_METHODS for a in arms)
-                  or config.clues.render_examples > 0, sizes=("small",))
+    ctx = prepare(config, workdir, need_scores=needs_scores(config), sizes=("small",),
+                  planned=planned_stages(config))
     summary = {"models": {}, "stages": {}, "data": data_description(ctx)}
     summary["models"]["base_small"] = evaluate(ctx, "base_small", ctx.bases["small"])
     chosen = config.clues.get("chosen", {})

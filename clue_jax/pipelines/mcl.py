@@ -47,8 +47,12 @@ from clue_jax.mcl.pairs import create_pair, load_pair, params_hash, save_pair
 from clue_jax.pipelines import common
 from clue_jax.pipelines.foundations import public
 from clue_jax.pipelines.mcl_context import LOAD_SAMPLES, Context, objective_config, prepare
+<<<<<<< HEAD
 from clue_jax.pipelines.mcl_pretrain import (ARMS, COMPUTE_MATCHED, pretrain_arm, pretrain_ingredient, rows_per_step,
                                              warmup_step)
+=======
+from clue_jax.pipelines.mcl_pretrain import ARMS, pretrain_arm, pretrain_ingredient, probe_steps, warmup_step
+>>>>>>> h_plan
 from clue_jax.pipelines.stages import fingerprint
 from clue_jax.train import logging_utils
 
@@ -217,12 +221,32 @@ def _enable_compile_cache(config, workdir: str) -> None:
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
+def soup_stage_bound(config) -> int:
+    """Fine-tuning stages of one seed's soups at most: uniform, greedy's candidates (each ingredient after the
+    best), weighted. A soup equal to a model already evaluated reuses its scores, so it may take fewer."""
+    kinds, n = config.soups.kinds, len(config.soups.ingredients)
+    return ("uniform" in kinds) + ("greedy" in kinds) * (n - 1) + ("weighted" in kinds)
+
+
+def planned_stages(config) -> int:
+    """The stages a run visits: the tokenizer, and per seed each arm's pre-training and fine-tuning (and the
+    soups' warm-up arm when it is no arm), the random-init reference, the curve's snapshots and the soups
+    (ingredients pre-trained and fine-tuned, then at most `soup_stage_bound` soups)."""
+    arms = len(config.arms)
+    per_seed = 2 * arms + 2 * bool(config.get("random_init", False))
+    per_seed += len(config.curve.arms) * len(probe_steps(config)[1])
+    if config.soups.enabled:
+        per_seed += (config.soups.warmup_arm not in config.arms) + 2 * len(config.soups.ingredients)
+        per_seed += soup_stage_bound(config)
+    return 1 + len(config.seeds) * per_seed
+
+
 def run(config, workdir: str) -> dict:
     t_start, cpu_start, load_start = time.time(), common.cpu_seconds(), os.getloadavg()
     LOAD_SAMPLES.clear()  # this run's samples only
     _check(config)
     _enable_compile_cache(config, workdir)
-    ctx = prepare(config, workdir)
+    ctx = prepare(config, workdir, planned=planned_stages(config))
     seeds = [int(s) for s in config.seeds]
     summary: dict = {"arms": {}, "soups": {}, "curves": {}, "probes": {}, "intrinsic": {},
                      "notes": list(ctx.notes), "tasks": [t.name for t in ctx.tasks]}
@@ -258,7 +282,10 @@ def run(config, workdir: str) -> dict:
                            for name, losses in config.soups.ingredients.items()}
             for name, res in ingredients.items():
                 summary["probes"].setdefault(f"ing_{name}", {})[str(seed)] = res["probes"]
+            visited = len(ctx.stages.ran) + len(ctx.stages.reused)
             summary["soups"][str(seed)] = soup_arms(ctx, seed, ingredients)
+            soup_stages = len(ctx.stages.ran) + len(ctx.stages.reused) - visited - len(ingredients)
+            ctx.stages.expect(ctx.stages.planned - (soup_stage_bound(config) - soup_stages))  # soups found equal
     summary["stages_ran"], summary["stages_reused"] = ctx.stages.ran, ctx.stages.reused
     summary["setup"] = {
         "pretrain_steps": int(config.pretrain.steps), "batch_size": int(config.pretrain.batch_size),

@@ -87,9 +87,12 @@ def _real_tasks(config, tokenizer, max_len: int, notes: list[str]) -> list[downs
     return tasks
 
 
-def prepare(config, workdir: str) -> Context:
+def prepare(config, workdir: str, planned: int | None = None) -> Context:
+    """planned: the stages the whole run visits (Stages.expect)."""
     mesh = common.make_mesh(config)
     stages = Stages(workdir)
+    if planned is not None:
+        stages.expect(planned)
     people = world_people(config)
     c = config.corpus
     style = bios_tasks.bio_style(c.style.to_dict() if hasattr(c.style, "to_dict") else c.style)

@@ -64,9 +64,7 @@ def grid_search(ctx, student: str) -> tuple[dict, dict]:
     plain = run_arm(ctx, student, "plain", c.grid.seed, c.grid.protocol, split="dev", curve=False)
     trials = {"plain": [{"dev_em": em(plain)}]}
     chosen = {}
-    for arm, names in DROP_ARMS.items():
-        if arm not in c.clues.arms and not (arm == "contrast" and set(FOLLOW_CONTRAST) & set(c.clues.arms)):
-            continue
+    for arm, names in grid_arms(c).items():
         values = [tuple(c.grid.alphas)] + ([tuple(c.grid.betas)] if "beta" in names else [])
         trials[arm] = []
         for combo in itertools.product(*values):
@@ -153,10 +151,30 @@ def comparisons(results: dict, config) -> dict:
     return out
 
 
+def grid_arms(config) -> dict[str, tuple[str, ...]]:
+    """The methods the grid searches, with their settings: those run, and contrast for the controls that follow it."""
+    arms = set(config.clues.arms)
+    return {arm: names for arm, names in DROP_ARMS.items()
+            if arm in arms or (arm == "contrast" and set(FOLLOW_CONTRAST) & arms)}
+
+
+def planned_stages(config) -> int:
+    """The stages a run visits: prepare's, the teacher gate's two evaluations, per student the grid (plain + every
+    point, each trained and evaluated) and per protocol the base model's evaluation and every arm x seed."""
+    grid = 0
+    if config.grid.enabled:
+        points = sum(len(config.grid.alphas) * (len(config.grid.betas) if "beta" in names else 1)
+                     for names in grid_arms(config).values())
+        grid = 2 * (1 + points)
+    per_protocol = 1 + 2 * len(config.clues.arms) * len(config.seeds)
+    return (continual.prepare_stage_count(config, need_scores=True) + 2
+            + len(config.students) * (grid + len(config.protocol.names) * per_protocol))
+
+
 def run(config, workdir: str) -> dict:
     validate.check_config(config)  # incl. the grid's need for dev people, before any stage runs
     arms = list(config.clues.arms)
-    ctx = continual.prepare(config, workdir, need_scores=True)
+    ctx = continual.prepare(config, workdir, need_scores=True, planned=planned_stages(config))
     summary = {"teacher_gate": teacher_gate(ctx), "data": data_description(ctx),
                "token_lengths": token_lengths(ctx), "distance_from_name": name_distances(ctx)}
     if jax.process_index() == 0:

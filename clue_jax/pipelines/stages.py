@@ -76,6 +76,26 @@ class Stages:
         self.root = self.workdir / "stages"
         self.ran: list[str] = []
         self.reused: list[str] = []
+        self.planned: int | None = None  # stages this run will visit, once the pipeline declares it
+        self._drift_warned = False
+
+    def expect(self, planned: int) -> None:
+        """Declares how many stages this run visits (reused ones included), so each logs `stage k/n`.
+
+        A pipeline may call it again when a count becomes known mid-run (e.g. once its data are encoded).
+        """
+        if self.planned is not None and int(planned) != self.planned:
+            log.info("stages: this run now visits %d stages (planned %d before)", int(planned), self.planned)
+        self.planned = int(planned)
+
+    def _label(self, number: int, name: str) -> str:
+        if self.planned is None:
+            return f"stage {number}: {name}"
+        if number > self.planned and not self._drift_warned:
+            self._drift_warned = True
+            log.warning("stage %d/%d: %s: more stages than the %d planned (the plan drifted); the run goes on",
+                        number, self.planned, name, self.planned)
+        return f"stage {number}/{self.planned}: {name}"
 
     def path(self, name: str) -> str:
         return str(self.root / name)
@@ -89,17 +109,23 @@ class Stages:
         stage_dir = self.root / name
         fp = fingerprint(inputs)
         decision = _decide_once(lambda: self._decide(name, fp))
-        number = len(self.ran) + len(self.reused) + 1
+        label = self._label(len(self.ran) + len(self.reused) + 1, name)
         if decision == _REUSE:
-            log.info("stage %d: %s: inputs unchanged, reusing %s", number, name, stage_dir)
+            log.info("%s: inputs unchanged, reusing %s", label, stage_dir)
             self.reused.append(name)
             return {**self._read_result(name), "_fingerprint": fp}
+<<<<<<< HEAD
         log.info("stage %d: %s: %s", number, name, "resuming (same inputs)" if decision == _RESUME else "running")
         try:
             with logging_utils.heartbeat(f"stage {number}: {name}"):
                 result = fn(str(stage_dir))
         except DamagedModel as err:
             raise self._damaged_input(name, err) from None
+=======
+        log.info("%s: %s", label, "resuming (same inputs)" if decision == _RESUME else "running")
+        with logging_utils.heartbeat(label):
+            result = fn(str(stage_dir))
+>>>>>>> h_plan
         if jax.process_index() == 0:
             _write_json(stage_dir / "done.json", {"fingerprint": fp, "inputs": inputs, **self._record(result),
                                                   "files": _file_sizes(stage_dir)})
