@@ -47,12 +47,8 @@ from clue_jax.mcl.pairs import create_pair, load_pair, params_hash, save_pair
 from clue_jax.pipelines import common
 from clue_jax.pipelines.foundations import public
 from clue_jax.pipelines.mcl_context import LOAD_SAMPLES, Context, objective_config, prepare
-<<<<<<< HEAD
-from clue_jax.pipelines.mcl_pretrain import (ARMS, COMPUTE_MATCHED, pretrain_arm, pretrain_ingredient, rows_per_step,
-                                             warmup_step)
-=======
-from clue_jax.pipelines.mcl_pretrain import ARMS, pretrain_arm, pretrain_ingredient, probe_steps, warmup_step
->>>>>>> h_plan
+from clue_jax.pipelines.mcl_pretrain import (ARMS, COMPUTE_MATCHED, pretrain_arm, pretrain_ingredient, probe_steps,
+                                             rows_per_step, warmup_step)
 from clue_jax.pipelines.stages import fingerprint
 from clue_jax.train import logging_utils
 

@@ -114,18 +114,12 @@ class Stages:
             log.info("%s: inputs unchanged, reusing %s", label, stage_dir)
             self.reused.append(name)
             return {**self._read_result(name), "_fingerprint": fp}
-<<<<<<< HEAD
-        log.info("stage %d: %s: %s", number, name, "resuming (same inputs)" if decision == _RESUME else "running")
+        log.info("%s: %s", label, "resuming (same inputs)" if decision == _RESUME else "running")
         try:
-            with logging_utils.heartbeat(f"stage {number}: {name}"):
+            with logging_utils.heartbeat(label):
                 result = fn(str(stage_dir))
         except DamagedModel as err:
             raise self._damaged_input(name, err) from None
-=======
-        log.info("%s: %s", label, "resuming (same inputs)" if decision == _RESUME else "running")
-        with logging_utils.heartbeat(label):
-            result = fn(str(stage_dir))
->>>>>>> h_plan
         if jax.process_index() == 0:
             _write_json(stage_dir / "done.json", {"fingerprint": fp, "inputs": inputs, **self._record(result),
                                                   "files": _file_sizes(stage_dir)})
