@@ -27,8 +27,8 @@ from clue_jax.models import factory, lora
 from clue_jax.pipelines import common, validate
 from clue_jax.pipelines.foundations import (TOKENIZER_DATA, array_fingerprint, check_base_checkpoints,
                                             load_people, path_fingerprint, pretrain_config, pretrain_stage,
-                                            pretraining_texts, public, read_jsonl, tokenizer_stage, world_stage,
-                                            write_jsonl)
+                                            pretraining_texts, public, read_jsonl, tokenizer_stage, world_inputs,
+                                            world_stage, write_jsonl)
 from clue_jax.pipelines.knowledge_data import Knowledge, documents_data, knowledge_splits, shot_pool, user_knowledge
 from clue_jax.pipelines.stages import Stages, fingerprint
 
@@ -239,7 +239,7 @@ def prepare(config, workdir: str, need_scores: bool, sizes: tuple[str, ...] = ("
     user = user_knowledge(config) if config.data.source == "corpus" else None
     mesh = common.make_mesh(config)
     stages = Stages(workdir)
-    world = stages.run("world", {"world": config.world.to_dict()}, lambda d: world_stage(config, d))
+    world = stages.run("world", {"world": world_inputs(config)}, lambda d: world_stage(config, d))
     world_dir = stages.path("world")
     tok_res = stages.run("tokenizer", {"world": world["_fingerprint"], "tokenizer": config.tokenizer.to_dict(),
                                        "data": TOKENIZER_DATA, "seed": config.seed,

@@ -28,10 +28,11 @@ class Knowledge:
     where: list[str] | None = None  # "file:line" per doc of a user corpus, for error messages
 
 
-def people_knowledge(people) -> Knowledge:
+def people_knowledge(people, fillers_before_far: int = 0) -> Knowledge:
+    """The paper's template per person (pronoun-style world: with `fillers_before_far` fillers)."""
     keep = bios.PAPER_ATTRIBUTES  # company_city is not in the paper's template, so it cannot be learned
     return Knowledge(
-        docs=[bios.paper_bio(p) for p in people],
+        docs=[bios.study_bio(p, fillers_before_far) for p in people],
         probes=[qa_eval.Probe(q.question, q.answer, q.attribute, q.name)
                 for p in people for q in bios.qa_items(p) if q.attribute in keep],
         cloze=[qa_eval.Probe(q.question, q.answer, q.attribute, q.name)
@@ -55,9 +56,10 @@ def knowledge_splits(config, world_dir) -> dict[str, Knowledge]:
     n_dev = int(config.data.get("num_dev", 0))
     if n_dev >= len(people):
         raise UserInputError(f"data.num_dev={n_dev} leaves no test people out of world.num_new={len(people)}")
-    splits = {"test": people_knowledge(people[n_dev:])}
+    fillers = config.world.get("fillers_before_far", 0)
+    splits = {"test": people_knowledge(people[n_dev:], fillers)}
     if n_dev:
-        splits["dev"] = people_knowledge(people[:n_dev])
+        splits["dev"] = people_knowledge(people[:n_dev], fillers)
     return splits
 
 
