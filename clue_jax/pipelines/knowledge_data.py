@@ -12,7 +12,7 @@ import numpy as np
 
 from clue_jax.data import bios, lm_data
 from clue_jax.errors import UserInputError
-from clue_jax.eval import qa_eval, value_nll
+from clue_jax.eval import corpus_probes, qa_eval, value_nll
 from clue_jax.pipelines import validate
 from clue_jax.pipelines.foundations import load_people
 
@@ -26,6 +26,7 @@ class Knowledge:
     cloze: list[qa_eval.Probe]
     people: list | None  # bios.Person per doc for the built-in world, else None
     where: list[str] | None = None  # "file:line" per doc of a user corpus, for error messages
+    answers: list[tuple[corpus_probes.AnswerSite, str]] | None = None  # user corpus: (where, attribute) per answer
 
 
 def people_knowledge(people, fillers_before_far: int = 0) -> Knowledge:
@@ -44,8 +45,12 @@ def people_knowledge(people, fillers_before_far: int = 0) -> Knowledge:
 def user_knowledge(config) -> Knowledge:
     """The user's documents and questions, read and checked whole (errors name file, line and config key)."""
     rows, qa = validate.user_files(config)
+    docs = [doc for _, doc in rows]
     probes = [qa_eval.Probe(r["question"], r["answer"], r.get("attribute", "all"), r.get("name", "")) for r in qa]
-    return Knowledge([doc for _, doc in rows], probes, [], None, [f"{config.data.corpus}:{n}" for n, _ in rows])
+    found = [(site, p) for p in probes if (site := corpus_probes.answer_site(docs, p.question, p.answer))]
+    cloze = [qa_eval.Probe(site.cloze, p.answer, p.attribute, p.name) for site, p in found if site.cloze]
+    return Knowledge(docs, probes, cloze, None, [f"{config.data.corpus}:{n}" for n, _ in rows],
+                     answers=[(site, p.attribute) for site, p in found])
 
 
 def knowledge_splits(config, world_dir) -> dict[str, Knowledge]:
@@ -119,6 +124,9 @@ def data_description(ctx) -> dict:
         corpus_name, qa_name = os.path.basename(config.data.corpus), os.path.basename(config.data.qa_file)
         return {"source": "corpus", "k_shot": k, "documents": len(test.docs), "questions": len(test.probes),
                 "title": f"your documents ({corpus_name}, {len(test.docs)} documents)",
-                "qa": f"{k}-shot: the {len(test.probes)} questions of {qa_name}, asked as written"}
+                "qa": f"{k}-shot: the {len(test.probes)} questions of {qa_name}, asked as written",
+                "answers_found": len(test.answers or []),
+                "cloze": f"the answer's own sentence up to the answer: {len(test.cloze)} of the {len(test.probes)} "
+                         "answers, found in a document"}
     return {"source": "bios", "k_shot": k, "documents": len(test.docs), "questions": len(test.probes),
             "title": "new people", "qa": f"{k}-shot 'What is the company of {{name}}?'"}
