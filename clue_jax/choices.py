@@ -12,3 +12,4 @@ CONTRAST_ARMS = ("contrast", "rate_matched", "shuffled")  # rank tokens by d = s
 SCHEDULES = ("cosine", "linear", "constant")  # train/optim.py learning-rate schedules
 PRECISIONS = ("checkpoint", "mixed")  # models/precision.py training precisions
 DTYPES = ("float32", "bfloat16", "float16")
+WORLD_STYLES = ("repeated_name", "pronoun")  # data/bios.py world styles

@@ -81,6 +81,11 @@ DESCRIPTIONS = {
     "world.num_universities": "distinct universities in the world",
     "world.num_companies": "distinct companies in the world",
     "world.num_majors": "distinct majors in the world",
+    "world.style": "`repeated_name` (pre-training bios repeat the full name in about half their sentences) or "
+                   "`pronoun` (the name in a bio's first sentence only, then he/she/they; sentences permuted, "
+                   "0-4 filler sentences mixed in)",
+    "world.fillers_before_far": "`pronoun` world: filler sentences before university, major and company in the "
+                                "new people's biographies (their distance from the name)",
     "data.source": "`bios` (the built-in world's new people) or `corpus` (your `data.corpus`)",
     "data.corpus": "your documents: `.jsonl` with one `{\"text\": ...}` a line, or `.txt` separated by blank lines",
     "data.qa_file": "your questions: `.jsonl` with `question`, `answer` (optional `attribute`, `name`)",

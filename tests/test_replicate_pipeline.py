@@ -88,7 +88,8 @@ def test_grid_on_a_user_corpus_is_a_one_line_error(tmp_path):
 
 
 def test_tiny_replication_on_a_user_corpus(tmp_path):
-    """Your own documents and QA pairs, no dev people: the grid off, alpha/beta given, QA is the reported probe."""
+    """Your own documents and QA pairs, no dev people: the grid off, alpha/beta given; the cloze cut from each
+    answer's sentence is the reported probe, QA and the answers' NLL beside it."""
     from clue_jax.data import bios
 
     world = bios.build_world(bios.WorldConfig(seed=5, num_background=4, num_new=6))
@@ -103,11 +104,14 @@ def test_tiny_replication_on_a_user_corpus(tmp_path):
     proc = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, CI="1"), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     summary = json.loads((tmp_path / "rep" / "summary.json").read_text())
-    assert summary["primary"] == "qa" and not any(summary["grid"].values())
+    assert summary["primary"] == "cloze" and not any(summary["grid"].values())
+    base = summary["protocols"]["paper"]["results"]["small"]["base"][0]
+    assert {"qa", "cloze", "value_nll"} <= set(base) and base["value_nll"]["company"]["nll"] > 0
     assert summary["chosen"]["small"]["contrast"] == {"alpha": 0.6, "beta": 0.01}
     assert set(summary["protocols"]["paper"]["results"]["small"]) == {"base", *ARMS}
     assert summary["teacher_gate"]["far_clue"]["passed"] is None  # a corpus has no known names
-    assert "### qa exact match, small student" in (tmp_path / "rep" / "replication.md").read_text()
+    report = (tmp_path / "rep" / "replication.md").read_text()
+    assert "### cloze exact match, small student" in report and "### QA exact match, small student" in report
 
 
 def test_protocol_note_counts_views_over_the_test_people_only():

@@ -267,6 +267,8 @@ def test_cli_user_corpus_tables_and_a_new_corpus_reuses_the_base_model(tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     assert "QA exact match (0-shot: the 1 questions of qa.jsonl, asked as written), your documents " \
            "(corpus.jsonl, 2 documents):" in first.stdout
+    assert "Cloze exact match (the answer's own sentence up to the answer: 1 of the 1 answers" in first.stdout
+    assert "Answer NLL in its document (nats per answer, lower is better)" in first.stdout
     assert "data.source set to 'corpus'" in first.stderr
     docs.write_text(json.dumps({"text": "Ann Lee works at Zeta Inc."}) + "\n")
     second = _cli(*args)

@@ -31,7 +31,10 @@ def get_config(variant: str = "") -> ml_collections.ConfigDict:
     c.pipeline = "knowledge"
     c.seed = 0
     c.seeds = (0,)
-    c.world = dict(seed=0, num_background=200, num_new=100, zipf_exponent=0.0)
+    # style: "repeated_name" (bioS's rich form) or "pronoun" (the name in a pre-training biography's first
+    # sentence only); fillers_before_far: pronoun style, filler sentences before the test bios' far attributes.
+    c.world = dict(seed=0, num_background=200, num_new=100, zipf_exponent=0.0, style="repeated_name",
+                   fillers_before_far=0)
     # cpt_replay_rows: rows of background text (rich bios + QA) in every continual-pre-training batch;
     # 0 is the paper's protocol (new documents only).
     c.data = dict(source="bios", corpus="", qa_file="", num_dev=0, bios_per_person=4, pretrain_qa=True,

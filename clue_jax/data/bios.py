@@ -14,6 +14,14 @@ Choices made where the references are silent (all documented in code below):
   in a biography and `attribute_spans` is unambiguous.
 - Vocabularies and name pools are built so that no value, name part or template
   phrase contains another one as a whole-word substring.
+
+Two world styles (`WorldConfig.style`): "repeated_name" (bioS's rich form: later
+sentences repeat the full name about half the time) and "pronoun", where a
+pre-training biography names its person in the first sentence only, refers to them
+by a pronoun (he, she or they, drawn per person) after it, and mixes in 0-4 filler
+sentences that carry no identity; its test biography is the paper's template with
+`fillers_before_far` fillers before the far attributes. Only there does recalling
+a far fact require carrying the name across distance.
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import numpy as np
 
 from clue_jax.data import bios_vocab
 
+STYLES = ("repeated_name", "pronoun")  # clue_jax/choices.py WORLD_STYLES names the same
 ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "company", "company_city")
 PAPER_ATTRIBUTES = ("birth_date", "birth_city", "university", "major", "company")
 
@@ -46,6 +55,8 @@ class WorldConfig:
     num_companies: int = 200
     num_majors: int = 100
     rich_templates_per_attribute: int = 5  # paraphrases drawn from in the rich form
+    style: str = "repeated_name"  # or "pronoun": the name in the first sentence only (see the module doc)
+    fillers_before_far: int = 0  # pronoun style: filler sentences before university, major, company in test bios
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,6 +69,7 @@ class Person:
     major: str
     company: str
     company_city: str
+    pronoun: str = ""  # "he" | "she" | "they" in the pronoun-style world; "" = by gender
 
     def attribute(self, attr: str) -> str:
         if attr not in ATTRIBUTES:
@@ -65,16 +77,25 @@ class Person:
         return getattr(self, attr)
 
     @property
+    def _pronouns(self) -> tuple[str, str, str]:
+        return _PRONOUNS[self.pronoun or ("he" if self.gender == "male" else "she")]
+
+    @property
     def subject_pronoun(self) -> str:
-        return "he" if self.gender == "male" else "she"
+        return self._pronouns[0]
 
     @property
     def possessive_pronoun(self) -> str:
-        return "his" if self.gender == "male" else "her"
+        return self._pronouns[1]
 
     @property
     def object_pronoun(self) -> str:
-        return "him" if self.gender == "male" else "her"
+        return self._pronouns[2]
+
+
+_PRONOUNS = {"he": ("he", "his", "him"), "she": ("she", "her", "her"), "they": ("they", "their", "them")}
+# The templates' present-tense and "was" verbs as "they" takes them (the others are past tense).
+_PLURAL_VERBS = {"was": "were", "celebrates": "celebrate", "hails": "hail"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +206,7 @@ def _template_phrases() -> list[str]:
     for text in list(_QUESTIONS.values()) + list(_CLOZES.values()) + [
             t for ts in RICH_TEMPLATES.values() for t in ts]:
         pieces += [p for p in re.split(r"\{\w+\}", text) if bios_vocab.words(p)]
-    return pieces + ["He", "She", "His", "Her", *_MONTHS]
+    return pieces + ["He", "She", "His", "Her", *_MONTHS]  # (unchanged by "They": the pools stay the same)
 
 
 def _zipf_probs(n: int, exponent: float) -> np.ndarray:
@@ -202,6 +223,8 @@ def build_world(config: WorldConfig) -> World:
     """Builds the world: same config -> identical people, in the same order."""
     if config.num_background < 0 or config.num_new < 0:
         raise ValueError("num_background and num_new must be >= 0")
+    if config.style not in STYLES:
+        raise ValueError(f"unknown world style {config.style!r}; expected one of {STYLES}")
     base, male, female, surnames = bios_vocab.pools(config.num_cities, config.num_universities,
                                                     config.num_companies, config.num_majors,
                                                     tuple(_template_phrases()))
@@ -243,15 +266,21 @@ def build_world(config: WorldConfig) -> World:
         draws["company_city"][clash] = rng.choice(len(cc_probs), size=int(clash.sum()), p=cc_probs)
         clash = draws["company_city"] == birth_as_cc_rank
 
+    # Pronouns come from their own stream, so both styles hold the same people.
+    pronouns = [""] * n if config.style == "repeated_name" else [
+        "they" if u < 1 / 3 else ("he" if g == "male" else "she")
+        for u, g in zip(np.random.default_rng([config.seed, 2]).random(n), genders)]
     people = tuple(
         Person(name=names[i], gender=str(genders[i]), birth_date=_format_date(dates[i]),
-               **{a: vocab[a][draws[a][i]] for a in draws})
+               **{a: vocab[a][draws[a][i]] for a in draws}, pronoun=pronouns[i])
         for i in range(n))
     return World(config=config, background=people[:config.num_background],
                  new=people[config.num_background:], vocab=vocab)
 
 
 def _fill(template: str, person: Person, value: str, use_name: bool) -> str:
+    if not use_name and person.subject_pronoun == "they":
+        template = re.sub(r"\{S\} (\w+)", lambda m: "{S} " + _PLURAL_VERBS.get(m.group(1), m.group(1)), template)
     subject = person.name if use_name else person.subject_pronoun.capitalize()
     poss = f"{person.name}'s" if use_name else person.possessive_pronoun.capitalize()
     return template.format(S=subject, P=poss, p=person.possessive_pronoun, v=value)
@@ -263,13 +292,17 @@ def paper_bio(person: Person) -> str:
                     for i, a in enumerate(PAPER_ATTRIBUTES))
 
 
+def _check_templates(num_templates: int) -> None:
+    if not 1 <= num_templates <= min(len(t) for t in RICH_TEMPLATES.values()):
+        raise ValueError(f"num_templates must be in [1, {len(RICH_TEMPLATES['major'])}]")
+
+
 def rich_bio(person: Person, rng: np.random.Generator, *, num_templates: int = 5,
              permute: bool = True, fullname_prob: float = 0.5) -> str:
     """bioS-style rich form: one of `num_templates` paraphrases per attribute (all six),
     sentences in random order (if `permute`); the first sentence names the person, each
     later one uses the full name with probability `fullname_prob`, else a pronoun."""
-    if not 1 <= num_templates <= min(len(t) for t in RICH_TEMPLATES.values()):
-        raise ValueError(f"num_templates must be in [1, {len(RICH_TEMPLATES['major'])}]")
+    _check_templates(num_templates)
     order = rng.permutation(len(ATTRIBUTES)) if permute else np.arange(len(ATTRIBUTES))
     sentences = []
     for pos, k in enumerate(order):
@@ -278,6 +311,47 @@ def rich_bio(person: Person, rng: np.random.Generator, *, num_templates: int = 5
         use_name = pos == 0 or rng.random() < fullname_prob
         sentences.append(_fill(template, person, person.attribute(attr), use_name))
     return " ".join(sentences)
+
+
+MAX_FILLERS = 4  # filler sentences in a pronoun-style pre-training biography: 0..MAX_FILLERS
+FAR_ATTRIBUTES = ("university", "major", "company")  # the paper template's last three sentences
+
+
+def pronoun_bio(person: Person, rng: np.random.Generator, *, num_templates: int = 5) -> str:
+    """Pronoun style's pre-training biography: all six attributes (one of `num_templates` paraphrases each)
+    in random order, the person named in the first sentence only, then 0..MAX_FILLERS filler sentences
+    placed at random after the first."""
+    _check_templates(num_templates)
+    sentences = [_fill(RICH_TEMPLATES[ATTRIBUTES[k]][rng.integers(num_templates)], person,
+                       person.attribute(ATTRIBUTES[k]), use_name=pos == 0)
+                 for pos, k in enumerate(rng.permutation(len(ATTRIBUTES)))]
+    for f in rng.choice(len(bios_vocab.FILLERS), size=rng.integers(MAX_FILLERS + 1), replace=False):
+        sentences.insert(int(rng.integers(1, len(sentences) + 1)), bios_vocab.FILLERS[f])
+    return " ".join(sentences)
+
+
+def filled_paper_bio(person: Person, fillers: int) -> str:
+    """Pronoun style's test biography: the paper's template with `fillers` filler sentences (chosen by the
+    person's name) before the far attributes, so their distance from the name is set by one number."""
+    if not 0 <= fillers <= len(bios_vocab.FILLERS):
+        raise ValueError(f"fillers_before_far must be in [0, {len(bios_vocab.FILLERS)}], got {fillers}")
+    sentences = [_fill(RICH_TEMPLATES[a][0], person, person.attribute(a), use_name=(i == 0))
+                 for i, a in enumerate(PAPER_ATTRIBUTES)]
+    rng = np.random.default_rng(list(person.name.encode()))
+    chosen = [bios_vocab.FILLERS[f] for f in rng.choice(len(bios_vocab.FILLERS), size=fillers, replace=False)]
+    near = len(PAPER_ATTRIBUTES) - len(FAR_ATTRIBUTES)
+    return " ".join(sentences[:near] + chosen + sentences[near:])
+
+
+def study_bio(person: Person, fillers_before_far: int) -> str:
+    """The document a student learns about a new person: the paper's template, or the pronoun style's."""
+    return filled_paper_bio(person, fillers_before_far) if person.pronoun else paper_bio(person)
+
+
+def pretraining_bio(person: Person, rng: np.random.Generator, *, num_templates: int = 5) -> str:
+    """A base model's pre-training biography in the person's world style (pronoun people carry a pronoun)."""
+    write = pronoun_bio if person.pronoun else rich_bio
+    return write(person, rng, num_templates=num_templates)
 
 
 def qa_items(person: Person) -> list[QAItem]:
@@ -324,8 +398,10 @@ def world_records(world: World, split: str) -> list[dict[str, str]]:
         rng = np.random.default_rng([world.config.seed, _SPLITS.index(split), i])
         record = {"name": person.name, "gender": person.gender}
         record.update({a: person.attribute(a) for a in ATTRIBUTES})
-        record["bio"] = paper_bio(person)
-        record["bio_rich"] = rich_bio(
+        if person.pronoun:
+            record["pronoun"] = person.pronoun
+        record["bio"] = study_bio(person, world.config.fillers_before_far)
+        record["bio_rich"] = pretraining_bio(
             person, rng, num_templates=world.config.rich_templates_per_attribute)
         record["split"] = split
         records.append(record)
@@ -334,4 +410,5 @@ def world_records(world: World, split: str) -> list[dict[str, str]]:
 
 def person_from_record(record: dict[str, str]) -> Person:
     """Inverse of the person part of `world_records` (e.g. after a tfds round trip)."""
-    return Person(**{f.name: record[f.name] for f in dataclasses.fields(Person)})
+    return Person(**{f.name: record[f.name] for f in dataclasses.fields(Person) if f.name != "pronoun"},
+                  pronoun=record.get("pronoun", ""))

@@ -110,6 +110,36 @@ _SURNAME_TAILS = ("dane", "wick", "ley", "ton", "more", "sby", "well", "stead", 
                   "worth", "by", "ham", "hurst", "ford")
 
 
+# Sentences that say nothing about anyone (the pronoun-style world's distance): no name, pronoun, value,
+# capitalised word after the first or number, so no name part or value can occur in them.
+FILLERS = (
+    "The weather that season was mild and dry.",
+    "Local markets sold fresh bread every morning.",
+    "The trains ran on time most days.",
+    "A new bridge was planned across the valley.",
+    "Many shops closed early on quiet evenings.",
+    "The museum added a hall for old maps.",
+    "Rain fell often during the colder months.",
+    "The library extended its opening hours.",
+    "Most streets were lined with tall trees.",
+    "The harbour was busy with small boats.",
+    "A festival of music took place every summer.",
+    "The price of coffee rose slowly over time.",
+    "Several parks were cleaned by volunteers.",
+    "The newspaper printed a weekly puzzle page.",
+    "Buses connected the suburbs to the centre.",
+    "The old theatre was painted a pale blue.",
+    "Gardens in the area grew roses and herbs.",
+    "A bakery on the corner opened at dawn.",
+    "The river froze during one hard winter.",
+    "Children played football in the square.",
+    "The town hall clock was repaired twice.",
+    "Fresh snow covered the hills for a week.",
+    "The radio station played jazz at night.",
+    "Cyclists crowded the paths on sunny days.",
+)
+
+
 def words(text: str) -> tuple[str, ...]:
     return tuple(re.findall(r"\w+", text))
 

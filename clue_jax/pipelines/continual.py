@@ -22,13 +22,13 @@ from clue_jax.data import bios, lm_data
 from clue_jax.data.batching import ArrayBatchSource, ConcatBatchSource
 from clue_jax.data.tokenizer import load_tokenizer, protected_token_ids, require_same_tokenizer
 from clue_jax.errors import UserInputError
-from clue_jax.eval import qa_eval, value_nll
+from clue_jax.eval import corpus_probes, qa_eval, value_nll
 from clue_jax.models import factory, lora
 from clue_jax.pipelines import common, validate
 from clue_jax.pipelines.foundations import (TOKENIZER_DATA, array_fingerprint, check_base_checkpoints,
                                             load_people, path_fingerprint, pretrain_config, pretrain_stage,
-                                            pretraining_texts, public, read_jsonl, tokenizer_stage, world_stage,
-                                            write_jsonl)
+                                            pretraining_texts, public, read_jsonl, tokenizer_stage, world_inputs,
+                                            world_stage, write_jsonl)
 from clue_jax.pipelines.knowledge_data import Knowledge, documents_data, knowledge_splits, shot_pool, user_knowledge
 from clue_jax.pipelines.stages import Stages, fingerprint
 
@@ -199,6 +199,11 @@ def eval_stage(ctx, model_dir, knowledge: Knowledge, stage_dir):
                                       batch_size=e.batch_size)
         result["value_nll"] = nll["table"]
         result["per_person"]["value_nll"] = nll["per_person"]
+    elif knowledge.answers:  # a user corpus: each found answer's NLL in its document
+        nll = corpus_probes.answer_nll(model, ctx.tokenizer, knowledge.docs, [s for s, _ in knowledge.answers],
+                                       [a for _, a in knowledge.answers], config.cpt.seq_len, batch_size=e.batch_size)
+        result["value_nll"] = nll["table"]
+        result["per_person"]["value_nll"] = nll["per_person"]
     write_jsonl(os.path.join(stage_dir, "predictions.jsonl"), qa)
     return result
 
@@ -251,7 +256,7 @@ def prepare(config, workdir: str, need_scores: bool, sizes: tuple[str, ...] = ("
     stages = Stages(workdir)
     if planned is not None:
         stages.expect(planned)
-    world = stages.run("world", {"world": config.world.to_dict()}, lambda d: world_stage(config, d))
+    world = stages.run("world", {"world": world_inputs(config)}, lambda d: world_stage(config, d))
     world_dir = stages.path("world")
     tok_res = stages.run("tokenizer", {"world": world["_fingerprint"], "tokenizer": config.tokenizer.to_dict(),
                                        "data": TOKENIZER_DATA, "seed": config.seed,
@@ -321,6 +326,8 @@ def evaluate(ctx: Context, name: str, model_stage: dict, split: str = "test") ->
     knowledge = ctx.knowledge[split]
     inputs = {"model": model_stage["_fingerprint"], "eval": ctx.config.eval.to_dict(),
               "probes": fingerprint([repr(p) for p in knowledge.probes]), "seed": ctx.config.seed}
+    if knowledge.people is None:  # a user corpus's cloze probes and answers come from its documents
+        inputs["cloze"] = fingerprint([repr(p) for p in knowledge.cloze] + [repr(a) for a in knowledge.answers or []])
     res = ctx.stages.run(f"eval_{name}", inputs, lambda d: eval_stage(ctx, model_stage["model_dir"], knowledge, d))
     return public(res)
 

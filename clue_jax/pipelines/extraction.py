@@ -70,7 +70,7 @@ from clue_jax.pipelines import common
 from clue_jax.pipelines.extraction_eval import (SPLITS, eval_base_stage, eval_ft_stage, eval_zero_shot_stage,
                                                 knowledge_free_stage, load_model, read_predictions)
 from clue_jax.pipelines.foundations import (array_fingerprint, load_people, path_fingerprint, pretrain_stage,
-                                            pretraining_texts, public, tokenizer_stage, world_stage)
+                                            pretraining_texts, public, world_inputs, tokenizer_stage, world_stage)
 from clue_jax.pipelines.stages import Stages
 from clue_jax.train import logging_utils
 
@@ -163,7 +163,7 @@ def run(config, workdir: str) -> dict:
     mesh = common.make_mesh(config)
     stages = Stages(workdir)
     stages.expect(planned_stages(config))
-    world = stages.run("world", {"world": config.world.to_dict()}, lambda d: world_stage(config, d))
+    world = stages.run("world", {"world": world_inputs(config)}, lambda d: world_stage(config, d))
     world_dir = stages.path("world")
     people = load_people(world_dir, "background") + load_people(world_dir, "new")
     groups = finetune_data.split_people(people, config.splits.to_dict(), config.seed)

@@ -42,16 +42,26 @@ def world_stage(config, stage_dir):
     return {"background": len(world.background), "new": len(world.new)}
 
 
+# The world's keys added after its first workdirs were written, at the values that write those worlds: left
+# out of the world stage's inputs there, so such a workdir keeps its world and everything built on it.
+_WORLD_KEYS_AT_DEFAULT = {"style": "repeated_name", "fillers_before_far": 0}
+
+
+def world_inputs(config) -> dict:
+    """The world stage's inputs: config.world without the later keys at their defaults."""
+    return {k: v for k, v in config.world.to_dict().items() if _WORLD_KEYS_AT_DEFAULT.get(k, object()) != v}
+
+
 def load_people(world_dir, split):
     return [bios.person_from_record(r) for r in read_jsonl(os.path.join(world_dir, f"{split}.jsonl"))]
 
 
 def pretraining_texts(people, bios_per_person: int, seed: int, with_qa: bool) -> list[str]:
-    """Mixed training (Allen-Zhu & Li): several rich bios per person plus their QA pairs."""
+    """Mixed training (Allen-Zhu & Li): several rich bios per person (in the world's style) plus their QA pairs."""
     texts = []
     for i, person in enumerate(people):
         rng = np.random.default_rng([seed, i])
-        texts.extend(bios.rich_bio(person, rng) for _ in range(bios_per_person))
+        texts.extend(bios.pretraining_bio(person, rng) for _ in range(bios_per_person))
         if with_qa:
             texts.extend(f"{item.question}{item.target}" for item in bios.qa_items(person))
     order = np.random.default_rng(seed).permutation(len(texts))
@@ -65,7 +75,8 @@ def tokenizer_stage(config, world_dir, stage_dir):
     path = config.tokenizer.path or config.base_models.small
     if not path:  # the built-in world only, also under a user corpus: see TOKENIZER_DATA
         texts = pretraining_texts(load_people(world_dir, "background"), 2, config.seed, True)
-        texts += [bios.paper_bio(p) for p in load_people(world_dir, "new")]
+        fillers = config.world.get("fillers_before_far", 0)
+        texts += [bios.study_bio(p, fillers) for p in load_people(world_dir, "new")]
         return bpe_tokenizer_stage(texts, config.tokenizer.vocab_size, stage_dir)
     with workdir_fs.local_dir_for(stage_dir) as local:  # save_pretrained writes local files; uploaded when remote
         tok = load_tokenizer(workdir_fs.local_dir(path))  # a URL (gs://...) is read through the local cache

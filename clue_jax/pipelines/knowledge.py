@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from clue_jax.clues import dropout
+from clue_jax.eval import corpus_probes
 from clue_jax.eval.tables import format_table, mean_std
 from clue_jax.pipelines import protocol
 from clue_jax.pipelines.clue_views import render_clue_examples
@@ -85,12 +86,18 @@ def measured_sentence(summary: dict, arms: list[str], seeds: list[int], far=("un
 
 def render_table(summary: dict, arms: list[str], seeds: list[int]) -> str:
     """EM per attribute (ordered by distance from the name) for each model, mean (± std) over seeds:
-    one table for the cloze probes and one for k-shot QA, headed with the data they test."""
+    one table for the cloze probes and one for k-shot QA, headed with the data they test; for a user corpus
+    also the answers' NLL, and a line when QA is at floor for the base model."""
     dist = summary.get("distance_from_name") or {}
     data = summary.get("data") or {"title": "new people", "qa": "k-shot 'What is the company of {name}?'"}
     out = []
-    for probe, title in (("cloze", "Cloze exact match ('{name} had a professional role at')"),
-                         ("qa", f"QA exact match ({data['qa']})")):
+    corpus = data.get("source") == "corpus"
+    cloze = data.get("cloze", "'{name} had a professional role at'")
+    sections = [("cloze", "exact_match", f"Cloze exact match ({cloze})"),
+                ("qa", "exact_match", f"QA exact match ({data['qa']})")]
+    if corpus:
+        sections.append(("value_nll", "nll", "Answer NLL in its document (nats per answer, lower is better)"))
+    for probe, metric, title in sections:
         any_model = next(iter(summary["models"].values()))
         if probe not in any_model:
             continue
@@ -101,6 +108,7 @@ def render_table(summary: dict, arms: list[str], seeds: list[int]) -> str:
             keys = [name] if name == "base_small" else [f"{name}_s{s}" for s in seeds]
             tables = [summary["models"][k][probe] for k in keys if k in summary["models"]]
             if tables:
-                rows.append([name] + [mean_std([t[a]["exact_match"] for t in tables]) for a in attrs + ["all"]])
+                rows.append([name] + [mean_std([t[a][metric] for t in tables]) for a in attrs + ["all"]])
         out.append(f"{title}, {data['title']}:\n" + format_table(rows, header))
-    return "\n\n".join(out)
+    floor = corpus_probes.floor_line(summary["models"].get("base_small", {}).get("qa", {})) if corpus else None
+    return "\n\n".join(out + ([floor] if floor else []))

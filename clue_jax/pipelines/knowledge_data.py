@@ -12,7 +12,7 @@ import numpy as np
 
 from clue_jax.data import bios, lm_data
 from clue_jax.errors import UserInputError
-from clue_jax.eval import qa_eval, value_nll
+from clue_jax.eval import corpus_probes, qa_eval, value_nll
 from clue_jax.pipelines import validate
 from clue_jax.pipelines.foundations import load_people
 
@@ -26,12 +26,14 @@ class Knowledge:
     cloze: list[qa_eval.Probe]
     people: list | None  # bios.Person per doc for the built-in world, else None
     where: list[str] | None = None  # "file:line" per doc of a user corpus, for error messages
+    answers: list[tuple[corpus_probes.AnswerSite, str]] | None = None  # user corpus: (where, attribute) per answer
 
 
-def people_knowledge(people) -> Knowledge:
+def people_knowledge(people, fillers_before_far: int = 0) -> Knowledge:
+    """The paper's template per person (pronoun-style world: with `fillers_before_far` fillers)."""
     keep = bios.PAPER_ATTRIBUTES  # company_city is not in the paper's template, so it cannot be learned
     return Knowledge(
-        docs=[bios.paper_bio(p) for p in people],
+        docs=[bios.study_bio(p, fillers_before_far) for p in people],
         probes=[qa_eval.Probe(q.question, q.answer, q.attribute, q.name)
                 for p in people for q in bios.qa_items(p) if q.attribute in keep],
         cloze=[qa_eval.Probe(q.question, q.answer, q.attribute, q.name)
@@ -43,8 +45,12 @@ def people_knowledge(people) -> Knowledge:
 def user_knowledge(config) -> Knowledge:
     """The user's documents and questions, read and checked whole (errors name file, line and config key)."""
     rows, qa = validate.user_files(config)
+    docs = [doc for _, doc in rows]
     probes = [qa_eval.Probe(r["question"], r["answer"], r.get("attribute", "all"), r.get("name", "")) for r in qa]
-    return Knowledge([doc for _, doc in rows], probes, [], None, [f"{config.data.corpus}:{n}" for n, _ in rows])
+    found = [(site, p) for p in probes if (site := corpus_probes.answer_site(docs, p.question, p.answer))]
+    cloze = [qa_eval.Probe(site.cloze, p.answer, p.attribute, p.name) for site, p in found if site.cloze]
+    return Knowledge(docs, probes, cloze, None, [f"{config.data.corpus}:{n}" for n, _ in rows],
+                     answers=[(site, p.attribute) for site, p in found])
 
 
 def knowledge_splits(config, world_dir) -> dict[str, Knowledge]:
@@ -55,9 +61,10 @@ def knowledge_splits(config, world_dir) -> dict[str, Knowledge]:
     n_dev = int(config.data.get("num_dev", 0))
     if n_dev >= len(people):
         raise UserInputError(f"data.num_dev={n_dev} leaves no test people out of world.num_new={len(people)}")
-    splits = {"test": people_knowledge(people[n_dev:])}
+    fillers = config.world.get("fillers_before_far", 0)
+    splits = {"test": people_knowledge(people[n_dev:], fillers)}
     if n_dev:
-        splits["dev"] = people_knowledge(people[:n_dev])
+        splits["dev"] = people_knowledge(people[:n_dev], fillers)
     return splits
 
 
@@ -117,6 +124,9 @@ def data_description(ctx) -> dict:
         corpus_name, qa_name = os.path.basename(config.data.corpus), os.path.basename(config.data.qa_file)
         return {"source": "corpus", "k_shot": k, "documents": len(test.docs), "questions": len(test.probes),
                 "title": f"your documents ({corpus_name}, {len(test.docs)} documents)",
-                "qa": f"{k}-shot: the {len(test.probes)} questions of {qa_name}, asked as written"}
+                "qa": f"{k}-shot: the {len(test.probes)} questions of {qa_name}, asked as written",
+                "answers_found": len(test.answers or []),
+                "cloze": f"the answer's own sentence up to the answer: {len(test.cloze)} of the {len(test.probes)} "
+                         "answers, found in a document"}
     return {"source": "bios", "k_shot": k, "documents": len(test.docs), "questions": len(test.probes),
             "title": "new people", "qa": f"{k}-shot 'What is the company of {{name}}?'"}

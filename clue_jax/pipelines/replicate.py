@@ -219,6 +219,6 @@ def run(config, workdir: str) -> dict:
 
 
 def reported_probe(config, protocols: dict) -> str:
-    """eval.primary, or "qa" when the runs have no such table (a user corpus comes with QA pairs, no cloze)."""
+    """eval.primary, or "qa" when the runs have no such table (a user corpus whose answers no document holds)."""
     first = next(iter(next(iter(protocols.values()))["results"].values()))["base"][0]
     return config.eval.primary if config.eval.primary in first else "qa"

@@ -16,8 +16,9 @@ from typing import Any, Callable, Iterable
 import ml_collections
 
 from clue_jax import trackers
-from clue_jax.choices import ARMS, DTYPES, FLAVOURS, PRECISIONS, SCHEDULES
+from clue_jax.choices import ARMS, DTYPES, FLAVOURS, PRECISIONS, SCHEDULES, WORLD_STYLES
 from clue_jax.config_check import flat_items
+from clue_jax.data.bios_vocab import FILLERS
 from clue_jax.errors import UserInputError
 from clue_jax.pipelines import PIPELINES
 from clue_jax.pipelines.protocol import PROTOCOLS
@@ -105,6 +106,8 @@ RULES: dict[str, Check] = {
     **{f"{section}.{key}": check for section in TRAIN_SECTIONS for key, check in TRAIN_RULES.items()},
     "seed": NONNEG, "seeds": tuple_of(NONNEG), "*.seed": NONNEG, "logging.trackers": trackers.problem,
     "world.zipf_exponent": NONNEG_NUM, "world.num_new": NONNEG, "world.num_background": POS, "world.num_*": POS,
+    "world.style": one_of(WORLD_STYLES), "world.fillers_before_far": lambda v: integer(0)(v) or (
+        None if v <= len(FILLERS) else f"must be at most {len(FILLERS)} (the filler sentences there are)"),
     "data.source": one_of(SOURCES), "data.num_dev": NONNEG, "data.bios_per_person": POS,
     "data.cpt_replay_rows": NONNEG,
     "tokenizer.vocab_size": integer(260),  # 256 bytes + 4 special tokens (data/tokenizer.py)
@@ -237,6 +240,7 @@ def cross_errors(config: ml_collections.ConfigDict) -> list[str]:
         num_dev, num_new = data.get("num_dev", 0), _get(config, "world.num_new")
         if data.get("source") == "bios" and _is_int(num_dev) and _is_int(num_new) and num_dev >= num_new:
             errors.append(f"--config.data.num_dev={num_dev} leaves no test people out of world.num_new={num_new}")
+    errors += world_style_errors(config)
     grid = config.get("grid")
     if config.get("pipeline") == "replicate" and grid is not None and grid.get("enabled") and data is not None and (
             data.get("source") != "bios" or not data.get("num_dev", 0)):
@@ -256,6 +260,20 @@ def cross_errors(config: ml_collections.ConfigDict) -> list[str]:
         errors.append(f"--config.mesh.shape={shape}: must be (data, fsdp, tensor), positive integers with at "
                       'most one -1 (fills), e.g. --config.mesh.shape="(-1,1,1)"')
     return errors
+
+
+def world_style_errors(config: ml_collections.ConfigDict) -> list[str]:
+    """Filler sentences exist only in the pronoun-style world's test biographies, which only a bios run learns."""
+    fillers, style = _get(config, "world.fillers_before_far", 0), _get(config, "world.style", "repeated_name")
+    if not (_is_int(fillers) and fillers > 0):
+        return []
+    if style != "pronoun":
+        return [f"--config.world.fillers_before_far={fillers} needs --config.world.style=pronoun (the "
+                f"{style!r} world's test biographies have no filler sentences)"]
+    if _get(config, "data.source") == "corpus":
+        return [f"--config.world.fillers_before_far={fillers} sets the built-in world's test biographies, "
+                "but data.source='corpus' tests your documents: leave it at 0"]
+    return []
 
 
 def position_errors(config: ml_collections.ConfigDict) -> list[str]:
