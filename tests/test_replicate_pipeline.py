@@ -169,3 +169,21 @@ def test_setting_rule_prefers_higher_em_then_the_milder_point():
               {"alpha": 0.6, "beta": 0.05, "dev_em": 0.5}, {"alpha": 0.7, "beta": 0.05, "dev_em": 0.4}]
     assert replicate.choose(trials, ("alpha", "beta")) == {"alpha": 0.6, "beta": 0.03}
     assert replicate.choose(trials[3:], ("alpha", "beta")) == {"alpha": 0.7, "beta": 0.05}
+
+
+def test_evaluation_entries_one_per_model_at_its_training_step(tmp_path):
+    """Each seed of an arm is its own entry, with its `train` record, so its scalars land at the step it was
+    trained to; a base model is one entry at step 0."""
+    from clue_jax.train import logging_utils
+
+    runs = [{"train": {"steps": 7}, "cloze": {"all": {"exact_match": 0.5}}, "per_person": {"all": [1.0]}},
+            {"train": {"steps": 7}, "cloze": {"all": {"exact_match": 0.25}}, "per_person": {"all": [0.0]}}]
+    protocols = {"paper": {"results": {"small": {"base": [{"cloze": {"all": {"exact_match": 0.0}}}], "plain": runs}}}}
+    entries = replicate.eval_entries(protocols, [0, 3])
+    assert sorted(entries) == ["paper_small_base", "paper_small_plain_s0", "paper_small_plain_s3"]
+    assert "per_person" not in entries["paper_small_plain_s3"]
+    logging_utils.write_eval_scalars(str(tmp_path), entries)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    steps = {line["stage"]: line["step"] for line in lines}
+    assert steps == {"eval/paper_small_base": 0, "eval/paper_small_plain_s0": 7, "eval/paper_small_plain_s3": 7}
+    assert {line["stage"]: line["eval/cloze/all/exact_match"] for line in lines}["eval/paper_small_plain_s3"] == 0.25

@@ -171,6 +171,19 @@ def planned_stages(config) -> int:
             + len(config.students) * (grid + len(config.protocol.names) * per_protocol))
 
 
+def eval_entries(protocols: dict, seeds: list[int]) -> dict[str, dict]:
+    """One evaluation entry per model (an arm's seed, or a base model), so each is written at the step it
+    was trained to."""
+    out = {}
+    for protocol, p in protocols.items():
+        for student, arms_ in p["results"].items():
+            for arm, runs in arms_.items():
+                names = [f"{protocol}_{student}_{arm}"] if arm == "base" else [
+                    f"{protocol}_{student}_{arm}_s{seed}" for seed in seeds]
+                out.update({name: {k: v for k, v in r.items() if k != "per_person"} for name, r in zip(names, runs)})
+    return out
+
+
 def run(config, workdir: str) -> dict:
     validate.check_config(config)  # incl. the grid's need for dev people, before any stage runs
     arms = list(config.clues.arms)
@@ -206,9 +219,7 @@ def run(config, workdir: str) -> dict:
         "stages_reused": ctx.stages.reused, "stages_ran": ctx.stages.ran,
     })
     logging_utils.write_summary(workdir, summary)
-    logging_utils.write_eval_scalars(workdir, {
-        f"{protocol}_{student}_{arm}": [{k: v for k, v in r.items() if k not in ("per_person", "train")} for r in runs]
-        for protocol, p in protocols.items() for student, arms_ in p["results"].items() for arm, runs in arms_.items()})
+    logging_utils.write_eval_scalars(workdir, eval_entries(protocols, list(config.seeds)))
     if jax.process_index() == 0:
         report = render_report(summary, config)
         workdir_fs.write_text(os.path.join(workdir, "replication.md"), report)
