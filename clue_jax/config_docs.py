@@ -13,6 +13,7 @@ import sys
 from unittest import mock
 
 from clue_jax import configs
+from clue_jax.trackers import flatten
 
 # The training sections share one set of keys (clue_jax/train/defaults.py: train_config).
 TRAIN_SECTIONS = {
@@ -238,20 +239,10 @@ def describe(key: str) -> str | None:
     return None
 
 
-def _flat(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def shipped_keys() -> dict[str, dict[str, dict]]:
     """{config: {variant: {key: value}}} of every shipped config, independent of the environment."""
     with mock.patch.dict(os.environ, {"CLUE_JAX_TINY_CKPTS": ""}):  # the tiny pod variants read it
-        return {name: {v: _flat(configs.get_config(name, v).to_dict()) for v in configs.info(name).variants}
+        return {name: {v: flatten(configs.get_config(name, v).to_dict()) for v in configs.info(name).variants}
                 for name in configs.names()}
 
 
