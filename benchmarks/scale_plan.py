@@ -88,7 +88,7 @@ from clue_jax.models import layers, lora  # noqa: E402
 from clue_jax.models.causal_lm import CausalLM  # noqa: E402
 from clue_jax.models.config import ModelConfig  # noqa: E402
 from clue_jax.parallel import collectives as collectives_lib, mesh as mesh_lib, rules as shard_lib  # noqa: E402
-from clue_jax.pipelines.knowledge import live_transform  # noqa: E402
+from clue_jax.pipelines.continual import live_transform  # noqa: E402
 from clue_jax.train import loop, objectives  # noqa: E402
 from clue_jax.train.optim import make_optimizer  # noqa: E402
 

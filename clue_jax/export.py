@@ -278,7 +278,8 @@ def run() -> None:
     """Console entry point: one line and a non-zero exit for whatever stops the export, its temporary removed."""
     verbose = "--verbose" in sys.argv[1:]
     level = logging.INFO if verbose else logging.WARNING  # loading a checkpoint logs a screenful of orbax INFO lines
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(message)s", stream=sys.stderr,
+                        force=True)  # orbax logs at import, which gives the root a default handler first
     for name in ("absl", "clue_jax"):
         logging.getLogger(name).setLevel(level)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")

@@ -207,10 +207,11 @@ def _read_record(path, stage_dir) -> dict:
 
 def _file_sizes(stage_dir) -> dict[str, int]:
     """Size of every file the stage wrote (paths relative to it, "/"-separated), its checkpoints and records aside."""
-    base = os.fspath(stage_dir).rstrip("/")
+    without_scheme = lambda p: os.fspath(p).split("://", 1)[-1].rstrip("/")  # a bucket's walk may drop gs://
+    base = without_scheme(stage_dir)
     sizes = {}
     for root, _, files in stage_dir.walk():
-        rel_root = os.fspath(root)[len(base):].strip("/")  # string arithmetic: also right for gs:// paths
+        rel_root = without_scheme(root)[len(base):].strip("/")
         if rel_root.split("/")[0] in _NOT_OUTPUTS:
             continue
         for name in files:
