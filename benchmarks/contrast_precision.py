@@ -1,8 +1,7 @@
 """How stable are the contrast ranks when the teachers score in bfloat16 instead of float32?
 
-Before a pod user relies on `clues.teacher_dtype="bfloat16"` (issue 14, item
-5): the two base models of a finished quickstart (knowledge pipeline) run
-score the run's training documents (the "test" people's bios, exactly the
+Before a pod user relies on `clues.teacher_dtype="bfloat16"`: the two base models of a finished
+quickstart (knowledge pipeline) run score the run's training documents (the "test" people's bios, exactly the
 rows cpt trains on) in float32 and in bfloat16 (`scoring.make_scorer(dtype=)`:
 bf16 weights and matmuls; softmax and the sums stay float32), and the
 contrast d = s_large - s_small of the two is compared per document:

@@ -1,4 +1,4 @@
-"""No code in clue_jax/data that only tests call (issue 12, item 17): the pipelines write the world as jsonl
+"""No code in clue_jax/data that only tests call: the pipelines write the world as jsonl
 themselves, so the tfds builder of the world, `load_tfds_text` and the host-sharding helpers went."""
 import ast
 import glob

@@ -1,4 +1,4 @@
-"""Issue 11 start-up race: 10 fresh 2-process starts in a row all succeed.
+"""The multi-host start-up race: 10 fresh 2-process starts in a row all succeed.
 
 Before, each process decided on its own whether a stage was done: a process that
 started late saw the done.json the other had just written, skipped the stage and

@@ -1,4 +1,4 @@
-"""What a run leaves behind (issue 12, item 16): clue pictures on a robust scale titled with the person,
+"""What a run leaves behind: clue pictures on a robust scale titled with the person,
 evaluation scalars in TensorBoard, summary.json's per-stage record, config.json from the Python API, and
 the :tiny smoke-test note."""
 import json

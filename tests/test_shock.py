@@ -178,7 +178,7 @@ SHOCKED = lambda pt, ft: ft + 0.5  # noqa: E731  errors follow the fine-tuning a
 
 
 def test_raw_statistic_is_confounded_partial_is_not():
-    """No skew: a uniform-random predictor has a clearly positive raw rho (the confound of issue 13) but a partial
+    """No skew: a uniform-random predictor has a clearly positive raw rho (the confound the partial statistic removes) but a partial
     rho inside its null; so does a predictor whose errors follow pre-training frequency."""
     seeds = range(12)
     raw = [simulated(s, False, UNIFORM) for s in seeds]

@@ -1,4 +1,4 @@
-"""Validation before the first training step (issue 12, items 7, 8, 10, 11, 14): each fault, then the one
+"""Validation before the first training step: each fault, then the one
 line that names it. Unit tests call the checks directly; a few CLI runs show exit code 2, that nothing trained
 and that what was saved is unchanged."""
 import glob
@@ -64,7 +64,7 @@ def tokenizer(tmp_path_factory):
     return train_bpe_tokenizer(texts, 300, tmp_path_factory.mktemp("tok"))
 
 
-# ------------------------------------------------------------------ item 8: config values
+# ------------------------------------------------------------------ config values
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "[!_]*.py"))))
 @pytest.mark.parametrize("variant", ["", "tiny"])
 def test_every_shipped_config_passes(path, variant):
@@ -129,7 +129,7 @@ def test_cli_bad_value_leaves_saved_config_untouched(tmp_path):
     assert not (workdir / "stages").exists()
 
 
-# ------------------------------------------------------------------ item 10: corpus flags
+# ------------------------------------------------------------------ corpus flags
 def test_corpus_flag_sets_the_source(tmp_path):
     config = _config()
     config.data.corpus, config.data.qa_file = "docs.jsonl", "qa.jsonl"
@@ -148,7 +148,7 @@ def test_qa_file_without_corpus_or_corpus_without_qa_is_refused():
         check_config(config)
 
 
-# ------------------------------------------------------------------ item 7: the user's files, before training
+# ------------------------------------------------------------------ the user's files, before training
 def test_missing_and_bad_qa_file_name_file_line_and_key(tmp_path):
     docs, _ = _user_files(tmp_path)
     config = _config()
@@ -192,7 +192,7 @@ def test_cli_long_document_stops_before_any_pre_training(tmp_path):
     assert not (workdir / "config.running.json").exists()  # the refused config did not run
 
 
-# ------------------------------------------------------------------ item 11: vocabulary and positions
+# ------------------------------------------------------------------ vocabulary and positions
 def test_checkpoint_vocab_smaller_than_tokenizer_and_too_few_positions(tmp_path, tokenizer):
     model_dir = tmp_path / "ckpt"
     model_dir.mkdir()
@@ -224,7 +224,7 @@ def test_gpt2_refuses_sequences_past_its_positions():
         model(jnp.zeros((1, 9), jnp.int32))
 
 
-# ------------------------------------------------------------------ item 14: tables about the user's data
+# ------------------------------------------------------------------ tables about the user's data
 def _corpus_summary():
     run = {"qa": {"company": {"exact_match": 0.5, "f1": 0.5}, "all": {"exact_match": 0.5, "f1": 0.5}}}
     data = {"source": "corpus", "k_shot": 0, "documents": 2, "questions": 1,

@@ -1,4 +1,4 @@
-"""Faults a real run meets in its workdir (issue 12, items 1-6 and 9): each ends in one line and the
+"""Faults a real run meets in its workdir: each ends in one line and the
 right exit code, and nothing already saved changes.
 
 Most tests start from one finished tiny quickstart run (copied per test); the checkpoint and stage
@@ -127,7 +127,7 @@ def test_three_configs_keep_config_json_matching_summary_and_every_previous_stag
     assert "cpt_small_plain_s0.previous-2" in third.stderr  # the move is logged
 
 
-# ------------------------------------------------------------------ item 2: damaged checkpoints
+# ------------------------------------------------------------------ damaged checkpoints
 def _trainer(workdir, steps):
     cfg = model_config.gpt2(vocab_size=64, d_model=32, num_layers=1, num_heads=2, mlp_dim=64, max_len=16)
     tcfg = defaults.train_config(steps=steps, batch_size=8, lr=3e-3, warmup_steps=1, log_every=1, checkpoint_every=2,
@@ -351,7 +351,7 @@ def test_damaged_finished_stages_are_moved_aside_and_rerun_with_their_true_resul
     assert json.loads((run_copy / "summary.json").read_text())["stages"][cpt]["result"]["final_loss"] == want
 
 
-# ------------------------------------------------------------------ item 4: one run per workdir
+# ------------------------------------------------------------------ one run per workdir
 @pytest.mark.slow
 def test_second_run_into_a_workdir_is_refused_at_once(run_copy):
     before = _snapshot(run_copy)
@@ -400,7 +400,7 @@ def test_deleting_the_lock_file_of_a_live_run_does_not_free_the_workdir(tmp_path
     run_lock.release(str(tmp_path))
 
 
-# ------------------------------------------------------------------ item 9: disk, done.json, Ctrl-C
+# ------------------------------------------------------------------ disk, done.json, Ctrl-C
 def _faulty(errno_name, path_part, *args):
     return subprocess.run([sys.executable, FAULTY, errno_name, path_part, "--", *args], capture_output=True,
                           text=True, timeout=600, cwd=ROOT, env=_env())

@@ -1,4 +1,4 @@
-"""A gs:// workdir (issue 11, item 6): stage outputs, checkpoints, metrics, TensorBoard, the lock.
+"""A gs:// workdir: stage outputs, checkpoints, metrics, TensorBoard, the lock.
 
 No bucket is reachable here, so gs:// is served from a local directory by tests/workers/fake_gcs.py, through
 the libraries a real bucket goes through (etils.epath -> fsspec "gs", orbax's GCS code path, paths.py); only
